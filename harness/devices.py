@@ -1,0 +1,225 @@
+"""Devices: which ones this host has, and one memory tracker per kind behind one interface.
+
+Discovery never initializes an accelerator (no CUDA context in the parent), so cell processes forked later can.
+"""
+
+from __future__ import annotations
+
+
+import platform
+import subprocess
+
+from pathlib import Path
+
+import torch
+
+from harness.matrix import DEVICES
+
+
+def unavailable_reason(device: str) -> str | None:
+    """Why `device` cannot run here, or None when it can."""
+    hip = getattr(torch.version, "hip", None)
+    if device == "cpu":
+        return None
+    if device in ("cuda", "rocm"):
+        if device == "cuda" and hip:
+            return "this torch is a ROCm/HIP build; its GPUs are the 'rocm' device"
+        if device == "rocm" and not hip:
+            return "this torch is not a ROCm/HIP build" + (f" (it is CUDA {torch.version.cuda})" if torch.version.cuda else "")
+        if not torch.cuda.is_available():
+            return f"no {'AMD' if hip else 'NVIDIA'} GPU visible to torch"
+        return None
+    if device == "xpu":
+        if not hasattr(torch, "xpu") or not torch.xpu.is_available():
+            return "no Intel XPU visible to torch"
+        return None
+    if device == "mps":
+        if not torch.backends.mps.is_available():
+            return "no Apple MPS device (macOS on Apple silicon) visible to torch"
+        return None
+    return f"unknown device {device!r}"
+
+
+def present_devices() -> tuple[str, ...]:
+    return tuple(d for d in DEVICES if unavailable_reason(d) is None)
+
+
+def torch_device(device: str) -> torch.device:
+    """The torch device of a matrix device (ROCm GPUs are 'cuda' to torch)."""
+    return torch.device("cuda" if device == "rocm" else device)
+
+
+def synchronize(device: str) -> None:
+    if device in ("cuda", "rocm"):
+        torch.cuda.synchronize()
+    elif device == "xpu":
+        torch.xpu.synchronize()
+    elif device == "mps":
+        torch.mps.synchronize()
+
+
+def total_memory(device: str) -> int:
+    """Bytes of memory of the device (host RAM for the CPU)."""
+    if device in ("cuda", "rocm"):
+        return torch.cuda.get_device_properties(0).total_memory
+    if device == "xpu":
+        return torch.xpu.get_device_properties(0).total_memory
+    import psutil
+
+    return psutil.virtual_memory().total
+
+
+def device_info(device: str) -> dict[str, str | None]:
+    """Name and driver of the device; only call in a cell's process (it may initialize the accelerator)."""
+    if device in ("cuda", "rocm"):
+        driver = torch.version.hip if device == "rocm" else _nvidia_driver()
+        return {"device_name": torch.cuda.get_device_name(0), "driver": driver}
+    if device == "xpu":
+        props = torch.xpu.get_device_properties(0)
+        return {"device_name": props.name, "driver": getattr(props, "driver_version", None)}
+    if device == "mps":
+        return {"device_name": f"Apple {platform.machine()} (MPS)", "driver": platform.mac_ver()[0]}
+    return {"device_name": _cpu_name(), "driver": None}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+
+
+# ------------------------------------------------------------------------------------------- trackers
+
+class MemoryTracker:
+    """Peak memory of one cell: `reset()` before the measured work, `peak()` after it."""
+
+    kind = "rss"
+
+    def reset(self) -> None: ...
+
+    def sample(self) -> None:
+        """Called between steps; trackers without a native peak keep a running maximum."""
+
+    def peak(self) -> int: ...
+
+    def current(self) -> int: ...
+
+
+class CpuTracker(MemoryTracker):
+    """High-water RSS of this process (Linux VmHWM, reset through /proc/self/clear_refs)."""
+
+    kind = "rss"
+
+    def __init__(self) -> None:
+        self._max = 0
+        self._native = Path("/proc/self/clear_refs").exists()
+
+    def reset(self) -> None:
+        if self._native:
+            Path("/proc/self/clear_refs").write_text("5")
+        self._max = self.current()
+
+    def sample(self) -> None:
+        self._max = max(self._max, self.current())
+
+    def peak(self) -> int:
+        return self._status("VmHWM") if self._native else max(self._max, self.current())
+
+    def current(self) -> int:
+        if self._native:
+            return self._status("VmRSS")
+        import psutil
+
+        return psutil.Process().memory_info().rss
+
+    @staticmethod
+    def _status(field: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+class CudaTracker(MemoryTracker):
+    """The caching allocator's peak (CUDA and ROCm builds alike)."""
+
+    kind = "vram"
+
+    def reset(self) -> None:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+    def peak(self) -> int:
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+
+    def current(self) -> int:
+        return torch.cuda.memory_allocated()
+
+
+class XpuTracker(MemoryTracker):
+    kind = "vram"
+
+    def reset(self) -> None:
+        torch.xpu.synchronize()
+        torch.xpu.empty_cache()
+        torch.xpu.reset_peak_memory_stats()
+
+    def peak(self) -> int:
+        torch.xpu.synchronize()
+        return torch.xpu.max_memory_allocated()
+
+    def current(self) -> int:
+        return torch.xpu.memory_allocated()
+
+
+class MpsTracker(MemoryTracker):
+    """MPS has no peak statistic: the maximum of the allocated memory sampled between steps."""
+
+    kind = "vram"
+
+    def reset(self) -> None:
+        torch.mps.synchronize()
+        torch.mps.empty_cache()
+        self._max = self.current()
+
+    def sample(self) -> None:
+        self._max = max(self._max, self.current())
+
+    def peak(self) -> int:
+        self.sample()
+        return self._max
+
+    def current(self) -> int:
+        return torch.mps.current_allocated_memory()
+
+
+def memory_tracker(device: str) -> MemoryTracker:
+    return {"cuda": CudaTracker, "rocm": CudaTracker, "xpu": XpuTracker, "mps": MpsTracker}.get(device, CpuTracker)()
+
+
+def memory_in_use(device: str) -> int:
+    """Bytes in use on the device now (what balanced offload compares with its watermarks)."""
+    if device == "cpu":
+        import psutil
+
+        vm = psutil.virtual_memory()
+        return vm.total - vm.available
+    return memory_tracker(device).current()
+
+
+

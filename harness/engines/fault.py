@@ -1,0 +1,54 @@
+"""A test-only engine whose "quantization" is a fault, to prove the runner contains each kind of failure.
+
+Not a mock of a real engine: it stands for the native crashes, hangs and leaks real engines have, which cannot be
+summoned on demand. Hidden from a matrix's "*"; used by the harness's own tests.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+from harness.engines.base import Engine
+
+
+class FaultEngine(Engine):
+    name = "fault"
+    qtypes = ("abort", "segfault", "hang", "oom", "exit", "raise", "flood", "orphan")
+    hidden = True
+
+    def quantize(self, model: nn.Module, qtype: str, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
+        if qtype == "abort":
+            os.abort()
+        if qtype == "segfault":
+            ctypes.string_at(0)
+        if qtype == "hang":
+            while True:
+                time.sleep(0.05)
+        if qtype == "oom":
+            hoard = []
+            while True:
+                hoard.append(bytearray(64 << 20))
+                hoard[-1][::4096] = b"x" * len(hoard[-1][::4096])  # touch every page
+        if qtype == "exit":
+            sys.exit(3)
+        if qtype == "raise":
+            raise ValueError("fault engine: a plain exception from the engine")
+        if qtype == "flood":
+            chunk = "x" * 1023 + "\n"
+            for _ in range(8 * 1024):  # 8 MiB
+                sys.stdout.write(chunk)
+            sys.stdout.flush()
+            return model
+        if qtype == "orphan":
+            subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=False)
+            return model
+        raise AssertionError(f"unknown fault {qtype}")
+
+

@@ -1,0 +1,138 @@
+"""Run one cell in this process: build or load the model, quantize, offload, measure. Returns an Outcome.
+
+Errors raised by an engine, by accelerate or by torch are data: they end up in the Outcome with the stage they
+happened in. This module runs inside the cell's isolated process (see runner.py).
+"""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from harness import devices, loading, measure
+from harness.engines import ENGINES
+from harness.matrix import Cell, Settings
+from harness.models import build_model, build_skeleton, make_inputs
+from harness.offload import apply_offload
+from harness.verdict import ErrorInfo, Outcome
+
+
+@dataclass(frozen=True)
+class CellTask:
+    cell: Cell
+    settings: Settings
+    workdir: Path  # shared by the run's cells: reference outputs, checkpoints, pre-quantized files
+
+
+def unavailable_reason(cell: Cell) -> str | None:
+    """Why the cell cannot run on this host, or None (cheap: no accelerator is initialized)."""
+    reason = devices.unavailable_reason(cell.device)
+    if reason:
+        return f"device {cell.device}: {reason}"
+    engine = ENGINES[cell.engine]
+    if cell.load not in engine.loads:
+        return f"engine {engine.name} does not offer the {cell.load} load mode"
+    return engine.unavailable_reason(cell.qtype, cell.device)
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+
+
+def error_info(exc: BaseException, stage: str) -> ErrorInfo:
+    frames = traceback.extract_tb(exc.__traceback__)[-4:]
+    where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
+    return ErrorInfo(type(exc).__name__, str(exc), where, stage)
+
+
+def reference_output(task: CellTask, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The unquantized model's output for this model, dtype, device and seed, computed once per run."""
+    from safetensors.torch import load_file, save_file
+
+    cell, s = task.cell, task.settings
+    path = task.workdir / "references" / f"{cell.model}-{cell.dtype}-{cell.device}-seed{s.seed}-b{s.batch}.safetensors"
+
+    def make(tmp: Path) -> None:
+        model = build_model(cell.model, s.seed, getattr(torch, cell.dtype)).to(devices.torch_device(cell.device))
+        with torch.no_grad():
+            save_file({"output": model(**inputs).cpu().contiguous()}, str(tmp))
+
+    return load_file(str(loading.shared_file(path, make)))["output"]
+
+
+def execute_cell(task: CellTask) -> Outcome:
+    cell, s = task.cell, task.settings
+    reason = unavailable_reason(cell)
+    if reason:
+        return Outcome("unavailable", reason=reason)
+    engine = ENGINES[cell.engine]
+    dtype, device = getattr(torch, cell.dtype), devices.torch_device(cell.device)
+    stage = "prepare"
+    info: dict = {}
+    try:
+        info = devices.device_info(cell.device)
+        torch.manual_seed(s.seed)
+        inputs = make_inputs(cell.model, s.seed, s.batch, dtype, device)
+        reference = reference_output(task, inputs)
+        linear_counts = measure.linear_weight_counts(build_skeleton(cell.model))
+        source = None
+        if cell.load == "on-the-fly":
+            source = loading.float_checkpoint(task.workdir, cell.model, s.seed)
+        elif cell.load == "prequantized":
+            source = loading.prequantized_file(task.workdir, engine, cell.qtype, cell.model, dtype, s.seed)
+
+        tracker = devices.memory_tracker(cell.device)
+        tracker.reset()
+        mem_base = tracker.current()
+        stage = "load"
+        if cell.load == "post-load":
+            loaded = loading.load_post(engine, cell.qtype, cell.model, s.seed, dtype, device)
+        elif cell.load == "on-the-fly":
+            loaded = loading.load_on_the_fly(engine, cell.qtype, cell.model, source, dtype, device)
+        else:
+            loaded = loading.load_prequantized(engine, cell.qtype, cell.model, source, dtype, device)
+        model = loaded.model.eval()
+        tracker.sample()
+        # Storage is counted before offload: offload hooks replace weights with placeholders.
+        param_bytes = measure.stored_bytes(model)
+        bpw = measure.bits_per_weight(model, linear_counts)
+
+        stage = "offload"
+        after_step = apply_offload(model, cell.offload, cell.device,
+                                   high_watermark=s.high_watermark, low_watermark=s.low_watermark)
+        stage = "forward"
+        with torch.no_grad():
+            output = model(**inputs)
+            after_step()
+            tracker.sample()
+            error = measure.output_error(output, reference)
+
+            def step() -> None:
+                model(**inputs)
+                tracker.sample()
+
+            latency = measure.time_steps(step, cell.device, warmup=s.warmup, min_steps=s.min_steps,
+                                         max_steps=s.max_steps, min_time_s=s.min_time_s, after_step=after_step)
+        peak = tracker.peak()
+    except Exception as exc:  # engine, accelerate and torch errors are the findings
+        status = "oom" if is_oom(exc) else "error"
+        return Outcome(status, error=error_info(exc, stage), reason=f"{type(exc).__name__} during {stage}",
+                       device=info)
+    metrics = {
+        "param_bytes": param_bytes,
+        "disk_bytes": loaded.disk_bytes if loaded.disk_bytes is not None else param_bytes,
+        "disk_is_file": loaded.disk_bytes is not None,
+        "bits_per_weight": bpw,
+        "peak_mem_bytes": peak,
+        "mem_base_bytes": mem_base,
+        "mem_kind": tracker.kind,
+        "latency_ms": latency.as_dict(),
+        "quantize_s": loaded.quantize_s,
+        "load_s": loaded.load_s,
+        **error.as_dict(),
+    }
+    return Outcome("ran", metrics=metrics, device=info)

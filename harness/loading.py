@@ -1,0 +1,178 @@
+"""The three load modes, the files they need, and detecting a pre-quantized file's engine from its contents.
+
+- post-load: build the float model, then the engine quantizes it.
+- on-the-fly: the model is created empty (meta device) and filled layer by layer from a float safetensors
+  checkpoint, each Linear quantized as it arrives, so the whole float model never sits in memory.
+- prequantized: a file the engine wrote earlier in its own format; engine and type are detected from the file.
+
+Files are written once per run into the run's work directory and shared by every cell that needs them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from harness.engines import ENGINES, Engine
+from harness.errors import QuantMatrixError
+from harness.models import build_model, build_skeleton
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    load_s: float
+    quantize_s: float
+    disk_bytes: int | None = None
+
+
+def shared_file(path: Path, make: Callable[[Path], object]) -> Path:
+    """`path`, made by `make(tmp)` once: concurrent cells wait on a lock; the file appears whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        return path
+    with open(path.with_suffix(path.suffix + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            make(tmp)
+            os.replace(tmp, path)
+    return path
+
+
+def float_checkpoint(workdir: Path, model: str, seed: int) -> Path:
+    path = workdir / "checkpoints" / f"{model}-seed{seed}.safetensors"
+    return shared_file(path, lambda tmp: ENGINES["none"].save(build_model(model, seed), "-", tmp))
+
+
+def prequantized_file(workdir: Path, engine: Engine, qtype: str, model: str, dtype: torch.dtype,
+                      seed: int) -> Path:
+    dname = str(dtype).removeprefix("torch.")
+    stem = f"{model}-{dname}-seed{seed}-{engine.name}" + ("" if qtype == "-" else f"-{qtype}")
+
+    def make(tmp: Path) -> None:
+        quantized = engine.quantize(build_model(model, seed, dtype), qtype, dtype=dtype, device=torch.device("cpu"))
+        engine.save(quantized, qtype, tmp)
+
+    return shared_file(workdir / "prequantized" / (stem + engine.file_suffix), make)
+
+
+def load_post(engine: Engine, qtype: str, model: str, seed: int, dtype: torch.dtype,
+              device: torch.device) -> Loaded:
+    t0 = time.perf_counter()
+    float_model = build_model(model, seed, dtype)
+    t1 = time.perf_counter()
+    quantized = engine.quantize(float_model, qtype, dtype=dtype, device=device)
+    return Loaded(quantized, t1 - t0, time.perf_counter() - t1)
+
+
+def load_on_the_fly(engine: Engine, qtype: str, model: str, checkpoint: Path, dtype: torch.dtype,
+                    device: torch.device) -> Loaded:
+    """Fill an empty model module by module from `checkpoint`; each Linear goes through the engine on arrival."""
+    from safetensors import safe_open
+
+    t0 = time.perf_counter()
+    quantize_s = 0.0
+    skeleton = build_skeleton(model, dtype)
+    with safe_open(str(checkpoint), framework="pt") as f:
+        names = set(f.keys())
+        for module_name, module in list(skeleton.named_modules()):
+            own = {n: p for n, p in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]}
+            if not own:
+                continue
+            prefix = f"{module_name}." if module_name else ""
+            for n in own:
+                key = prefix + n
+                if key not in names:
+                    raise QuantMatrixError(f"tensor {key!r} missing; expected every tensor of model {model!r}",
+                                           path=checkpoint)
+                value = f.get_tensor(key).to(dtype)
+                if n in module._parameters:
+                    module._parameters[n] = nn.Parameter(value, requires_grad=False)
+                else:
+                    module._buffers[n] = value
+            if isinstance(module, nn.Linear):
+                t = time.perf_counter()
+                replacement = engine.quantize_layer(module, qtype, dtype=dtype, device=device)
+                quantize_s += time.perf_counter() - t
+                if replacement is not module:
+                    _set_submodule(skeleton, module_name, replacement)
+    return Loaded(skeleton, time.perf_counter() - t0 - quantize_s, quantize_s, checkpoint.stat().st_size)
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def load_prequantized(engine: Engine, qtype: str, model: str, path: Path, dtype: torch.dtype,
+                      device: torch.device) -> Loaded:
+    t0 = time.perf_counter()
+    found = detect(path)
+    if found != (engine.name, qtype):
+        raise QuantMatrixError(f"contents say engine {found[0]!r} type {found[1]!r}; expected {engine.name!r} "
+                               f"type {qtype!r}", path=path)
+    loaded = engine.load(path, build_skeleton(model, dtype), dtype=dtype, device=device)
+    return Loaded(loaded, time.perf_counter() - t0, 0.0, path.stat().st_size)
+
+
+# ------------------------------------------------------------------------------------------ detection
+
+MAX_HEADER = 100 << 20
+
+
+def check_container(path: Path) -> str:
+    """The container format of `path` ("safetensors" or "gguf"), after checking its header is sane."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if head[:4] == b"GGUF":
+                return "gguf"
+            if len(head) < 8:
+                raise QuantMatrixError(f"file is {size} bytes, too short for any model format", path=path)
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or 8 + n > size:
+                raise QuantMatrixError(f"safetensors header length {n} runs past the end of the {size}-byte file "
+                                       "(truncated or not a safetensors file)", path=path)
+            try:
+                header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise QuantMatrixError(f"corrupt safetensors header: {exc}", path=path) from None
+    except OSError as exc:
+        raise QuantMatrixError(f"cannot read file: {exc.strerror}", path=path) from None
+    if not isinstance(header, dict):
+        raise QuantMatrixError("corrupt safetensors header: not a JSON object", path=path)
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
+               and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2), default=0)
+    if 8 + n + end > size:
+        raise QuantMatrixError(f"tensor data ends at byte {8 + n + end}, past the end of the {size}-byte file "
+                               "(truncated)", path=path)
+    return "safetensors"
+
+
+def detect(path: Path | str) -> tuple[str, str]:
+    """(engine, qtype) of a model file, judged from its contents; file names are not trusted."""
+    path = Path(path)
+    check_container(path)
+    failures = []
+    for engine in ENGINES.values():
+        try:
+            qtype = engine.recognise(path)
+        except Exception as exc:  # a reader that chokes on a foreign file has not recognised it
+            failures.append(f"{engine.name}: {type(exc).__name__}: {exc}")
+            continue
+        if qtype is not None:
+            return engine.name, qtype
+    raise QuantMatrixError("no engine recognises this file's contents; expected a file written by one of "
+                           f"{[e for e in ENGINES if not ENGINES[e].hidden]}"
+                           + (f" (readers failed: {'; '.join(failures)})" if failures else ""), path=path)

@@ -1,0 +1,397 @@
+"""The matrix model: cells, expectation rules, loading a matrix file and expanding it.
+
+A matrix file (TOML) declares axes, optional include/exclude tables and expectation rules:
+
+    [axes]
+    engine  = ["*"]            # "*": every registered engine
+    qtype   = ["*"]            # "*": every type of each engine; names filter across engines
+    load    = ["post-load"]    # "*": every load mode each engine offers
+    offload = ["none", "model", "sequential", "balanced"]
+    device  = ["present"]      # "present": the devices this host has; "*": all known
+    model   = ["dit-xs", "unet-xs"]
+    dtype   = ["float32"]
+
+    [[exclude]]                # drop cells matching every field given (a value or a list of values)
+    offload = "balanced"
+    model = "unet-xs"
+
+    [[include]]                # add the product of these values (fields left out take the axes' values)
+    engine = "none"
+    dtype = "bfloat16"
+
+    [[rule]]                   # expectation; rules are checked in order and the first match decides
+    match = { engine = "bnb", qtype = "nf4", offload = "sequential" }
+    expect = "error"           # "works" | "error" | "unavailable"
+    pattern = "Blockwise quantization only supports 16/32-bit floats"   # regex over "Type: message"
+    source = "seed: Errors"
+    versions = { torch = ">=2.4" }   # optional: the rule holds only for these releases
+    reason = "..."             # for "unavailable"
+
+    [settings]                 # run settings, see Settings
+    [offload.balanced]         # high_watermark / low_watermark, fractions of device memory
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+from harness.errors import QuantMatrixError, did_you_mean
+
+AXES = ("engine", "qtype", "load", "offload", "device", "model", "dtype")
+LOAD_MODES = ("post-load", "on-the-fly", "prequantized")
+OFFLOAD_MODES = ("none", "model", "sequential", "balanced")
+DEVICES = ("cpu", "cuda", "rocm", "xpu", "mps")
+DTYPES = ("float32", "bfloat16", "float16")
+EXPECT_KINDS = ("works", "error", "unavailable")
+BASELINE = "none"
+
+
+@dataclass(frozen=True, order=True)
+class Cell:
+    """One point of the matrix; every field is a plain string."""
+
+    engine: str
+    qtype: str
+    load: str
+    offload: str
+    device: str
+    model: str
+    dtype: str
+
+    @property
+    def id(self) -> str:
+        quant = self.engine if self.qtype == "-" else f"{self.engine}-{self.qtype}"
+        return "/".join((quant, self.load, self.offload, self.device, self.model, self.dtype))
+
+    @classmethod
+    def from_id(cls, cell_id: str) -> Cell:
+        quant, *rest = cell_id.split("/")
+        engine, _, qtype = quant.partition("-")
+        return cls(engine, qtype or "-", *rest)
+
+    def as_dict(self) -> dict[str, str]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def baseline(self) -> Cell:
+        """The unquantized cell this one is compared with."""
+        return Cell(BASELINE, "-", "post-load", self.offload, self.device, self.model, self.dtype)
+
+
+@dataclass(frozen=True)
+class Expectation:
+    kind: str = "works"
+    pattern: str | None = None
+    source: str | None = None
+    reason: str | None = None
+
+    def as_dict(self) -> dict[str, str]:
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Rule:
+    match: Mapping[str, tuple[str, ...]]
+    expect: Expectation
+    versions: Mapping[str, SpecifierSet] = field(default_factory=dict)
+
+    def matches(self, cell: Cell) -> bool:
+        return all(getattr(cell, k) in values for k, values in self.match.items())
+
+    def holds_for(self, versions: Mapping[str, str | None]) -> bool:
+        for package, spec in self.versions.items():
+            found = versions.get(package)
+            if found is None:
+                return False
+            try:
+                if Version(found) not in spec:
+                    return False
+            except InvalidVersion:
+                return False
+        return True
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How each cell is run and measured."""
+
+    seed: int = 0
+    batch: int = 1
+    warmup: int = 2
+    min_steps: int = 5
+    max_steps: int = 50
+    min_time_s: float = 0.3
+    cell_timeout_s: float = 300.0
+    memory_limit_mb: int = 0  # per-cell address-space cap on CPU cells; 0: none
+    high_watermark: float = 0.6
+    low_watermark: float = 0.2
+
+
+@dataclass(frozen=True)
+class Matrix:
+    path: Path
+    name: str
+    cells: tuple[Cell, ...]
+    rules: tuple[Rule, ...]
+    settings: Settings
+
+    def expectation(self, cell: Cell, versions: Mapping[str, str | None] | None = None) -> Expectation:
+        for rule in self.rules:
+            if rule.matches(cell) and (versions is None or rule.holds_for(versions)):
+                return rule.expect
+        return Expectation()
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+_TOP_KEYS = {"matrix", "axes", "include", "exclude", "rule", "settings", "offload"}
+_RULE_KEYS = {"match", "expect", "pattern", "source", "reason", "versions"}
+
+
+class _Doc:
+    """Typed access to a parsed TOML document that reports mistakes with the file and key."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fail(self, key: str, message: str) -> QuantMatrixError:
+        return QuantMatrixError(message, path=self.path, key=key)
+
+    def table(self, value: Any, key: str) -> dict:
+        if not isinstance(value, dict):
+            raise self.fail(key, f"expected a table, got {_kind(value)}")
+        return value
+
+    def strings(self, value: Any, key: str) -> list[str]:
+        """A string or a non-empty list of unique strings."""
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+            raise self.fail(key, f"expected a string or a non-empty list of strings, got {_kind(value)}")
+        dupes = sorted({v for v in value if value.count(v) > 1})
+        if dupes:
+            raise self.fail(key, f"duplicate values {dupes}; expected each value once")
+        return value
+
+    def check_keys(self, table: dict, allowed: Iterable[str], key: str) -> None:
+        allowed = sorted(allowed)
+        for k in table:
+            if k not in allowed:
+                where = f"{key}.{k}" if key else k
+                raise self.fail(where, f"unknown key{did_you_mean(k, allowed)}; expected one of {allowed}")
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a table", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _known_values(axis: str) -> tuple[str, ...]:
+    from harness import engines, models
+
+    return {
+        "engine": tuple(engines.ENGINES),
+        "qtype": tuple(sorted({q for e in engines.ENGINES.values() for q in e.qtypes})),
+        "load": LOAD_MODES,
+        "offload": OFFLOAD_MODES,
+        "device": DEVICES,
+        "model": tuple(models.MODELS),
+        "dtype": DTYPES,
+    }[axis]
+
+
+def _axis_values(doc: _Doc, axis: str, raw: Any, key: str, *, wildcards: bool) -> list[str]:
+    values = doc.strings(raw, key)
+    known = _known_values(axis)
+    specials = {"*", "present"} if axis == "device" else {"*"}
+    for v in values:
+        if wildcards and v in specials:
+            continue
+        if v not in known:
+            raise doc.fail(key, f"unknown {axis} {v!r}{did_you_mean(v, known)}; expected one of {list(known)}"
+                           + (f" or {sorted(specials)}" if wildcards else ""))
+    return values
+
+
+def _product(doc: _Doc, axes: Mapping[str, list[str]], present_devices: tuple[str, ...]) -> list[Cell]:
+    """Every valid engine/qtype/load combination times the other axes."""
+    from harness import engines
+
+    def resolve(axis: str) -> list[str]:
+        values = axes[axis]
+        out: list[str] = []
+        for v in values:
+            if v == "*":
+                out.extend(_known_values(axis))
+            elif v == "present":
+                out.extend(present_devices)
+            else:
+                out.append(v)
+        return list(dict.fromkeys(out))
+
+    engine_names = [e for e in resolve("engine") if "*" not in axes["engine"] or not engines.ENGINES[e].hidden]
+    qtype_filter, load_filter = axes["qtype"], axes["load"]
+    quant: list[tuple[str, str, str]] = []
+    for name in engine_names:
+        engine = engines.ENGINES[name]
+        qtypes = engine.qtypes if "*" in qtype_filter else [q for q in engine.qtypes if q in qtype_filter]
+        if name == BASELINE:
+            qtypes = engine.qtypes  # the baseline is a cell whatever types are asked for
+        loads = engine.loads if "*" in load_filter else [m for m in load_filter if m in LOAD_MODES]
+        quant.extend((name, q, m) for q in qtypes for m in loads)
+    rest = [resolve(a) for a in AXES[3:]]
+    return [Cell(e, q, m, *combo) for (e, q, m) in quant for combo in itertools.product(*rest)]
+
+
+def _selector(doc: _Doc, raw: Any, key: str) -> dict[str, tuple[str, ...]]:
+    table = doc.table(raw, key)
+    doc.check_keys(table, AXES, key)
+    if not table:
+        raise doc.fail(key, "empty table; expected at least one of " + ", ".join(AXES))
+    return {k: tuple(_axis_values(doc, k, v, f"{key}.{k}", wildcards=False)) for k, v in table.items()}
+
+
+def _settings(doc: _Doc, data: dict) -> Settings:
+    raw = dict(doc.table(data.get("settings", {}), "settings"))
+    defaults = Settings()
+    allowed = {f.name for f in fields(Settings)} - {"high_watermark", "low_watermark"}
+    doc.check_keys(raw, allowed, "settings")
+    offload = doc.table(data.get("offload", {}), "offload")
+    doc.check_keys(offload, ["balanced"], "offload")
+    balanced = doc.table(offload.get("balanced", {}), "offload.balanced")
+    doc.check_keys(balanced, ["high_watermark", "low_watermark"], "offload.balanced")
+    values: dict[str, Any] = {}
+    for key, value in {**raw, **balanced}.items():
+        where = f"offload.balanced.{key}" if key in balanced else f"settings.{key}"
+        expected = type(getattr(defaults, key))
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (expected is int and
+                                                                            not isinstance(value, int)):
+            raise doc.fail(where, f"expected {'an integer' if expected is int else 'a number'}, got {_kind(value)}")
+        if value < 0:
+            raise doc.fail(where, f"expected a value >= 0, got {value}")
+        values[key] = expected(value)
+    settings = Settings(**values)
+    if not 0 < settings.low_watermark < settings.high_watermark <= 1:
+        raise doc.fail("offload.balanced", "expected 0 < low_watermark < high_watermark <= 1, got "
+                       f"{settings.low_watermark} and {settings.high_watermark}")
+    return settings
+
+
+def _rule(doc: _Doc, raw: Any, key: str) -> Rule:
+    table = doc.table(raw, key)
+    doc.check_keys(table, _RULE_KEYS, key)
+    if "match" not in table:
+        raise doc.fail(f"{key}.match", "missing; expected a table of cell fields to match")
+    match = _selector(doc, table["match"], f"{key}.match")
+    kind = table.get("expect")
+    if kind not in EXPECT_KINDS:
+        raise doc.fail(f"{key}.expect", f"expected one of {list(EXPECT_KINDS)}, got {kind!r}"
+                       + (did_you_mean(kind, EXPECT_KINDS) if isinstance(kind, str) else ""))
+    for k in ("pattern", "source", "reason"):
+        if k in table and not isinstance(table[k], str):
+            raise doc.fail(f"{key}.{k}", f"expected a string, got {_kind(table[k])}")
+    pattern = table.get("pattern")
+    if kind == "error":
+        if not pattern:
+            raise doc.fail(f"{key}.pattern", "missing; an 'error' rule needs a regular expression to match")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise doc.fail(f"{key}.pattern", f"invalid regular expression ({exc}); expected a Python regex") from None
+    if kind == "unavailable" and not table.get("reason"):
+        raise doc.fail(f"{key}.reason", "missing; an 'unavailable' rule must say why")
+    versions: dict[str, SpecifierSet] = {}
+    for package, spec in doc.table(table.get("versions", {}), f"{key}.versions").items():
+        if not isinstance(spec, str):
+            raise doc.fail(f"{key}.versions.{package}", f"expected a version specifier string, got {_kind(spec)}")
+        try:
+            versions[package] = SpecifierSet(spec)
+        except InvalidSpecifier:
+            raise doc.fail(f"{key}.versions.{package}",
+                           f"invalid version specifier {spec!r}; expected e.g. '>=2.4,<2.6'") from None
+    expect = Expectation(kind, pattern, table.get("source"), table.get("reason"))
+    return Rule(match, expect, versions)
+
+
+def parse_matrix(text: str, path: Path | str = "<matrix>", *,
+                 present_devices: tuple[str, ...] = ("cpu",)) -> Matrix:
+    """Validate a matrix document and expand it into its cells."""
+    path = Path(path)
+    doc = _Doc(path)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        line = re.search(r"line (\d+)", str(exc))
+        raise QuantMatrixError(f"TOML syntax error: {exc}", path=path,
+                               line=int(line.group(1)) if line else None) from None
+    doc.check_keys(data, _TOP_KEYS, "")
+    meta = doc.table(data.get("matrix", {}), "matrix")
+    doc.check_keys(meta, ["name", "description"], "matrix")
+    if "axes" not in data:
+        raise doc.fail("axes", "missing; expected a table with the keys " + ", ".join(AXES))
+    raw_axes = doc.table(data["axes"], "axes")
+    doc.check_keys(raw_axes, AXES, "axes")
+    axes = {}
+    for axis in AXES:
+        if axis not in raw_axes:
+            raise doc.fail(f"axes.{axis}", "missing; expected a string or list of strings")
+        axes[axis] = _axis_values(doc, axis, raw_axes[axis], f"axes.{axis}", wildcards=True)
+
+    cells = _product(doc, axes, present_devices)
+    for i, raw in enumerate(_array(doc, data, "include")):
+        key = f"include[{i}]"
+        sel = _selector(doc, raw, key)
+        extra = _product(doc, {a: list(sel.get(a, axes[a])) for a in AXES}, present_devices)
+        if not extra:
+            raise doc.fail(key, "adds no cell (no engine offers that qtype/load); expected at least one")
+        cells.extend(extra)
+    for i, raw in enumerate(_array(doc, data, "exclude")):
+        key = f"exclude[{i}]"
+        sel = _selector(doc, raw, key)
+        cells = [c for c in cells if not all(getattr(c, k) in v for k, v in sel.items())]
+    cells = sorted(set(cells))
+    if not cells:
+        raise doc.fail("axes", "the matrix expands to no cell; expected at least one")
+    rules = tuple(_rule(doc, raw, f"rule[{i}]") for i, raw in enumerate(_array(doc, data, "rule")))
+    for i, rule in enumerate(rules):
+        if not any(rule.matches(c) for c in cells):
+            raise doc.fail(f"rule[{i}].match", "matches no cell of this matrix; expected a rule that applies")
+    name = meta.get("name", path.stem)
+    if not isinstance(name, str):
+        raise doc.fail("matrix.name", f"expected a string, got {_kind(name)}")
+    return Matrix(path, name, tuple(cells), rules, _settings(doc, data))
+
+
+def _array(doc: _Doc, data: dict, key: str) -> list:
+    value = data.get(key, [])
+    if not isinstance(value, list):
+        raise doc.fail(key, f"expected an array of tables ([[{key}]]), got {_kind(value)}")
+    return value
+
+
+def load_matrix(path: Path | str, *, present_devices: tuple[str, ...] | None = None) -> Matrix:
+    """Read, validate and expand a matrix file."""
+    from harness.devices import present_devices as discover
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise QuantMatrixError(f"cannot read matrix file: {exc.strerror}", path=path) from None
+    except UnicodeDecodeError:
+        raise QuantMatrixError("not a UTF-8 text file; expected a TOML matrix", path=path) from None
+    return parse_matrix(text, path, present_devices=discover() if present_devices is None else present_devices)
+
+
+def select(cells: Iterable[Cell], **wanted: Iterable[str] | None) -> list[Cell]:
+    """Cells whose fields are among the wanted values (a field left None is not filtered)."""
+    filters = {k: set(v) for k, v in wanted.items() if v}
+    return [c for c in cells if all(getattr(c, k) in v for k, v in filters.items())]

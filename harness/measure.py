@@ -1,0 +1,109 @@
+"""Measurements of one cell: stored bytes, bits per weight, step latency and output error."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from harness import devices
+
+
+def tensor_bytes(t: torch.Tensor, seen: set[tuple[int, int]] | None = None) -> int:
+    """Bytes a tensor really stores: the inner tensors of a subclass (quanto, torchao) rather than its logical
+    shape; shared storages counted once."""
+    seen = set() if seen is None else seen
+    if hasattr(t, "__tensor_flatten__") and type(t) is not torch.Tensor and type(t) is not nn.Parameter:
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n), seen) for n in names)
+    if t.device.type == "meta":
+        return t.numel() * t.element_size()
+    key = (t.untyped_storage().data_ptr(), t.storage_offset())
+    if key in seen and t.numel():
+        return 0
+    seen.add(key)
+    return t.numel() * t.element_size()
+
+
+def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def stored_bytes(model: nn.Module) -> int:
+    """Bytes of everything the model's state dict stores."""
+    seen: set = set()
+    return sum(tensor_bytes(t, seen) for t in _state_tensors(model).values())
+
+
+def linear_weight_counts(skeleton: nn.Module) -> dict[str, int]:
+    """Weight elements of each nn.Linear of the float model (the layers every engine targets), by module name."""
+    return {name: m.weight.numel() for name, m in skeleton.named_modules() if isinstance(m, nn.Linear)}
+
+
+def bits_per_weight(model: nn.Module, linear_counts: dict[str, int]) -> float:
+    """8 x bytes stored for the Linear layers (weights and their quantization state, biases excluded) / their
+    original weight elements."""
+    seen: set = set()
+    total = 0
+    prefixes = tuple(f"{name}." for name in linear_counts)
+    for key, t in _state_tensors(model).items():
+        if key.startswith(prefixes) and not key.endswith(".bias"):
+            total += tensor_bytes(t, seen)
+    return 8 * total / sum(linear_counts.values())
+
+
+@dataclass(frozen=True)
+class Latency:
+    median: float
+    p10: float
+    p90: float
+    n: int
+    warmup: int
+
+    def as_dict(self) -> dict[str, float | int]:
+        return vars(self).copy()
+
+
+def time_steps(step: Callable[[], object], device: str, *, warmup: int, min_steps: int, max_steps: int,
+               min_time_s: float, after_step: Callable[[], None] = lambda: None) -> Latency:
+    """Warm-up steps, then timed steps until both `min_steps` and `min_time_s` are reached (at most `max_steps`);
+    the device is synchronized around each timed step. Milliseconds."""
+    for _ in range(warmup):
+        step()
+        after_step()
+    devices.synchronize(device)
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < max_steps and (len(times) < min_steps or time.perf_counter() - started < min_time_s):
+        devices.synchronize(device)
+        t0 = time.perf_counter()
+        step()
+        devices.synchronize(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+        after_step()
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
+    return Latency(statistics.median(times), q[0], q[-1], len(times), warmup)
+
+
+@dataclass(frozen=True)
+class OutputError:
+    sqnr_db: float | None  # None when the output is bit-identical to the reference (infinite SQNR)
+    cosine: float
+    max_abs_error: float
+
+    def as_dict(self) -> dict[str, float | None]:
+        return vars(self).copy()
+
+
+def output_error(output: torch.Tensor, reference: torch.Tensor) -> OutputError:
+    out, ref = output.detach().double().cpu().flatten(), reference.detach().double().cpu().flatten()
+    noise = (out - ref).pow(2).sum().item()
+    signal = ref.pow(2).sum().item()
+    sqnr = None if noise == 0 else (10 * math.log10(signal / noise) if signal > 0 else float("-inf"))
+    cosine = torch.nn.functional.cosine_similarity(out, ref, dim=0).item()
+    return OutputError(sqnr, cosine, (out - ref).abs().max().item())

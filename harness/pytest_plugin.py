@@ -1,0 +1,189 @@
+"""The pytest plugin: matrix cells as test items, run isolated, judged, recorded.
+
+    pytest -m matrix [--matrix FILE] [--engine E,...] [--device D,...] [--offload O,...] [--results FILE]
+
+Each cell is one parametrization of the generic test in tests/test_matrix.py, with the cell id as its test id,
+so `-k 'nf4 and sequential'` selects cells. A record is appended to the results file as each cell ends.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import signal
+import socket
+import time
+import warnings
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from harness.errors import QuantMatrixError
+from harness.matrix import AXES, Cell, Matrix, load_matrix, select
+from harness.verdict import Outcome, Verdict
+
+DEFAULT_MATRIX = "matrices/default.toml"
+_matrix_key = pytest.StashKey[Matrix]()
+_run_key = pytest.StashKey["MatrixRun"]()
+
+
+class DriftWarning(UserWarning):
+    """Documented behaviour no longer holds (reported, not failed, under --drift=warn)."""
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("quantmatrix", "quantization compatibility matrix (run with -m matrix)")
+    group.addoption("--matrix", default=None, metavar="FILE",
+                    help=f"matrix file to expand into cells (default: {DEFAULT_MATRIX})")
+    for axis in AXES:
+        group.addoption(f"--{axis}", action="append", default=None, metavar="NAME[,NAME]",
+                        help=f"only cells with this {axis} (repeatable, comma-separated)")
+    group.addoption("--results", default=None, metavar="FILE",
+                    help="results file to append records to (default: results/<run>.jsonl)")
+    group.addoption("--drift", choices=("fail", "warn"), default="fail",
+                    help="whether documentation drift fails the cell (default) or only warns")
+    group.addoption("--cell-timeout", type=float, default=None, metavar="S",
+                    help="per-cell timeout in seconds (default: the matrix's settings.cell_timeout_s)")
+    group.addoption("--memory-limit", type=int, default=None, metavar="MB",
+                    help="per-cell memory cap for CPU cells (default: the matrix's settings.memory_limit_mb)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "matrix: a cell of the quantization matrix (select with -m matrix)")
+
+
+def _matrix(config: pytest.Config) -> Matrix:
+    if _matrix_key not in config.stash:
+        path = Path(config.getoption("matrix") or Path(config.rootpath, DEFAULT_MATRIX))
+        try:
+            matrix = load_matrix(path)
+        except QuantMatrixError as exc:
+            raise pytest.UsageError(str(exc)) from None
+        overrides = {k: v for k, v in (("cell_timeout_s", config.getoption("cell_timeout")),
+                                       ("memory_limit_mb", config.getoption("memory_limit"))) if v is not None}
+        config.stash[_matrix_key] = replace(matrix, settings=replace(matrix.settings, **overrides))
+    return config.stash[_matrix_key]
+
+
+def _wanted(config: pytest.Config, axis: str) -> list[str] | None:
+    raw = config.getoption(axis)
+    return [v for item in raw for v in item.split(",") if v] if raw else None
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "cell" not in metafunc.fixturenames:
+        return
+    config = metafunc.config
+    cells = select(_matrix(config).cells, **{a: _wanted(config, a) for a in AXES})
+    metafunc.parametrize("cell", cells, ids=[c.id for c in cells])
+
+
+class MatrixRun:
+    """One run: its id, results file, work directory and the verdicts so far."""
+
+    def __init__(self, config: pytest.Config, matrix: Matrix, workdir: Path):
+        from harness.engines import ENGINES
+        from harness.results import ResultsWriter, environment
+
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.id = f"{stamp}-{socket.gethostname()}"
+        self.results = Path(config.getoption("results") or Path(config.rootpath, "results", f"{stamp}.jsonl"))
+        self.writer = ResultsWriter(self.results)
+        self.matrix, self.workdir = matrix, workdir
+        self.drift_fails = config.getoption("drift") == "fail"
+        self.versions = {name: e.version() for name, e in ENGINES.items() if not e.hidden}
+        self.env = environment(self.versions)
+        import torch
+
+        self.versions["torch"] = torch.__version__
+        self.verdicts: Counter[str] = Counter()
+
+    def run(self, cell: Cell) -> tuple[Verdict, str, dict]:
+        from harness.execute import CellTask, unavailable_reason
+        from harness.results import make_record, now_iso
+        from harness.runner import run_isolated
+        from harness.verdict import judge
+
+        expect = self.matrix.expectation(cell, self.versions)
+        started, t0 = now_iso(), time.perf_counter()
+        reason = unavailable_reason(cell)
+        try:
+            if reason:
+                outcome = Outcome("unavailable", reason=reason)
+            else:
+                s = self.matrix.settings
+                outcome = run_isolated(CellTask(cell, s, self.workdir), timeout_s=s.cell_timeout_s,
+                                       memory_limit_mb=s.memory_limit_mb)
+        except KeyboardInterrupt:
+            outcome = Outcome("interrupted", reason="the run was interrupted while this cell ran")
+            self._record(make_record(self.id, cell, expect, Verdict.INTERRUPTED, outcome.reason, outcome,
+                                     self.env, started, time.perf_counter() - t0))
+            raise
+        verdict, note = judge(expect, outcome)
+        record = make_record(self.id, cell, expect, verdict, note, outcome, self.env, started,
+                             time.perf_counter() - t0)
+        self._record(record)
+        return verdict, note, record
+
+    def _record(self, record: dict) -> None:
+        self.writer.append(record)
+        self.verdicts[record["verdict"]] += 1
+
+
+@pytest.fixture(scope="session")
+def matrix_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> MatrixRun:
+    config = request.config
+    if _run_key not in config.stash:
+        config.stash[_run_key] = MatrixRun(config, _matrix(config), tmp_path_factory.mktemp("quantmatrix-work"))
+    return config.stash[_run_key]
+
+
+def check_cell(run: MatrixRun, cell: Cell, request: pytest.FixtureRequest) -> None:
+    """The body of every matrix test: run the cell, record it, and turn its verdict into a pytest outcome."""
+    verdict, note, record = run.run(cell)
+    request.node.user_properties.append(("verdict", verdict.value))
+    if verdict is Verdict.UNAVAILABLE:
+        pytest.skip(f"unavailable: {note}")
+    if verdict.is_drift and not run.drift_fails:
+        warnings.warn(DriftWarning(f"{cell.id}: {verdict.value}: {note}"))
+        return
+    if not verdict.passed:
+        detail = f"\n{record['error']['where']}" if record.get("error") else ""
+        tail = f"\n--- cell output (tail) ---\n{record['output_tail']}" if record.get("output_tail") else ""
+        pytest.fail(f"{verdict.value}: {note}{detail}{tail}", pytrace=False)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config):
+    verdict = dict(report.user_properties).get("verdict") if report.when == "call" else None
+    if verdict is None:
+        return None
+    letter = {"ok": ".", "documented-error": "d", "unavailable": "s"}.get(verdict, "F")
+    if verdict in ("drift-works", "drift-error") and report.passed:
+        letter = "w"
+    return report.outcome, letter, verdict.upper()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    run = config.stash.get(_run_key, None)
+    if run is None:
+        return
+    tr = terminalreporter
+    tr.section("quantmatrix")
+    total = sum(run.verdicts.values())
+    for verdict in Verdict:
+        if run.verdicts[verdict.value]:
+            tr.write_line(f"  {verdict.value:<18}{run.verdicts[verdict.value]:>6}")
+    tr.write_line(f"  {'cells':<18}{total:>6}")
+    tr.write_line(f"results: {run.results}")
+
+
+def _sigterm_as_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # SIGTERM (CI cancelling a job) stops the run like Ctrl-C: the running cell is recorded as interrupted.
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)

@@ -1,0 +1,156 @@
+"""The result record (one JSON line per cell), the environment it carries, and the results store."""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import json
+import logging
+import math
+import os
+import platform
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from harness.matrix import Cell, Expectation
+from harness.verdict import Outcome, Verdict
+
+log = logging.getLogger(__name__)
+
+SCHEMA = 1
+METRIC_KEYS = ("param_bytes", "disk_bytes", "bits_per_weight", "peak_mem_bytes", "mem_base_bytes", "mem_kind",
+               "latency_ms", "quantize_s", "load_s", "sqnr_db", "cosine", "max_abs_error")
+
+
+def environment(engine_versions: dict[str, str | None]) -> dict[str, Any]:
+    """Host, OS and versions; the device's name and driver are added by the cell that used it."""
+    import torch
+
+    return {"host": socket.gethostname(), "os": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "engines": engine_versions}
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or infinity: they become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def make_record(run: str, cell: Cell, expect: Expectation, verdict: Verdict, note: str, outcome: Outcome,
+                env: dict[str, Any], started: str, duration_s: float) -> dict[str, Any]:
+    return _finite({
+        "schema": SCHEMA, "run": run, "id": cell.id, "cell": cell.as_dict(), "expect": expect.as_dict(),
+        "verdict": verdict.value, "note": note, "reason": outcome.reason,
+        "error": None if outcome.error is None else vars(outcome.error).copy(),
+        "metrics": outcome.metrics or None, "output_tail": outcome.output_tail,
+        "env": {**env, **outcome.device}, "started": started, "duration_s": round(duration_s, 4),
+    })
+
+
+def validate_record(record: Any) -> list[str]:
+    """Problems with a record (empty when it follows the schema)."""
+    if not isinstance(record, dict):
+        return ["record is not a JSON object"]
+    problems = []
+    if record.get("schema") != SCHEMA:
+        return [f"schema is {record.get('schema')!r}, expected {SCHEMA}"]
+    for key in ("run", "id", "cell", "expect", "verdict", "env", "started", "duration_s"):
+        if key not in record:
+            problems.append(f"missing {key!r}")
+    if problems:
+        return problems
+    try:
+        cell = Cell(**record["cell"])
+    except TypeError as exc:
+        return [f"cell: {exc}"]
+    if cell.id != record["id"]:
+        problems.append(f"id {record['id']!r} does not match cell {cell.id!r}")
+    try:
+        verdict = Verdict(record["verdict"])
+    except ValueError:
+        return problems + [f"unknown verdict {record['verdict']!r}"]
+    metrics = record.get("metrics")
+    if verdict in (Verdict.OK, Verdict.DRIFT_WORKS):
+        if not isinstance(metrics, dict):
+            return problems + ["a cell that ran has no metrics"]
+        for key in METRIC_KEYS:
+            if key not in metrics:
+                problems.append(f"metrics.{key} missing")
+            elif metrics[key] is None and not (key == "sqnr_db" and metrics.get("max_abs_error") == 0):
+                problems.append(f"metrics.{key} is null")
+        lat = metrics.get("latency_ms") or {}
+        if not all(isinstance(lat.get(k), (int, float)) for k in ("median", "p10", "p90", "n")):
+            problems.append("metrics.latency_ms lacks median/p10/p90/n")
+    elif verdict is not Verdict.UNAVAILABLE and not record.get("error") and not record.get("reason"):
+        problems.append(f"verdict {verdict.value} without an error or reason")
+    for key in ("torch", "python", "host", "engines"):
+        if key not in record["env"]:
+            problems.append(f"env.{key} missing")
+    return problems
+
+
+class ResultsWriter:
+    """Appends records to a JSON-lines file: each record is one `write` of one whole line under an exclusive
+    lock, so concurrent writers (pytest-xdist workers, several runs) never interleave."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def append(self, record: dict[str, Any]) -> None:
+        line = (json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            _mend_torn_line(fd, self.path)
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _mend_torn_line(fd: int, path: Path) -> None:
+    """If a writer died mid-line, end that line so the next record starts on its own."""
+    size = os.fstat(fd).st_size
+    if size:
+        with open(path, "rb") as f:
+            f.seek(size - 1)
+            if f.read(1) != b"\n":
+                os.write(fd, b"\n")
+
+
+def read_records(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Valid records of a results file, and a description of each line skipped (torn, not JSON, bad schema)."""
+    records, skipped = [], []
+    for number, line in _lines(Path(path)):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            skipped.append(f"{path}:{number}: not a JSON record ({exc.msg})")
+            continue
+        problems = validate_record(record)
+        if problems:
+            skipped.append(f"{path}:{number}: {'; '.join(problems)}")
+            continue
+        records.append(record)
+    for message in skipped:
+        log.warning("skipped %s", message)
+    return records, skipped
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                yield number, line

@@ -1,0 +1,127 @@
+"""The isolated cell runner: each cell in its own process, forked from a server that has imported torch.
+
+Why not pytest-forked or pytest-xdist's crash handling: pytest-forked forks the pytest process itself (which may
+have run torch ops, so its OpenMP pool and any accelerator context would be inherited broken) and has no timeout
+or memory verdicts; xdist restarts a crashed worker but reports a generic failure and has no per-test timeout;
+pytest-timeout's signal method cannot stop native code and its thread method kills the whole run. A
+`multiprocessing` forkserver gives all three at once: the server imports torch and the engines once and never
+touches an accelerator, each cell is a cheap fork of it, and the parent turns the child's fate into a verdict:
+
+- the child's report (Outcome as JSON) when it finishes;
+- `timeout` when it runs past the cell timeout (its whole process group is killed);
+- `oom` when it ran out of memory (MemoryError / allocator error under the per-cell limit, or SIGKILL from the
+  kernel's OOM killer);
+- `crash` when it died by any other signal or exited without reporting.
+Whatever the cell leaves running (its process group) is killed when it ends.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import multiprocessing
+import os
+import resource
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+from harness.execute import CellTask
+from harness.verdict import Outcome
+
+OUTPUT_TAIL_BYTES = 4000
+_context = None
+
+
+def _forkserver():
+    global _context
+    if _context is None:
+        from harness.engines import ENGINES
+
+        ctx = multiprocessing.get_context("forkserver")
+        packages = [e.import_name or e.package for e in ENGINES.values() if e.package]
+        ctx.set_forkserver_preload(["harness.execute", *[p for p in packages if importlib.util.find_spec(p)]])
+        _context = ctx
+    return _context
+
+
+def _child_main(task: CellTask, result_path: str, log_path: str, memory_limit_mb: int) -> None:
+    os.setsid()  # its own process group, so everything it starts can be killed with it
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    if memory_limit_mb and task.cell.device == "cpu":
+        vm = _vm_size()
+        resource.setrlimit(resource.RLIMIT_AS, (vm + (memory_limit_mb << 20), resource.RLIM_INFINITY))
+    from harness.execute import execute_cell
+
+    outcome = execute_cell(task)
+    tmp = result_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(outcome.as_dict(), f)
+    os.replace(tmp, result_path)
+
+
+def _vm_size() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _tail(path: Path, limit: int = OUTPUT_TAIL_BYTES) -> str | None:
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            f.seek(max(0, size - limit))
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    if not text:
+        return None
+    return (f"[... {size - limit} earlier bytes cut]\n" if size > limit else "") + text
+
+
+def run_isolated(task: CellTask, *, timeout_s: float, memory_limit_mb: int = 0) -> Outcome:
+    """Run `task` in its own process and turn what happened to it into an Outcome."""
+    ctx = _forkserver()
+    with tempfile.TemporaryDirectory(prefix="quantmatrix-cell-") as tmp:
+        result, log = Path(tmp, "outcome.json"), Path(tmp, "output.log")
+        process = ctx.Process(target=_child_main, args=(task, str(result), str(log), memory_limit_mb),
+                              name=f"cell {task.cell.id}")
+        started = time.monotonic()
+        process.start()
+        try:
+            process.join(timeout_s)
+        except BaseException:  # Ctrl-C / SIGTERM: stop the cell now, then let the run stop
+            _kill_group(process.pid)
+            process.join()
+            raise
+        timed_out = process.exitcode is None
+        _kill_group(process.pid)
+        process.join()
+        outcome = _outcome(process.exitcode, result, timed_out, timeout_s, time.monotonic() - started)
+        outcome.output_tail = _tail(log)
+    return outcome
+
+
+def _outcome(exitcode: int, result: Path, timed_out: bool, timeout_s: float, elapsed: float) -> Outcome:
+    if timed_out:
+        return Outcome("timeout", reason=f"no result after the cell timeout of {timeout_s:g} s; process killed")
+    if result.exists():
+        return Outcome.from_dict(json.loads(result.read_text()))
+    if exitcode < 0:
+        sig = signal.Signals(-exitcode)
+        if sig == signal.SIGKILL:
+            return Outcome("oom", reason=f"killed by SIGKILL after {elapsed:.1f} s without reporting "
+                                         "(the kernel's OOM killer, most likely)")
+        return Outcome("crash", reason=f"process died by signal {sig.name} ({-exitcode})")
+    return Outcome("crash", reason=f"process exited with code {exitcode} before reporting")

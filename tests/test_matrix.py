@@ -1,0 +1,10 @@
+"""The one generic test every matrix cell runs (parametrized by harness.pytest_plugin; select with -m matrix)."""
+
+import pytest
+
+from harness.pytest_plugin import check_cell
+
+
+@pytest.mark.matrix
+def test_cell(cell, matrix_run, request):
+    check_cell(matrix_run, cell, request)
