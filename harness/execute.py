@@ -134,5 +134,6 @@ def execute_cell(task: CellTask) -> Outcome:
         "quantize_s": loaded.quantize_s,
         "load_s": loaded.load_s,
         **error.as_dict(),
+        "output_sha256": measure.digest(output),
     }
     return Outcome("ran", metrics=metrics, device=info)

@@ -329,9 +329,9 @@ def parse_matrix(text: str, path: Path | str = "<matrix>", *,
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        line = re.search(r"line (\d+)", str(exc))
-        raise QuantMatrixError(f"TOML syntax error: {exc}", path=path,
-                               line=int(line.group(1)) if line else None) from None
+        found = re.search(r"line (\d+)", str(exc))
+        line = int(found.group(1)) if found else (text.count("\n") or 1) if "end of document" in str(exc) else None
+        raise QuantMatrixError(f"TOML syntax error: {exc}", path=path, line=line) from None
     doc.check_keys(data, _TOP_KEYS, "")
     meta = doc.table(data.get("matrix", {}), "matrix")
     doc.check_keys(meta, ["name", "description"], "matrix")

@@ -100,6 +100,13 @@ class OutputError:
         return vars(self).copy()
 
 
+def digest(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's bytes: equal digests mean bit-identical outputs across runs and machines."""
+    import hashlib
+
+    return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
 def output_error(output: torch.Tensor, reference: torch.Tensor) -> OutputError:
     out, ref = output.detach().double().cpu().flatten(), reference.detach().double().cpu().flatten()
     noise = (out - ref).pow(2).sum().item()

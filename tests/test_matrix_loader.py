@@ -1,0 +1,166 @@
+"""The matrix loader: valid documents expand to the right cells; every mistake is our error, naming the key."""
+
+import copy
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from harness.engines import ENGINES
+from harness.errors import QuantMatrixError
+from harness.matrix import DEVICES, DTYPES, LOAD_MODES, OFFLOAD_MODES, Cell, parse_matrix
+from harness.models import MODELS
+from tests.tomlgen import dumps
+
+FAULTS = ENGINES["fault"].qtypes
+
+
+def subset(values):
+    return st.lists(st.sampled_from(values), min_size=1, max_size=len(values), unique=True)
+
+
+@st.composite
+def valid_documents(draw):
+    engines = draw(subset(["none", "fault"]))
+    faults = draw(subset(FAULTS)) if "fault" in engines else []
+    axes = {"engine": engines, "qtype": faults or ["-"], "load": draw(subset(LOAD_MODES)),
+            "offload": draw(subset(OFFLOAD_MODES)), "device": draw(subset(DEVICES)),
+            "model": draw(subset(list(MODELS))), "dtype": draw(subset(DTYPES))}
+    others = 1
+    for axis in ("load", "offload", "device", "model", "dtype"):
+        others *= len(axes[axis])
+    expected = (("none" in engines) + len(faults)) * others
+    doc = {"matrix": {"name": "generated"}, "axes": axes}
+    if len(axes["offload"]) > 1 and draw(st.booleans()):
+        doc["exclude"] = [{"offload": axes["offload"][0]}]
+        expected = expected // len(axes["offload"]) * (len(axes["offload"]) - 1)
+    return doc, expected
+
+
+@given(valid_documents())
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+def test_valid_documents_expand_to_the_right_number_of_unique_cells(case):
+    doc, expected = case
+    matrix = parse_matrix(dumps(doc), "gen.toml")
+    assert len(matrix.cells) == expected
+    assert len({c.id for c in matrix.cells}) == expected
+    assert all(Cell.from_id(c.id) == c for c in matrix.cells)
+
+
+BASE = {"axes": {"engine": ["none"], "qtype": ["*"], "load": ["post-load"], "offload": ["none", "model"],
+                 "device": ["cpu"], "model": ["dit-xs"], "dtype": ["float32"]}}
+
+
+def _set(path, value):
+    def mutate(doc):
+        *parents, last = path
+        target = doc
+        for p in parents:
+            target = target.setdefault(p, {})
+        target[last] = value
+        return doc
+    return mutate
+
+
+def _drop(axis):
+    def mutate(doc):
+        del doc["axes"][axis]
+        return doc
+    return mutate
+
+
+# (mutation, the key the error must name)
+MISTAKES = [
+    (_set(["axez"], {"x": 1}), "axez"),
+    (_set(["axes", "engines"], ["none"]), "axes.engines"),
+    (_set(["axes", "engine"], ["bitsandbytez"]), "axes.engine"),
+    (_set(["axes", "offload"], ["sequentail"]), "axes.offload"),
+    (_set(["axes", "device"], ["tpu"]), "axes.device"),
+    (_set(["axes", "model"], ["dit-xxl"]), "axes.model"),
+    (_set(["axes", "dtype"], ["float8"]), "axes.dtype"),
+    (_set(["axes", "load"], ["lazy"]), "axes.load"),
+    (_set(["axes", "offload"], ["none", "none"]), "axes.offload"),
+    (_set(["axes", "offload"], []), "axes.offload"),
+    (_set(["axes", "offload"], 3), "axes.offload"),
+    (_set(["axes", "device"], [True]), "axes.device"),
+    (_drop("dtype"), "axes.dtype"),
+    (_set(["settings", "cell_timeout_s"], "soon"), "settings.cell_timeout_s"),
+    (_set(["settings", "warmpu"], 2), "settings.warmpu"),
+    (_set(["offload", "balanced", "high_watermark"], 0.1), "offload.balanced"),
+    (_set(["rule"], [{"match": {"engine": "none"}, "expect": "error", "pattern": "([unclosed"}]), "rule[0].pattern"),
+    (_set(["rule"], [{"match": {"engine": "none"}, "expect": "maybe"}]), "rule[0].expect"),
+    (_set(["rule"], [{"match": {"offload": "balanced"}, "expect": "works"}]), "rule[0].match"),
+    (_set(["rule"], [{"match": {"engine": "none"}, "expect": "error"}]), "rule[0].pattern"),
+    (_set(["rule"], [{"match": {"engine": "none"}, "expect": "unavailable"}]), "rule[0].reason"),
+    (_set(["rule"], [{"match": {"engine": "none"}, "expect": "works", "versions": {"torch": "~~2"}}]),
+     "rule[0].versions.torch"),
+    (_set(["exclude"], [{"engine": "none"}]), "axes"),
+    (_set(["include"], [{"modle": "dit-xs"}]), "include[0].modle"),
+    (_set(["rule"], "not a table"), "rule"),
+]
+
+
+@given(st.sampled_from(MISTAKES), st.randoms())
+@settings(max_examples=200)
+def test_every_mistake_raises_our_error_naming_the_key(mistake, rnd):
+    mutate, key = mistake
+    doc = copy.deepcopy(BASE)
+    if rnd.random() < 0.5:
+        doc["axes"]["offload"] = ["none", "model", "sequential"]
+    doc = mutate(doc)
+    with pytest.raises(QuantMatrixError) as err:
+        parse_matrix(dumps(doc), "bad.toml")
+    assert f"[{key}]" in str(err.value)
+    assert "bad.toml" in str(err.value)
+
+
+@given(st.text(max_size=200))
+@settings(max_examples=300)
+def test_arbitrary_text_never_escapes_as_another_exception(text):
+    try:
+        parse_matrix(text, "fuzz.toml")
+    except QuantMatrixError as exc:
+        assert "fuzz.toml" in str(exc)
+
+
+def test_unknown_offload_name_suggests_the_nearest():
+    doc = _set(["axes", "offload"], ["sequentail"])(copy.deepcopy(BASE))
+    with pytest.raises(QuantMatrixError, match="did you mean 'sequential'"):
+        parse_matrix(dumps(doc), "m.toml")
+
+
+def test_toml_syntax_error_names_the_line():
+    with pytest.raises(QuantMatrixError, match=r"m\.toml:3: TOML syntax error"):
+        parse_matrix('[axes]\nengine = ["none"]\nqtype = [\n', "m.toml")
+
+
+def test_first_matching_rule_decides_and_versions_limit_it():
+    doc = copy.deepcopy(BASE)
+    doc["rule"] = [
+        {"match": {"offload": "model"}, "expect": "error", "pattern": "boom", "versions": {"torch": "<1.0"}},
+        {"match": {"offload": "model"}, "expect": "error", "pattern": "bang", "source": "seed: Errors"},
+        {"match": {"engine": "none"}, "expect": "works"},
+    ]
+    matrix = parse_matrix(dumps(doc), "m.toml")
+    model_cell = next(c for c in matrix.cells if c.offload == "model")
+    none_cell = next(c for c in matrix.cells if c.offload == "none")
+    assert matrix.expectation(model_cell, {"torch": "2.13.0"}).pattern == "bang"
+    assert matrix.expectation(model_cell, {"torch": "0.4.1"}).pattern == "boom"
+    assert matrix.expectation(none_cell, {"torch": "2.13.0"}).kind == "works"
+
+
+def test_star_leaves_out_test_only_engines_and_present_means_this_host():
+    doc = copy.deepcopy(BASE)
+    doc["axes"].update(engine=["*"], device=["present"])
+    matrix = parse_matrix(dumps(doc), "m.toml", present_devices=("cpu", "cuda"))
+    assert {c.engine for c in matrix.cells} == {"none"}
+    assert {c.device for c in matrix.cells} == {"cpu", "cuda"}
+
+
+def test_shipped_matrices_load(tmp_path):
+    from pathlib import Path
+
+    from harness.matrix import load_matrix
+
+    for path in sorted(Path(__file__).parents[1].glob("matrices/*.toml")):
+        assert load_matrix(path, present_devices=("cpu",)).cells

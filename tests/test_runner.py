@@ -1,0 +1,97 @@
+"""Isolation: every kind of fault in a cell becomes that cell's verdict, and the run goes on."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from harness.execute import CellTask
+from harness.matrix import Cell, Settings
+from harness.runner import OUTPUT_TAIL_BYTES, run_isolated
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = Settings(warmup=0, min_steps=1, min_time_s=0.0)
+
+
+def fault_cell(qtype: str) -> Cell:
+    return Cell("fault", qtype, "post-load", "none", "cpu", "dit-xs", "float32")
+
+
+@pytest.mark.parametrize("qtype, status, reason", [
+    ("abort", "crash", "SIGABRT"),
+    ("segfault", "crash", "SIGSEGV"),
+    ("exit", "crash", "exited with code 3"),
+    ("hang", "timeout", "cell timeout of 3 s"),
+    ("oom", "oom", "MemoryError"),
+    ("raise", "error", "ValueError during load"),
+])
+def test_each_fault_gets_its_status(tmp_path, qtype, status, reason):
+    timeout_s = 3 if qtype == "hang" else 120
+    outcome = run_isolated(CellTask(fault_cell(qtype), QUICK, tmp_path), timeout_s=timeout_s, memory_limit_mb=768)
+    assert outcome.status == status
+    assert reason in outcome.reason
+
+
+def test_a_flood_of_output_is_kept_as_a_bounded_tail(tmp_path):
+    outcome = run_isolated(CellTask(fault_cell("flood"), QUICK, tmp_path), timeout_s=60)
+    assert outcome.status == "ran"
+    assert outcome.output_tail.startswith("[... ") and "earlier bytes cut" in outcome.output_tail
+    assert len(outcome.output_tail) < OUTPUT_TAIL_BYTES + 100
+
+
+def _sleepers() -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        if p.info["cmdline"] and "import time; time.sleep(600)" in " ".join(p.info["cmdline"]):
+            found.append(p)
+    return found
+
+
+def test_processes_a_cell_leaves_behind_are_killed(tmp_path):
+    before = {p.pid for p in _sleepers()}
+    outcome = run_isolated(CellTask(fault_cell("orphan"), QUICK, tmp_path), timeout_s=60)
+    assert outcome.status == "ran"
+    psutil.wait_procs([p for p in _sleepers() if p.pid not in before], timeout=5)
+    assert {p.pid for p in _sleepers()} - before == set()
+
+
+FAULT_MATRIX = """
+[axes]
+engine = ["fault", "none"]
+qtype = ["abort", "hang", "oom"]
+load = ["post-load"]
+offload = ["none"]
+device = ["cpu"]
+model = ["dit-xs"]
+dtype = ["float32"]
+
+[settings]
+warmup = 0
+min_steps = 1
+min_time_s = 0.0
+cell_timeout_s = 10
+memory_limit_mb = 768
+"""
+
+
+def test_a_run_goes_on_after_crash_hang_and_oom_and_records_every_cell(tmp_path):
+    matrix, results = tmp_path / "faults.toml", tmp_path / "results.jsonl"
+    matrix.write_text(FAULT_MATRIX)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "matrix", "--matrix", str(matrix),
+                           "--results", str(results), "-p", "no:cacheprovider", "-q",
+                           str(REPO / "tests" / "test_matrix.py")], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1, proc.stdout[-3000:]  # the faults fail; the run itself completes
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    verdicts = {r["id"]: r["verdict"] for r in records}
+    assert len(records) == len(verdicts) == 4
+    assert verdicts == {
+        "fault-abort/post-load/none/cpu/dit-xs/float32": "crash",
+        "fault-hang/post-load/none/cpu/dit-xs/float32": "timeout",
+        "fault-oom/post-load/none/cpu/dit-xs/float32": "oom",
+        "none/post-load/none/cpu/dit-xs/float32": "ok",  # sorted last: it ran after all three faults
+    }
+    assert "3 failed, 1 passed" in proc.stdout
