@@ -339,11 +339,10 @@ def parse_matrix(text: str, path: Path | str = "<matrix>", *,
         raise doc.fail("axes", "missing; expected a table with the keys " + ", ".join(AXES))
     raw_axes = doc.table(data["axes"], "axes")
     doc.check_keys(raw_axes, AXES, "axes")
-    axes = {}
+    axes = {a: _axis_values(doc, a, raw_axes[a], f"axes.{a}", wildcards=True) for a in AXES if a in raw_axes}
     for axis in AXES:
-        if axis not in raw_axes:
+        if axis not in axes:
             raise doc.fail(f"axes.{axis}", "missing; expected a string or list of strings")
-        axes[axis] = _axis_values(doc, axis, raw_axes[axis], f"axes.{axis}", wildcards=True)
 
     cells = _product(doc, axes, present_devices)
     for i, raw in enumerate(_array(doc, data, "include")):

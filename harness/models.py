@@ -262,5 +262,9 @@ def make_inputs(name: str, seed: int = 0, batch: int = 1, dtype: torch.dtype = t
 
 
 def components(model: nn.Module) -> list[nn.Module]:
-    """The units balanced offload moves as a whole (diffusers' pipeline components, scaled down to blocks)."""
-    return [m for m in model.children() if any(True for _ in m.parameters())]
+    """The units balanced offload moves as a whole (diffusers' pipeline components, scaled down to the model's
+    top-level modules; a ModuleList has no forward of its own, so its items are the units)."""
+    units: list[nn.Module] = []
+    for child in model.children():
+        units.extend(child.children() if isinstance(child, nn.ModuleList) else [child])
+    return [m for m in units if any(True for _ in m.parameters())]

@@ -1,0 +1,68 @@
+"""Result records: schema, whole-line appends from concurrent writers, torn lines skipped."""
+
+import json
+import multiprocessing
+
+from harness.matrix import Cell, Expectation
+from harness.results import ResultsWriter, environment, make_record, read_records, validate_record
+from harness.verdict import ErrorInfo, Outcome, Verdict
+
+CELL = Cell("none", "-", "post-load", "none", "cpu", "dit-xs", "float32")
+METRICS = {"param_bytes": 10, "disk_bytes": 10, "bits_per_weight": 32.0, "peak_mem_bytes": 5, "mem_base_bytes": 1,
+           "mem_kind": "rss", "latency_ms": {"median": 1.0, "p10": 0.9, "p90": 1.2, "n": 5, "warmup": 2},
+           "quantize_s": 0.0, "load_s": 0.1, "sqnr_db": None, "cosine": 1.0, "max_abs_error": 0.0}
+
+
+def record(i=0, verdict=Verdict.OK, outcome=None):
+    outcome = outcome or Outcome("ran", metrics=dict(METRICS))
+    return make_record(f"run{i}", CELL, Expectation(), verdict, "n", outcome, environment({"none": "x"}),
+                       "2026-01-01T00:00:00+00:00", 1.0)
+
+
+def test_a_complete_record_validates_and_a_broken_one_does_not():
+    assert validate_record(record()) == []
+    bad = record()
+    bad["metrics"]["cosine"] = None
+    assert validate_record(bad) == ["metrics.cosine is null"]
+    assert validate_record({**record(), "schema": 99}) == ["schema is 99, expected 1"]
+    failed = record(verdict=Verdict.FAIL, outcome=Outcome("error", error=ErrorInfo("E", "m")))
+    assert validate_record(failed) == []
+
+
+def test_non_finite_numbers_become_null():
+    r = record(outcome=Outcome("ran", metrics={**METRICS, "cosine": float("nan")}))
+    assert r["metrics"]["cosine"] is None
+    json.dumps(r, allow_nan=False)
+
+
+def _write_many(path, worker):
+    writer = ResultsWriter(path)
+    for i in range(50):
+        rec = record(worker * 1000 + i)
+        rec["note"] = "x" * 20_000  # lines well over the pipe/page size
+        writer.append(rec)
+
+
+def test_concurrent_writers_never_interleave(tmp_path):
+    path = tmp_path / "r.jsonl"
+    procs = [multiprocessing.get_context("spawn").Process(target=_write_many, args=(path, w)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    records, skipped = read_records(path)
+    assert skipped == [] and len(records) == 200
+    assert len({r["run"] for r in records}) == 200
+
+
+def test_a_torn_last_line_is_skipped_and_mended_by_the_next_append(tmp_path):
+    path = tmp_path / "r.jsonl"
+    writer = ResultsWriter(path)
+    writer.append(record(1))
+    with open(path, "a") as f:
+        f.write(json.dumps(record(2))[:57])  # a writer died mid-line
+    records, skipped = read_records(path)
+    assert [r["run"] for r in records] == ["run1"] and len(skipped) == 1 and ":2:" in skipped[0]
+    writer.append(record(3))
+    records, skipped = read_records(path)
+    assert [r["run"] for r in records] == ["run1", "run3"] and len(skipped) == 1
