@@ -17,12 +17,14 @@ Whatever the cell leaves running (its process group) is killed when it ends.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import multiprocessing
 import os
 import resource
 import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,9 +43,24 @@ def _forkserver():
 
         ctx = multiprocessing.get_context("forkserver")
         packages = [e.import_name or e.package for e in ENGINES.values() if e.package]
-        ctx.set_forkserver_preload(["harness.execute", *[p for p in packages if importlib.util.find_spec(p)]])
+        ctx.set_forkserver_preload(["harness.forkserver_warmup", *[p for p in packages if importlib.util.find_spec(p)]])
         _context = ctx
     return _context
+
+
+@contextlib.contextmanager
+def _without_main_reimport():
+    """A forkserver child re-runs the parent's __main__ script before the target (for the `pytest` console script
+    that is an import of pytest, about 0.2 s a cell); cells need nothing from it, so hide it while starting one."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None) if getattr(main, "__spec__", None) is None else None
+    if path is not None:
+        del main.__file__
+    try:
+        yield
+    finally:
+        if path is not None:
+            main.__file__ = path
 
 
 def _child_main(task: CellTask, result_path: str, log_path: str, memory_limit_mb: int) -> None:
@@ -98,7 +115,8 @@ def run_isolated(task: CellTask, *, timeout_s: float, memory_limit_mb: int = 0) 
         process = ctx.Process(target=_child_main, args=(task, str(result), str(log), memory_limit_mb),
                               name=f"cell {task.cell.id}")
         started = time.monotonic()
-        process.start()
+        with _without_main_reimport():
+            process.start()
         try:
             process.join(timeout_s)
         except BaseException:  # Ctrl-C / SIGTERM: stop the cell now, then let the run stop
