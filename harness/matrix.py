@@ -81,9 +81,6 @@ class Cell:
     def as_dict(self) -> dict[str, str]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
-    def baseline(self) -> Cell:
-        """The unquantized cell this one is compared with."""
-        return Cell(BASELINE, "-", "post-load", self.offload, self.device, self.model, self.dtype)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """Isolation: every kind of fault in a cell becomes that cell's verdict, and the run goes on."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -95,3 +97,39 @@ def test_a_run_goes_on_after_crash_hang_and_oom_and_records_every_cell(tmp_path)
         "none/post-load/none/cpu/dit-xs/float32": "ok",  # sorted last: it ran after all three faults
     }
     assert "3 failed, 1 passed" in proc.stdout
+
+
+INTERRUPT_MATRIX = FAULT_MATRIX.replace('qtype = ["abort", "hang", "oom"]', 'qtype = ["hang"]').replace(
+    'cell_timeout_s = 10', 'cell_timeout_s = 600')
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_stops_the_run_within_seconds_and_records_the_running_cell(tmp_path, sig):
+    matrix, results = tmp_path / "hang.toml", tmp_path / "results.jsonl"
+    matrix.write_text(INTERRUPT_MATRIX)
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-m", "matrix", "--matrix", str(matrix), "--results",
+                             str(results), "-p", "no:cacheprovider", "-q", str(REPO / "tests" / "test_matrix.py")],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not _cell_processes(proc.pid) and time.monotonic() < deadline:  # wait until the hanging cell runs
+        time.sleep(0.2)
+    time.sleep(1.0)
+    cells = _cell_processes(proc.pid)
+    assert cells
+    sent = time.monotonic()
+    proc.send_signal(sig)
+    proc.communicate(timeout=30)
+    assert time.monotonic() - sent < 10
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [(r["id"], r["verdict"]) for r in records] == [
+        ("fault-hang/post-load/none/cpu/dit-xs/float32", "interrupted")]
+    gone, alive = psutil.wait_procs(cells, timeout=5)
+    assert alive == []
+
+
+def _cell_processes(pytest_pid: int) -> list[psutil.Process]:
+    """The running cell processes: children of the forkserver, itself a child of pytest."""
+    try:
+        return [cell for server in psutil.Process(pytest_pid).children() for cell in server.children()]
+    except psutil.NoSuchProcess:
+        return []
