@@ -153,38 +153,25 @@ class CpuTracker(MemoryTracker):
         raise RuntimeError(f"{field} missing from /proc/self/status")
 
 
-class CudaTracker(MemoryTracker):
-    """The caching allocator's peak (CUDA and ROCm builds alike)."""
+class AllocatorTracker(MemoryTracker):
+    """The caching allocator's peak statistics: `torch.cuda` (CUDA and ROCm builds alike) or `torch.xpu`."""
 
     kind = "vram"
 
-    def reset(self) -> None:
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-    def peak(self) -> int:
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
-
-    def current(self) -> int:
-        return torch.cuda.memory_allocated()
-
-
-class XpuTracker(MemoryTracker):
-    kind = "vram"
+    def __init__(self, backend) -> None:
+        self.backend = backend
 
     def reset(self) -> None:
-        torch.xpu.synchronize()
-        torch.xpu.empty_cache()
-        torch.xpu.reset_peak_memory_stats()
+        self.backend.synchronize()
+        self.backend.empty_cache()
+        self.backend.reset_peak_memory_stats()
 
     def peak(self) -> int:
-        torch.xpu.synchronize()
-        return torch.xpu.max_memory_allocated()
+        self.backend.synchronize()
+        return self.backend.max_memory_allocated()
 
     def current(self) -> int:
-        return torch.xpu.memory_allocated()
+        return self.backend.memory_allocated()
 
 
 class MpsTracker(MemoryTracker):
@@ -209,7 +196,11 @@ class MpsTracker(MemoryTracker):
 
 
 def memory_tracker(device: str) -> MemoryTracker:
-    return {"cuda": CudaTracker, "rocm": CudaTracker, "xpu": XpuTracker, "mps": MpsTracker}.get(device, CpuTracker)()
+    if device in ("cuda", "rocm"):
+        return AllocatorTracker(torch.cuda)
+    if device == "xpu":
+        return AllocatorTracker(torch.xpu)
+    return MpsTracker() if device == "mps" else CpuTracker()
 
 
 def memory_in_use(device: str) -> int:
