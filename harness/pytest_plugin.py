@@ -139,19 +139,20 @@ def matrix_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     return config.stash[_run_key]
 
 
-def check_cell(run: MatrixRun, cell: Cell, request: pytest.FixtureRequest) -> None:
-    """The body of every matrix test: run the cell, record it, and turn its verdict into a pytest outcome."""
+def check_cell(run: MatrixRun, cell: Cell, request: pytest.FixtureRequest) -> str | None:
+    """Run the cell and record it; skip it when unavailable. Returns why it failed, or None when it passed."""
     verdict, note, record = run.run(cell)
     request.node.user_properties.append(("verdict", verdict.value))
     if verdict is Verdict.UNAVAILABLE:
         pytest.skip(f"unavailable: {note}")
     if verdict.is_drift and not run.drift_fails:
         warnings.warn(DriftWarning(f"{cell.id}: {verdict.value}: {note}"))
-        return
-    if not verdict.passed:
-        detail = f"\n{record['error']['where']}" if record.get("error") else ""
-        tail = f"\n--- cell output (tail) ---\n{record['output_tail']}" if record.get("output_tail") else ""
-        pytest.fail(f"{verdict.value}: {note}{detail}{tail}", pytrace=False)
+        return None
+    if verdict.passed:
+        return None
+    detail = f"\n{record['error']['where']}" if record.get("error") else ""
+    tail = f"\n--- cell output (tail) ---\n{record['output_tail']}" if record.get("output_tail") else ""
+    return f"{verdict.value}: {note}{detail}{tail}"
 
 
 @pytest.hookimpl(tryfirst=True)

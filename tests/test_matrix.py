@@ -7,4 +7,6 @@ from harness.pytest_plugin import check_cell
 
 @pytest.mark.matrix
 def test_cell(cell, matrix_run, request):
-    check_cell(matrix_run, cell, request)
+    failure = check_cell(matrix_run, cell, request)
+    if failure:
+        pytest.fail(failure, pytrace=False)
