@@ -5,10 +5,8 @@ Discovery never initializes an accelerator (no CUDA context in the parent), so c
 
 from __future__ import annotations
 
-
 import platform
 import subprocess
-
 from pathlib import Path
 
 import torch

@@ -218,7 +218,7 @@ def _axis_values(doc: _Doc, axis: str, raw: Any, key: str, *, wildcards: bool) -
     return values
 
 
-def _product(doc: _Doc, axes: Mapping[str, list[str]], present_devices: tuple[str, ...]) -> list[Cell]:
+def _product(axes: Mapping[str, list[str]], present_devices: tuple[str, ...]) -> list[Cell]:
     """Every valid engine/qtype/load combination times the other axes."""
     from harness import engines
 
@@ -226,7 +226,9 @@ def _product(doc: _Doc, axes: Mapping[str, list[str]], present_devices: tuple[st
         values = axes[axis]
         out: list[str] = []
         for v in values:
-            if v == "*":
+            if v == "*" and axis == "engine":  # test-only engines run only when named
+                out.extend(name for name, e in engines.ENGINES.items() if not e.hidden)
+            elif v == "*":
                 out.extend(_known_values(axis))
             elif v == "present":
                 out.extend(present_devices)
@@ -234,15 +236,14 @@ def _product(doc: _Doc, axes: Mapping[str, list[str]], present_devices: tuple[st
                 out.append(v)
         return list(dict.fromkeys(out))
 
-    engine_names = [e for e in resolve("engine") if "*" not in axes["engine"] or not engines.ENGINES[e].hidden]
     qtype_filter, load_filter = axes["qtype"], axes["load"]
     quant: list[tuple[str, str, str]] = []
-    for name in engine_names:
+    for name in resolve("engine"):
         engine = engines.ENGINES[name]
         qtypes = engine.qtypes if "*" in qtype_filter else [q for q in engine.qtypes if q in qtype_filter]
         if name == BASELINE:
             qtypes = engine.qtypes  # the baseline is a cell whatever types are asked for
-        loads = engine.loads if "*" in load_filter else [m for m in load_filter if m in LOAD_MODES]
+        loads = engine.loads if "*" in load_filter else load_filter
         quant.extend((name, q, m) for q in qtypes for m in loads)
     rest = [resolve(a) for a in AXES[3:]]
     return [Cell(e, q, m, *combo) for (e, q, m) in quant for combo in itertools.product(*rest)]
@@ -341,11 +342,11 @@ def parse_matrix(text: str, path: Path | str = "<matrix>", *,
         if axis not in axes:
             raise doc.fail(f"axes.{axis}", "missing; expected a string or list of strings")
 
-    cells = _product(doc, axes, present_devices)
+    cells = _product(axes, present_devices)
     for i, raw in enumerate(_array(doc, data, "include")):
         key = f"include[{i}]"
         sel = _selector(doc, raw, key)
-        extra = _product(doc, {a: list(sel.get(a, axes[a])) for a in AXES}, present_devices)
+        extra = _product({a: list(sel.get(a, axes[a])) for a in AXES}, present_devices)
         if not extra:
             raise doc.fail(key, "adds no cell (no engine offers that qtype/load); expected at least one")
         cells.extend(extra)

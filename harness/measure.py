@@ -86,8 +86,10 @@ def time_steps(step: Callable[[], object], device: str, *, warmup: int, min_step
         devices.synchronize(device)
         times.append((time.perf_counter() - t0) * 1e3)
         after_step()
-    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
-    return Latency(statistics.median(times), q[0], q[-1], len(times), warmup)
+    if len(times) == 1:
+        return Latency(times[0], times[0], times[0], 1, warmup)
+    deciles = statistics.quantiles(times, n=10, method="inclusive")
+    return Latency(statistics.median(times), deciles[0], deciles[-1], len(times), warmup)
 
 
 @dataclass(frozen=True)

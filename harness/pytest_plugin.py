@@ -92,11 +92,12 @@ class MatrixRun:
         self.writer = ResultsWriter(self.results)
         self.matrix, self.workdir = matrix, workdir
         self.drift_fails = config.getoption("drift") == "fail"
-        self.versions = {name: e.version() for name, e in ENGINES.items() if not e.hidden}
-        self.env = environment(self.versions)
         import torch
 
-        self.versions["torch"] = torch.__version__
+        engine_versions = {name: e.version() for name, e in ENGINES.items() if e.package}
+        self.env = environment(engine_versions)
+        # What a rule's `versions` may name: an engine or torch.
+        self.versions = {**engine_versions, "torch": torch.__version__}
         self.verdicts: Counter[str] = Counter()
 
     def run(self, cell: Cell) -> tuple[Verdict, str, dict]:

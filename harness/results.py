@@ -110,24 +110,21 @@ class ResultsWriter:
 
     def append(self, record: dict[str, Any]) -> None:
         line = (json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n").encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            _mend_torn_line(fd, self.path)
+            _mend_torn_line(fd)
             os.write(fd, line)
             os.fsync(fd)
         finally:
             os.close(fd)
 
 
-def _mend_torn_line(fd: int, path: Path) -> None:
+def _mend_torn_line(fd: int) -> None:
     """If a writer died mid-line, end that line so the next record starts on its own."""
     size = os.fstat(fd).st_size
-    if size:
-        with open(path, "rb") as f:
-            f.seek(size - 1)
-            if f.read(1) != b"\n":
-                os.write(fd, b"\n")
+    if size and os.pread(fd, 1, size - 1) != b"\n":
+        os.write(fd, b"\n")
 
 
 def read_records(path: Path) -> tuple[list[dict[str, Any]], list[str]]:

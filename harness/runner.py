@@ -18,6 +18,7 @@ Whatever the cell leaves running (its process group) is killed when it ends.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import multiprocessing
@@ -33,19 +34,16 @@ from harness.execute import CellTask
 from harness.verdict import Outcome
 
 OUTPUT_TAIL_BYTES = 4000
-_context = None
 
 
+@functools.cache
 def _forkserver():
-    global _context
-    if _context is None:
-        from harness.engines import ENGINES
+    from harness.engines import ENGINES
 
-        ctx = multiprocessing.get_context("forkserver")
-        packages = [e.import_name or e.package for e in ENGINES.values() if e.package]
-        ctx.set_forkserver_preload(["harness.forkserver_warmup", *[p for p in packages if importlib.util.find_spec(p)]])
-        _context = ctx
-    return _context
+    ctx = multiprocessing.get_context("forkserver")
+    packages = [e.import_name or e.package for e in ENGINES.values() if e.package]
+    ctx.set_forkserver_preload(["harness.forkserver_warmup", *[p for p in packages if importlib.util.find_spec(p)]])
+    return ctx
 
 
 @contextlib.contextmanager

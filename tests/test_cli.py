@@ -46,5 +46,6 @@ def test_detect_rejects_truncated_and_garbage_files(tmp_path, capsys):
 
 
 def test_console_script_is_installed():
-    out = subprocess.run([sys.executable, "-m", "harness.cli", "--help"], capture_output=True, text=True)
+    script = Path(sys.executable).parent / "quantmatrix"
+    out = subprocess.run([str(script), "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "validate" in out.stdout
