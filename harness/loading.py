@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from harness.engines import ENGINES, Engine
+from harness.engines.base import set_submodule
 from harness.errors import QuantMatrixError
 from harness.models import build_model, build_skeleton
 
@@ -105,13 +106,8 @@ def load_on_the_fly(engine: Engine, qtype: str, model: str, checkpoint: Path, dt
                 replacement = engine.quantize_layer(module, qtype, dtype=dtype, device=device)
                 quantize_s += time.perf_counter() - t
                 if replacement is not module:
-                    _set_submodule(skeleton, module_name, replacement)
+                    set_submodule(skeleton, module_name, replacement)
     return Loaded(skeleton, time.perf_counter() - t0 - quantize_s, quantize_s, checkpoint.stat().st_size)
-
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
 def load_prequantized(engine: Engine, qtype: str, model: str, path: Path, dtype: torch.dtype,

@@ -33,9 +33,10 @@ class ModelSpec:
 
 
 MODELS: dict[str, ModelSpec] = {
-    "dit-xs": ModelSpec("dit", width=256, depth=2, heads=4),
-    "dit-s": ModelSpec("dit", width=512, depth=4, heads=8, latent=32),
-    "dit-m": ModelSpec("dit", width=1536, depth=8, heads=24, latent=64, context_dim=1024, context_tokens=77),
+    "dit-xs": ModelSpec("dit", width=256, depth=2, heads=4, channels=16),
+    "dit-s": ModelSpec("dit", width=512, depth=4, heads=8, latent=32, channels=16),
+    "dit-m": ModelSpec("dit", width=1536, depth=8, heads=24, latent=64, channels=16, context_dim=1024,
+                       context_tokens=77),
     "dit-l": ModelSpec("dit", width=3072, depth=12, heads=24, latent=64, channels=16, context_dim=4096,
                        context_tokens=256),
     "unet-xs": ModelSpec("unet", width=64, depth=1, heads=4),

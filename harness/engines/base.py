@@ -9,11 +9,25 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 from torch import nn
+
+
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def replace_linears(model: nn.Module, make: Callable[..., nn.Module], *, with_names: bool = False) -> nn.Module:
+    """Replace every plain nn.Linear of `model` by `make(layer)` (or `make(layer, name)`)."""
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear:
+            set_submodule(model, name, make(module, name) if with_names else make(module))
+    return model
 
 
 class NotOffered(Exception):
