@@ -249,12 +249,12 @@ def _product(axes: Mapping[str, list[str]], present_devices: tuple[str, ...]) ->
     return [Cell(e, q, m, *combo) for (e, q, m) in quant for combo in itertools.product(*rest)]
 
 
-def _selector(doc: _Doc, raw: Any, key: str) -> dict[str, tuple[str, ...]]:
+def _selector(doc: _Doc, raw: Any, key: str, *, wildcards: bool = False) -> dict[str, tuple[str, ...]]:
     table = doc.table(raw, key)
     doc.check_keys(table, AXES, key)
     if not table:
         raise doc.fail(key, "empty table; expected at least one of " + ", ".join(AXES))
-    return {k: tuple(_axis_values(doc, k, v, f"{key}.{k}", wildcards=False)) for k, v in table.items()}
+    return {k: tuple(_axis_values(doc, k, v, f"{key}.{k}", wildcards=wildcards)) for k, v in table.items()}
 
 
 def _settings(doc: _Doc, data: dict) -> Settings:
@@ -345,7 +345,7 @@ def parse_matrix(text: str, path: Path | str = "<matrix>", *,
     cells = _product(axes, present_devices)
     for i, raw in enumerate(_array(doc, data, "include")):
         key = f"include[{i}]"
-        sel = _selector(doc, raw, key)
+        sel = _selector(doc, raw, key, wildcards=True)
         extra = _product({a: list(sel.get(a, axes[a])) for a in AXES}, present_devices)
         if not extra:
             raise doc.fail(key, "adds no cell (no engine offers that qtype/load); expected at least one")

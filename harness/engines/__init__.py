@@ -5,10 +5,11 @@ from __future__ import annotations
 from harness.engines.base import Engine, NotOffered
 from harness.engines.bnb import BitsAndBytesEngine
 from harness.engines.fault import FaultEngine
+from harness.engines.gguf_engine import GGUFEngine
 from harness.engines.none import NoneEngine
 from harness.engines.quanto import QuantoEngine
 
-ENGINES: dict[str, Engine] = {e.name: e for e in (NoneEngine(), BitsAndBytesEngine(), QuantoEngine(), FaultEngine())}
+ENGINES: dict[str, Engine] = {e.name: e for e in (NoneEngine(), BitsAndBytesEngine(), QuantoEngine(), GGUFEngine(), FaultEngine())}
 
 
 def get_engine(name: str) -> Engine:

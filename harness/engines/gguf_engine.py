@@ -1,0 +1,175 @@
+"""GGUF: storage-only quantization. Linear weights are kept as GGML's packed blocks (written and read with the
+`gguf` package) and dequantized on the fly, in torch, on the execution device, for every forward.
+
+`gguf` quantizes Q8_0, Q5_1, Q5_0, Q4_1, Q4_0 (those are the types offered); files made elsewhere may also hold the
+K-quants Q4_K, Q5_K and Q6_K, which `dequantize` reads too. Each kernel here matches `gguf.quants.dequantize`
+exactly (tests/test_gguf.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.engines.base import Engine, replace_linears
+
+MODEL_KEY = "quantmatrix.model"
+BLOCK = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24),
+         "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}  # (weights, bytes) per block
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    """Little-endian fp16 from pairs of bytes (..., 2) -> (..., 1) float32."""
+    return b.contiguous().view(torch.float16).float()
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """Low nibbles then high nibbles of each byte row: GGML's order within a 32-weight block."""
+    return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
+
+
+def _high_bits(qh: torch.Tensor, n: int) -> torch.Tensor:
+    """Bit i of a little-endian 4-byte field, for i < n, as (..., n) 0/1."""
+    bits = qh.to(torch.int32)
+    word = bits[..., 0] | (bits[..., 1] << 8) | (bits[..., 2] << 16) | (bits[..., 3] << 24)
+    return (word[..., None] >> torch.arange(n, device=qh.device, dtype=torch.int32)) & 1
+
+
+def _scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 8 six-bit scales and mins packed in 12 bytes of a Q4_K/Q5_K super-block."""
+    s = scales.to(torch.int32)
+    lo = s[..., 0:4] & 63, s[..., 4:8] & 63
+    hi_sc = (s[..., 8:12] & 0x0F) | ((s[..., 0:4] >> 6) << 4)
+    hi_m = (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)
+    return torch.cat([lo[0], hi_sc], -1).float(), torch.cat([lo[1], hi_m], -1).float()
+
+
+def dequantize(packed: torch.Tensor, qtype: str, shape: tuple[int, int]) -> torch.Tensor:
+    """Float32 weights of `shape` from GGML blocks (`packed`: uint8, any shape with whole blocks per row)."""
+    n, size = BLOCK[qtype]
+    b = packed.reshape(-1, size)
+    if qtype == "Q8_0":
+        w = _f16(b[:, :2]) * b[:, 2:].view(torch.int8).float()
+    elif qtype in ("Q4_0", "Q4_1"):
+        off = 2 if qtype == "Q4_0" else 4
+        q = _nibbles(b[:, off:]).float()
+        w = _f16(b[:, :2]) * (q - 8) if qtype == "Q4_0" else _f16(b[:, :2]) * q + _f16(b[:, 2:4])
+    elif qtype in ("Q5_0", "Q5_1"):
+        off = 2 if qtype == "Q5_0" else 4
+        q = (_nibbles(b[:, off + 4:]) | (_high_bits(b[:, off:off + 4], 32).to(torch.uint8) << 4)).float()
+        w = _f16(b[:, :2]) * (q - 16) if qtype == "Q5_0" else _f16(b[:, :2]) * q + _f16(b[:, 2:4])
+    elif qtype in ("Q4_K", "Q5_K"):
+        d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
+        sc, m = _scale_min_k4(b[:, 4:16])
+        qs = b[:, 16 + (32 if qtype == "Q5_K" else 0):].reshape(-1, 4, 32)
+        q = torch.stack([qs & 0x0F, qs >> 4], dim=2).reshape(-1, 8, 32)  # sub-blocks 2i (low), 2i+1 (high)
+        if qtype == "Q5_K":
+            qh = b[:, 16:48]  # bit j of qh[l] is the fifth bit of weight l of sub-block j
+            bits = (qh[:, None, :] >> torch.arange(8, device=b.device, dtype=torch.uint8)[None, :, None]) & 1
+            q = q | (bits << 4)
+        w = (d * sc)[..., None] * q.float() - (dmin * m)[..., None]
+    elif qtype == "Q6_K":
+        ql, qh = b[:, :128].reshape(-1, 2, 64), b[:, 128:192].reshape(-1, 2, 32)
+        sc = b[:, 192:208].view(torch.int8).float().reshape(-1, 2, 8)
+        d = _f16(b[:, 208:210])
+        lo = torch.cat([ql[..., :32] & 0x0F, ql[..., 32:] & 0x0F, ql[..., :32] >> 4, ql[..., 32:] >> 4], dim=-1)
+        hi = torch.cat([(qh >> s) & 3 for s in (0, 2, 4, 6)], dim=-1)
+        q = ((lo | (hi << 4)).to(torch.int32) - 32).float().reshape(-1, 2, 8, 16)
+        w = d[:, :, None, None] * sc[..., None] * q
+    else:
+        raise ValueError(f"no torch kernel for GGML type {qtype}")
+    return w.reshape(shape)
+
+
+class GGUFLinear(nn.Module):
+    """A Linear whose weight stays packed in GGML blocks and is dequantized for every forward."""
+
+    def __init__(self, packed: torch.Tensor, qtype: str, in_features: int, out_features: int,
+                 bias: torch.Tensor | None):
+        super().__init__()
+        self.qtype, self.in_features, self.out_features = qtype, in_features, out_features
+        self.register_buffer("weight", packed)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = dequantize(self.weight, self.qtype, (self.out_features, self.in_features)).to(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, qtype={self.qtype}"
+
+
+class GGUFEngine(Engine):
+    name = "gguf"
+    qtypes = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
+    loads = ("post-load", "on-the-fly", "prequantized")
+    package = "gguf"
+    file_suffix = ".gguf"
+
+    def quantize(self, model: nn.Module, qtype: str, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
+        return replace_linears(model, lambda layer: self.quantize_layer(layer, qtype, dtype=dtype, device=device))
+
+    def quantize_layer(self, layer: nn.Linear, qtype: str, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
+        import gguf
+
+        ggml = gguf.GGMLQuantizationType[qtype]
+        weight = layer.weight.detach().float().cpu().numpy()
+        packed = torch.from_numpy(np.ascontiguousarray(gguf.quants.quantize(weight, ggml)))
+        bias = None if layer.bias is None else layer.bias.detach().cpu()
+        return GGUFLinear(packed, qtype, layer.in_features, layer.out_features, bias)
+
+    def save(self, model: nn.Module, qtype: str, path: Path) -> Path:
+        import gguf
+
+        writer = gguf.GGUFWriter(str(path), "quantmatrix")
+        for name, tensor in model.state_dict().items():
+            module = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            if isinstance(module, GGUFLinear) and name.endswith(".weight"):
+                writer.add_tensor(name, tensor.numpy(), raw_dtype=gguf.GGMLQuantizationType[module.qtype])
+            else:
+                writer.add_tensor(name, tensor.detach().float().cpu().numpy())
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return path
+
+    def load(self, path: Path, skeleton: nn.Module, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
+        import gguf
+
+        reader = gguf.GGUFReader(str(path))
+        tensors = {t.name: t for t in reader.tensors}
+        state = {}
+        for name, t in tensors.items():
+            kind = gguf.GGMLQuantizationType(t.tensor_type).name
+            if kind in BLOCK:
+                continue
+            shape = tuple(int(s) for s in reversed(t.shape))
+            state[name] = torch.from_numpy(np.array(t.data, dtype=np.float32)).reshape(shape).to(dtype)
+
+        def rebuild(layer: nn.Linear, name: str) -> nn.Module:
+            t = tensors[f"{name}.weight"]
+            kind = gguf.GGMLQuantizationType(t.tensor_type).name
+            if kind not in BLOCK:  # stored in float: an ordinary Linear
+                return nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+            packed = torch.from_numpy(np.array(t.data, dtype=np.uint8))
+            return GGUFLinear(packed, kind, layer.in_features, layer.out_features, state.pop(f"{name}.bias", None))
+
+        model = replace_linears(skeleton, rebuild, with_names=True)
+        model.load_state_dict(state, strict=False, assign=True)
+        return model
+
+    def recognise(self, path: Path) -> str | None:
+        """A GGUF file's type is the GGML type of its quantized 2-D tensors (the most common one)."""
+        import gguf
+
+        if path.suffix != ".gguf":
+            return None
+        reader = gguf.GGUFReader(str(path))
+        kinds = [gguf.GGMLQuantizationType(t.tensor_type).name for t in reader.tensors if len(t.shape) == 2]
+        quantized = [k for k in kinds if k in BLOCK]
+        return max(set(quantized), key=quantized.count) if quantized else None
