@@ -78,7 +78,7 @@ def execute_cell(task: CellTask) -> Outcome:
         torch.manual_seed(s.seed)
         inputs = make_inputs(cell.model, s.seed, s.batch, dtype, device)
         reference = reference_output(task, inputs)
-        linear_counts = measure.linear_weight_counts(build_skeleton(cell.model))
+        layout = measure.float_layout(build_skeleton(cell.model, dtype))
         source = None
         if cell.load == "on-the-fly":
             source = loading.float_checkpoint(task.workdir, cell.model, s.seed)
@@ -99,7 +99,7 @@ def execute_cell(task: CellTask) -> Outcome:
         tracker.sample()
         # Storage is counted before offload: offload hooks replace weights with placeholders.
         param_bytes = measure.stored_bytes(model)
-        bpw = measure.bits_per_weight(model, linear_counts)
+        bpw = measure.bits_per_weight(model, layout)
 
         stage = "offload"
         after_step = apply_offload(model, cell.offload, cell.device,

@@ -40,21 +40,28 @@ def stored_bytes(model: nn.Module) -> int:
     return sum(tensor_bytes(t, seen) for t in _state_tensors(model).values())
 
 
-def linear_weight_counts(skeleton: nn.Module) -> dict[str, int]:
-    """Weight elements of each nn.Linear of the float model (the layers every engine targets), by module name."""
-    return {name: m.weight.numel() for name, m in skeleton.named_modules() if isinstance(m, nn.Linear)}
+@dataclass(frozen=True)
+class FloatLayout:
+    """What the float model stores, from its skeleton: the elements of its nn.Linear weights (the layers every
+    engine targets) and the bytes of everything else (norms, convs, embeddings, biases)."""
+
+    linear_weights: int
+    other_bytes: int
 
 
-def bits_per_weight(model: nn.Module, linear_counts: dict[str, int]) -> float:
-    """8 x bytes stored for the Linear layers (weights and their quantization state, biases excluded) / their
-    original weight elements."""
-    seen: set = set()
-    total = 0
-    prefixes = tuple(f"{name}." for name in linear_counts)
-    for key, t in _state_tensors(model).items():
-        if key.startswith(prefixes) and not key.endswith(".bias"):
-            total += tensor_bytes(t, seen)
-    return 8 * total / sum(linear_counts.values())
+def float_layout(skeleton: nn.Module) -> FloatLayout:
+    linear_weights = {f"{name}.weight" for name, m in skeleton.named_modules() if isinstance(m, nn.Linear)}
+    state = skeleton.state_dict()
+    return FloatLayout(sum(state[k].numel() for k in linear_weights),
+                       sum(t.numel() * t.element_size() for k, t in state.items() if k not in linear_weights))
+
+
+def bits_per_weight(model: nn.Module, layout: FloatLayout) -> float:
+    """8 x (bytes the quantized model stores - bytes of its float remainder) / Linear weight elements.
+
+    Subtracting the untouched remainder rather than picking the Linear layers' own keys counts a weight's scales
+    wherever an engine keeps them (NNCF stores them under hook modules, not under the layer)."""
+    return 8 * (stored_bytes(model) - layout.other_bytes) / layout.linear_weights
 
 
 @dataclass(frozen=True)

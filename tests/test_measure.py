@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from harness.measure import (bits_per_weight, digest, linear_weight_counts, output_error, stored_bytes, tensor_bytes,
+from harness.measure import (bits_per_weight, digest, float_layout, output_error, stored_bytes, tensor_bytes,
                              time_steps)
 from harness.models import build_model, build_skeleton
 
@@ -13,7 +13,7 @@ from harness.models import build_model, build_skeleton
 @pytest.mark.parametrize("dtype, bits", [(torch.float32, 32.0), (torch.bfloat16, 16.0), (torch.float16, 16.0)])
 def test_bits_per_weight_of_a_float_model_is_its_dtype_width(dtype, bits):
     model = build_model("dit-xs", dtype=dtype)
-    assert bits_per_weight(model, linear_weight_counts(build_skeleton("dit-xs"))) == bits
+    assert bits_per_weight(model, float_layout(build_skeleton("dit-xs", dtype))) == bits
 
 
 def test_stored_bytes_counts_every_state_tensor_once():

@@ -6,10 +6,14 @@ from harness.engines.base import Engine, NotOffered
 from harness.engines.bnb import BitsAndBytesEngine
 from harness.engines.fault import FaultEngine
 from harness.engines.gguf_engine import GGUFEngine
+from harness.engines.nncf_engine import NNCFEngine
 from harness.engines.none import NoneEngine
 from harness.engines.quanto import QuantoEngine
+from harness.engines.sdnq import SDNQEngine
+from harness.engines.torchao_engine import TorchAOEngine
 
-ENGINES: dict[str, Engine] = {e.name: e for e in (NoneEngine(), BitsAndBytesEngine(), QuantoEngine(), GGUFEngine(), FaultEngine())}
+ENGINES: dict[str, Engine] = {e.name: e for e in (NoneEngine(), BitsAndBytesEngine(), QuantoEngine(), GGUFEngine(), NNCFEngine(), SDNQEngine(),
+                                                 TorchAOEngine(), FaultEngine())}
 
 
 def get_engine(name: str) -> Engine:
