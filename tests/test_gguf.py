@@ -1,0 +1,59 @@
+"""GGUF: the torch kernels match gguf's reference dequantization bit for bit, per type."""
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+from harness.engines.gguf_engine import BLOCK, GGUFEngine, GGUFLinear, dequantize  # noqa: E402
+
+WRITABLE = GGUFEngine.qtypes
+
+
+def k_quant_blocks(qtype: str, rows: int, seed: int) -> np.ndarray:
+    """Random K-quant blocks with finite fp16 scales (gguf cannot write K-quants; files made elsewhere hold them)."""
+    rng = np.random.default_rng(seed)
+    n, size = BLOCK[qtype]
+    raw = rng.integers(0, 256, (rows, 256 // n * size), dtype=np.uint8)
+    blocks = raw.reshape(-1, size)
+    scales = (rng.standard_normal((blocks.shape[0], 2)) * 0.01).astype(np.float16).view(np.uint8)
+    if qtype == "Q6_K":
+        blocks[:, 208:210] = scales[:, :2]
+    else:
+        blocks[:, 0:4] = scales
+    return raw
+
+
+@pytest.mark.parametrize("qtype", list(BLOCK))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_torch_dequantize_matches_gguf_reference_exactly(qtype, seed):
+    if qtype in WRITABLE:
+        weights = np.random.default_rng(seed).standard_normal((16, 512)).astype(np.float32)
+        packed = gguf.quants.quantize(weights, gguf.GGMLQuantizationType[qtype])
+    else:
+        packed = k_quant_blocks(qtype, 16, seed)
+    reference = gguf.quants.dequantize(packed, gguf.GGMLQuantizationType[qtype]).astype(np.float32)
+    ours = dequantize(torch.from_numpy(packed), qtype, reference.shape).numpy()
+    assert np.array_equal(ours, reference)
+
+
+def test_k_quant_file_made_elsewhere_is_read_and_run(tmp_path):
+    from torch import nn
+
+    packed = k_quant_blocks("Q4_K", 32, 3)
+    path = tmp_path / "kquant.gguf"
+    writer = gguf.GGUFWriter(str(path), "quantmatrix")
+    writer.add_tensor("0.weight", packed, raw_dtype=gguf.GGMLQuantizationType.Q4_K)
+    writer.add_tensor("0.bias", np.zeros(32, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert GGUFEngine().recognise(path) == "Q4_K"
+    model = GGUFEngine().load(path, nn.Sequential(nn.Linear(256, 32, device="meta")), dtype=torch.float32,
+                              device=torch.device("cpu"))
+    assert isinstance(model[0], GGUFLinear)
+    x = torch.randn(2, 256)
+    expected = x @ torch.from_numpy(gguf.quants.dequantize(packed, gguf.GGMLQuantizationType.Q4_K)).T
+    assert torch.allclose(model(x), expected, rtol=1e-5, atol=1e-5)
