@@ -79,24 +79,19 @@ def load_post(engine: Engine, qtype: str, model: str, seed: int, dtype: torch.dt
 def load_on_the_fly(engine: Engine, qtype: str, model: str, checkpoint: Path, dtype: torch.dtype,
                     device: torch.device) -> Loaded:
     """Fill an empty model module by module from `checkpoint`; each Linear goes through the engine on arrival."""
-    from safetensors import safe_open
-
     t0 = time.perf_counter()
     quantize_s = 0.0
     skeleton = build_skeleton(model, dtype)
-    with safe_open(str(checkpoint), framework="pt") as f:
-        names = set(f.keys())
-        for module_name, module in list(skeleton.named_modules()):
-            own = {n: p for n, p in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]}
+    with StreamingReader(checkpoint) as reader:
+        # Names, not modules: a list of modules would keep every float layer alive after it was replaced.
+        for module_name in [name for name, _ in skeleton.named_modules()]:
+            module = skeleton.get_submodule(module_name)
+            own = [n for n, t in [*module._parameters.items(), *module._buffers.items()] if t is not None]
             if not own:
                 continue
             prefix = f"{module_name}." if module_name else ""
             for n in own:
-                key = prefix + n
-                if key not in names:
-                    raise QuantMatrixError(f"tensor {key!r} missing; expected every tensor of model {model!r}",
-                                           path=checkpoint)
-                value = f.get_tensor(key).to(dtype)
+                value = reader.tensor(prefix + n).to(dtype)
                 if n in module._parameters:
                     module._parameters[n] = nn.Parameter(value, requires_grad=False)
                 else:
@@ -107,7 +102,46 @@ def load_on_the_fly(engine: Engine, qtype: str, model: str, checkpoint: Path, dt
                 quantize_s += time.perf_counter() - t
                 if replacement is not module:
                     set_submodule(skeleton, module_name, replacement)
+            del module
     return Loaded(skeleton, time.perf_counter() - t0 - quantize_s, quantize_s, checkpoint.stat().st_size)
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+class StreamingReader:
+    """Reads one tensor of a safetensors file at a time with plain reads. safetensors' own reader maps the whole
+    file, and mapped pages count in the process's RSS: on-the-fly loading would look as if the float model sat in
+    memory."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        check_container(path)
+        self.file = open(path, "rb")
+        (n,) = struct.unpack("<Q", self.file.read(8))
+        self.header = json.loads(self.file.read(n))
+        self.data_start = 8 + n
+
+    def tensor(self, key: str) -> torch.Tensor:
+        entry = self.header.get(key)
+        if not isinstance(entry, dict) or entry.get("dtype") not in _DTYPES:
+            raise QuantMatrixError(f"tensor {key!r} missing or of an unknown type; expected a float checkpoint of "
+                                   "the model", path=self.path)
+        start, end = entry["data_offsets"]
+        self.file.seek(self.data_start + start)
+        raw = bytearray(self.file.read(end - start))
+        if len(raw) != end - start:
+            raise QuantMatrixError(f"tensor {key!r} is cut short (truncated file)", path=self.path)
+        return torch.frombuffer(raw, dtype=_DTYPES[entry["dtype"]]).reshape(entry["shape"]) if raw else \
+            torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
+
+    def __enter__(self) -> StreamingReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
 
 
 def load_prequantized(engine: Engine, qtype: str, model: str, path: Path, dtype: torch.dtype,
