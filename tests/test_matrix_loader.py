@@ -153,7 +153,8 @@ def test_star_leaves_out_test_only_engines_and_present_means_this_host():
     doc = copy.deepcopy(BASE)
     doc["axes"].update(engine=["*"], device=["present"])
     matrix = parse_matrix(dumps(doc), "m.toml", present_devices=("cpu", "cuda"))
-    assert {c.engine for c in matrix.cells} == {"none"}
+    assert {c.engine for c in matrix.cells} == {name for name, e in ENGINES.items() if not e.hidden}
+    assert "fault" not in {c.engine for c in matrix.cells}
     assert {c.device for c in matrix.cells} == {"cpu", "cuda"}
 
 
