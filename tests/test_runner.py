@@ -1,6 +1,7 @@
 """Isolation: every kind of fault in a cell becomes that cell's verdict, and the run goes on."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -109,7 +110,7 @@ def test_an_interrupt_stops_the_run_within_seconds_and_records_the_running_cell(
     matrix.write_text(INTERRUPT_MATRIX)
     proc = subprocess.Popen([sys.executable, "-m", "pytest", "-m", "matrix", "--matrix", str(matrix), "--results",
                              str(results), "-p", "no:cacheprovider", "-q", str(REPO / "tests" / "test_matrix.py")],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=REPO, stdout=open(tmp_path / "pytest.log", "w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while not _cell_processes(proc.pid) and time.monotonic() < deadline:  # wait until the hanging cell runs
         time.sleep(0.2)
@@ -118,7 +119,7 @@ def test_an_interrupt_stops_the_run_within_seconds_and_records_the_running_cell(
     assert cells
     sent = time.monotonic()
     proc.send_signal(sig)
-    proc.communicate(timeout=30)
+    proc.wait(timeout=30)
     assert time.monotonic() - sent < 10
     records = [json.loads(line) for line in results.read_text().splitlines()]
     assert [(r["id"], r["verdict"]) for r in records] == [
@@ -128,8 +129,17 @@ def test_an_interrupt_stops_the_run_within_seconds_and_records_the_running_cell(
 
 
 def _cell_processes(pytest_pid: int) -> list[psutil.Process]:
-    """The running cell processes: children of the forkserver, itself a child of pytest."""
+    """The running cell processes: descendants of pytest that lead their own session (the runner's setsid), which
+    tells them from helper processes an engine import may start."""
     try:
-        return [cell for server in psutil.Process(pytest_pid).children() for cell in server.children()]
+        descendants = psutil.Process(pytest_pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
+    cells = []
+    for p in descendants:
+        try:
+            if os.getsid(p.pid) == p.pid:
+                cells.append(p)
+        except ProcessLookupError:
+            pass
+    return cells
