@@ -49,19 +49,52 @@ def error_info(exc: BaseException, stage: str) -> ErrorInfo:
     return ErrorInfo(type(exc).__name__, str(exc), where, stage)
 
 
+def reference_path(task: CellTask) -> Path:
+    cell, s = task.cell, task.settings
+    return task.workdir / "references" / f"{cell.model}-{cell.dtype}-{cell.device}-seed{s.seed}-b{s.batch}.safetensors"
+
+
 def reference_output(task: CellTask, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """The unquantized model's output for this model, dtype, device and seed, computed once per run."""
     from safetensors.torch import load_file, save_file
 
     cell, s = task.cell, task.settings
-    path = task.workdir / "references" / f"{cell.model}-{cell.dtype}-{cell.device}-seed{s.seed}-b{s.batch}.safetensors"
 
     def make(tmp: Path) -> None:
         model = build_model(cell.model, s.seed, getattr(torch, cell.dtype)).to(devices.torch_device(cell.device))
         with torch.no_grad():
             save_file({"output": model(**inputs).cpu().contiguous()}, str(tmp))
 
-    return load_file(str(loading.shared_file(path, make)))["output"]
+    return load_file(str(loading.shared_file(reference_path(task), make)))["output"]
+
+
+def files_to_prepare(task: CellTask) -> list[Path]:
+    """The shared files this cell needs that do not exist yet."""
+    cell, s = task.cell, task.settings
+    needed = [reference_path(task)]
+    if cell.load == "on-the-fly":
+        needed.append(loading.float_checkpoint_path(task.workdir, cell.model, s.seed))
+    elif cell.load == "prequantized":
+        needed.append(loading.prequantized_path(task.workdir, ENGINES[cell.engine], cell.qtype, cell.model,
+                                                getattr(torch, cell.dtype), s.seed))
+    return [p for p in needed if not p.exists()]
+
+
+def prepare_cell(task: CellTask) -> tuple[dict[str, torch.Tensor], torch.Tensor, Path | None]:
+    """The cell's inputs, reference output and source file (float checkpoint or pre-quantized file), made once
+    per run. The runner calls this in a process of its own first, so that building the float model for them
+    leaves nothing behind (freed heap, imports) in the process whose memory is measured."""
+    cell, s = task.cell, task.settings
+    dtype, device = getattr(torch, cell.dtype), devices.torch_device(cell.device)
+    torch.manual_seed(s.seed)
+    inputs = make_inputs(cell.model, s.seed, s.batch, dtype, device)
+    reference = reference_output(task, inputs)
+    source = None
+    if cell.load == "on-the-fly":
+        source = loading.float_checkpoint(task.workdir, cell.model, s.seed)
+    elif cell.load == "prequantized":
+        source = loading.prequantized_file(task.workdir, ENGINES[cell.engine], cell.qtype, cell.model, dtype, s.seed)
+    return inputs, reference, source
 
 
 def execute_cell(task: CellTask) -> Outcome:
@@ -75,15 +108,8 @@ def execute_cell(task: CellTask) -> Outcome:
     info: dict = {}
     try:
         info = devices.device_info(cell.device)
-        torch.manual_seed(s.seed)
-        inputs = make_inputs(cell.model, s.seed, s.batch, dtype, device)
-        reference = reference_output(task, inputs)
+        inputs, reference, source = prepare_cell(task)
         layout = measure.float_layout(build_skeleton(cell.model, dtype))
-        source = None
-        if cell.load == "on-the-fly":
-            source = loading.float_checkpoint(task.workdir, cell.model, s.seed)
-        elif cell.load == "prequantized":
-            source = loading.prequantized_file(task.workdir, engine, cell.qtype, cell.model, dtype, s.seed)
 
         tracker = devices.memory_tracker(cell.device)
         tracker.reset()

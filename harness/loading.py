@@ -50,21 +50,28 @@ def shared_file(path: Path, make: Callable[[Path], object]) -> Path:
     return path
 
 
+def float_checkpoint_path(workdir: Path, model: str, seed: int) -> Path:
+    return workdir / "checkpoints" / f"{model}-seed{seed}.safetensors"
+
+
 def float_checkpoint(workdir: Path, model: str, seed: int) -> Path:
-    path = workdir / "checkpoints" / f"{model}-seed{seed}.safetensors"
-    return shared_file(path, lambda tmp: ENGINES["none"].save(build_model(model, seed), "-", tmp))
+    return shared_file(float_checkpoint_path(workdir, model, seed),
+                       lambda tmp: ENGINES["none"].save(build_model(model, seed), "-", tmp))
+
+
+def prequantized_path(workdir: Path, engine: Engine, qtype: str, model: str, dtype: torch.dtype, seed: int) -> Path:
+    dname = str(dtype).removeprefix("torch.")
+    stem = f"{model}-{dname}-seed{seed}-{engine.name}" + ("" if qtype == "-" else f"-{qtype}")
+    return workdir / "prequantized" / (stem + engine.file_suffix)
 
 
 def prequantized_file(workdir: Path, engine: Engine, qtype: str, model: str, dtype: torch.dtype,
                       seed: int) -> Path:
-    dname = str(dtype).removeprefix("torch.")
-    stem = f"{model}-{dname}-seed{seed}-{engine.name}" + ("" if qtype == "-" else f"-{qtype}")
-
     def make(tmp: Path) -> None:
         quantized = engine.quantize(build_model(model, seed, dtype), qtype, dtype=dtype, device=torch.device("cpu"))
         engine.save(quantized, qtype, tmp)
 
-    return shared_file(workdir / "prequantized" / (stem + engine.file_suffix), make)
+    return shared_file(prequantized_path(workdir, engine, qtype, model, dtype, seed), make)
 
 
 def load_post(engine: Engine, qtype: str, model: str, seed: int, dtype: torch.dtype,

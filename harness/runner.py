@@ -105,9 +105,36 @@ def _tail(path: Path, limit: int = OUTPUT_TAIL_BYTES) -> str | None:
     return (f"[... {size - limit} earlier bytes cut]\n" if size > limit else "") + text
 
 
+def _prepare_main(task: CellTask) -> None:
+    from harness.execute import prepare_cell
+
+    try:
+        prepare_cell(task)
+    except Exception:  # not swallowed: the cell prepares again in its own process and records the error
+        pass
+
+
 def run_isolated(task: CellTask, *, timeout_s: float, memory_limit_mb: int = 0) -> Outcome:
-    """Run `task` in its own process and turn what happened to it into an Outcome."""
+    """Run `task` in its own process and turn what happened to it into an Outcome.
+
+    The files the cell needs (reference output, checkpoint, pre-quantized file) are made first in a separate
+    process. If that fails, the cell makes them itself and reports the failure as its own outcome."""
+    from harness.execute import files_to_prepare
+
     ctx = _forkserver()
+    if files_to_prepare(task):
+        with _without_main_reimport():
+            preparer = ctx.Process(target=_prepare_main, args=(task,), name=f"prepare {task.cell.id}")
+            preparer.start()
+        try:
+            preparer.join(timeout_s)
+        except BaseException:
+            preparer.kill()
+            preparer.join()
+            raise
+        if preparer.exitcode is None:
+            preparer.kill()
+            preparer.join()
     with tempfile.TemporaryDirectory(prefix="quantmatrix-cell-") as tmp:
         result, log = Path(tmp, "outcome.json"), Path(tmp, "output.log")
         process = ctx.Process(target=_child_main, args=(task, str(result), str(log), memory_limit_mb),
