@@ -1,5 +1,6 @@
 """NNCF weight compression on torch models (no OpenVINO needed for the torch path): int8 per channel, int4 in
-groups (NNCF keeps its default of backing up the first embedding-like layer in int8). Storage-only on torch.
+groups of 64, or of 128 with the `-g128` types (NNCF keeps its default of backing up the first embedding-like
+layer in int8). Storage-only on torch. NNCF has no file format of its own for torch models.
 
 NNCF traces the model, so it needs one example input: the built-in model's own.
 """
@@ -12,17 +13,18 @@ from torch import nn
 from harness.engines.base import Engine
 from harness.models import example_inputs
 
-GROUP_SIZE = 64
+DEFAULT_GROUP_SIZE = 64
 
 
 class NNCFEngine(Engine):
     name = "nncf"
-    qtypes = ("int8_sym", "int8_asym", "int4_sym", "int4_asym")
+    qtypes = ("int8_sym", "int8_asym", "int4_sym", "int4_asym", "int4_sym-g128", "int4_asym-g128")
     package = "nncf"
 
     def quantize(self, model: nn.Module, qtype: str, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
         import nncf
 
-        options = {} if qtype.startswith("int8") else {"group_size": GROUP_SIZE, "ratio": 1.0}
-        return nncf.compress_weights(model, mode=nncf.CompressWeightsMode[qtype.upper()],
+        mode, _, group = qtype.partition("-g")
+        options = {} if mode.startswith("int8") else {"group_size": int(group or DEFAULT_GROUP_SIZE), "ratio": 1.0}
+        return nncf.compress_weights(model, mode=nncf.CompressWeightsMode[mode.upper()],
                                      dataset=nncf.Dataset([example_inputs(model, dtype)]), **options)
