@@ -106,6 +106,7 @@ def _tail(path: Path, limit: int = OUTPUT_TAIL_BYTES) -> str | None:
 
 
 def _prepare_main(task: CellTask) -> None:
+    os.setsid()
     from harness.execute import prepare_cell
 
     try:
@@ -114,44 +115,41 @@ def _prepare_main(task: CellTask) -> None:
         pass
 
 
+def _run_process(ctx, target, args: tuple, name: str, timeout_s: float) -> tuple[int | None, float]:
+    """Start `target` in a forked process (its own session), wait up to `timeout_s`, then kill whatever is left of
+    its process group. Returns its exit code (None: it was still running) and the seconds it ran."""
+    process = ctx.Process(target=target, args=args, name=name)
+    started = time.monotonic()
+    with _without_main_reimport():
+        process.start()
+    try:
+        process.join(timeout_s)
+    except BaseException:  # Ctrl-C / SIGTERM: stop it now, then let the run stop
+        _kill_group(process.pid)
+        process.join()
+        raise
+    exitcode = process.exitcode
+    _kill_group(process.pid)
+    process.join()
+    return exitcode, time.monotonic() - started
+
+
 def run_isolated(task: CellTask, *, timeout_s: float, memory_limit_mb: int = 0) -> Outcome:
     """Run `task` in its own process and turn what happened to it into an Outcome.
 
-    The files the cell needs (reference output, checkpoint, pre-quantized file) are made first in a separate
-    process. If that fails, the cell makes them itself and reports the failure as its own outcome."""
+    The files the cell needs (reference output, checkpoint, pre-quantized file) are made first in a process of
+    their own, so the measured process starts clean. If that fails, the cell makes them itself and reports the
+    failure as its own outcome."""
     from harness.execute import files_to_prepare
 
     ctx = _forkserver()
     if files_to_prepare(task):
-        with _without_main_reimport():
-            preparer = ctx.Process(target=_prepare_main, args=(task,), name=f"prepare {task.cell.id}")
-            preparer.start()
-        try:
-            preparer.join(timeout_s)
-        except BaseException:
-            preparer.kill()
-            preparer.join()
-            raise
-        if preparer.exitcode is None:
-            preparer.kill()
-            preparer.join()
+        _run_process(ctx, _prepare_main, (task,), f"prepare {task.cell.id}", timeout_s)
     with tempfile.TemporaryDirectory(prefix="quantmatrix-cell-") as tmp:
         result, log = Path(tmp, "outcome.json"), Path(tmp, "output.log")
-        process = ctx.Process(target=_child_main, args=(task, str(result), str(log), memory_limit_mb),
-                              name=f"cell {task.cell.id}")
-        started = time.monotonic()
-        with _without_main_reimport():
-            process.start()
-        try:
-            process.join(timeout_s)
-        except BaseException:  # Ctrl-C / SIGTERM: stop the cell now, then let the run stop
-            _kill_group(process.pid)
-            process.join()
-            raise
-        timed_out = process.exitcode is None
-        _kill_group(process.pid)
-        process.join()
-        outcome = _outcome(process.exitcode, result, timed_out, timeout_s, time.monotonic() - started)
+        exitcode, elapsed = _run_process(ctx, _child_main, (task, str(result), str(log), memory_limit_mb),
+                                         f"cell {task.cell.id}", timeout_s)
+        outcome = _outcome(exitcode, result, exitcode is None, timeout_s, elapsed)
         outcome.output_tail = _tail(log)
     return outcome
 

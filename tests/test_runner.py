@@ -112,10 +112,10 @@ def test_an_interrupt_stops_the_run_within_seconds_and_records_the_running_cell(
                              str(results), "-p", "no:cacheprovider", "-q", str(REPO / "tests" / "test_matrix.py")],
                             cwd=REPO, stdout=open(tmp_path / "pytest.log", "w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
-    while not _cell_processes(proc.pid) and time.monotonic() < deadline:  # wait until the hanging cell runs
+    cells: list[psutil.Process] = []
+    while not cells and time.monotonic() < deadline:  # wait until the hanging cell has run for a while
         time.sleep(0.2)
-    time.sleep(1.0)
-    cells = _cell_processes(proc.pid)
+        cells = [p for p in _cell_processes(proc.pid) if time.time() - p.create_time() > 2.0]
     assert cells
     sent = time.monotonic()
     proc.send_signal(sig)
