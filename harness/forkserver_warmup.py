@@ -9,9 +9,33 @@ fresh process would pay again and which would inflate the peak RSS of the cells 
 import accelerate  # noqa: F401  (offload hooks)
 import accelerate.hooks  # noqa: F401
 import safetensors.torch  # noqa: F401  (checkpoints, references)
+import torch
 import torch._dynamo  # noqa: F401  (accelerate's hooks import it on the first hooked forward)
 import torch._refs  # noqa: F401
 import torch.fx.experimental.symbolic_shapes  # noqa: F401
 
 import harness.execute  # noqa: F401
 import harness.offload  # noqa: F401
+from harness.engines import ENGINES  # noqa: E402
+
+
+def _import_engines() -> None:
+    """The installed engines' packages, so that no cell pays for their import (seconds each)."""
+    import importlib
+    import importlib.util
+    import logging
+
+    for engine in ENGINES.values():
+        name = engine.import_name or engine.package
+        if name and importlib.util.find_spec(name) is not None:
+            try:
+                importlib.import_module(name)
+            except Exception as exc:  # the engine's cells will raise it again and record it
+                logging.getLogger(__name__).warning("preloading %s failed: %s", name, exc)
+    if torch.cuda.is_initialized():
+        # Forked cells could not use CUDA then ("Cannot re-initialize CUDA in forked subprocess").
+        logging.getLogger(__name__).warning("an engine's import initialized CUDA in the cell server; CUDA cells "
+                                            "will fail until that import is kept out of the preload")
+
+
+_import_engines()

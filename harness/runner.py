@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import json
 import multiprocessing
 import os
@@ -38,11 +37,8 @@ OUTPUT_TAIL_BYTES = 4000
 
 @functools.cache
 def _forkserver():
-    from harness.engines import ENGINES
-
     ctx = multiprocessing.get_context("forkserver")
-    packages = [e.import_name or e.package for e in ENGINES.values() if e.package]
-    ctx.set_forkserver_preload(["harness.forkserver_warmup", *[p for p in packages if importlib.util.find_spec(p)]])
+    ctx.set_forkserver_preload(["harness.forkserver_warmup"])
     return ctx
 
 
