@@ -37,6 +37,9 @@ OUTPUT_TAIL_BYTES = 4000
 
 @functools.cache
 def _forkserver():
+    # torch.cuda.is_available() through NVML, not the CUDA runtime, in the server and its cells: an import that
+    # asks must not initialize CUDA before the fork.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["harness.forkserver_warmup"])
     return ctx

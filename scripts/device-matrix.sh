@@ -1,21 +1,57 @@
 #!/usr/bin/env bash
-# Run the GPU matrix on a lent accelerator machine (Python 3.12 with its own CUDA torch, no engines installed).
-# Engines travel as wheels in .whl/ (see README, "On a lent GPU machine"); records go to $OUT.
-set -euo pipefail
+# Run the matrix on a lent GPU machine (Python 3.12 with its own CUDA torch, no engines installed).
+#
+#   scripts/device-matrix.sh probe      # a few CUDA cells: does the set-up work at all (about a minute)
+#   scripts/device-matrix.sh [full]     # phases in order of value, each stopped cleanly at the time budget
+#
+# Engines travel as wheels in .whl/ (README, "On a lent GPU machine"). Records and logs go to $OUT (results/ when
+# unset): one results file per phase, one log for all. BUDGET_S (default 480) bounds the pytest phases together;
+# a phase cut short by it records its running cell as interrupted, and later phases are skipped.
+set -uo pipefail
 export PYTHONUNBUFFERED=1
+mode=${1:-full}
+case $mode in probe|full) ;; *) echo "usage: $0 [probe|full]" >&2; exit 2 ;; esac
 if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
 fi
 export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-results}
 mkdir -p "$OUT"
 python3 - <<'PY' | tee "$OUT/versions.txt"
-import importlib.metadata as m, torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")
-for d in ("accelerate", "safetensors", "bitsandbytes", "optimum-quanto", "gguf", "nncf", "sdnq", "torchao"):
+import importlib.metadata as m, importlib.util, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda,
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")
+for d in ("accelerate", "safetensors", "bitsandbytes", "optimum-quanto", "gguf", "nncf", "sdnq", "torchao",
+          "diffusers", "triton"):
     try: print(d, m.version(d))
     except m.PackageNotFoundError: print(d, "missing")
 PY
-set -o pipefail
-python3 -m pytest -m matrix --matrix "${MATRIX:-matrices/gpu.toml}" --results "$OUT/cuda.jsonl" -v -p no:cacheprovider \
-  --drift warn "$@" 2>&1 | tee "$OUT/pytest.log"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$OUT/versions.txt"
+
+deadline=$((SECONDS + ${BUDGET_S:-480}))
+phase() {  # phase NAME PYTEST-ARGS...: one pytest run, its records in $OUT/NAME.jsonl
+  local name=$1; shift
+  local left=$((deadline - SECONDS))
+  if ((left < 30)); then echo "== $name: skipped, ${left}s of the budget left"; return; fi
+  echo "== $name ($left s left): $*"
+  local from=$(($(stat -c %s "$OUT/run.log" 2>/dev/null || echo 0) + 1))
+  timeout -s INT -k 20 "$left" python3 -m pytest -m matrix -q -p no:cacheprovider --drift warn \
+    --results "$OUT/$name.jsonl" --cell-timeout "${CELL_TIMEOUT_S:-90}" "$@" >>"$OUT/run.log" 2>&1
+  echo "== $name: exit $? after $((SECONDS - deadline + ${BUDGET_S:-480})) s"
+  tail -c +"$from" "$OUT/run.log" | grep -E "^  [a-z-]+ +[0-9]+$|passed|failed|error" | tail -n 14
+}
+
+if [[ $mode == probe ]]; then
+  phase probe --matrix matrices/gpu.toml --device cuda --offload none --load post-load --model dit-s \
+    --engine none,bnb,quanto,sdnq --qtype=-,nf4,qint8,int8
+  tail -n 40 "$OUT/run.log"; exit 0
+fi
+# 1. the seed's documented behaviour, which was written for NVIDIA GPUs (issue 5)
+phase sdnext --matrix matrices/sdnext.toml --device cuda
+# 2. every engine and type on realistic shapes in bfloat16, all load modes, no offload
+phase gpu-none --matrix matrices/gpu.toml --device cuda --model dit-s --offload none
+# 3. the offload modes on the same model
+phase gpu-offload --matrix matrices/gpu.toml --device cuda --model dit-s --offload model,sequential,balanced
+# 4. a larger model and the UNet, no offload
+phase gpu-large --matrix matrices/gpu.toml --device cuda --model dit-m,unet-s --offload none --load post-load
