@@ -64,8 +64,11 @@ class BitsAndBytesEngine(Engine):
             if qtype == "int8":
                 q = bnb.nn.Linear8bitLt(layer.in_features, layer.out_features, bias=bias is not None,
                                         has_fp16_weights=False, device="meta")
-                q.weight = bnb.nn.Int8Params(state[f"{name}.weight"], requires_grad=False, has_fp16_weights=False)
-                q.weight.CB, q.weight.SCB = q.weight.data, state[f"{name}.SCB"]
+                # Made on the device: Module.to swaps a parameter's data, not the old Int8Params' row scales (SCB),
+                # which stayed on the CPU ("Expected a cuda device, but got: cpu", seen on an H200).
+                q.weight = bnb.nn.Int8Params(state[f"{name}.weight"].to(device), requires_grad=False,
+                                             has_fp16_weights=False)
+                q.weight.CB, q.weight.SCB = q.weight.data, state[f"{name}.SCB"].to(device)
             else:
                 quant_type, double = FOUR_BIT[qtype]
                 q = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=bias is not None,
