@@ -77,10 +77,22 @@ def device_info(device: str) -> dict[str, str | None]:
         return {"device_name": props.name, "driver": getattr(props, "driver_version", None)}
     if device == "mps":
         return {"device_name": f"Apple {platform.machine()} (MPS)", "driver": platform.mac_ver()[0]}
-    return {"device_name": _cpu_name(), "driver": None}
+    return {"device_name": cpu_name(), "driver": None}
 
 
-def _cpu_name() -> str:
+def cuda_capability() -> str | None:
+    """The NVIDIA GPU's compute capability ("9.0"), read through nvidia-smi so that CUDA stays uninitialized here;
+    None without an NVIDIA GPU. Rules may be limited by it (e.g. bitsandbytes types that need Turing, 7.5)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    first = out.stdout.strip().splitlines()[:1]
+    return first[0].strip() if out.returncode == 0 and first else None
+
+
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -162,4 +162,6 @@ def execute_cell(task: CellTask) -> Outcome:
         **error.as_dict(),
         "output_sha256": measure.digest(output),
     }
+    if loaded.name_hint is not None:
+        metrics["name_hint"], metrics["name_hint_detail"] = loaded.name_hint, loaded.name_hint_detail
     return Outcome("ran", metrics=metrics, device=info)

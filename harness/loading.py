@@ -34,6 +34,8 @@ class Loaded:
     load_s: float
     quantize_s: float
     disk_bytes: int | None = None
+    name_hint: str | None = None  # pre-quantized files: "agrees" | "disagrees" | "no hint" (see check_name)
+    name_hint_detail: str | None = None
 
 
 def shared_file(path: Path, make: Callable[[Path], object]) -> Path:
@@ -159,10 +161,46 @@ def load_prequantized(engine: Engine, qtype: str, model: str, path: Path, dtype:
         raise QuantMatrixError(f"contents say engine {found[0]!r} type {found[1]!r}; expected {engine.name!r} "
                                f"type {qtype!r}", path=path)
     loaded = engine.load(path, build_skeleton(model, dtype), dtype=dtype, device=device)
-    return Loaded(loaded, time.perf_counter() - t0, 0.0, path.stat().st_size)
+    hint, detail = check_name(path, found)
+    return Loaded(loaded, time.perf_counter() - t0, 0.0, path.stat().st_size, hint, detail)
 
 
 # ------------------------------------------------------------------------------------------ detection
+
+# The conventional names of pre-quantized files (the seed, "Quantization Engines"): hints, never trusted; detection
+# reads the contents, and check_name reports a file whose name says otherwise. (glob, engine, type prefix or None)
+NAME_HINTS = (
+    ("*nf4.safetensors", "bnb", "nf4"),
+    ("*fp8.safetensors", "bnb", None),
+    ("*qint.safetensors", "quanto", None),
+    ("*qint[248].safetensors", "quanto", "qint"),
+    ("*.gguf", "gguf", None),
+)
+
+
+def name_hint(path: Path | str) -> tuple[str, str | None, str] | None:
+    """(engine, type prefix, glob) that the file's name suggests by convention, or None."""
+    import fnmatch
+
+    name = Path(path).name.lower()
+    for glob, engine, qtype in NAME_HINTS:
+        if fnmatch.fnmatchcase(name, glob):
+            return engine, qtype, glob
+    return None
+
+
+def check_name(path: Path | str, found: tuple[str, str]) -> tuple[str, str]:
+    """Whether the file's conventional name agrees with the (engine, qtype) detected from its contents:
+    ("agrees" | "disagrees" | "no hint", explanation)."""
+    hint = name_hint(path)
+    if hint is None:
+        return "no hint", f"{Path(path).name!r} follows none of the conventional names"
+    engine, qtype, glob = hint
+    said = engine + (f" {qtype}" if qtype else "")
+    if engine == found[0] and (qtype is None or found[1].startswith(qtype)):
+        return "agrees", f"name {glob!r} suggests {said}; contents say {found[0]} {found[1]}"
+    return "disagrees", f"name {glob!r} suggests {said}, but the contents say {found[0]} {found[1]}"
+
 
 MAX_HEADER = 100 << 20
 

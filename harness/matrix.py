@@ -24,8 +24,11 @@ A matrix file (TOML) declares axes, optional include/exclude tables and expectat
     expect = "error"           # "works" | "error" | "unavailable"
     pattern = "Blockwise quantization only supports 16/32-bit floats"   # regex over "Type: message"
     source = "seed: Errors"
-    versions = { torch = ">=2.4" }   # optional: the rule holds only for these releases
+    versions = { torch = ">=2.4" }   # optional: the rule holds only for these releases of torch, an engine,
+                               # triton, or the GPU's cuda_capability; "absent": only when it is not there
     reason = "..."             # for "unavailable"
+    claims = ["smaller", "slower"]   # for "works": measured against the baseline cell (see CLAIMS)
+    tolerance = 0.1            # a claim holds beyond this ratio margin, is contradicted beyond it on the other side
 
     [settings]                 # run settings, see Settings
     [offload.balanced]         # high_watermark / low_watermark, fractions of device memory
@@ -53,6 +56,18 @@ DEVICES = ("cpu", "cuda", "rocm", "xpu", "mps")
 DTYPES = ("float32", "bfloat16", "float16")
 EXPECT_KINDS = ("works", "error", "unavailable")
 BASELINE = "none"
+# Claims a rule can make about a cell's measurements, each against its baseline cell (the unquantized model with
+# the same load, offload, device, model and dtype, run in the same run).
+CLAIMS = {
+    "smaller": "stored bytes below the baseline's",
+    "less-memory": "peak memory (above the cell's start) below the baseline's",
+    "slower": "median step latency above the baseline's",
+    "faster": "median step latency below the baseline's",
+    "not-slower": "median step latency not above the baseline's (compute-optimized kernels)",
+    "name-matches-contents": "the pre-quantized file's conventional name agrees with the engine and type detected "
+                             "from its contents",
+}
+DEFAULT_TOLERANCE = 0.1
 
 
 @dataclass(frozen=True, order=True)
@@ -81,6 +96,10 @@ class Cell:
     def as_dict(self) -> dict[str, str]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
+    @property
+    def baseline(self) -> Cell:
+        """The unquantized cell this one is compared with."""
+        return Cell(BASELINE, "-", self.load, self.offload, self.device, self.model, self.dtype)
 
 
 @dataclass(frozen=True)
@@ -89,25 +108,34 @@ class Expectation:
     pattern: str | None = None
     source: str | None = None
     reason: str | None = None
+    claims: tuple[str, ...] = ()
+    tolerance: float = DEFAULT_TOLERANCE
+    rule: int | None = None  # index of the rule in its matrix file; None: no rule matched
 
-    def as_dict(self) -> dict[str, str]:
-        return {k: v for k, v in vars(self).items() if v is not None}
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {k: v for k, v in vars(self).items() if v is not None and k not in ("claims", "tolerance")}
+        if self.claims:
+            out["claims"], out["tolerance"] = list(self.claims), self.tolerance
+        return out
 
 
 @dataclass(frozen=True)
 class Rule:
     match: Mapping[str, tuple[str, ...]]
     expect: Expectation
-    versions: Mapping[str, SpecifierSet] = field(default_factory=dict)
+    versions: Mapping[str, SpecifierSet | None] = field(default_factory=dict)  # None: must be absent
 
     def matches(self, cell: Cell) -> bool:
         return all(getattr(cell, k) in values for k, values in self.match.items())
 
     def holds_for(self, versions: Mapping[str, str | None]) -> bool:
+        """Whether the rule applies with these versions (a spec of None: the package must be absent)."""
         for package, spec in self.versions.items():
             found = versions.get(package)
-            if found is None:
-                return False
+            if spec is None or found is None:
+                if (spec is None) != (found is None):
+                    return False
+                continue
             try:
                 if Version(found) not in spec:
                     return False
@@ -141,16 +169,26 @@ class Matrix:
     settings: Settings
 
     def expectation(self, cell: Cell, versions: Mapping[str, str | None] | None = None) -> Expectation:
+        """The first rule that matches the cell and holds for these versions decides; none: it must work."""
         for rule in self.rules:
             if rule.matches(cell) and (versions is None or rule.holds_for(versions)):
                 return rule.expect
         return Expectation()
 
+    def with_baselines(self, cells: Iterable[Cell]) -> list[Cell]:
+        """`cells`, baselines first, plus the baseline of every cell a rule makes claims about (the claims are
+        measured against it, in the same run)."""
+        cells = list(cells)
+        have = set(cells)
+        extra = [c.baseline for c in cells if any(r.expect.claims and r.matches(c) for r in self.rules)]
+        cells.extend(dict.fromkeys(b for b in extra if b not in have))
+        return sorted(cells, key=lambda c: c.engine != BASELINE)
+
 
 # ---------------------------------------------------------------------------------------------- loading
 
 _TOP_KEYS = {"matrix", "axes", "include", "exclude", "rule", "settings", "offload"}
-_RULE_KEYS = {"match", "expect", "pattern", "source", "reason", "versions"}
+_RULE_KEYS = {"match", "expect", "pattern", "source", "reason", "versions", "claims", "tolerance"}
 
 
 class _Doc:
@@ -283,7 +321,7 @@ def _settings(doc: _Doc, data: dict) -> Settings:
     return settings
 
 
-def _rule(doc: _Doc, raw: Any, key: str) -> Rule:
+def _rule(doc: _Doc, raw: Any, key: str, index: int) -> Rule:
     table = doc.table(raw, key)
     doc.check_keys(table, _RULE_KEYS, key)
     if "match" not in table:
@@ -306,16 +344,32 @@ def _rule(doc: _Doc, raw: Any, key: str) -> Rule:
             raise doc.fail(f"{key}.pattern", f"invalid regular expression ({exc}); expected a Python regex") from None
     if kind == "unavailable" and not table.get("reason"):
         raise doc.fail(f"{key}.reason", "missing; an 'unavailable' rule must say why")
-    versions: dict[str, SpecifierSet] = {}
+    versions: dict[str, SpecifierSet | None] = {}
     for package, spec in doc.table(table.get("versions", {}), f"{key}.versions").items():
         if not isinstance(spec, str):
             raise doc.fail(f"{key}.versions.{package}", f"expected a version specifier string, got {_kind(spec)}")
+        if spec == "absent":
+            versions[package] = None
+            continue
         try:
             versions[package] = SpecifierSet(spec)
         except InvalidSpecifier:
             raise doc.fail(f"{key}.versions.{package}",
-                           f"invalid version specifier {spec!r}; expected e.g. '>=2.4,<2.6'") from None
-    expect = Expectation(kind, pattern, table.get("source"), table.get("reason"))
+                           f"invalid version specifier {spec!r}; expected e.g. '>=2.4,<2.6' or 'absent'") from None
+    claims: list[str] = []
+    if "claims" in table:
+        claims = doc.strings(table["claims"], f"{key}.claims")
+        for c in claims:
+            if c not in CLAIMS:
+                raise doc.fail(f"{key}.claims", f"unknown claim {c!r}{did_you_mean(c, CLAIMS)}; expected one of "
+                                                f"{list(CLAIMS)}")
+        if kind != "works":
+            raise doc.fail(f"{key}.claims", f"claims need a cell that runs; expected expect = 'works', got {kind!r}")
+    tolerance = table.get("tolerance", DEFAULT_TOLERANCE)
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1:
+        raise doc.fail(f"{key}.tolerance", f"expected a number from 0 up to (not including) 1, got {tolerance!r}")
+    expect = Expectation(kind, pattern, table.get("source"), table.get("reason"), tuple(claims), float(tolerance),
+                         index)
     return Rule(match, expect, versions)
 
 
@@ -357,7 +411,7 @@ def parse_matrix(text: str, path: Path | str = "<matrix>", *,
     cells = sorted(set(cells))
     if not cells:
         raise doc.fail("axes", "the matrix expands to no cell; expected at least one")
-    rules = tuple(_rule(doc, raw, f"rule[{i}]") for i, raw in enumerate(_array(doc, data, "rule")))
+    rules = tuple(_rule(doc, raw, f"rule[{i}]", i) for i, raw in enumerate(_array(doc, data, "rule")))
     for i, rule in enumerate(rules):
         if not any(rule.matches(c) for c in cells):
             raise doc.fail(f"rule[{i}].match", "matches no cell of this matrix; expected a rule that applies")

@@ -2,6 +2,8 @@
 
 - `dit-*`: a DiT/MMDiT-like transformer (patchified latents + text tokens, attention and MLP blocks with adaptive
   layer norm driven by the timestep), the shape of Flux/SD3 transformers.
+- `pipe-*`: a whole pipeline in one module: a text encoder, a `dit` transformer and a VAE decoder, as in an
+  all-in-one single-file checkpoint.
 - `unet-*`: a UNet-like conv net (res blocks with timestep embedding, self/cross attention, down/up sampling with skip
   connections), the shape of SD/SDXL UNets.
 
@@ -21,7 +23,7 @@ from torch import nn
 
 @dataclass(frozen=True)
 class ModelSpec:
-    kind: str  # "dit" | "unet"
+    kind: str  # "dit" | "unet" | "pipe"
     width: int  # hidden size (dit) / base channels (unet)
     depth: int  # blocks (dit) / res blocks per level (unet)
     heads: int
@@ -39,6 +41,7 @@ MODELS: dict[str, ModelSpec] = {
                        context_tokens=77),
     "dit-l": ModelSpec("dit", width=3072, depth=12, heads=24, latent=64, channels=16, context_dim=4096,
                        context_tokens=256),
+    "pipe-xs": ModelSpec("pipe", width=256, depth=2, heads=4, channels=16),
     "unet-xs": ModelSpec("unet", width=64, depth=1, heads=4),
     "unet-s": ModelSpec("unet", width=128, depth=1, heads=4, latent=32),
     "unet-m": ModelSpec("unet", width=320, depth=2, heads=8, latent=64, context_dim=768, context_tokens=77,
@@ -214,6 +217,23 @@ class UNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(x)))
 
 
+# ------------------------------------------------------------------------------------------- Pipeline
+
+class Pipeline(nn.Module):
+    """Text encoder -> transformer -> VAE decoder in one module: the components of an all-in-one checkpoint."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        d = spec.context_dim
+        self.text_encoder = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d), nn.LayerNorm(d))
+        self.transformer = DiT(spec)
+        self.vae = nn.Sequential(nn.Conv2d(spec.channels, 32, 3, padding=1), nn.SiLU(), nn.Conv2d(32, 3, 3, padding=1))
+
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.vae(self.transformer(latents, timestep, self.text_encoder(context)))
+
+
 # ------------------------------------------------------------------------------------- build and inputs
 
 def spec_of(name: str) -> ModelSpec:
@@ -227,7 +247,7 @@ def build_skeleton(name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The model with no weights (on the meta device): what on-the-fly and prequantized loading fill in."""
     spec = spec_of(name)
     with torch.device("meta"):
-        model = DiT(spec) if spec.kind == "dit" else UNet(spec)
+        model = {"dit": DiT, "unet": UNet, "pipe": Pipeline}[spec.kind](spec)
     return model.to(dtype).eval()
 
 

@@ -75,7 +75,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "cell" not in metafunc.fixturenames:
         return
     config = metafunc.config
-    cells = select(_matrix(config).cells, **{a: _wanted(config, a) for a in AXES})
+    matrix = _matrix(config)
+    cells = matrix.with_baselines(select(matrix.cells, **{a: _wanted(config, a) for a in AXES}))
     metafunc.parametrize("cell", cells, ids=[c.id for c in cells])
 
 
@@ -96,15 +97,20 @@ class MatrixRun:
 
         engine_versions = {name: e.version() for name, e in ENGINES.items() if e.package}
         self.env = environment(engine_versions)
-        # What a rule's `versions` may name: an engine or torch.
-        self.versions = {**engine_versions, "torch": torch.__version__}
+        from harness.devices import cuda_capability
+
+        # What a rule's `versions` may name: an engine, torch, triton, the NVIDIA GPU's compute capability.
+        self.versions = {**engine_versions, "torch": torch.__version__, "triton": self.env["triton"],
+                         "cuda_capability": cuda_capability()}
         self.verdicts: Counter[str] = Counter()
+        self.measured: dict[Cell, dict] = {}  # metrics of the cells that ran, for claims against baselines
+        self.by_rule: dict[int | None, RuleTally] = {}
 
     def run(self, cell: Cell) -> tuple[Verdict, str, dict]:
         from harness.execute import CellTask, unavailable_reason
         from harness.results import make_record, now_iso
         from harness.runner import run_isolated
-        from harness.verdict import judge
+        from harness.verdict import check_claims, judge
 
         expect = self.matrix.expectation(cell, self.versions)
         started, t0 = now_iso(), time.perf_counter()
@@ -121,15 +127,93 @@ class MatrixRun:
             self._record(make_record(self.id, cell, expect, Verdict.INTERRUPTED, outcome.reason, outcome,
                                      self.env, started, time.perf_counter() - t0))
             raise
-        verdict, note = judge(expect, outcome)
+        claims = []
+        if outcome.status == "ran":
+            self.measured[cell] = outcome.metrics
+            if expect.claims:
+                claims = check_claims(expect, outcome.metrics, self.measured.get(cell.baseline))
+        verdict, note = judge(expect, outcome, claims)
         record = make_record(self.id, cell, expect, verdict, note, outcome, self.env, started,
-                             time.perf_counter() - t0)
+                             time.perf_counter() - t0, claims)
         self._record(record)
+        self.by_rule.setdefault(expect.rule, RuleTally()).add(cell, verdict, outcome, claims)
         return verdict, note, record
 
     def _record(self, record: dict) -> None:
         self.writer.append(record)
         self.verdicts[record["verdict"]] += 1
+
+
+class RuleTally:
+    """What happened to the cells one rule decided: held, drifted, not checkable here, or broken."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.drifted: Counter[str] = Counter()  # what the drifted cells did instead
+        self.broken: Counter[str] = Counter()
+        self.unchecked: Counter[str] = Counter()  # why a cell could not be checked here
+        self.absent: Counter[str] = Counter()  # devices this host lacks
+        self.claims: Counter[tuple[str, str]] = Counter()
+
+    def add(self, cell: Cell, verdict: Verdict, outcome: Outcome, claims: list) -> None:
+        for c in claims:
+            self.claims[(c.claim, c.status)] += 1
+        if verdict.is_drift:
+            self.counts["drifted"] += 1
+            actual = outcome.error.text if outcome.error else "it worked"
+            if verdict is Verdict.DRIFT_CLAIM:
+                actual = "; ".join(f"{c.claim}: {c.detail}" for c in claims if c.status == "contradicted")
+            self.drifted[f"{verdict.value} on {cell.device}: {actual[:200]}"] += 1
+        elif verdict.passed or (verdict is Verdict.UNAVAILABLE and outcome.status != "unavailable"):
+            self.counts["held"] += 1
+        elif verdict is Verdict.UNAVAILABLE:
+            self.counts["not checked"] += 1
+            if (outcome.reason or "").startswith(f"device {cell.device}:"):
+                self.absent[cell.device] += 1
+            else:
+                self.unchecked[outcome.reason or "unavailable"] += 1
+        else:
+            self.counts["broken"] += 1
+            text = outcome.error.text if outcome.error else outcome.reason or ""
+            self.broken[f"{verdict.value} on {cell.device}: {text[:200]}"] += 1
+
+
+def _rule_lines(run: MatrixRun) -> list[str]:
+    """One block per rule of the matrix: what it states and whether that held in this run."""
+    lines = []
+    for i, rule in enumerate(run.matrix.rules):
+        e = rule.expect
+        what = {"error": f"error /{e.pattern}/", "unavailable": f"unavailable ({e.reason})",
+                "works": "works"}[e.kind]
+        if e.claims:
+            what += f", claims {', '.join(e.claims)} (tolerance {e.tolerance:g})"
+        lines.append(f"rule {i} [{e.source or 'no source'}]: {what}")
+        tally = run.by_rule.get(i)
+        if not rule.holds_for(run.versions):
+            found = ", ".join(f"{p} {run.versions.get(p) or 'absent'}" for p in rule.versions)
+            wanted = ", ".join(f"{p} {'absent' if spec is None else spec}" for p, spec in rule.versions.items())
+            lines.append(f"    NOT CHECKED here: the rule is for {wanted}; this run has {found}")
+            continue
+        if tally is None:
+            lines.append("    NOT CHECKED: no cell of this run reached this rule (filters or earlier rules)")
+            continue
+        c = tally.counts
+        status = "DRIFTED" if c["drifted"] else "BROKEN" if c["broken"] else "HELD" if c["held"] else "NOT CHECKED"
+        counts = ", ".join(f"{k} {c[k]}" for k in ("held", "drifted", "broken", "not checked") if c[k])
+        lines.append(f"    {status}: {counts}")
+        if tally.claims:
+            per: dict[str, list[str]] = {}
+            for (claim, st), n in sorted(tally.claims.items()):
+                per.setdefault(claim, []).append(f"{st} {n}")
+            lines.append("    claims: " + "; ".join(f"{k} {', '.join(v)}" for k, v in per.items()))
+        for texts in (tally.drifted, tally.broken, tally.unchecked):
+            for text, n in texts.most_common(3):
+                lines.append(f"      {n} x {text}" if texts is not tally.unchecked else
+                             f"      {n} x not checked: {text}")
+        if tally.absent:
+            lines.append("      not checked on devices absent here: "
+                         + ", ".join(f"{d} ({n})" for d, n in sorted(tally.absent.items())))
+    return lines
 
 
 @pytest.fixture(scope="session")
@@ -162,7 +246,7 @@ def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config):
     if verdict is None:
         return None
     letter = {"ok": ".", "documented-error": "d", "unavailable": "s"}.get(verdict, "F")
-    if verdict in ("drift-works", "drift-error") and report.passed:
+    if verdict.startswith("drift-") and report.passed:
         letter = "w"
     return report.outcome, letter, verdict.upper()
 
@@ -179,6 +263,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
             tr.write_line(f"  {verdict.value:<18}{run.verdicts[verdict.value]:>6}")
     tr.write_line(f"  {'cells':<18}{total:>6}")
     tr.write_line(f"results: {run.results}")
+    if run.matrix.rules:
+        tr.section(f"documented behaviour: the rules of {run.matrix.path.name}", sep="-")
+        for line in _rule_lines(run):
+            tr.write_line(line)
 
 
 def _sigterm_as_interrupt(signum, frame):

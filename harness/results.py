@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.matrix import Cell, Expectation
-from harness.verdict import Outcome, Verdict
+from harness.verdict import ClaimResult, Outcome, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +26,18 @@ METRIC_KEYS = ("param_bytes", "disk_bytes", "bits_per_weight", "peak_mem_bytes",
 
 def environment(engine_versions: dict[str, str | None]) -> dict[str, Any]:
     """Host, OS and versions; the device's name and driver are added by the cell that used it."""
+    import importlib.metadata
+
     import torch
 
+    from harness.devices import cpu_name
+
+    try:  # bitsandbytes' and SDNQ's fast paths need triton (the seed: "without it, performance is reduced")
+        triton = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton = None
     return {"host": socket.gethostname(), "os": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "engines": engine_versions}
+            "torch": torch.__version__, "triton": triton, "cpu": cpu_name(), "engines": engine_versions}
 
 
 def now_iso() -> str:
@@ -48,13 +56,15 @@ def _finite(value: Any) -> Any:
 
 
 def make_record(run: str, cell: Cell, expect: Expectation, verdict: Verdict, note: str, outcome: Outcome,
-                env: dict[str, Any], started: str, duration_s: float) -> dict[str, Any]:
+                env: dict[str, Any], started: str, duration_s: float,
+                claims: list[ClaimResult] = ()) -> dict[str, Any]:
     return _finite({
         "schema": SCHEMA, "run": run, "id": cell.id, "cell": cell.as_dict(), "expect": expect.as_dict(),
         "verdict": verdict.value, "note": note, "reason": outcome.reason,
         "error": None if outcome.error is None else vars(outcome.error).copy(),
         "metrics": outcome.metrics or None, "output_tail": outcome.output_tail,
         "env": {**env, **outcome.device}, "started": started, "duration_s": round(duration_s, 4),
+        **({"claims": [c.as_dict() for c in claims]} if claims else {}),
     })
 
 
@@ -81,7 +91,7 @@ def validate_record(record: Any) -> list[str]:
     except ValueError:
         return problems + [f"unknown verdict {record['verdict']!r}"]
     metrics = record.get("metrics")
-    if verdict in (Verdict.OK, Verdict.DRIFT_WORKS):
+    if verdict.ran:
         if not isinstance(metrics, dict):
             return problems + ["a cell that ran has no metrics"]
         for key in METRIC_KEYS:

@@ -49,3 +49,40 @@ def test_two_smoke_runs_store_the_same_bytes_and_give_bit_identical_baseline_out
     # The post-load baseline reproduces the separately computed reference bit for bit.
     baseline = [r for r in a.values() if r["cell"]["engine"] == "none" and r["cell"]["load"] == "post-load"]
     assert baseline and all(r["metrics"]["max_abs_error"] == 0 for r in baseline)
+
+
+def test_sdnext_rules_report_per_rule_whether_the_documentation_held(tmp_path):
+    """A slice of matrices/sdnext.toml: the GGUF statements. On this CPU host the all-in-one error holds, model
+    offload drifts (it works), storage-only claims are measured against the baseline, which runs first although
+    the filter leaves it out, and the version-limited rules say why they were not checked."""
+    results = tmp_path / "sdnext.jsonl"
+    proc = run_matrix(results, "--matrix", "matrices/sdnext.toml", "--engine", "gguf", "--qtype", "Q8_0",
+                      "--device", "cpu", "--offload", "none,model", "--model", "dit-xs,pipe-xs", "--drift", "warn")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    out = proc.stdout[proc.stdout.index("documented behaviour"):]
+    blocks = {}
+    for line in out.splitlines():
+        if line.startswith("rule "):
+            blocks[line] = current = []
+        elif line.startswith("    ") and blocks:
+            current.append(line.strip())
+    by_source = {head.split("[", 1)[1].split("]", 1)[0]: lines for head, lines in blocks.items()}
+    assert by_source["seed: GGUF limitations (all-in-one single-file GGUF)"][0].startswith("HELD: held 1")
+    model_offload = by_source["seed: GGUF limitations (model offload)"]
+    assert model_offload[0].startswith("DRIFTED") and "drift-works on cpu: it worked" in " ".join(model_offload)
+    assert "not checked on devices absent here" not in " ".join(model_offload)  # --device cpu: none were asked
+    assert by_source["seed: Optimum-Quanto limitations (torch 2.4)"][0].startswith(
+        "NOT CHECKED here: the rule is for torch <2.4; this run has torch ")
+    storage = by_source["seed: GGUF (storage-only: smaller, slower; not platform dependent)"]
+    assert storage[0].startswith("HELD") and storage[1] == "claims: slower held 2; smaller held 2"  # dit-xs, pipe-xs
+
+    records, skipped = read_records(results)
+    assert skipped == []
+    ids = [r["id"] for r in records]
+    assert ids.index("none/post-load/none/cpu/dit-xs/float32") < ids.index("gguf-Q8_0/post-load/none/cpu/dit-xs/float32")
+    gguf = next(r for r in records if r["id"] == "gguf-Q8_0/post-load/none/cpu/dit-xs/float32")
+    assert {c["claim"]: c["status"] for c in gguf["claims"]} == {"smaller": "held", "slower": "held"}
+    smaller = next(c for c in gguf["claims"] if c["claim"] == "smaller")
+    assert 0.2 < smaller["ratio"] < 0.35  # Q8_0 is 8.5 bits per weight against float32's 32
+    aio = next(r for r in records if r["id"] == "gguf-Q8_0/prequantized/none/cpu/pipe-xs/float32")
+    assert aio["verdict"] == "documented-error" and "all-in-one GGUF file" in aio["error"]["message"]

@@ -57,3 +57,37 @@ def test_k_quant_file_made_elsewhere_is_read_and_run(tmp_path):
     x = torch.randn(2, 256)
     expected = x @ torch.from_numpy(gguf.quants.dequantize(packed, gguf.GGMLQuantizationType.Q4_K)).T
     assert torch.allclose(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_all_in_one_gguf_file_is_refused_with_the_documented_error(tmp_path):
+    """The seed: only the UNet/transformer can be loaded from GGUF, not an all-in-one single file."""
+    from harness.engines.gguf_engine import GGUFContentsError
+    from harness.loading import load_prequantized, prequantized_file
+
+    engine = GGUFEngine()
+    path = prequantized_file(tmp_path, engine, "Q8_0", "pipe-xs", torch.float32, 0)
+    with pytest.raises(GGUFContentsError, match=r"all-in-one GGUF file.*text_encoder: \d+ tensors, vae: \d+") as exc:
+        load_prequantized(engine, "Q8_0", "pipe-xs", path, torch.float32, torch.device("cpu"))
+    assert str(path) in str(exc.value)
+
+
+def test_gguf_file_that_does_not_fit_the_model_is_refused(tmp_path):
+    """Loading is strict: a stray tensor or a missing one is an error naming the file, never silently dropped."""
+    from harness.engines.gguf_engine import GGUFContentsError
+    from harness.models import build_model, build_skeleton
+
+    engine = GGUFEngine()
+    model = engine.quantize(build_model("dit-xs"), "Q8_0", dtype=torch.float32, device=torch.device("cpu"))
+    good = engine.save(model, "Q8_0", tmp_path / "good.gguf")
+    engine.load(good, build_skeleton("dit-xs"), dtype=torch.float32, device=torch.device("cpu"))
+
+    stray = engine.quantize(build_model("dit-xs"), "Q8_0", dtype=torch.float32, device=torch.device("cpu"))
+    stray.lora = torch.nn.Linear(4, 4)  # a tensor the model does not have
+    engine.save(stray, "Q8_0", tmp_path / "stray.gguf")
+    short = engine.quantize(build_model("dit-xs"), "Q8_0", dtype=torch.float32, device=torch.device("cpu"))
+    short.proj_out.bias = None  # a tensor the model needs
+    engine.save(short, "Q8_0", tmp_path / "short.gguf")
+    for name in ("stray.gguf", "short.gguf"):
+        with pytest.raises(GGUFContentsError, match="does not fit the model") as exc:
+            engine.load(tmp_path / name, build_skeleton("dit-xs"), dtype=torch.float32, device=torch.device("cpu"))
+        assert name in str(exc.value)

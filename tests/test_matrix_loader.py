@@ -97,6 +97,13 @@ MISTAKES = [
     (_set(["exclude"], [{"engine": "none"}]), "axes"),
     (_set(["include"], [{"modle": "dit-xs"}]), "include[0].modle"),
     (_set(["rule"], "not a table"), "rule"),
+    (_set(["rule"], [{"match": {"engine": "none"}, "expect": "works", "claims": ["smallr"]}]), "rule[0].claims"),
+    (_set(["rule"], [{"match": {"engine": "none"}, "expect": "error", "pattern": "x", "claims": ["smaller"]}]),
+     "rule[0].claims"),
+    (_set(["rule"], [{"match": {"engine": "none"}, "expect": "works", "claims": "slower", "tolerance": 1.5}]),
+     "rule[0].tolerance"),
+    (_set(["rule"], [{"match": {"engine": "none"}, "expect": "works", "claims": ["slower", "slower"]}]),
+     "rule[0].claims"),
 ]
 
 
@@ -165,3 +172,17 @@ def test_shipped_matrices_load(tmp_path):
 
     for path in sorted(Path(__file__).parents[1].glob("matrices/*.toml")):
         assert load_matrix(path, present_devices=("cpu",)).cells
+
+
+def test_cells_with_claims_bring_their_baseline_first():
+    doc = copy.deepcopy(BASE)
+    doc["axes"]["engine"] = ["none", "gguf"]
+    doc["axes"]["qtype"] = ["Q8_0"]
+    doc["rule"] = [{"match": {"engine": "gguf", "offload": "none"}, "expect": "works", "claims": ["smaller"]}]
+    matrix = parse_matrix(dumps(doc), "claims.toml")
+    gguf = [c for c in matrix.cells if c.engine == "gguf"]
+    ordered = matrix.with_baselines(gguf)  # e.g. `--engine gguf`: the baseline is filtered out, claims need it
+    assert [c.id for c in ordered] == ["none/post-load/none/cpu/dit-xs/float32",
+                                       "gguf-Q8_0/post-load/model/cpu/dit-xs/float32",
+                                       "gguf-Q8_0/post-load/none/cpu/dit-xs/float32"]
+    assert matrix.expectation(gguf[1]).claims == ("smaller",) and matrix.expectation(gguf[1]).rule == 0

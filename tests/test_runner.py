@@ -95,7 +95,7 @@ def test_a_run_goes_on_after_crash_hang_and_oom_and_records_every_cell(tmp_path)
         "fault-abort/post-load/none/cpu/dit-xs/float32": "crash",
         "fault-hang/post-load/none/cpu/dit-xs/float32": "timeout",
         "fault-oom/post-load/none/cpu/dit-xs/float32": "oom",
-        "none/post-load/none/cpu/dit-xs/float32": "ok",  # sorted last: it ran after all three faults
+        "none/post-load/none/cpu/dit-xs/float32": "ok",  # baselines run first
     }
     assert "3 failed, 1 passed" in proc.stdout
 
@@ -123,6 +123,7 @@ def test_an_interrupt_stops_the_run_within_seconds_and_records_the_running_cell(
     assert time.monotonic() - sent < 10
     records = [json.loads(line) for line in results.read_text().splitlines()]
     assert [(r["id"], r["verdict"]) for r in records] == [
+        ("none/post-load/none/cpu/dit-xs/float32", "ok"),  # baselines run first
         ("fault-hang/post-load/none/cpu/dit-xs/float32", "interrupted")]
     gone, alive = psutil.wait_procs(cells, timeout=5)
     assert alive == []

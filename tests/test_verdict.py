@@ -53,3 +53,98 @@ def test_pattern_is_matched_against_type_and_message():
 
 def test_only_ok_and_documented_error_pass():
     assert {v for v in Verdict if v.passed} == {Verdict.OK, Verdict.DOCUMENTED_ERROR}
+
+
+def test_error_of_the_documented_type_with_another_message_is_drift():
+    expect = Expectation("error", pattern=r"^TypeError: QBytesTensor.__new__\(\) missing 5 required")
+    verdict, note = judge(expect, raised("TypeError", "WeightQBitsTensor.__new__() missing 7 required positional "
+                                                      "arguments"))
+    assert verdict is Verdict.DRIFT_ERROR
+    assert "QBytesTensor" in note and "WeightQBitsTensor" in note  # documented and actual text, both
+
+
+def test_version_limited_rule_applies_only_inside_its_range():
+    from harness.matrix import parse_matrix
+
+    matrix = parse_matrix('''
+[axes]
+engine = ["none"]
+qtype = ["*"]
+load = ["post-load"]
+offload = ["none"]
+device = ["cpu"]
+model = ["dit-xs"]
+dtype = ["float32"]
+[[rule]]
+match = { engine = "none" }
+expect = "unavailable"
+reason = "old torch"
+versions = { torch = "<2.4" }
+[[rule]]
+match = { engine = "none" }
+expect = "error"
+pattern = "x"
+versions = { triton = "absent" }
+''')
+    cell = matrix.cells[0]
+    inside = matrix.expectation(cell, {"torch": "2.3.1", "triton": "3.0"})
+    assert inside.kind == "unavailable" and judge(inside, OTHER)[0] is Verdict.UNAVAILABLE
+    # Outside the range the rule does not apply: the next one (triton absent) decides, then the default.
+    assert matrix.expectation(cell, {"torch": "2.13.0", "triton": None}).kind == "error"
+    outside = matrix.expectation(cell, {"torch": "2.13.0", "triton": "3.6.0"})
+    assert outside.kind == "works" and judge(outside, RAN)[0] is Verdict.OK
+    assert judge(outside, OTHER)[0] is Verdict.FAIL
+
+
+# ---------------------------------------------------------------------------------------------- claims
+
+from harness.verdict import check_claims  # noqa: E402
+
+BASE = {"param_bytes": 1000, "latency_ms": {"median": 10.0}, "peak_mem_bytes": 500, "mem_base_bytes": 100}
+
+
+def metrics(bytes_=1000, latency=10.0, peak=500):
+    return {"param_bytes": bytes_, "latency_ms": {"median": latency}, "peak_mem_bytes": peak, "mem_base_bytes": 100}
+
+
+@pytest.mark.parametrize("claim, measured, status", [
+    ("smaller", metrics(bytes_=300), "held"),
+    ("smaller", metrics(bytes_=1000), "inconclusive"),
+    ("smaller", metrics(bytes_=2000), "contradicted"),
+    ("slower", metrics(latency=30.0), "held"),
+    ("slower", metrics(latency=10.5), "inconclusive"),
+    ("slower", metrics(latency=5.0), "contradicted"),
+    ("faster", metrics(latency=5.0), "held"),
+    ("faster", metrics(latency=30.0), "contradicted"),
+    ("not-slower", metrics(latency=10.9), "held"),
+    ("not-slower", metrics(latency=5.0), "held"),
+    ("not-slower", metrics(latency=11.5), "contradicted"),
+    ("less-memory", metrics(peak=300), "held"),  # 200 above its start vs the baseline's 400
+    ("less-memory", metrics(peak=900), "contradicted"),
+])
+def test_claims_against_the_baseline(claim, measured, status):
+    [result] = check_claims(Expectation(claims=(claim,), tolerance=0.1), measured, BASE)
+    assert result.status == status, result
+
+
+def test_claims_without_a_baseline_are_unchecked_and_do_not_drift():
+    expect = Expectation(claims=("smaller", "slower"))
+    results = check_claims(expect, metrics(), None)
+    assert [r.status for r in results] == ["unchecked", "unchecked"]
+    assert judge(expect, RAN, results)[0] is Verdict.OK
+
+
+def test_contradicted_claim_is_drift_with_the_measured_ratio():
+    expect = Expectation(claims=("smaller", "slower"), source="seed: GGUF")
+    results = check_claims(expect, metrics(bytes_=300, latency=4.0), BASE)
+    verdict, note = judge(expect, RAN, results)
+    assert verdict is Verdict.DRIFT_CLAIM and verdict.is_drift and not verdict.passed
+    assert "slower" in note and "0.4x" in note and "seed: GGUF" in note
+
+
+def test_name_claim_reads_the_files_name_check():
+    expect = Expectation(claims=("name-matches-contents",))
+    assert check_claims(expect, {"name_hint": "agrees"}, None)[0].status == "held"
+    assert check_claims(expect, {"name_hint": "disagrees"}, None)[0].status == "contradicted"
+    assert check_claims(expect, {"name_hint": "no hint"}, None)[0].status == "unchecked"
+    assert check_claims(expect, {}, None)[0].status == "unchecked"

@@ -103,6 +103,34 @@ class GGUFLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, qtype={self.qtype}"
 
 
+# Top-level names of the components that are not the UNet/transformer, in the checkpoint layouts in use
+# (diffusers, original SD/SDXL single files, ComfyUI's all-in-one files, and the built-in `pipe-*` models).
+OTHER_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoders", "cond_stage_model", "conditioner", "vae",
+                    "first_stage_model")
+
+
+class GGUFContentsError(ValueError):
+    """A GGUF file whose tensors cannot be loaded as the model (the message names the file)."""
+
+    def __init__(self, path: Path, message: str):
+        super().__init__(f"{path}: {message}")
+
+
+def check_denoiser_only(path: Path, tensors: dict) -> None:
+    """The seed: "only supported component in gguf binary format is UNET/Transformer; you cannot load all-in-one
+    single-file GGUF model". A file with text encoder or VAE tensors is refused before anything is read."""
+    found: dict[str, int] = {}
+    for name in tensors:
+        top = name.split(".", 1)[0]
+        if top in OTHER_COMPONENTS:
+            found[top] = found.get(top, 0) + 1
+    if found:
+        parts = ", ".join(f"{k}: {n} tensors" for k, n in sorted(found.items()))
+        raise GGUFContentsError(path, f"all-in-one GGUF file: it holds other components than the UNet/transformer "
+                                      f"({parts}); only the UNet/transformer can be loaded from GGUF. Load the "
+                                      "transformer from a GGUF file and the other components separately")
+
+
 class GGUFEngine(Engine):
     name = "gguf"
     qtypes = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
@@ -143,6 +171,7 @@ class GGUFEngine(Engine):
 
         reader = gguf.GGUFReader(str(path))
         tensors = {t.name: t for t in reader.tensors}
+        check_denoiser_only(path, tensors)
         state = {}
         for name, t in tensors.items():
             kind = gguf.GGMLQuantizationType(t.tensor_type).name
@@ -150,17 +179,28 @@ class GGUFEngine(Engine):
                 continue
             shape = tuple(int(s) for s in reversed(t.shape))
             state[name] = torch.from_numpy(np.array(t.data, dtype=np.float32)).reshape(shape).to(dtype)
+        used = set()
 
         def rebuild(layer: nn.Linear, name: str) -> nn.Module:
-            t = tensors[f"{name}.weight"]
+            t = tensors.get(f"{name}.weight")
+            if t is None:
+                raise GGUFContentsError(path, f"no tensor {name}.weight for the model's layer {name}")
             kind = gguf.GGMLQuantizationType(t.tensor_type).name
             if kind not in BLOCK:  # stored in float: an ordinary Linear
                 return nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+            if layer.bias is not None and f"{name}.bias" not in state:
+                raise GGUFContentsError(path, f"the file does not fit the model: no tensor {name}.bias")
+            used.update((t.name, f"{name}.bias"))
             packed = torch.from_numpy(np.array(t.data, dtype=np.uint8))
             return GGUFLinear(packed, kind, layer.in_features, layer.out_features, state.pop(f"{name}.bias", None))
 
         model = replace_linears(skeleton, rebuild, with_names=True)
-        model.load_state_dict(state, strict=False, assign=True)
+        _, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        missing = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
+        unused = sorted((set(tensors) - used - set(state)) | set(unexpected))  # `used` may name absent biases
+        if missing or unused:
+            raise GGUFContentsError(path, f"the file does not fit the model: {len(missing)} model tensors missing "
+                                          f"{missing[:3]}, {len(unused)} file tensors unused {unused[:3]}")
         return model
 
     def recognise(self, path: Path) -> str | None:
