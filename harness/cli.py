@@ -4,6 +4,11 @@
     quantmatrix list [--matrix FILE]      print the cells a matrix expands to, with their expectations
     quantmatrix validate FILE...          check matrix files; exit 2 with a clear message on the first mistake
     quantmatrix detect FILE...            print the engine and quant type found in model files' contents
+                                          (exit 1 when a file's conventional name says otherwise)
+    quantmatrix report RESULTS... -o DIR  write the HTML report (index.html, cells.csv, plots/) from records
+    quantmatrix report RESULTS... --markdown [-o FILE]   the compatibility table as markdown
+    quantmatrix compare OLD NEW           cells newly broken/fixed/drifted, latency and memory regressions;
+                                          exit 1 when something regressed
 
 Mistakes in input exit with status 2 and one message naming the file, the key and what was expected.
 """
@@ -52,12 +57,52 @@ def _validate(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _detect(args: argparse.Namespace, rest: list[str]) -> int:
-    from harness.loading import detect
+    from harness.loading import check_name, detect
 
+    disagree = 0
     for path in args.files:
         engine, qtype = detect(path)
-        print(f"{path}: engine={engine} qtype={qtype}")
+        hint, detail = check_name(path, (engine, qtype))
+        print(f"{path}: engine={engine} qtype={qtype}" + (f"  (name {hint}: {detail})" if hint != "no hint" else ""))
+        disagree += hint == "disagrees"
+    return 1 if disagree else 0
+
+
+def _report(args: argparse.Namespace, rest: list[str]) -> int:
+    from harness import report_data
+
+    records = report_data.load(args.results)
+    if args.markdown:
+        from harness.report_markdown import render
+
+        text = render(records)
+        if args.output:
+            Path(args.output).write_text(text + "\n", encoding="utf-8")
+            print(f"markdown: {args.output}")
+        else:
+            print(text)
+        return 0
+    from harness.report_html import build
+
+    previous = report_data.load(args.previous) if args.previous else None
+    index = build(records, Path(args.output or CHECKOUT / "reports" / "latest"), previous=previous)
+    print(f"report: {index} ({len(records.frame)} records, {len(records.skipped)} skipped)")
     return 0
+
+
+def _compare(args: argparse.Namespace, rest: list[str]) -> int:
+    from harness import report_data
+    from harness.compare import compare, render
+
+    changes = compare(report_data.load([args.old]), report_data.load([args.new]), threshold=args.threshold)
+    print(render(changes))
+    return 1 if changes.regressed else 0
+
+
+def _existing(path: str) -> Path:
+    if not Path(path).is_file():
+        raise argparse.ArgumentTypeError(f"no results file {path!r}")
+    return Path(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,6 +119,20 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("detect", help="detect the engine and type of model files from their contents")
     p.add_argument("files", nargs="+")
     p.set_defaults(func=_detect)
+    p = sub.add_parser("report", help="build the HTML report (or --markdown) from results files")
+    p.add_argument("results", nargs="+", type=_existing)
+    p.add_argument("-o", "--output", help="directory of the HTML report (default reports/latest), or the markdown "
+                                          "file (default: stdout)")
+    p.add_argument("--markdown", action="store_true", help="write the compatibility table as markdown")
+    p.add_argument("--previous", nargs="+", type=_existing, metavar="RESULTS",
+                   help="earlier results: add a section of what changed since")
+    p.set_defaults(func=_report)
+    p = sub.add_parser("compare", help="changes between two sets of results; exit 1 when something regressed")
+    p.add_argument("old", type=_existing)
+    p.add_argument("new", type=_existing)
+    p.add_argument("--threshold", type=float, default=0.25,
+                   help="latency/memory ratio growth counted as a regression (default 0.25 = 25%%)")
+    p.set_defaults(func=_compare)
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "run":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

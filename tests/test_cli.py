@@ -27,10 +27,25 @@ def test_validate_and_list_shipped_matrices(capsys):
     assert "none/post-load/sequential/cpu/dit-xs/float32" in capsys.readouterr().out
 
 
-def test_detect_reads_the_contents_not_the_name(tmp_path, capsys):
+def test_detect_reads_the_contents_and_reports_a_name_that_disagrees(tmp_path, capsys):
     path = ENGINES["none"].save(build_model("dit-xs"), "-", tmp_path / "misleading-nf4.safetensors")
-    assert main(["detect", str(path)]) == 0
-    assert "engine=none qtype=-" in capsys.readouterr().out
+    assert main(["detect", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "engine=none qtype=-" in out and "name disagrees" in out and "suggests bnb nf4" in out
+
+
+def test_detect_confirms_conventional_names_that_agree(tmp_path, capsys):
+    import torch
+
+    model = build_model("dit-xs")
+    nf4 = ENGINES["bnb"].save(ENGINES["bnb"].quantize(build_model("dit-xs"), "nf4", dtype=torch.float32,
+                                                      device=torch.device("cpu")), "nf4", tmp_path / "flux-nf4.safetensors")
+    qint = ENGINES["quanto"].save(ENGINES["quanto"].quantize(model, "qint8", dtype=torch.float32,
+                                                             device=torch.device("cpu")), "qint8",
+                                  tmp_path / "flux-qint.safetensors")
+    assert main(["detect", str(nf4), str(qint)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("name agrees") == 2 and "engine=bnb qtype=nf4" in out and "engine=quanto qtype=qint8" in out
 
 
 def test_detect_rejects_truncated_and_garbage_files(tmp_path, capsys):

@@ -1,0 +1,115 @@
+"""Result records as a table (pandas), merged across machines and runs, with figures as ratios to the baseline.
+
+Reports and `compare` read only records, never run models. One row per record; a cell is identified on a machine
+by (machine, id), so the same cell from two machines never overwrites the other; within a machine the latest
+record of a cell is the one shown. Each figure is also given as a ratio to the baseline cell (the unquantized
+model with the same load, offload, device, model and dtype) of the same run, so a faster or slower machine, or
+night, compares fairly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from harness.matrix import BASELINE
+from harness.results import read_records
+
+PASSED = ("ok", "documented-error")
+BROKEN = ("fail", "crash", "timeout", "oom")
+RAN = ("ok", "drift-works", "drift-claim")
+
+
+@dataclass
+class Records:
+    """The records of some results files, one row each, and what could not be read."""
+
+    frame: pd.DataFrame
+    skipped: list[str] = field(default_factory=list)  # "file:line: problem"
+    files: list[str] = field(default_factory=list)
+
+    def latest(self) -> pd.DataFrame:
+        """The latest record of each cell on each machine."""
+        if self.frame.empty:
+            return self.frame
+        return self.frame.sort_values("started").drop_duplicates(["machine", "id"], keep="last")
+
+
+def _row(record: dict) -> dict:
+    cell, env = record["cell"], record.get("env") or {}
+    m = record.get("metrics") or {}
+    lat = m.get("latency_ms") or {}
+    err = record.get("error") or {}
+    peak, base = m.get("peak_mem_bytes"), m.get("mem_base_bytes")
+    return {
+        "machine": None, "cpu_name": env.get("cpu"), "run": record["run"], "id": record["id"], **cell,
+        "verdict": record["verdict"], "note": record.get("note") or "", "reason": record.get("reason") or "",
+        "error_type": err.get("type") or "", "error_message": err.get("message") or "",
+        "expect": record.get("expect", {}).get("kind", "works"), "pattern": record.get("expect", {}).get("pattern"),
+        "source": record.get("expect", {}).get("source") or "",
+        "claims": "; ".join(f"{c['claim']}: {c['status']}" for c in record.get("claims") or []),
+        "param_bytes": m.get("param_bytes"), "disk_bytes": m.get("disk_bytes"),
+        "bits_per_weight": m.get("bits_per_weight"),
+        "peak_mem_bytes": peak, "own_mem_bytes": None if peak is None else peak - (base or 0),
+        "mem_kind": m.get("mem_kind"),
+        "latency_ms": lat.get("median"), "latency_p10_ms": lat.get("p10"), "latency_p90_ms": lat.get("p90"),
+        "sqnr_db": m.get("sqnr_db"), "cosine": m.get("cosine"), "max_abs_error": m.get("max_abs_error"),
+        "quantize_s": m.get("quantize_s"), "load_s": m.get("load_s"),
+        "host": env.get("host"), "device_name": env.get("device_name"), "driver": env.get("driver"),
+        "os": env.get("os"), "python": env.get("python"), "torch": env.get("torch"), "triton": env.get("triton"),
+        "engine_version": (env.get("engines") or {}).get(cell["engine"]),
+        "engines": ", ".join(f"{k} {v}" for k, v in sorted((env.get("engines") or {}).items()) if v),
+        "started": record.get("started") or "", "duration_s": record.get("duration_s"),
+        "output_tail": record.get("output_tail") or "",
+    }
+
+
+COLUMNS = list(_row({"run": "", "id": "", "cell": {k: "" for k in ("engine", "qtype", "load", "offload", "device",
+                                                                  "model", "dtype")}, "verdict": ""}))
+
+
+def load(paths: list[Path | str]) -> Records:
+    """Read results files (bad lines and records of another schema are skipped and listed, never fatal)."""
+    rows, skipped = [], []
+    for path in paths:
+        records, bad = read_records(Path(path))
+        skipped.extend(bad)
+        rows.extend(_row(r) for r in records)
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    frame["machine"] = machines(frame)
+    return Records(with_ratios(frame), skipped, [str(p) for p in paths])
+
+
+def machines(frame: pd.DataFrame) -> pd.Series:
+    """Which machine each record comes from. A run happens on one machine; host names alone repeat (e.g. "vm"),
+    so the machine is the host with its CPU's name (or, in records that lack it, the name of the device the run
+    used most)."""
+    label = {}
+    for run, rows in frame.groupby("run", sort=False):
+        cpu = rows["cpu_name"].dropna()
+        names = rows["device_name"].dropna()
+        what = cpu.iloc[0] if len(cpu) else names.mode().iloc[0] if len(names) else "unknown device"
+        label[run] = f"{rows['host'].dropna().iloc[0] if rows['host'].notna().any() else '?'} · {what}"
+    return frame["run"].map(label)
+
+
+def with_ratios(frame: pd.DataFrame) -> pd.DataFrame:
+    """Add each figure's ratio to the baseline cell of the same run (NaN where that baseline did not run)."""
+    if frame.empty:
+        for col in ("bytes_ratio", "mem_ratio", "latency_ratio"):
+            frame[col] = pd.Series(dtype=float)
+        return frame
+    keys = ["run", "machine", "load", "offload", "device", "model", "dtype"]
+    base = frame[(frame["engine"] == BASELINE) & frame["verdict"].isin(RAN)]
+    base = base.sort_values("started").drop_duplicates(keys, keep="last")
+    base = base[keys + ["param_bytes", "own_mem_bytes", "latency_ms"]].rename(
+        columns={"param_bytes": "_b_bytes", "own_mem_bytes": "_b_mem", "latency_ms": "_b_lat"})
+    out = frame.merge(base, on=keys, how="left")
+    out["bytes_ratio"] = out["param_bytes"] / out["_b_bytes"]
+    out["mem_ratio"] = out["own_mem_bytes"] / out["_b_mem"]
+    out["latency_ratio"] = out["latency_ms"] / out["_b_lat"]
+    out["baseline_latency_ms"] = out["_b_lat"]
+    out["baseline_mem_bytes"] = out["_b_mem"]
+    return out.drop(columns=["_b_bytes", "_b_mem", "_b_lat"])

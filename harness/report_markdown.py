@@ -1,0 +1,65 @@
+"""The compatibility table as markdown, for a wiki page like the seed: one table per machine and device, measured
+figures in the cells, then the documented errors that still hold and the documentation that drifted."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from harness import report_data
+from harness.matrix import OFFLOAD_MODES
+from harness.report_html import VERDICTS
+
+
+def _cell(row: pd.Series | None) -> str:
+    if row is None:
+        return ""
+    symbol, label, _ = VERDICTS.get(row["verdict"], ("?", row["verdict"], ""))
+    if row["verdict"] in report_data.RAN:
+        parts = [f"{row['bits_per_weight']:.1f} b/w"]
+        if isinstance(row["latency_ratio"], float) and math.isfinite(row["latency_ratio"]):
+            parts.append(f"{row['latency_ratio']:.2f}x time")
+        if isinstance(row["mem_ratio"], float) and math.isfinite(row["mem_ratio"]):
+            parts.append(f"{row['mem_ratio']:.2f}x mem")
+        text = ", ".join(parts)
+        return f"{symbol} {text}" + (" (drift)" if row["verdict"].startswith("drift") else "")
+    return f"{symbol} {label}"
+
+
+def _escape(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def render(records: report_data.Records) -> str:
+    latest = records.latest()
+    lines = ["# Quantization compatibility (measured by quantmatrix)", "",
+             "Cells: ✓ works, ⊘ fails as documented, ⚠ documentation drift, ✗ fails, – unavailable. Figures: bits "
+             "per weight, latency and peak memory as multiples of the unquantized baseline in the same mode.", ""]
+    for (machine, device), rows in latest.groupby(["machine", "device"], sort=True):
+        if (rows["verdict"] == "unavailable").all() and rows["reason"].str.startswith(f"device {device}:").all():
+            continue
+        offloads = [o for o in OFFLOAD_MODES if o in set(rows["offload"])]
+        for (model, dtype), group in rows.groupby(["model", "dtype"], sort=True):
+            lines += [f"## {machine}: {device}, {model}, {dtype}", "",
+                      "| engine | type | load | " + " | ".join(f"offload {o}" for o in offloads) + " |",
+                      "|---|---|---|" + "---|" * len(offloads)]
+            for (engine, qtype, load), cells in group.groupby(["engine", "qtype", "load"], sort=True):
+                by = {r["offload"]: r for _, r in cells.iterrows()}
+                lines.append(f"| {engine} | {qtype} | {load} | " + " | ".join(_cell(by.get(o)) for o in offloads)
+                             + " |")
+            lines.append("")
+    held = latest[latest["verdict"] == "documented-error"]
+    if len(held):
+        lines += ["## Documented errors that still hold", ""]
+        for (source, etype, message), g in held.groupby(["source", "error_type", "error_message"], sort=True):
+            where = ", ".join(sorted(g["id"]))
+            lines.append(f"- {_escape(source or 'rule')}: `{_escape(etype)}: {_escape(message[:200])}` ({where})")
+        lines.append("")
+    drift = latest[latest["verdict"].str.startswith("drift-")]
+    if len(drift):
+        lines += ["## Documentation drift", ""]
+        for _, r in drift.sort_values("id").iterrows():
+            lines.append(f"- `{r['id']}` on {_escape(r['machine'])}: {_escape(r['note'][:300])}")
+        lines.append("")
+    return "\n".join(lines)
