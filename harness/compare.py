@@ -53,7 +53,7 @@ def _good(verdict: str) -> bool:
 
 def compare(old: report_data.Records, new: report_data.Records, threshold: float = 0.25) -> Changes:
     changes = Changes(threshold=threshold)
-    a, b = old.latest(), new.latest()
+    a, b = old.latest(per_versions=False), new.latest(per_versions=False)
     if a.empty or b.empty:
         return changes
     both = a.merge(b, on=["machine", "id"], suffixes=("_old", "_new"))

@@ -77,7 +77,7 @@ def device_info(device: str) -> dict[str, str | None]:
         return {"device_name": props.name, "driver": getattr(props, "driver_version", None)}
     if device == "mps":
         return {"device_name": f"Apple {platform.machine()} (MPS)", "driver": platform.mac_ver()[0]}
-    return {"device_name": cpu_name(), "driver": None}
+    return {"device_name": cpu_name(), "driver": None, "threads": torch.get_num_threads()}
 
 
 def cuda_capability() -> str | None:
@@ -224,3 +224,44 @@ def memory_in_use(device: str) -> int:
 
 
 
+
+
+# ------------------------------------------------------------------------- one worker per accelerator
+
+# The variable that restricts a process to some devices, per device kind.
+VISIBILITY_VARIABLES = {"cuda": "CUDA_VISIBLE_DEVICES", "rocm": "HIP_VISIBLE_DEVICES", "xpu": "ZE_AFFINITY_MASK"}
+
+
+def visible_accelerators() -> tuple[str | None, list[str]]:
+    """The accelerator kind of this host and the ids of its visible devices, found without initializing any
+    (NVML through nvidia-smi for NVIDIA; torch's SMI-based count for ROCm; the XPU runtime's count)."""
+    import os
+
+    hip = getattr(torch.version, "hip", None)
+    kind = "rocm" if hip else "cuda" if torch.version.cuda else "xpu" if hasattr(torch, "xpu") and \
+        torch.xpu._is_compiled() else None
+    if kind is None:
+        return None, []
+    preset = os.environ.get(VISIBILITY_VARIABLES[kind])
+    if preset:
+        return kind, [d.strip() for d in preset.split(",") if d.strip()]
+    if kind == "cuda":
+        try:
+            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+            count = sum(1 for line in out.stdout.splitlines() if line.startswith("GPU ")) if out.returncode == 0 else 0
+        except (OSError, subprocess.TimeoutExpired):
+            count = 0
+    elif kind == "rocm":
+        os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+        count = torch.cuda.device_count()
+    else:
+        count = torch.xpu.device_count()
+    return kind, [str(i) for i in range(count)]
+
+
+def pin_worker(worker: int, kind: str | None, ids: list[str]) -> dict[str, str]:
+    """The environment that gives worker number `worker` one device of its own (round robin over `ids`), so that
+    its peak-memory figures are that device's alone. Empty without accelerators."""
+    if kind is None or not ids:
+        return {}
+    return {VISIBILITY_VARIABLES[kind]: ids[worker % len(ids)]}

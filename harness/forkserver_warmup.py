@@ -46,7 +46,12 @@ def _import_engines() -> None:
 
     if _accelerator_build():
         return
-    for engine in ENGINES.values():
+    import os
+
+    wanted = os.environ.get("QUANTMATRIX_PRELOAD")  # the engines of the run's cells (set by the pytest plugin)
+    for name, engine in ENGINES.items():
+        if wanted is not None and name not in wanted.split(","):
+            continue
         name = engine.import_name or engine.package
         if name and importlib.util.find_spec(name) is not None:
             try:

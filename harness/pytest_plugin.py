@@ -9,11 +9,12 @@ so `-k 'nf4 and sequential'` selects cells. A record is appended to the results 
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
 import signal
 import socket
 import time
 import warnings
-from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from harness.verdict import Outcome, Verdict
 DEFAULT_MATRIX = "matrices/default.toml"
 _matrix_key = pytest.StashKey[Matrix]()
 _run_key = pytest.StashKey["MatrixRun"]()
+_ids_key = pytest.StashKey[tuple]()  # (run id, results file), shared by xdist workers
 
 
 class DriftWarning(UserWarning):
@@ -40,7 +42,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         group.addoption(f"--{axis}", action="append", default=None, metavar="NAME[,NAME]",
                         help=f"only cells with this {axis} (repeatable, comma-separated)")
     group.addoption("--results", default=None, metavar="FILE",
-                    help="results file to append records to (default: results/<run>.jsonl)")
+                    help="results file to append records to (default: results/<run>.jsonl, or the --resume file)")
+    group.addoption("--resume", default=None, metavar="FILE",
+                    help="skip the cells FILE already records with this environment (an interrupted run goes on "
+                         "where it stopped, under its run id)")
     group.addoption("--drift", choices=("fail", "warn"), default="fail",
                     help="whether documentation drift fails the cell (default) or only warns")
     group.addoption("--cell-timeout", type=float, default=None, metavar="S",
@@ -51,6 +56,48 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "matrix: a cell of the quantization matrix (select with -m matrix)")
+    worker = getattr(config, "workerinput", None)
+    if worker is not None and "quantmatrix_run" in worker:  # a pytest-xdist worker: the controller decided
+        os.environ.update(json.loads(worker["quantmatrix_pin"]))  # before anything asks for a device
+        config.stash[_ids_key] = (worker["quantmatrix_run"], Path(worker["quantmatrix_results"]))
+    else:
+        config.stash[_ids_key] = _run_identity(config)
+
+
+def _run_identity(config: pytest.Config) -> tuple[str, Path]:
+    """The run id and results file: new ones, or those of the run being resumed."""
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    results = config.getoption("results")
+    resume = config.getoption("resume")
+    if resume:
+        from harness.results import environment_key, read_records
+
+        path = Path(resume)
+        if not path.is_file():
+            raise pytest.UsageError(f"--resume {resume}: no such results file")
+        records, _ = read_records(path)
+        key = environment_key(_environment())
+        same = [r for r in records if environment_key(r["env"]) == key]
+        if same:
+            return same[-1]["run"], Path(results or path)
+        return f"{stamp}-{socket.gethostname()}", Path(results or path)
+    return f"{stamp}-{socket.gethostname()}", Path(results or Path(config.rootpath, "results", f"{stamp}.jsonl"))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:
+    """pytest-xdist controller: every worker writes under the same run id into the same results file, and gets a
+    device of its own when the host has accelerators (CUDA_VISIBLE_DEVICES, HIP_VISIBLE_DEVICES,
+    ZE_AFFINITY_MASK), so that peak-memory figures stay per device."""
+    from harness.devices import pin_worker, visible_accelerators
+
+    run_id, results = node.config.stash[_ids_key]
+    number = int(node.workerinput["workerid"].removeprefix("gw"))
+    workers = max(1, len(node.config.getvalue("tx") or []))
+    # CPU threads shared out too: two workers of two threads each on two cores would measure contention
+    pin = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers)),
+           **pin_worker(number, *visible_accelerators())}
+    node.workerinput.update(quantmatrix_run=run_id, quantmatrix_results=str(results), quantmatrix_pin=json.dumps(pin))
 
 
 def _matrix(config: pytest.Config) -> Matrix:
@@ -80,152 +127,117 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize("cell", cells, ids=[c.id for c in cells])
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The cell server preloads only the engines of the cells this session will run (all of them take ~10 s to
+    import; the smoke matrix needs three)."""
+    engines = {item.callspec.params["cell"].engine for item in session.items
+               if hasattr(item, "callspec") and "cell" in item.callspec.params}
+    if engines:
+        os.environ["QUANTMATRIX_PRELOAD"] = ",".join(sorted(engines))
+        if not session.config.pluginmanager.hasplugin("dsession"):  # not the xdist controller: cells run here
+            from harness.runner import warm_up
+
+            warm_up()
+
+
+def _environment() -> dict:
+    from harness.engines import ENGINES
+    from harness.results import environment
+
+    return environment({name: e.version() for name, e in ENGINES.items() if e.package})
+
+
+def _versions(env: dict) -> dict[str, str | None]:
+    """What a rule's `versions` may name: an engine, torch, triton, the NVIDIA GPU's compute capability."""
+    from harness.devices import cuda_capability
+
+    return {**env["engines"], "torch": env["torch"], "triton": env["triton"], "cuda_capability": cuda_capability()}
+
+
 class MatrixRun:
-    """One run: its id, results file, work directory and the verdicts so far."""
+    """One run (in one process): its id, results file, work directory, and the metrics measured so far."""
 
     def __init__(self, config: pytest.Config, matrix: Matrix, workdir: Path):
-        from harness.engines import ENGINES
-        from harness.results import ResultsWriter, environment
+        from harness.results import ResultsWriter, environment_key, read_records
 
-        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        self.id = f"{stamp}-{socket.gethostname()}"
-        self.results = Path(config.getoption("results") or Path(config.rootpath, "results", f"{stamp}.jsonl"))
+        self.id, self.results = config.stash[_ids_key]
         self.writer = ResultsWriter(self.results)
         self.matrix, self.workdir = matrix, workdir
         self.drift_fails = config.getoption("drift") == "fail"
-        import torch
-
-        engine_versions = {name: e.version() for name, e in ENGINES.items() if e.package}
-        self.env = environment(engine_versions)
-        from harness.devices import cuda_capability
-
-        # What a rule's `versions` may name: an engine, torch, triton, the NVIDIA GPU's compute capability.
-        self.versions = {**engine_versions, "torch": torch.__version__, "triton": self.env["triton"],
-                         "cuda_capability": cuda_capability()}
-        self.verdicts: Counter[str] = Counter()
+        self.env = _environment()
+        self.versions = _versions(self.env)
         self.measured: dict[Cell, dict] = {}  # metrics of the cells that ran, for claims against baselines
-        self.by_rule: dict[int | None, RuleTally] = {}
+        self.done: dict[str, str] = {}  # cells a resumed run already recorded: id -> run
+        if config.getoption("resume"):
+            key = environment_key(self.env)
+            for r in read_records(Path(config.getoption("resume")))[0]:
+                if environment_key(r["env"]) == key and r["verdict"] != "interrupted":
+                    self.done[r["id"]] = r["run"]
+                    if r.get("metrics"):
+                        self.measured[Cell(**r["cell"])] = r["metrics"]
 
     def run(self, cell: Cell) -> tuple[Verdict, str, dict]:
-        from harness.execute import CellTask, unavailable_reason
         from harness.results import make_record, now_iso
-        from harness.runner import run_isolated
         from harness.verdict import check_claims, judge
 
         expect = self.matrix.expectation(cell, self.versions)
         started, t0 = now_iso(), time.perf_counter()
-        reason = unavailable_reason(cell)
         try:
-            if reason:
-                outcome = Outcome("unavailable", reason=reason)
-            else:
-                s = self.matrix.settings
-                outcome = run_isolated(CellTask(cell, s, self.workdir), timeout_s=s.cell_timeout_s,
-                                       memory_limit_mb=s.memory_limit_mb)
+            outcome = self._execute(cell)
         except KeyboardInterrupt:
             outcome = Outcome("interrupted", reason="the run was interrupted while this cell ran")
-            self._record(make_record(self.id, cell, expect, Verdict.INTERRUPTED, outcome.reason, outcome,
-                                     self.env, started, time.perf_counter() - t0))
+            self.writer.append(make_record(self.id, cell, expect, Verdict.INTERRUPTED, outcome.reason, outcome,
+                                           self.env, started, time.perf_counter() - t0))
             raise
         claims = []
         if outcome.status == "ran":
             self.measured[cell] = outcome.metrics
             if expect.claims:
-                claims = check_claims(expect, outcome.metrics, self.measured.get(cell.baseline))
+                claims = check_claims(expect, outcome.metrics, self._baseline(cell))
         verdict, note = judge(expect, outcome, claims)
         record = make_record(self.id, cell, expect, verdict, note, outcome, self.env, started,
                              time.perf_counter() - t0, claims)
-        self._record(record)
-        self.by_rule.setdefault(expect.rule, RuleTally()).add(cell, verdict, outcome, claims)
+        self.writer.append(record)
         return verdict, note, record
 
-    def _record(self, record: dict) -> None:
-        self.writer.append(record)
-        self.verdicts[record["verdict"]] += 1
+    def _execute(self, cell: Cell) -> Outcome:
+        from harness.execute import CellTask, unavailable_reason
+        from harness.runner import run_isolated
 
+        reason = unavailable_reason(cell)
+        if reason:
+            return Outcome("unavailable", reason=reason)
+        s = self.matrix.settings
+        return run_isolated(CellTask(cell, s, self.workdir), timeout_s=s.cell_timeout_s,
+                            memory_limit_mb=s.memory_limit_mb)
 
-class RuleTally:
-    """What happened to the cells one rule decided: held, drifted, not checkable here, or broken."""
-
-    def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
-        self.drifted: Counter[str] = Counter()  # what the drifted cells did instead
-        self.broken: Counter[str] = Counter()
-        self.unchecked: Counter[str] = Counter()  # why a cell could not be checked here
-        self.absent: Counter[str] = Counter()  # devices this host lacks
-        self.claims: Counter[tuple[str, str]] = Counter()
-
-    def add(self, cell: Cell, verdict: Verdict, outcome: Outcome, claims: list) -> None:
-        for c in claims:
-            self.claims[(c.claim, c.status)] += 1
-        if verdict.is_drift:
-            self.counts["drifted"] += 1
-            actual = outcome.error.text if outcome.error else "it worked"
-            if verdict is Verdict.DRIFT_CLAIM:
-                actual = "; ".join(f"{c.claim}: {c.detail}" for c in claims if c.status == "contradicted")
-            self.drifted[f"{verdict.value} on {cell.device}: {actual[:200]}"] += 1
-        elif verdict.passed or (verdict is Verdict.UNAVAILABLE and outcome.status != "unavailable"):
-            self.counts["held"] += 1
-        elif verdict is Verdict.UNAVAILABLE:
-            self.counts["not checked"] += 1
-            if (outcome.reason or "").startswith(f"device {cell.device}:"):
-                self.absent[cell.device] += 1
-            else:
-                self.unchecked[outcome.reason or "unavailable"] += 1
-        else:
-            self.counts["broken"] += 1
-            text = outcome.error.text if outcome.error else outcome.reason or ""
-            self.broken[f"{verdict.value} on {cell.device}: {text[:200]}"] += 1
-
-
-def _rule_lines(run: MatrixRun) -> list[str]:
-    """One block per rule of the matrix: what it states and whether that held in this run."""
-    lines = []
-    for i, rule in enumerate(run.matrix.rules):
-        e = rule.expect
-        what = {"error": f"error /{e.pattern}/", "unavailable": f"unavailable ({e.reason})",
-                "works": "works"}[e.kind]
-        if e.claims:
-            what += f", claims {', '.join(e.claims)} (tolerance {e.tolerance:g})"
-        lines.append(f"rule {i} [{e.source or 'no source'}]: {what}")
-        tally = run.by_rule.get(i)
-        if not rule.holds_for(run.versions):
-            found = ", ".join(f"{p} {run.versions.get(p) or 'absent'}" for p in rule.versions)
-            wanted = ", ".join(f"{p} {'absent' if spec is None else spec}" for p, spec in rule.versions.items())
-            lines.append(f"    NOT CHECKED here: the rule is for {wanted}; this run has {found}")
-            continue
-        if tally is None:
-            lines.append("    NOT CHECKED: no cell of this run reached this rule (filters or earlier rules)")
-            continue
-        c = tally.counts
-        status = "DRIFTED" if c["drifted"] else "BROKEN" if c["broken"] else "HELD" if c["held"] else "NOT CHECKED"
-        counts = ", ".join(f"{k} {c[k]}" for k in ("held", "drifted", "broken", "not checked") if c[k])
-        lines.append(f"    {status}: {counts}")
-        if tally.claims:
-            per: dict[str, list[str]] = {}
-            for (claim, st), n in sorted(tally.claims.items()):
-                per.setdefault(claim, []).append(f"{st} {n}")
-            lines.append("    claims: " + "; ".join(f"{k} {', '.join(v)}" for k, v in per.items()))
-        for texts in (tally.drifted, tally.broken, tally.unchecked):
-            for text, n in texts.most_common(3):
-                lines.append(f"      {n} x {text}" if texts is not tally.unchecked else
-                             f"      {n} x not checked: {text}")
-        if tally.absent:
-            lines.append("      not checked on devices absent here: "
-                         + ", ".join(f"{d} ({n})" for d, n in sorted(tally.absent.items())))
-    return lines
+    def _baseline(self, cell: Cell) -> dict | None:
+        """The baseline's metrics for a cell's claims. Baselines run first; when this process has not run it (a
+        shard or xdist worker got it, or -k left it out) it is measured here, unrecorded (its record is the other
+        process's)."""
+        base = cell.baseline
+        if base not in self.measured:
+            outcome = self._execute(base)
+            self.measured[base] = outcome.metrics if outcome.status == "ran" else None
+        return self.measured[base]
 
 
 @pytest.fixture(scope="session")
 def matrix_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> MatrixRun:
     config = request.config
     if _run_key not in config.stash:
-        config.stash[_run_key] = MatrixRun(config, _matrix(config), tmp_path_factory.mktemp("quantmatrix-work"))
+        # xdist workers share the controller's base temp directory: one set of references and checkpoints
+        base = tmp_path_factory.getbasetemp()
+        workdir = (base.parent if hasattr(config, "workerinput") else base) / "quantmatrix-work"
+        workdir.mkdir(parents=True, exist_ok=True)
+        config.stash[_run_key] = MatrixRun(config, _matrix(config), workdir)
     return config.stash[_run_key]
 
 
 def check_cell(run: MatrixRun, cell: Cell, request: pytest.FixtureRequest) -> str | None:
     """Run the cell and record it; skip it when unavailable. Returns why it failed, or None when it passed."""
+    if cell.id in run.done:
+        pytest.skip(f"already recorded by run {run.done[cell.id]} (--resume)")
     verdict, note, record = run.run(cell)
     request.node.user_properties.append(("verdict", verdict.value))
     if verdict is Verdict.UNAVAILABLE:
@@ -252,20 +264,31 @@ def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
-    run = config.stash.get(_run_key, None)
-    if run is None:
+    """Verdict counts and the per-rule summary, read back from this run's records (also those of xdist workers)."""
+    if hasattr(config, "workerinput") or _ids_key not in config.stash:
+        return
+    from harness.results import read_records
+    from harness.summary import rule_lines, verdict_counts
+
+    run_id, results = config.stash[_ids_key]
+    if not results.exists():
+        return
+    records = [r for r in read_records(results)[0] if r["run"] == run_id]
+    if not records:
         return
     tr = terminalreporter
     tr.section("quantmatrix")
-    total = sum(run.verdicts.values())
+    counts = verdict_counts(records)
     for verdict in Verdict:
-        if run.verdicts[verdict.value]:
-            tr.write_line(f"  {verdict.value:<18}{run.verdicts[verdict.value]:>6}")
-    tr.write_line(f"  {'cells':<18}{total:>6}")
-    tr.write_line(f"results: {run.results}")
-    if run.matrix.rules:
-        tr.section(f"documented behaviour: the rules of {run.matrix.path.name}", sep="-")
-        for line in _rule_lines(run):
+        if counts[verdict.value]:
+            tr.write_line(f"  {verdict.value:<18}{counts[verdict.value]:>6}")
+    tr.write_line(f"  {'records':<18}{sum(counts.values()):>6}  (run {run_id})")
+    tr.write_line(f"results: {results}")
+    matrix = _matrix(config)
+    if matrix.rules:
+        versions = _versions(_environment())
+        tr.section(f"documented behaviour: the rules of {matrix.path.name}", sep="-")
+        for line in rule_lines(matrix, versions, records):
             tr.write_line(line)
 
 

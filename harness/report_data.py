@@ -30,11 +30,12 @@ class Records:
     skipped: list[str] = field(default_factory=list)  # "file:line: problem"
     files: list[str] = field(default_factory=list)
 
-    def latest(self) -> pd.DataFrame:
-        """The latest record of each cell on each machine."""
+    def latest(self, *, per_versions: bool = True) -> pd.DataFrame:
+        """The latest record of each cell on each machine (and each set of versions, e.g. tox's version axes)."""
         if self.frame.empty:
             return self.frame
-        return self.frame.sort_values("started").drop_duplicates(["machine", "id"], keep="last")
+        keys = ["machine", "versions", "id"] if per_versions else ["machine", "id"]
+        return self.frame.sort_values("started").drop_duplicates(keys, keep="last")
 
 
 def _row(record: dict) -> dict:
@@ -61,6 +62,8 @@ def _row(record: dict) -> dict:
         "os": env.get("os"), "python": env.get("python"), "torch": env.get("torch"), "triton": env.get("triton"),
         "engine_version": (env.get("engines") or {}).get(cell["engine"]),
         "engines": ", ".join(f"{k} {v}" for k, v in sorted((env.get("engines") or {}).items()) if v),
+        "versions": "; ".join([f"torch {env.get('torch')}", *(f"{k} {v}" for k, v in
+                                                             sorted((env.get("engines") or {}).items()) if v)]),
         "started": record.get("started") or "", "duration_s": record.get("duration_s"),
         "output_tail": record.get("output_tail") or "",
     }

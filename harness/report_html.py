@@ -91,7 +91,8 @@ def grids(latest: pd.DataFrame) -> list[dict]:
     """One grid per machine and device: rows model/dtype, engine-qtype, load; columns the offload modes; one cell
     per record. Devices a machine lacks (all its cells 'device ...: absent') are listed, not drawn."""
     out = []
-    for (machine, device), rows in latest.groupby(["machine", "device"], sort=True):
+    several = latest.groupby("machine")["versions"].nunique()
+    for (machine, versions, device), rows in latest.groupby(["machine", "versions", "device"], sort=True):
         absent = rows["reason"].str.startswith(f"device {device}:").all() and (rows["verdict"] == "unavailable").all()
         if absent:
             continue
@@ -107,7 +108,9 @@ def grids(latest: pd.DataFrame) -> list[dict]:
             lines.sort(key=lambda line: (line["label"] != "none", line["label"], line["load"]))
             body.append({"model": model, "dtype": dtype, "lines": lines})
         out.append({"machine": machine, "device": device, "device_name": names.iloc[0] if len(names) else device,
-                    "id": _slug(f"{machine}-{device}"), "offloads": offloads, "groups": body, "count": len(rows)})
+                    "versions": versions if several[machine] > 1 else None,
+                    "id": _slug(f"{machine}-{versions}-{device}"), "offloads": offloads, "groups": body,
+                    "count": len(rows)})
     return out
 
 

@@ -36,12 +36,12 @@ def render(records: report_data.Records) -> str:
     lines = ["# Quantization compatibility (measured by quantmatrix)", "",
              "Cells: ✓ works, ⊘ fails as documented, ⚠ documentation drift, ✗ fails, – unavailable. Figures: bits "
              "per weight, latency and peak memory as multiples of the unquantized baseline in the same mode.", ""]
-    for (machine, device), rows in latest.groupby(["machine", "device"], sort=True):
+    for (machine, versions, device), rows in latest.groupby(["machine", "versions", "device"], sort=True):
         if (rows["verdict"] == "unavailable").all() and rows["reason"].str.startswith(f"device {device}:").all():
             continue
         offloads = [o for o in OFFLOAD_MODES if o in set(rows["offload"])]
         for (model, dtype), group in rows.groupby(["model", "dtype"], sort=True):
-            lines += [f"## {machine}: {device}, {model}, {dtype}", "",
+            lines += [f"## {machine}: {device}, {model}, {dtype}", "", f"Versions: {versions}.", "",
                       "| engine | type | load | " + " | ".join(f"offload {o}" for o in offloads) + " |",
                       "|---|---|---|" + "---|" * len(offloads)]
             for (engine, qtype, load), cells in group.groupby(["engine", "qtype", "load"], sort=True):

@@ -27,10 +27,10 @@ def write_all(latest: pd.DataFrame, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     ran = latest[latest["verdict"].isin(report_data.RAN) & (latest["engine"] != "none")]
     paths = []
-    for (machine, device), rows in ran.groupby(["machine", "device"], sort=True):
+    for i, ((machine, versions, device), rows) in enumerate(ran.groupby(["machine", "versions", "device"], sort=True)):
         name = re.sub(r"[^a-z0-9]+", "-", f"{machine}-{device}".lower()).strip("-")
-        path = out_dir / f"{name}.svg"
-        _figure(rows, f"{machine}, {device}", path)
+        path = out_dir / f"{i:02d}-{name}.svg"
+        _figure(rows, f"{machine}, {device}\n{versions}", path)
         paths.append(path)
     return paths
 

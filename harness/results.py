@@ -40,6 +40,14 @@ def environment(engine_versions: dict[str, str | None]) -> dict[str, Any]:
             "torch": torch.__version__, "triton": triton, "cpu": cpu_name(), "engines": engine_versions}
 
 
+ENVIRONMENT_KEYS = ("host", "cpu", "os", "python", "torch", "triton", "engines")
+
+
+def environment_key(env: dict[str, Any]) -> str:
+    """What makes two records' environments the same for --resume (the device name and driver are per cell)."""
+    return json.dumps({k: env.get(k) for k in ENVIRONMENT_KEYS}, sort_keys=True)
+
+
 def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 

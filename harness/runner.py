@@ -133,6 +133,18 @@ def _run_process(ctx, target, args: tuple, name: str, timeout_s: float) -> tuple
     return exitcode, time.monotonic() - started
 
 
+def _noop() -> None:
+    pass
+
+
+def warm_up() -> float:
+    """Start the cell server now (it imports torch and the engines: seconds), so that this cost is not counted in
+    the first cell's duration (durations balance shards). Returns the seconds it took."""
+    started = time.monotonic()
+    _run_process(_forkserver(), _noop, (), "warm-up", 600)
+    return time.monotonic() - started
+
+
 def run_isolated(task: CellTask, *, timeout_s: float, memory_limit_mb: int = 0) -> Outcome:
     """Run `task` in its own process and turn what happened to it into an Outcome.
 

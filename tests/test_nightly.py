@@ -1,0 +1,145 @@
+"""Running the matrix the nightly way: shards, xdist workers, resume after an interrupt, the workflow file."""
+
+import configparser
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from harness.devices import pin_worker
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = ["-m", "matrix", "--matrix", "matrices/smoke.toml", "-q", "-p", "no:cacheprovider"]
+
+
+def pytest_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pytest", *SMOKE, *args]
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def verdicts(path: Path) -> dict[str, str]:
+    out = {}
+    for r in records(path):
+        assert r["id"] not in out, f"{r['id']} recorded twice"
+        out[r["id"]] = r["verdict"]
+    return out
+
+
+def test_three_shards_run_each_cell_once_like_an_unsharded_run(tmp_path):
+    durations = tmp_path / "durations.json"
+    whole = tmp_path / "whole.jsonl"
+    # An unsharded run that stores its durations: later shards are balanced by them (pytest-split).
+    subprocess.run(pytest_cmd("--results", str(whole), "--store-durations", "--durations-path", str(durations)),
+                   cwd=REPO, check=True, capture_output=True, timeout=600)
+    assert len(json.loads(durations.read_text())) == len(records(whole))
+    shards = tmp_path / "shards.jsonl"
+    runs = Counter()
+    for group in (1, 2, 3):
+        out = subprocess.run(pytest_cmd("--results", str(shards), "--splits", "3", "--group", str(group),
+                                        "--durations-path", str(durations), "--splitting-algorithm",
+                                        "least_duration"),
+                             cwd=REPO, check=True, capture_output=True, text=True, timeout=600)
+        runs[group] = len(records(shards)) - sum(runs.values())
+        assert "passed" in out.stdout
+    assert all(n > 0 for n in runs.values())  # every shard ran some cells
+    assert verdicts(shards) == verdicts(whole)  # the same cells, each once, with the same verdicts
+
+
+def test_interrupted_run_resumes_where_it_stopped(tmp_path):
+    results = tmp_path / "results.jsonl"
+    proc = subprocess.Popen(pytest_cmd("--results", str(results)), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and (not results.exists() or len(records(results)) < 4):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    first = records(results)
+    assert 4 <= len(first) < 12, "the interrupt must land mid-run"
+    subprocess.run(pytest_cmd("--resume", str(results)), cwd=REPO, check=True, capture_output=True, timeout=600)
+    after = records(results)
+    assert after[:len(first)] == first  # earlier records intact
+    final = [r for r in after if r["verdict"] != "interrupted"]
+    ids = [r["id"] for r in final]
+    assert len(ids) == len(set(ids)) == 12  # every cell recorded exactly once (an interrupted record is superseded)
+    assert {r["run"] for r in after} == {first[0]["run"]}  # the resumed run goes on under the same run id
+    resumed = [r for r in after[len(first):]]
+    assert {r["id"] for r in resumed}.isdisjoint({r["id"] for r in first if r["verdict"] != "interrupted"})
+
+
+def test_xdist_workers_write_one_intact_record_per_cell(tmp_path):
+    results = tmp_path / "results.jsonl"
+    out = subprocess.run(pytest_cmd("--results", str(results), "-n", "2", "-p", "no:benchmark"), cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:]
+    lines = results.read_text().splitlines()
+    parsed = [json.loads(line) for line in lines]  # every line whole
+    assert len(parsed) == len({r["id"] for r in parsed}) == 12
+    assert len({r["run"] for r in parsed}) == 1  # the workers share the controller's run id
+    assert {r["env"]["threads"] for r in parsed} == {1}  # two workers on two cores: one thread each
+    assert "records               12" in out.stdout  # the controller's summary reads the workers' records
+
+
+@pytest.mark.parametrize("kind, ids, expected", [
+    ("cuda", ["0", "1"], ["0", "1", "0", "1"]),
+    ("cuda", ["3", "5", "7"], ["3", "5", "7", "3"]),  # a preset CUDA_VISIBLE_DEVICES is honoured
+    ("rocm", ["0", "1"], ["0", "1", "0", "1"]),
+    ("xpu", ["0"], ["0", "0", "0", "0"]),
+])
+def test_workers_are_pinned_round_robin_to_the_visible_devices(kind, ids, expected):
+    variable = {"cuda": "CUDA_VISIBLE_DEVICES", "rocm": "HIP_VISIBLE_DEVICES", "xpu": "ZE_AFFINITY_MASK"}[kind]
+    assert [pin_worker(w, kind, ids) for w in range(4)] == [{variable: e} for e in expected]
+    assert pin_worker(0, None, []) == {}
+
+
+WORKFLOW = REPO / ".github" / "workflows" / "nightly.yml"
+
+
+def check_workflow(path: Path) -> subprocess.CompletedProcess:
+    """Validate against GitHub's workflow schema (vendored by check-jsonschema: no network)."""
+    return subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.github-workflows",
+                           str(path)], capture_output=True, text=True, timeout=120)
+
+
+def test_nightly_workflow_is_valid_and_has_a_job_per_vendor(tmp_path):
+    import yaml
+
+    assert check_workflow(WORKFLOW).returncode == 0
+    broken = tmp_path / "broken.yml"
+    broken.write_text(WORKFLOW.read_text().replace("runs-on: ubuntu-latest", "runs_on: ubuntu-latest", 1))
+    assert check_workflow(broken).returncode != 0  # the check can fail
+
+    flow = yaml.safe_load(WORKFLOW.read_text())
+    jobs = flow["jobs"]
+    assert jobs["cpu"]["runs-on"] == "ubuntu-latest" and "if" not in jobs["cpu"]
+    for job, label in (("nvidia", "nvidia"), ("amd", "amd-rocm"), ("intel", "intel-xpu")):
+        assert "self-hosted" in jobs[job]["runs-on"] and label in jobs[job]["runs-on"]
+        assert jobs[job]["if"].startswith("vars.HAS_")  # no runner: skipped, not failed
+    for job in ("cpu", "nvidia", "amd", "intel"):
+        steps = jobs[job]["steps"]
+        assert any("pytest -m matrix" in s.get("run", "") for s in steps)
+        assert any(s.get("uses", "").startswith("actions/upload-artifact") for s in steps)
+        assert any("torch" in s.get("run", "") and "pip install" in s.get("run", "") for s in steps)
+    report = jobs["report"]
+    assert set(report["needs"]) == {"cpu", "nvidia", "amd", "intel"} and report["if"] == "always()"
+    script = " ".join(s.get("run", "") for s in report["steps"])
+    assert "quantmatrix report" in script and "quantmatrix compare" in script
+
+
+def test_tox_has_version_axes_that_pin_torch_and_the_engines():
+    ini = configparser.ConfigParser(interpolation=None)
+    ini.read(REPO / "tox.ini")
+    current, oldest = ini["testenv:matrix-current"], ini["testenv:matrix-oldest"]
+    assert "torch==2.13.0" in current["commands_pre"] and "torch==2.4" in oldest["commands_pre"]
+    for env in (current, oldest):
+        pins = [line.strip() for line in env["deps"].splitlines() if line.strip()]
+        assert pins and all("==" in p for p in pins)
+        assert "bitsandbytes" in env["deps"] and "optimum-quanto" in env["deps"]
