@@ -15,6 +15,7 @@ import json
 import os
 import struct
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from harness.containers import check_container
 from harness.engines import ENGINES, Engine
 from harness.engines.base import set_submodule
 from harness.errors import QuantMatrixError
@@ -36,6 +38,10 @@ class Loaded:
     disk_bytes: int | None = None
     name_hint: str | None = None  # pre-quantized files: "agrees" | "disagrees" | "no hint" (see check_name)
     name_hint_detail: str | None = None
+
+
+def is_resource_error(exc: BaseException) -> bool:
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError))
 
 
 def shared_file(path: Path, make: Callable[[Path], object]) -> Path:
@@ -160,7 +166,17 @@ def load_prequantized(engine: Engine, qtype: str, model: str, path: Path, dtype:
     if found != (engine.name, qtype):
         raise QuantMatrixError(f"contents say engine {found[0]!r} type {found[1]!r}; expected {engine.name!r} "
                                f"type {qtype!r}", path=path)
-    loaded = engine.load(path, build_skeleton(model, dtype), dtype=dtype, device=device)
+    try:
+        loaded = engine.load(path, build_skeleton(model, dtype), dtype=dtype, device=device)
+    except Exception as exc:
+        if str(path) in str(exc) or is_resource_error(exc):  # already names the file, or out of memory
+            raise
+        # A library's bare assert or KeyError on a corrupt file becomes an error that says which file and where
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        raise QuantMatrixError(f"{engine.name} could not load it as {qtype}: {type(exc).__name__}: "
+                               f"{exc or '(no message)'} (in {Path(frame.filename).name}:{frame.lineno} "
+                               f"{frame.name}); the file is corrupt or not what its contents claim",
+                               path=path) from exc
     hint, detail = check_name(path, found)
     return Loaded(loaded, time.perf_counter() - t0, 0.0, path.stat().st_size, hint, detail)
 
@@ -200,39 +216,6 @@ def check_name(path: Path | str, found: tuple[str, str]) -> tuple[str, str]:
     if engine == found[0] and (qtype is None or found[1].startswith(qtype)):
         return "agrees", f"name {glob!r} suggests {said}; contents say {found[0]} {found[1]}"
     return "disagrees", f"name {glob!r} suggests {said}, but the contents say {found[0]} {found[1]}"
-
-
-MAX_HEADER = 100 << 20
-
-
-def check_container(path: Path) -> str:
-    """The container format of `path` ("safetensors" or "gguf"), after checking its header is sane."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if head[:4] == b"GGUF":
-                return "gguf"
-            if len(head) < 8:
-                raise QuantMatrixError(f"file is {size} bytes, too short for any model format", path=path)
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER or 8 + n > size:
-                raise QuantMatrixError(f"safetensors header length {n} runs past the end of the {size}-byte file "
-                                       "(truncated or not a safetensors file)", path=path)
-            try:
-                header = json.loads(f.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise QuantMatrixError(f"corrupt safetensors header: {exc}", path=path) from None
-    except OSError as exc:
-        raise QuantMatrixError(f"cannot read file: {exc.strerror}", path=path) from None
-    if not isinstance(header, dict):
-        raise QuantMatrixError("corrupt safetensors header: not a JSON object", path=path)
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
-               and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2), default=0)
-    if 8 + n + end > size:
-        raise QuantMatrixError(f"tensor data ends at byte {8 + n + end}, past the end of the {size}-byte file "
-                               "(truncated)", path=path)
-    return "safetensors"
 
 
 def detect(path: Path | str) -> tuple[str, str]:

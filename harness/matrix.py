@@ -192,13 +192,13 @@ _RULE_KEYS = {"match", "expect", "pattern", "source", "reason", "versions", "cla
 
 
 class _Doc:
-    """Typed access to a parsed TOML document that reports mistakes with the file and key."""
+    """Typed access to a parsed TOML document that reports mistakes with the file, line and key."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, text: str = ""):
+        self.path, self.text = path, text
 
     def fail(self, key: str, message: str) -> QuantMatrixError:
-        return QuantMatrixError(message, path=self.path, key=key)
+        return QuantMatrixError(message, path=self.path, key=key, line=_line_of(self.text, key))
 
     def table(self, value: Any, key: str) -> dict:
         if not isinstance(value, dict):
@@ -222,6 +222,39 @@ class _Doc:
             if k not in allowed:
                 where = f"{key}.{k}" if key else k
                 raise self.fail(where, f"unknown key{did_you_mean(k, allowed)}; expected one of {allowed}")
+
+
+def _line_of(text: str, key: str) -> int | None:
+    """The line (1-based) where `key` (e.g. "axes.offload", "rule[2].pattern") is written, best effort: tomllib
+    gives no positions, so the table header is found first, then the key inside its block."""
+    parts = re.findall(r"([A-Za-z0-9_-]+)(?:\[(\d+)\])?", key)
+    if not parts or not text:
+        return None
+    lines = text.splitlines()
+    headers = []  # (line index, dotted name)
+    for i, line in enumerate(lines):
+        m = re.match(r"\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$", line)
+        if m:
+            headers.append((i, re.sub(r"\s+", "", m.group(1))))
+
+    def find(name: str, start: int, end: int) -> int | None:
+        pattern = re.compile(rf"(^|[{{,])\s*\"?{re.escape(name)}\"?\s*=")
+        return next((i for i in range(start, end) if pattern.search(lines[i])), None)
+
+    for k in range(len(parts), 0, -1):
+        name = ".".join(p for p, _ in parts[:k])
+        matching = [i for i, h in headers if h == name]
+        index = int(parts[k - 1][1]) if parts[k - 1][1] else 0
+        if len(matching) > index:
+            start = matching[index]
+            end = next((i for i, _ in headers if i > start), len(lines))
+            if k == len(parts):
+                return start + 1
+            found = find(parts[k][0], start + 1, end)
+            return (found if found is not None else start) + 1
+    first_header = headers[0][0] if headers else len(lines)
+    found = find(parts[0][0], 0, first_header)
+    return None if found is None else found + 1
 
 
 def _kind(value: Any) -> str:
@@ -377,7 +410,7 @@ def parse_matrix(text: str, path: Path | str = "<matrix>", *,
                  present_devices: tuple[str, ...] = ("cpu",)) -> Matrix:
     """Validate a matrix document and expand it into its cells."""
     path = Path(path)
-    doc = _Doc(path)
+    doc = _Doc(path, text)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

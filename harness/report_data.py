@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.matrix import BASELINE
+from harness.matrix import BASELINE, OFFLOAD_MODES
 from harness.results import read_records
 
 PASSED = ("ok", "documented-error")
@@ -71,6 +71,12 @@ def _row(record: dict) -> dict:
 
 COLUMNS = list(_row({"run": "", "id": "", "cell": {k: "" for k in ("engine", "qtype", "load", "offload", "device",
                                                                   "model", "dtype")}, "verdict": ""}))
+
+
+def offload_order(values) -> list[str]:
+    """The offload modes present, in the usual order; names this version does not know (newer records) last."""
+    present = set(values)
+    return [o for o in OFFLOAD_MODES if o in present] + sorted(present - set(OFFLOAD_MODES))
 
 
 def load(paths: list[Path | str]) -> Records:

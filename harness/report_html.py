@@ -18,7 +18,6 @@ import jinja2
 import pandas as pd
 
 from harness import report_data, report_plots
-from harness.matrix import OFFLOAD_MODES
 
 # verdict -> (symbol, short label, css class): colour *and* symbol, for grey print and colour-blind readers
 VERDICTS = {
@@ -97,7 +96,7 @@ def grids(latest: pd.DataFrame) -> list[dict]:
         if absent:
             continue
         names = rows["device_name"].dropna()
-        offloads = [o for o in OFFLOAD_MODES if o in set(rows["offload"])]
+        offloads = report_data.offload_order(rows["offload"])
         body = []
         for (model, dtype), group in rows.groupby(["model", "dtype"], sort=True):
             lines = []

@@ -8,7 +8,6 @@ import math
 import pandas as pd
 
 from harness import report_data
-from harness.matrix import OFFLOAD_MODES
 from harness.report_html import VERDICTS
 
 
@@ -39,7 +38,7 @@ def render(records: report_data.Records) -> str:
     for (machine, versions, device), rows in latest.groupby(["machine", "versions", "device"], sort=True):
         if (rows["verdict"] == "unavailable").all() and rows["reason"].str.startswith(f"device {device}:").all():
             continue
-        offloads = [o for o in OFFLOAD_MODES if o in set(rows["offload"])]
+        offloads = report_data.offload_order(rows["offload"])
         for (model, dtype), group in rows.groupby(["model", "dtype"], sort=True):
             lines += [f"## {machine}: {device}, {model}, {dtype}", "", f"Versions: {versions}.", "",
                       "| engine | type | load | " + " | ".join(f"offload {o}" for o in offloads) + " |",

@@ -18,7 +18,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from harness import report_data  # noqa: E402
-from harness.matrix import OFFLOAD_MODES  # noqa: E402
 
 MARKERS = "o^sDvP*Xh<>"
 
@@ -36,6 +35,11 @@ def write_all(latest: pd.DataFrame, out_dir: Path) -> list[Path]:
 
 
 def _figure(rows: pd.DataFrame, title: str, path: Path) -> None:
+    with matplotlib.rc_context({"text.parse_math": False}):  # "$" in a record's text is text, not mathtext
+        _draw(rows, title, path)
+
+
+def _draw(rows: pd.DataFrame, title: str, path: Path) -> None:
     engines = sorted(rows["engine"].unique())
     style = {e: (f"C{i % 10}", MARKERS[i % len(MARKERS)]) for i, e in enumerate(engines)}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
@@ -53,7 +57,7 @@ def _figure(rows: pd.DataFrame, title: str, path: Path) -> None:
            title="memory saved vs latency cost (no offload)")
 
     ax = axes[1]
-    offloads = [o for o in OFFLOAD_MODES if o in set(rows["offload"])]
+    offloads = report_data.offload_order(rows["offload"])
     for i, engine in enumerate(engines):
         g = rows[(rows["engine"] == engine)].dropna(subset=["mem_ratio"])
         color, marker = style[engine]

@@ -1,6 +1,7 @@
 """The matrix loader: valid documents expand to the right cells; every mistake is our error, naming the key."""
 
 import copy
+import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -74,6 +75,7 @@ MISTAKES = [
     (_set(["axez"], {"x": 1}), "axez"),
     (_set(["axes", "engines"], ["none"]), "axes.engines"),
     (_set(["axes", "engine"], ["bitsandbytez"]), "axes.engine"),
+    (_set(["axes", "qtype"], ["nf5"]), "axes.qtype"),
     (_set(["axes", "offload"], ["sequentail"]), "axes.offload"),
     (_set(["axes", "device"], ["tpu"]), "axes.device"),
     (_set(["axes", "model"], ["dit-xxl"]), "axes.model"),
@@ -119,6 +121,11 @@ def test_every_mistake_raises_our_error_naming_the_key(mistake, rnd):
         parse_matrix(dumps(doc), "bad.toml")
     assert f"[{key}]" in str(err.value)
     assert "bad.toml" in str(err.value)
+    found = re.match(r"bad\.toml:(\d+) \[", str(err.value))  # the line where the mistake is written
+    assert found, str(err.value)
+    line = dumps(doc).splitlines()[int(found.group(1)) - 1]
+    leaf = re.findall(r"[A-Za-z_]+", key)
+    assert any(name in line for name in leaf), (str(err.value), line)
 
 
 @given(st.text(max_size=200))
@@ -186,3 +193,23 @@ def test_cells_with_claims_bring_their_baseline_first():
                                        "gguf-Q8_0/post-load/model/cpu/dit-xs/float32",
                                        "gguf-Q8_0/post-load/none/cpu/dit-xs/float32"]
     assert matrix.expectation(gguf[1]).claims == ("smaller",) and matrix.expectation(gguf[1]).rule == 0
+
+
+@given(mistake=st.sampled_from(MISTAKES))
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_cli_validate_exits_2_with_one_line_and_no_traceback(mistake, tmp_path_factory):
+    """What a user sees: `quantmatrix validate bad.toml` prints one line naming the file, line and key; exit 2."""
+    import contextlib
+    import io
+
+    from harness.cli import main
+
+    mutate, key = mistake
+    path = tmp_path_factory.mktemp("cli") / "bad.toml"
+    path.write_text(dumps(mutate(copy.deepcopy(BASE))))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        assert main(["validate", str(path)]) == 2
+    lines = err.getvalue().strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err.getvalue()
+    assert re.match(rf"quantmatrix: error: {re.escape(str(path))}:\d+ \[{re.escape(key)}\]: ", lines[0]), lines[0]

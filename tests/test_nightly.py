@@ -64,6 +64,14 @@ def test_interrupted_run_resumes_where_it_stopped(tmp_path):
     proc.wait(timeout=60)
     first = records(results)
     assert 4 <= len(first) < 12, "the interrupt must land mid-run"
+    from harness import report_data
+    from harness.report_html import build
+
+    partial = report_data.load([results])  # the report builds from what an interrupted run left
+    assert partial.skipped == [] and len(partial.frame) == len(first)
+    html = build(partial, tmp_path / "site").read_text()
+    assert all(r["id"] in html for r in first)
+    assert ("interrupted" in html) == any(r["verdict"] == "interrupted" for r in first)  # usually the last one
     subprocess.run(pytest_cmd("--resume", str(results)), cwd=REPO, check=True, capture_output=True, timeout=600)
     after = records(results)
     assert after[:len(first)] == first  # earlier records intact

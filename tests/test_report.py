@@ -17,7 +17,7 @@ from harness.report_html import build
 from harness.report_markdown import render
 
 REPO = Path(__file__).resolve().parents[1]
-HOSTILE = '<script>alert(1)</script>"\'><img src=x onerror=alert(2)>&amp;{{7*7}}'
+HOSTILE = '<script>alert(1)</script>"\'><img src=x onerror=alert(2)>&amp;{{7*7}} $\\frac{$ </script>'
 
 
 @pytest.fixture(scope="module")
@@ -121,29 +121,47 @@ def test_report_of_two_machines_in_a_real_browser(cpu_results, tmp_path):
     assert list((tmp_path / "site" / "plots").glob("*.svg"))
 
 
+def hostile(record: dict, verdict: str) -> dict:
+    """`record` with a hostile string in every string field: cell, run, notes, errors, environment, claims."""
+    from harness.matrix import Cell
+
+    evil = copy.deepcopy(record)
+    evil["cell"] = {k: f"{HOSTILE}{k}" for k in evil["cell"]}
+    evil["id"] = Cell(**evil["cell"]).id
+    evil.update(verdict=verdict, run=HOSTILE, note=HOSTILE, reason=HOSTILE, output_tail=HOSTILE, started=HOSTILE)
+    evil["expect"] = {"kind": "error", "pattern": HOSTILE, "source": HOSTILE, "reason": HOSTILE}
+    evil["env"] = {k: HOSTILE for k in ("host", "os", "python", "torch", "triton", "cpu", "device_name", "driver")}
+    evil["env"]["engines"] = {HOSTILE: HOSTILE}
+    evil["claims"] = [{"claim": HOSTILE, "status": HOSTILE, "detail": HOSTILE}]
+    if verdict == "drift-error":
+        evil.update(metrics=None, error={"type": HOSTILE, "message": HOSTILE, "where": HOSTILE, "stage": HOSTILE})
+    else:
+        evil["metrics"]["mem_kind"] = HOSTILE
+    return evil
+
+
 def test_hostile_strings_show_as_text_and_never_run(cpu_results, tmp_path):
     cpu = records_of(cpu_results)
-    evil = copy.deepcopy(next(r for r in cpu if r["verdict"] == "ok" and r["cell"]["engine"] != "none"))
-    evil.update(verdict="drift-error", metrics=None, note=HOSTILE, reason=HOSTILE,
-                error={"type": HOSTILE, "message": HOSTILE, "where": HOSTILE, "stage": HOSTILE})
-    evil["expect"] = {"kind": "error", "pattern": HOSTILE, "source": HOSTILE}
-    evil["env"].update(host=HOSTILE, device_name=HOSTILE, torch=HOSTILE, cpu=HOSTILE)
-    evil["run"] = HOSTILE
-    path = write(tmp_path / "evil.jsonl", [evil])
-    index = build(report_data.load([path]), tmp_path / "site")
+    measured = next(r for r in cpu if r["verdict"] == "ok" and r["cell"]["engine"] != "none")
+    path = write(tmp_path / "evil.jsonl", [hostile(measured, "drift-error"), hostile(measured, "drift-claim")])
+    records = report_data.load([path])
+    assert records.skipped == [] and len(records.frame) == 2
+    index = build(records, tmp_path / "site")  # the plots too: "$" would be mathtext to matplotlib
     html = index.read_text()
     assert "<script>alert(1)" not in html and "<img src=x" not in html
     assert html.count("<script") == 1  # the page's own
+    assert "$\\frac{$" in render(records)  # markdown: text, escaped for tables
 
     def visit(page):
         page.click("table.grid td.cell")
-        return page.inner_text("#detail"), page.inner_text("#drift-table"), page.evaluate(
-            "document.querySelectorAll('img[src=x], script').length")
+        return page.inner_text("#detail"), page.inner_text("#drift-table"), page.eval_on_selector_all("table.env", "es => es.map(e => e.innerText).join()"), \
+            page.evaluate("document.querySelectorAll('img[src=x], script').length")
 
-    (detail, drift, injected), errors, dialogs = open_report(index, tmp_path, visit)
+    (detail, drift, environment, injected), errors, dialogs = open_report(index, tmp_path, visit)
     assert dialogs == [] and errors == []
     assert injected == 1  # only the page's own script, no injected image or script
-    assert "<script>alert(1)</script>" in detail and "<script>alert(1)</script>" in drift  # shown as text
+    for shown in (detail, drift, environment):  # shown as text
+        assert "<script>alert(1)</script>" in shown
 
 
 def test_bad_lines_and_unknown_schema_are_skipped_and_counted(cpu_results, tmp_path):

@@ -64,7 +64,7 @@ def test_processes_a_cell_leaves_behind_are_killed(tmp_path):
 FAULT_MATRIX = """
 [axes]
 engine = ["fault", "none"]
-qtype = ["abort", "hang", "oom"]
+qtype = ["abort", "segfault", "exit", "raise", "hang", "oom", "flood", "orphan"]
 load = ["post-load"]
 offload = ["none"]
 device = ["cpu"]
@@ -80,7 +80,8 @@ memory_limit_mb = 768
 """
 
 
-def test_a_run_goes_on_after_crash_hang_and_oom_and_records_every_cell(tmp_path):
+def test_a_run_goes_on_after_every_kind_of_fault_and_records_every_cell(tmp_path):
+    before = {p.pid for p in _sleepers()}
     matrix, results = tmp_path / "faults.toml", tmp_path / "results.jsonl"
     matrix.write_text(FAULT_MATRIX)
     proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "matrix", "--matrix", str(matrix),
@@ -88,19 +89,30 @@ def test_a_run_goes_on_after_crash_hang_and_oom_and_records_every_cell(tmp_path)
                            str(REPO / "tests" / "test_matrix.py")], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 1, proc.stdout[-3000:]  # the faults fail; the run itself completes
-    records = [json.loads(line) for line in results.read_text().splitlines()]
+    records = [json.loads(line) for line in results.read_text().splitlines()]  # every line whole
     verdicts = {r["id"]: r["verdict"] for r in records}
-    assert len(records) == len(verdicts) == 4
+    assert len(records) == len(verdicts) == 9  # none lost, none duplicated
     assert verdicts == {
+        "none/post-load/none/cpu/dit-xs/float32": "ok",  # baselines run first
         "fault-abort/post-load/none/cpu/dit-xs/float32": "crash",
+        "fault-segfault/post-load/none/cpu/dit-xs/float32": "crash",
+        "fault-exit/post-load/none/cpu/dit-xs/float32": "crash",
+        "fault-raise/post-load/none/cpu/dit-xs/float32": "fail",
         "fault-hang/post-load/none/cpu/dit-xs/float32": "timeout",
         "fault-oom/post-load/none/cpu/dit-xs/float32": "oom",
-        "none/post-load/none/cpu/dit-xs/float32": "ok",  # baselines run first
+        "fault-flood/post-load/none/cpu/dit-xs/float32": "ok",
+        "fault-orphan/post-load/none/cpu/dit-xs/float32": "ok",
     }
-    assert "3 failed, 1 passed" in proc.stdout
+    flood = next(r for r in records if r["cell"]["qtype"] == "flood")
+    assert len(flood["output_tail"]) < OUTPUT_TAIL_BYTES + 100  # 8 MiB of output, a bounded excerpt kept
+    assert all(r["output_tail"] is None or len(r["output_tail"]) < OUTPUT_TAIL_BYTES + 100 for r in records)
+    assert "6 failed, 3 passed" in proc.stdout
+    psutil.wait_procs([p for p in _sleepers() if p.pid not in before], timeout=5)
+    assert {p.pid for p in _sleepers()} - before == set()  # the orphan's child was killed with its cell
 
 
-INTERRUPT_MATRIX = FAULT_MATRIX.replace('qtype = ["abort", "hang", "oom"]', 'qtype = ["hang"]').replace(
+INTERRUPT_MATRIX = FAULT_MATRIX.replace('qtype = ["abort", "segfault", "exit", "raise", "hang", "oom", "flood", "orphan"]',
+                                       'qtype = ["hang"]').replace(
     'cell_timeout_s = 10', 'cell_timeout_s = 600')
 
 

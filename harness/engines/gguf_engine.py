@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.engines.base import Engine, replace_linears
+from harness.errors import QuantMatrixError
 
 MODEL_KEY = "quantmatrix.model"
 BLOCK = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24),
@@ -109,11 +110,11 @@ OTHER_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoders", "cond_sta
                     "first_stage_model")
 
 
-class GGUFContentsError(ValueError):
+class GGUFContentsError(QuantMatrixError):
     """A GGUF file whose tensors cannot be loaded as the model (the message names the file)."""
 
     def __init__(self, path: Path, message: str):
-        super().__init__(f"{path}: {message}")
+        super().__init__(message, path=path)
 
 
 def check_denoiser_only(path: Path, tensors: dict) -> None:
