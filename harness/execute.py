@@ -6,6 +6,7 @@ happened in. This module runs inside the cell's isolated process (see runner.py)
 
 from __future__ import annotations
 
+import importlib
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,8 @@ def execute_cell(task: CellTask) -> Outcome:
         info = devices.device_info(cell.device)
         inputs, reference, source = prepare_cell(task)
         layout = measure.float_layout(build_skeleton(cell.model, dtype))
+        if engine.package:  # imported before memory is tracked (a no-op when the cell server preloaded it)
+            importlib.import_module(engine.import_name or engine.package)
 
         tracker = devices.memory_tracker(cell.device)
         tracker.reset()

@@ -15,6 +15,7 @@ import signal
 import socket
 import time
 import warnings
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -100,6 +101,15 @@ def pytest_configure_node(node) -> None:
     node.workerinput.update(quantmatrix_run=run_id, quantmatrix_results=str(results), quantmatrix_pin=json.dumps(pin))
 
 
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """`pytest -m matrix` selects only the matrix's cells: skip importing the harness's own test modules (they
+    import pandas, matplotlib, playwright: seconds before the first cell)."""
+    if (config.option.markexpr or "").strip() == "matrix" and collection_path.suffix == ".py" and \
+            collection_path.name.startswith("test_") and collection_path.name != "test_matrix.py":
+        return True
+    return None
+
+
 def _matrix(config: pytest.Config) -> Matrix:
     if _matrix_key not in config.stash:
         path = Path(config.getoption("matrix") or Path(config.rootpath, DEFAULT_MATRIX))
@@ -127,14 +137,19 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize("cell", cells, ids=[c.id for c in cells])
 
 
+# An engine is preloaded by the cell server when this many of the session's cells use it: its import (seconds)
+# is paid once per server instead of once per cell; for fewer cells, preloading in every xdist worker costs more.
+PRELOAD_FROM_CELLS = 3
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """The cell server preloads only the engines of the cells this session will run (all of them take ~10 s to
-    import; the smoke matrix needs three)."""
-    engines = {item.callspec.params["cell"].engine for item in session.items
-               if hasattr(item, "callspec") and "cell" in item.callspec.params}
+    """The cell server preloads the engines that enough of this session's cells use (importing all of them takes
+    ~10 s; the smoke matrix has one cell each of bnb and quanto), and starts before the first cell."""
+    engines = Counter(item.callspec.params["cell"].engine for item in session.items
+                      if hasattr(item, "callspec") and "cell" in item.callspec.params)
     if engines:
-        os.environ["QUANTMATRIX_PRELOAD"] = ",".join(sorted(engines))
-        if not session.config.pluginmanager.hasplugin("dsession"):  # not the xdist controller: cells run here
+        os.environ["QUANTMATRIX_PRELOAD"] = ",".join(sorted(e for e, n in engines.items() if n >= PRELOAD_FROM_CELLS))
+        if not session.config.pluginmanager.hasplugin("dsession") and not session.config.option.collectonly:
             from harness.runner import warm_up
 
             warm_up()
