@@ -22,7 +22,7 @@ HOSTILE = '<script>alert(1)</script>"\'><img src=x onerror=alert(2)>&amp;{{7*7}}
 
 @pytest.fixture(scope="module")
 def cpu_results(tmp_path_factory) -> Path:
-    """The default matrix, run for real on this machine (360 cells; about six minutes on two cores)."""
+    """The default matrix, run for real on this machine (360 cells; about four minutes on two cores)."""
     results = tmp_path_factory.mktemp("cpu") / "default.jsonl"
     proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "matrix", "--results", str(results), "-q",
                            "-p", "no:cacheprovider"],
