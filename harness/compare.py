@@ -10,7 +10,6 @@ the threshold), so CI can gate on it.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -25,10 +24,6 @@ class Change:
     kind: str  # "newly broken" | "newly fixed" | "newly drifted" | "slower" | "more memory"
     old: str
     new: str
-
-    @property
-    def text(self) -> str:
-        return f"{self.kind:<14} {self.id}  on {self.machine}: {self.old} -> {self.new}"
 
 
 @dataclass
@@ -69,7 +64,7 @@ def compare(old: report_data.Records, new: report_data.Records, threshold: float
             changes.items.append(Change(**where, kind="newly drifted", old=vo, new=f"{vn}: {r['note_new']}"))
         for metric, kind in (("latency_ratio", "slower"), ("mem_ratio", "more memory")):
             ro, rn = r[f"{metric}_old"], r[f"{metric}_new"]
-            if _finite(ro) and _finite(rn) and ro > 0 and rn / ro > 1 + threshold:
+            if report_data.finite(ro) and report_data.finite(rn) and ro > 0 and rn / ro > 1 + threshold:
                 changes.items.append(Change(**where, kind=kind, old=f"{ro:.3g}x baseline",
                                             new=f"{rn:.3g}x baseline ({rn / ro:.2f}x worse)"))
     order = ["newly broken", "slower", "more memory", "newly drifted", "newly fixed"]
@@ -79,10 +74,6 @@ def compare(old: report_data.Records, new: report_data.Records, threshold: float
 
 def _why(row: pd.Series, side: str) -> str:
     return (row[f"error_message_{side}"] or row[f"reason_{side}"] or "")[:160]
-
-
-def _finite(x) -> bool:
-    return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def render(changes: Changes) -> str:

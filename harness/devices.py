@@ -80,6 +80,12 @@ def device_info(device: str) -> dict[str, str | None]:
     return {"device_name": cpu_name(), "driver": None, "threads": torch.get_num_threads()}
 
 
+def is_oom(exc: BaseException) -> bool:
+    """Whether an exception means the device (or the host) ran out of memory."""
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+
+
 def cuda_capability() -> str | None:
     """The NVIDIA GPU's compute capability ("9.0"), read through nvidia-smi so that CUDA stays uninitialized here;
     None without an NVIDIA GPU. Rules may be limited by it (e.g. bitsandbytes types that need Turing, 7.5)."""

@@ -18,6 +18,7 @@ from harness.engines import ENGINES
 from harness.matrix import Cell, Settings
 from harness.models import build_model, build_skeleton, make_inputs
 from harness.offload import apply_offload
+from harness.results import device_absent
 from harness.verdict import ErrorInfo, Outcome
 
 
@@ -32,16 +33,11 @@ def unavailable_reason(cell: Cell) -> str | None:
     """Why the cell cannot run on this host, or None (cheap: no accelerator is initialized)."""
     reason = devices.unavailable_reason(cell.device)
     if reason:
-        return f"device {cell.device}: {reason}"
+        return device_absent(cell.device, reason)
     engine = ENGINES[cell.engine]
     if cell.load not in engine.loads:
         return f"engine {engine.name} does not offer the {cell.load} load mode"
     return engine.unavailable_reason(cell.qtype, cell.device)
-
-
-def is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (
-        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
 
 
 def error_info(exc: BaseException, stage: str) -> ErrorInfo:
@@ -148,7 +144,7 @@ def execute_cell(task: CellTask) -> Outcome:
                                          max_steps=s.max_steps, min_time_s=s.min_time_s, after_step=after_step)
         peak = tracker.peak()
     except Exception as exc:  # engine, accelerate and torch errors are the findings
-        status = "oom" if is_oom(exc) else "error"
+        status = "oom" if devices.is_oom(exc) else "error"
         return Outcome(status, error=error_info(exc, stage), reason=f"{type(exc).__name__} during {stage}",
                        device=info)
     metrics = {

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from harness.containers import check_container
+from harness.devices import is_oom
 from harness.engines import ENGINES, Engine
 from harness.engines.base import set_submodule
 from harness.errors import QuantMatrixError
@@ -38,10 +39,6 @@ class Loaded:
     disk_bytes: int | None = None
     name_hint: str | None = None  # pre-quantized files: "agrees" | "disagrees" | "no hint" (see check_name)
     name_hint_detail: str | None = None
-
-
-def is_resource_error(exc: BaseException) -> bool:
-    return isinstance(exc, (MemoryError, torch.OutOfMemoryError))
 
 
 def shared_file(path: Path, make: Callable[[Path], object]) -> Path:
@@ -169,7 +166,7 @@ def load_prequantized(engine: Engine, qtype: str, model: str, path: Path, dtype:
     try:
         loaded = engine.load(path, build_skeleton(model, dtype), dtype=dtype, device=device)
     except Exception as exc:
-        if str(path) in str(exc) or is_resource_error(exc):  # already names the file, or out of memory
+        if str(path) in str(exc) or is_oom(exc):  # already names the file, or out of memory
             raise
         # A library's bare assert or KeyError on a corrupt file becomes an error that says which file and where
         frame = traceback.extract_tb(exc.__traceback__)[-1]

@@ -29,6 +29,7 @@ DEFAULT_MATRIX = "matrices/default.toml"
 _matrix_key = pytest.StashKey[Matrix]()
 _run_key = pytest.StashKey["MatrixRun"]()
 _ids_key = pytest.StashKey[tuple]()  # (run id, results file), shared by xdist workers
+_env_key = pytest.StashKey[tuple]()  # (environment, versions) of this process
 
 
 class DriftWarning(UserWarning):
@@ -77,7 +78,7 @@ def _run_identity(config: pytest.Config) -> tuple[str, Path]:
         if not path.is_file():
             raise pytest.UsageError(f"--resume {resume}: no such results file")
         records, _ = read_records(path)
-        key = environment_key(_environment())
+        key = environment_key(_environment(config)[0])
         same = [r for r in records if environment_key(r["env"]) == key]
         if same:
             return same[-1]["run"], Path(results or path)
@@ -155,18 +156,19 @@ def pytest_collection_finish(session: pytest.Session) -> None:
             warm_up()
 
 
-def _environment() -> dict:
-    from harness.engines import ENGINES
-    from harness.results import environment
+def _environment(config: pytest.Config) -> tuple[dict, dict[str, str | None]]:
+    """This process's environment (for records) and the versions a rule's `versions` may name (an engine, torch,
+    triton, the NVIDIA GPU's compute capability), worked out once."""
+    if _env_key not in config.stash:
+        from harness.devices import cuda_capability
+        from harness.engines import ENGINES
+        from harness.results import environment
 
-    return environment({name: e.version() for name, e in ENGINES.items() if e.package})
-
-
-def _versions(env: dict) -> dict[str, str | None]:
-    """What a rule's `versions` may name: an engine, torch, triton, the NVIDIA GPU's compute capability."""
-    from harness.devices import cuda_capability
-
-    return {**env["engines"], "torch": env["torch"], "triton": env["triton"], "cuda_capability": cuda_capability()}
+        env = environment({name: e.version() for name, e in ENGINES.items() if e.package})
+        versions = {**env["engines"], "torch": env["torch"], "triton": env["triton"],
+                    "cuda_capability": cuda_capability()}
+        config.stash[_env_key] = (env, versions)
+    return config.stash[_env_key]
 
 
 class MatrixRun:
@@ -179,8 +181,7 @@ class MatrixRun:
         self.writer = ResultsWriter(self.results)
         self.matrix, self.workdir = matrix, workdir
         self.drift_fails = config.getoption("drift") == "fail"
-        self.env = _environment()
-        self.versions = _versions(self.env)
+        self.env, self.versions = _environment(config)
         self.measured: dict[Cell, dict] = {}  # metrics of the cells that ran, for claims against baselines
         self.done: dict[str, str] = {}  # cells a resumed run already recorded: id -> run
         if config.getoption("resume"):
@@ -301,7 +302,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     tr.write_line(f"results: {results}")
     matrix = _matrix(config)
     if matrix.rules:
-        versions = _versions(_environment())
+        versions = _environment(config)[1]
         tr.section(f"documented behaviour: the rules of {matrix.path.name}", sep="-")
         for line in rule_lines(matrix, versions, records):
             tr.write_line(line)

@@ -9,13 +9,15 @@ night, compares fairly.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from harness.matrix import BASELINE, OFFLOAD_MODES
-from harness.results import read_records
+from harness.results import is_device_absent, read_records
 
 PASSED = ("ok", "documented-error")
 BROKEN = ("fail", "crash", "timeout", "oom")
@@ -71,6 +73,17 @@ def _row(record: dict) -> dict:
 
 COLUMNS = list(_row({"run": "", "id": "", "cell": {k: "" for k in ("engine", "qtype", "load", "offload", "device",
                                                                   "model", "dtype")}, "verdict": ""}))
+
+
+def finite(value) -> bool:
+    """Whether a figure was measured: a finite number (not None, not NaN: pandas' "missing")."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def device_absent(rows: pd.DataFrame, device: str) -> bool:
+    """Whether every record of these rows says the device was absent on its machine (nothing to draw)."""
+    return bool((rows["verdict"] == "unavailable").all()
+                and rows["reason"].map(lambda r: is_device_absent(r, device)).all())
 
 
 def offload_order(values) -> list[str]:

@@ -10,7 +10,6 @@ writes record text with textContent only, so an error message can never become m
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 
@@ -36,13 +35,11 @@ VERDICTS = {
 
 
 def _num(value, fmt: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    return format(value, fmt)
+    return format(value, fmt) if report_data.finite(value) else ""
 
 
 def _mib(value) -> str:
-    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value / 2**20:.1f} MiB"
+    return f"{value / 2**20:.1f} MiB" if report_data.finite(value) else ""
 
 
 def figures(row: pd.Series) -> list[tuple[str, str]]:
@@ -92,8 +89,7 @@ def grids(latest: pd.DataFrame) -> list[dict]:
     out = []
     several = latest.groupby("machine")["versions"].nunique()
     for (machine, versions, device), rows in latest.groupby(["machine", "versions", "device"], sort=True):
-        absent = rows["reason"].str.startswith(f"device {device}:").all() and (rows["verdict"] == "unavailable").all()
-        if absent:
+        if report_data.device_absent(rows, device):
             continue
         names = rows["device_name"].dropna()
         offloads = report_data.offload_order(rows["offload"])
@@ -142,12 +138,10 @@ TABLE_COLUMNS = [("machine", "machine"), ("id", "cell"), ("verdict", "verdict"),
                  ("error_message", "error")]
 
 
-def _cell_value(value):
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
+def _cell_value(value) -> str:
     if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+        return f"{value:.4g}" if report_data.finite(value) else ""
+    return "" if value is None else str(value)
 
 
 def build(records: report_data.Records, out_dir: Path, *, previous: report_data.Records | None = None,
@@ -181,6 +175,6 @@ def build(records: report_data.Records, out_dir: Path, *, previous: report_data.
 def _absent(latest: pd.DataFrame) -> list[tuple[str, str, int]]:
     out = []
     for (machine, device), rows in latest.groupby(["machine", "device"], sort=True):
-        if (rows["verdict"] == "unavailable").all() and rows["reason"].str.startswith(f"device {device}:").all():
+        if report_data.device_absent(rows, device):
             out.append((machine, device, len(rows)))
     return out

@@ -3,7 +3,6 @@ figures in the cells, then the documented errors that still hold and the documen
 
 from __future__ import annotations
 
-import math
 
 import pandas as pd
 
@@ -17,9 +16,9 @@ def _cell(row: pd.Series | None) -> str:
     symbol, label, _ = VERDICTS.get(row["verdict"], ("?", row["verdict"], ""))
     if row["verdict"] in report_data.RAN:
         parts = [f"{row['bits_per_weight']:.1f} b/w"]
-        if isinstance(row["latency_ratio"], float) and math.isfinite(row["latency_ratio"]):
+        if report_data.finite(row["latency_ratio"]):
             parts.append(f"{row['latency_ratio']:.2f}x time")
-        if isinstance(row["mem_ratio"], float) and math.isfinite(row["mem_ratio"]):
+        if report_data.finite(row["mem_ratio"]):
             parts.append(f"{row['mem_ratio']:.2f}x mem")
         text = ", ".join(parts)
         return f"{symbol} {text}" + (" (drift)" if row["verdict"].startswith("drift") else "")
@@ -36,7 +35,7 @@ def render(records: report_data.Records) -> str:
              "Cells: ✓ works, ⊘ fails as documented, ⚠ documentation drift, ✗ fails, – unavailable. Figures: bits "
              "per weight, latency and peak memory as multiples of the unquantized baseline in the same mode.", ""]
     for (machine, versions, device), rows in latest.groupby(["machine", "versions", "device"], sort=True):
-        if (rows["verdict"] == "unavailable").all() and rows["reason"].str.startswith(f"device {device}:").all():
+        if report_data.device_absent(rows, device):
             continue
         offloads = report_data.offload_order(rows["offload"])
         for (model, dtype), group in rows.groupby(["model", "dtype"], sort=True):

@@ -40,6 +40,15 @@ def environment(engine_versions: dict[str, str | None]) -> dict[str, Any]:
             "torch": torch.__version__, "triton": triton, "cpu": cpu_name(), "engines": engine_versions}
 
 
+def device_absent(device: str, why: str) -> str:
+    """The reason recorded for a cell whose device this host lacks (reports and summaries recognise it)."""
+    return f"device {device}: {why}"
+
+
+def is_device_absent(reason: str | None, device: str) -> bool:
+    return bool(reason) and reason.startswith(f"device {device}: ")
+
+
 ENVIRONMENT_KEYS = ("host", "cpu", "os", "python", "torch", "triton", "engines")
 
 

@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 
 from harness.matrix import Matrix
+from harness.results import is_device_absent
 from harness.verdict import Verdict
 
 
@@ -43,7 +44,7 @@ class RuleTally:
         elif verdict is Verdict.UNAVAILABLE:
             self.counts["not checked"] += 1
             reason = record.get("reason") or "unavailable"
-            if reason.startswith(f"device {device}:"):
+            if is_device_absent(reason, device):
                 self.absent[device] += 1
             else:
                 self.unchecked[reason] += 1

@@ -17,6 +17,16 @@ import torch
 from torch import nn
 
 
+def safetensors_contents(path: Path) -> tuple[dict[str, str], list[str]] | None:
+    """(metadata, tensor names) of a .safetensors file, for an engine's `recognise`; None for other files."""
+    from safetensors import safe_open
+
+    if path.suffix != ".safetensors":
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}, list(f.keys())
+
+
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, module)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from harness.engines.base import Engine
+from harness.engines.base import Engine, safetensors_contents
 
 QMAP_KEY = "quanto.quantization_map"
 
@@ -63,15 +63,13 @@ class QuantoEngine(Engine):
     def recognise(self, path: Path) -> str | None:
         """Quanto's quantization map (stored in the safetensors metadata) names the weight type; every quantized
         weight is stored as `_data` and `_scale` tensors."""
-        from safetensors import safe_open
-
-        if path.suffix != ".safetensors":
+        contents = safetensors_contents(path)
+        if contents is None:
             return None
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if QMAP_KEY not in meta or not any(k.endswith(".weight._scale") for k in f.keys()):
-                return None
-            kinds = {entry.get("weights") for entry in json.loads(meta[QMAP_KEY]).values()}
+        meta, names = contents
+        if QMAP_KEY not in meta or not any(k.endswith(".weight._scale") for k in names):
+            return None
+        kinds = {entry.get("weights") for entry in json.loads(meta[QMAP_KEY]).values()}
         if len(kinds) != 1:
             return None
         kind = kinds.pop()

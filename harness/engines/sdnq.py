@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from harness.engines.base import Engine
+from harness.engines.base import Engine, safetensors_contents
 
 CONFIG_KEY = "sdnq.quantization_config"
 
@@ -56,13 +56,11 @@ class SDNQEngine(Engine):
 
     def recognise(self, path: Path) -> str | None:
         """The SDNQConfig in the metadata names the weight type; quantized layers store `scale` beside `weight`."""
-        from safetensors import safe_open
-
-        if path.suffix != ".safetensors":
+        contents = safetensors_contents(path)
+        if contents is None:
             return None
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if CONFIG_KEY not in meta or not any(k.endswith(".scale") for k in f.keys()):
-                return None
+        meta, names = contents
+        if CONFIG_KEY not in meta or not any(k.endswith(".scale") for k in names):
+            return None
         qtype = json.loads(meta[CONFIG_KEY]).get("weights_dtype")
         return qtype if qtype in self.qtypes else None
