@@ -5,9 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-pytest.importorskip("gguf")
-
-from harness.engines.gguf_engine import GGUFEngine  # noqa: E402
+from harness.engines.gguf_engine import GGUFEngine
 
 SHAPE, TOKENS = (1024, 1024), 256
 

@@ -180,5 +180,6 @@ def _check_gguf(path: Path, f, size: int) -> None:
     start = -(-r.pos // alignment) * alignment
     for name, offset, nbytes in tensors:
         if start + offset + nbytes > size:
-            raise QuantMatrixError(f"GGUF tensor {name[:80]!r}: data at bytes {start + offset}..{start + offset + nbytes} "
+            raise QuantMatrixError(f"GGUF tensor {name[:80]!r}: data at bytes "
+                                   f"{start + offset}..{start + offset + nbytes} "
                                    f"runs past the end of the {size}-byte file (truncated)", path=path)

@@ -23,7 +23,8 @@ def unavailable_reason(device: str) -> str | None:
         if device == "cuda" and hip:
             return "this torch is a ROCm/HIP build; its GPUs are the 'rocm' device"
         if device == "rocm" and not hip:
-            return "this torch is not a ROCm/HIP build" + (f" (it is CUDA {torch.version.cuda})" if torch.version.cuda else "")
+            cuda = f" (it is CUDA {torch.version.cuda})" if torch.version.cuda else ""
+            return "this torch is not a ROCm/HIP build" + cuda
         if not torch.cuda.is_available():
             return f"no {'AMD' if hip else 'NVIDIA'} GPU visible to torch"
         return None

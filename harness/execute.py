@@ -6,7 +6,6 @@ happened in. This module runs inside the cell's isolated process (see runner.py)
 
 from __future__ import annotations
 
-import importlib
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,12 +13,12 @@ from pathlib import Path
 import torch
 
 from harness import devices, loading, measure
-from harness.engines import ENGINES
+from harness.engines import ENGINES, NotOffered
 from harness.matrix import Cell, Settings
 from harness.models import build_model, build_skeleton, make_inputs
 from harness.offload import apply_offload
 from harness.results import device_absent
-from harness.verdict import ErrorInfo, Outcome
+from harness.verdict import Absence, ErrorInfo, Outcome
 
 
 @dataclass(frozen=True)
@@ -29,15 +28,18 @@ class CellTask:
     workdir: Path  # shared by the run's cells: reference outputs, checkpoints, pre-quantized files
 
 
-def unavailable_reason(cell: Cell) -> str | None:
-    """Why the cell cannot run on this host, or None (cheap: no accelerator is initialized)."""
+def unavailable(cell: Cell) -> Outcome | None:
+    """The harness's own knowledge that the cell cannot run on this host, or None (cheap: no accelerator is
+    initialized). Only this and an engine's NotOffered make a cell unavailable."""
     reason = devices.unavailable_reason(cell.device)
     if reason:
-        return device_absent(cell.device, reason)
+        return Outcome.unavailable(Absence.DEVICE, device_absent(cell.device, reason))
     engine = ENGINES[cell.engine]
     if cell.load not in engine.loads:
-        return f"engine {engine.name} does not offer the {cell.load} load mode"
-    return engine.unavailable_reason(cell.qtype, cell.device)
+        return Outcome.unavailable(Absence.NOT_OFFERED, f"engine {engine.name} does not offer the {cell.load} "
+                                                        "load mode")
+    reason = engine.unavailable_reason(cell.qtype, cell.device)
+    return None if reason is None else Outcome.unavailable(Absence.PACKAGE, reason)
 
 
 def error_info(exc: BaseException, stage: str) -> ErrorInfo:
@@ -96,9 +98,9 @@ def prepare_cell(task: CellTask) -> tuple[dict[str, torch.Tensor], torch.Tensor,
 
 def execute_cell(task: CellTask) -> Outcome:
     cell, s = task.cell, task.settings
-    reason = unavailable_reason(cell)
-    if reason:
-        return Outcome("unavailable", reason=reason)
+    absent = unavailable(cell)
+    if absent is not None:
+        return absent
     engine = ENGINES[cell.engine]
     dtype, device = getattr(torch, cell.dtype), devices.torch_device(cell.device)
     stage = "prepare"
@@ -107,8 +109,7 @@ def execute_cell(task: CellTask) -> Outcome:
         info = devices.device_info(cell.device)
         inputs, reference, source = prepare_cell(task)
         layout = measure.float_layout(build_skeleton(cell.model, dtype))
-        if engine.package:  # imported before memory is tracked (a no-op when the cell server preloaded it)
-            importlib.import_module(engine.import_name or engine.package)
+        engine.import_package()  # before memory is tracked (a no-op when the cell server preloaded it)
 
         tracker = devices.memory_tracker(cell.device)
         tracker.reset()
@@ -143,6 +144,8 @@ def execute_cell(task: CellTask) -> Outcome:
             latency = measure.time_steps(step, cell.device, warmup=s.warmup, min_steps=s.min_steps,
                                          max_steps=s.max_steps, min_time_s=s.min_time_s, after_step=after_step)
         peak = tracker.peak()
+    except NotOffered as exc:  # a fact about the engine, declared by the harness's own engine module
+        return Outcome.unavailable(Absence.NOT_OFFERED, str(exc))
     except Exception as exc:  # engine, accelerate and torch errors are the findings
         status = "oom" if devices.is_oom(exc) else "error"
         return Outcome(status, error=error_info(exc, stage), reason=f"{type(exc).__name__} during {stage}",

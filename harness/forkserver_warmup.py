@@ -1,27 +1,88 @@
-"""Imported once by the cell runner's forkserver so each forked cell does not import these again.
+"""Imported once by the cell runner's forkserver (the cell server) so each forked cell does not import these again.
 
-Only imports: no tensor is computed here, so no thread pool or accelerator context exists before the fork. The
-engines' packages are preloaded only by a torch built for the CPU alone: bitsandbytes and SDNQ query the GPU when
-imported (`torch.cuda.get_device_capability`), which initializes CUDA, and a CUDA context does not survive a fork
-("Cannot re-initialize CUDA in forked subprocess"). With a GPU build each cell imports them itself.
+Only imports: no tensor is computed here, so no accelerator context exists before the fork. The engines' packages
+are preloaded only by a torch built for the CPU alone: bitsandbytes and SDNQ query the GPU when imported
+(`torch.cuda.get_device_capability`), which initializes CUDA, and a CUDA context does not survive a fork ("Cannot
+re-initialize CUDA in forked subprocess"). With a GPU build each cell imports them itself.
 torch imports several modules lazily on the first use of some ops (sympy through torch.fx's symbolic shapes, on the
 first `Module.to_empty`, 0.4 s) and torch._dynamo (through accelerate's hooked forward, 1.6 s), which every
 fresh process would pay again and which would inflate the peak RSS of the cells that trigger them.
+
+The server holds no thread but its main one when it forks a cell. A fork copies only the forking thread: a lock
+another thread held at that moment stays held forever in the cell, and a thread pool whose worker was alive
+believes it still has one. That is how SDNQ's cells deadlocked in full runs: sdnq's import test-compiles a function
+with torch.compile; with an empty inductor cache (a fresh machine) the C++ build went to inductor's compile thread
+pool (`AsyncCompile.pool()`), so the server held that pool with an idle worker. A cell inherited the pool, its
+idle count and its (dead) worker; the cell's first new kernel build was queued to it, no thread was started, and
+the cell slept in `future.result()` until the timeout. So after the preload the compile pools are shut down and
+forgotten (`_release_threads`), tqdm's monitor is off, NNCF's telemetry is declined (engines/nncf_engine.py),
+OpenBLAS starts no thread pool, and every fork is checked (`threads_at_fork`): a cell forked from a server with
+other threads refuses to run and names them.
 """
 
-from pathlib import Path
+import os
 
-import accelerate  # noqa: F401  (offload hooks)
-import accelerate.hooks  # noqa: F401
-import safetensors.torch  # noqa: F401  (checkpoints, references)
-import torch
-import torch._dynamo  # noqa: F401  (accelerate's hooks import it on the first hooked forward)
-import torch._refs  # noqa: F401
-import torch.fx.experimental.symbolic_shapes  # noqa: F401
+# OpenBLAS (numpy's and scipy's) starts a thread pool when loaded; one thread each is all a forked cell keeps.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import harness.execute  # noqa: F401
-import harness.offload  # noqa: F401
+import threading  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+try:  # engines' progress bars (a dependency of sdnq, gguf, nncf and diffusers, not of the harness)
+    import tqdm  # noqa: E402
+
+    # tqdm starts a monitor thread with its first progress bar (sdnq makes one on import); it only tunes refresh
+    # rates of bars nobody watches here.
+    tqdm.tqdm.monitor_interval = 0
+except ImportError:
+    pass
+
+import accelerate  # noqa: E402, F401  (offload hooks)
+import accelerate.hooks  # noqa: E402, F401
+import safetensors.torch  # noqa: E402, F401  (checkpoints, references)
+import torch  # noqa: E402
+import torch._dynamo  # noqa: E402, F401  (accelerate's hooks import it on the first hooked forward)
+import torch._refs  # noqa: E402, F401
+import torch.fx.experimental.symbolic_shapes  # noqa: E402, F401
+
+import harness.execute  # noqa: E402, F401
+import harness.offload  # noqa: E402, F401
 from harness.engines import ENGINES  # noqa: E402
+
+
+def other_threads() -> list[str]:
+    """The threads of this process besides the calling one: the Python name where Python knows the thread,
+    else the kernel's name for it (a native thread started by a library)."""
+    me = threading.get_native_id()
+    python = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
+    try:
+        tasks = sorted(Path("/proc/self/task").iterdir(), key=lambda p: int(p.name))
+    except OSError:  # no /proc (macOS): the threads Python knows
+        return [f"{name!r} (Python thread {tid})" for tid, name in python.items() if tid != me]
+    out = []
+    for task in tasks:
+        tid = int(task.name)
+        if tid == me:
+            continue
+        try:
+            comm = (task / "comm").read_text().strip()
+        except OSError:  # it ended while we looked
+            continue
+        out.append(f"{python[tid]!r} (Python thread {tid})" if tid in python else f"{comm!r} (native thread {tid})")
+    return out
+
+
+# What the server held besides its main thread when it forked the current process (set by the fork hook below,
+# copied into the child with the rest of memory).
+threads_at_fork: list[str] = []
+
+
+def _before_fork() -> None:
+    global threads_at_fork
+    threads_at_fork = other_threads()
+    if threads_at_fork:
+        print(f"quantmatrix cell server: forking a cell while holding other threads: {', '.join(threads_at_fork)}",
+              flush=True, file=__import__("sys").stderr)
 
 
 def _accelerator_build() -> bool:
@@ -39,23 +100,20 @@ def _cuda_driver_loaded() -> bool:
 
 
 def _import_engines() -> None:
-    """The installed engines' packages, so that no cell pays for their import (seconds each)."""
-    import importlib
+    """The installed engines' packages that the run's cells use, so that no cell pays for their import."""
     import importlib.util
     import logging
 
     if _accelerator_build():
         return
-    import os
-
     wanted = os.environ.get("QUANTMATRIX_PRELOAD")  # the engines of the run's cells (set by the pytest plugin)
     for name, engine in ENGINES.items():
         if wanted is not None and name not in wanted.split(","):
             continue
-        name = engine.import_name or engine.package
-        if name and importlib.util.find_spec(name) is not None:
+        module = engine.import_name or engine.package
+        if module is None or importlib.util.find_spec(module) is not None:
             try:
-                importlib.import_module(name)
+                engine.import_package()
             except Exception as exc:  # the engine's cells will raise it again and record it
                 logging.getLogger(__name__).warning("preloading %s failed: %s", name, exc)
     if torch.cuda.is_initialized() or _cuda_driver_loaded():
@@ -64,4 +122,21 @@ def _import_engines() -> None:
                                             "will fail until that import is kept out of the preload")
 
 
+def _release_threads() -> None:
+    """Shut down the thread and process pools that imports left behind, and forget them, so that a forked cell
+    makes its own (inductor's compile pools; an engine's import may compile, as sdnq's does)."""
+    import sys
+
+    async_compile = sys.modules.get("torch._inductor.async_compile")
+    if async_compile is not None:
+        compile_ = async_compile.AsyncCompile
+        if compile_.pool.cache_info().currsize:
+            compile_.pool().shutdown(wait=True)
+            compile_.pool.cache_clear()
+        async_compile.shutdown_compile_workers()  # the subprocess pool, if one was started
+        compile_._ready_future = None
+
+
 _import_engines()
+_release_threads()
+os.register_at_fork(before=_before_fork)

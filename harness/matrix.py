@@ -113,7 +113,8 @@ class Expectation:
     rule: int | None = None  # index of the rule in its matrix file; None: no rule matched
 
     def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {k: v for k, v in vars(self).items() if v is not None and k not in ("claims", "tolerance")}
+        out: dict[str, Any] = {k: v for k, v in vars(self).items()
+                               if v is not None and k not in ("claims", "tolerance")}
         if self.claims:
             out["claims"], out["tolerance"] = list(self.claims), self.tolerance
         return out

@@ -56,8 +56,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="per-cell memory cap for CPU cells (default: the matrix's settings.memory_limit_mb)")
 
 
+def _matrix_run_requested(config: pytest.Config) -> bool:
+    return "matrix" in (config.option.markexpr or "").replace("not matrix", "") or \
+        config.getoption("matrix") is not None
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "matrix: a cell of the quantization matrix (select with -m matrix)")
+    if _matrix_run_requested(config) and not hasattr(config, "workerinput"):
+        _matrix(config)  # a broken matrix file stops the run here: one line, exit status 4 (pytest's usage error)
     worker = getattr(config, "workerinput", None)
     if worker is not None and "quantmatrix_run" in worker:  # a pytest-xdist worker: the controller decided
         os.environ.update(json.loads(worker["quantmatrix_pin"]))  # before anything asks for a device
@@ -83,7 +90,8 @@ def _run_identity(config: pytest.Config) -> tuple[str, Path]:
         if same:
             return same[-1]["run"], Path(results or path)
         return f"{stamp}-{socket.gethostname()}", Path(results or path)
-    return f"{stamp}-{socket.gethostname()}", Path(results or Path(config.rootpath, "results", f"{stamp}.jsonl"))
+    where = config.invocation_params.dir  # where the user ran pytest, whatever rootdir pytest picked
+    return f"{stamp}-{socket.gethostname()}", Path(results or Path(where, "results", f"{stamp}.jsonl"))
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -113,15 +121,21 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
 
 def _matrix(config: pytest.Config) -> Matrix:
     if _matrix_key not in config.stash:
-        path = Path(config.getoption("matrix") or Path(config.rootpath, DEFAULT_MATRIX))
+        path = Path(config.getoption("matrix") or _default_matrix(config))
         try:
             matrix = load_matrix(path)
-        except QuantMatrixError as exc:
+        except QuantMatrixError as exc:  # "file:line [key]: what is wrong", printed by pytest as one ERROR line
             raise pytest.UsageError(str(exc)) from None
         overrides = {k: v for k, v in (("cell_timeout_s", config.getoption("cell_timeout")),
                                        ("memory_limit_mb", config.getoption("memory_limit"))) if v is not None}
         config.stash[_matrix_key] = replace(matrix, settings=replace(matrix.settings, **overrides))
     return config.stash[_matrix_key]
+
+
+def _default_matrix(config: pytest.Config) -> Path:
+    """matrices/default.toml of the folder pytest runs in, else of the checkout this package runs from."""
+    here = Path(config.invocation_params.dir, DEFAULT_MATRIX)
+    return here if here.exists() else Path(__file__).resolve().parents[1] / DEFAULT_MATRIX
 
 
 def _wanted(config: pytest.Config, axis: str) -> list[str] | None:
@@ -217,12 +231,12 @@ class MatrixRun:
         return verdict, note, record
 
     def _execute(self, cell: Cell) -> Outcome:
-        from harness.execute import CellTask, unavailable_reason
+        from harness.execute import CellTask, unavailable
         from harness.runner import run_isolated
 
-        reason = unavailable_reason(cell)
-        if reason:
-            return Outcome("unavailable", reason=reason)
+        absent = unavailable(cell)
+        if absent is not None:
+            return absent
         s = self.matrix.settings
         return run_isolated(CellTask(cell, s, self.workdir), timeout_s=s.cell_timeout_s,
                             memory_limit_mb=s.memory_limit_mb)
@@ -259,7 +273,7 @@ def check_cell(run: MatrixRun, cell: Cell, request: pytest.FixtureRequest) -> st
     if verdict is Verdict.UNAVAILABLE:
         pytest.skip(f"unavailable: {note}")
     if verdict.is_drift and not run.drift_fails:
-        warnings.warn(DriftWarning(f"{cell.id}: {verdict.value}: {note}"))
+        warnings.warn(DriftWarning(f"{cell.id}: {verdict.value}: {note}"), stacklevel=2)
         return None
     if verdict.passed:
         return None

@@ -20,7 +20,7 @@ from harness.matrix import BASELINE, OFFLOAD_MODES
 from harness.results import is_device_absent, read_records
 
 PASSED = ("ok", "documented-error")
-BROKEN = ("fail", "crash", "timeout", "oom")
+BROKEN = ("fail", "crash", "timeout", "hang", "oom")
 RAN = ("ok", "drift-works", "drift-claim")
 
 
@@ -68,6 +68,8 @@ def _row(record: dict) -> dict:
                                                              sorted((env.get("engines") or {}).items()) if v)]),
         "started": record.get("started") or "", "duration_s": record.get("duration_s"),
         "output_tail": record.get("output_tail") or "",
+        "cpu_s": (record.get("process") or {}).get("cpu_s"),
+        "stacks": (record.get("process") or {}).get("stacks") or "",
     }
 
 

@@ -28,6 +28,7 @@ VERDICTS = {
     "fail": ("✗", "fails", "fail"),
     "crash": ("✗", "crashed", "fail"),
     "timeout": ("⧗", "timed out", "fail"),
+    "hang": ("✗", "hung (no CPU progress)", "fail"),
     "oom": ("✗", "out of memory", "fail"),
     "interrupted": ("…", "interrupted", "na"),
     "unavailable": ("–", "unavailable here", "na"),
@@ -65,6 +66,8 @@ def figures(row: pd.Series) -> list[tuple[str, str]]:
         out.append(("error", f"{row['error_type']}: {row['error_message']}"))
     elif row["reason"]:
         out.append(("reason", row["reason"]))
+    if row["stacks"]:  # a cell killed at its timeout: what every thread was doing
+        out.append(("threads' stacks at the timeout", row["stacks"]))
     out.append(("versions", f"torch {row['torch']}, {row['engine']} {row['engine_version'] or '-'}"))
     out.append(("run", f"{row['run']} ({row['started']})"))
     return out
@@ -154,7 +157,7 @@ def build(records: report_data.Records, out_dir: Path, *, previous: report_data.
     drift = latest[latest["verdict"].str.startswith("drift-")]
     plots = report_plots.write_all(latest, out_dir / "plots")
     csv = out_dir / "cells.csv"
-    records.frame.drop(columns=["output_tail"]).to_csv(csv, index=False)
+    records.frame.drop(columns=["output_tail", "stacks"]).to_csv(csv, index=False)
     changes = compare_mod.compare(previous, records) if previous is not None else None
     env = jinja2.Environment(loader=jinja2.PackageLoader("harness", "templates"),
                              autoescape=jinja2.select_autoescape(default=True, default_for_string=True),

@@ -3,7 +3,6 @@ figures in the cells, then the documented errors that still hold and the documen
 
 from __future__ import annotations
 
-
 import pandas as pd
 
 from harness import report_data

@@ -58,7 +58,7 @@ def environment_key(env: dict[str, Any]) -> str:
 
 
 def now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def _finite(value: Any) -> Any:
@@ -78,6 +78,8 @@ def make_record(run: str, cell: Cell, expect: Expectation, verdict: Verdict, not
     return _finite({
         "schema": SCHEMA, "run": run, "id": cell.id, "cell": cell.as_dict(), "expect": expect.as_dict(),
         "verdict": verdict.value, "note": note, "reason": outcome.reason,
+        "absence": outcome.absence and outcome.absence.value,
+        **({"process": outcome.process} if outcome.process else {}),
         "error": None if outcome.error is None else vars(outcome.error).copy(),
         "metrics": outcome.metrics or None, "output_tail": outcome.output_tail,
         "env": {**env, **outcome.device}, "started": started, "duration_s": round(duration_s, 4),

@@ -8,7 +8,9 @@ pytest-timeout's signal method cannot stop native code and its thread method kil
 touches an accelerator, each cell is a cheap fork of it, and the parent turns the child's fate into a verdict:
 
 - the child's report (Outcome as JSON) when it finishes;
-- `timeout` when it runs past the cell timeout (its whole process group is killed);
+- `hang` when it runs past the cell timeout without using the CPU at the end (a deadlock: asleep in a lock or a
+  wait), `timeout` when it was still computing; either way every thread's Python stack (faulthandler, on SIGUSR1)
+  and the CPU time it used go into the record before its whole process group is killed;
 - `oom` when it ran out of memory (MemoryError / allocator error under the per-cell limit, or SIGKILL from the
   kernel's OOM killer);
 - `crash` when it died by any other signal or exited without reporting.
@@ -18,6 +20,7 @@ Whatever the cell leaves running (its process group) is killed when it ends.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import functools
 import json
 import multiprocessing
@@ -27,12 +30,17 @@ import signal
 import sys
 import tempfile
 import time
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from harness.execute import CellTask
-from harness.verdict import Outcome
+from harness.verdict import ErrorInfo, Outcome
 
 OUTPUT_TAIL_BYTES = 4000
+STACKS_BYTES = 32000  # every thread's stack of a killed cell (faulthandler caps each at 100 frames)
 
 
 @functools.cache
@@ -60,17 +68,35 @@ def _without_main_reimport():
             main.__file__ = path
 
 
-def _child_main(task: CellTask, result_path: str, log_path: str, memory_limit_mb: int) -> None:
+# A cell that overruns its timeout is asked for every thread's Python stack with this signal before it is killed.
+STACKS_SIGNAL = signal.SIGUSR1
+_stacks_file = None  # kept open for faulthandler for the life of the cell's process
+
+
+def _child_main(task: CellTask, result_path: str, log_path: str, memory_limit_mb: int,
+                stacks_path: str | None = None) -> None:
+    global _stacks_file
     os.setsid()  # its own process group, so everything it starts can be killed with it
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(log, 1)
     os.dup2(log, 2)
+    if stacks_path is not None:  # faulthandler writes from its C signal handler: it works in a deadlocked process
+        _stacks_file = open(stacks_path, "w")
+        faulthandler.register(STACKS_SIGNAL, file=_stacks_file, all_threads=True)
     if memory_limit_mb and task.cell.device == "cpu":
         vm = _vm_size()
         resource.setrlimit(resource.RLIMIT_AS, (vm + (memory_limit_mb << 20), resource.RLIM_INFINITY))
     from harness.execute import execute_cell
 
-    outcome = execute_cell(task)
+    server = sys.modules.get("harness.forkserver_warmup")
+    if server is not None and server.threads_at_fork:
+        # What those threads held (a lock, a pool's worker) is held forever here: the cell could deadlock.
+        outcome = Outcome("error", error=ErrorInfo(
+            "HarnessError", "the cell server held other threads than its main one when it forked this cell ("
+            + ", ".join(server.threads_at_fork) + "); a forked cell inherits whatever they held, so it was not run",
+            "", "process"), reason="the cell server was not thread-free at the fork")
+    else:
+        outcome = execute_cell(task)
     tmp = result_path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(outcome.as_dict(), f)
@@ -114,15 +140,99 @@ def _prepare_main(task: CellTask) -> None:
         pass
 
 
-def _run_process(ctx, target, args: tuple, name: str, timeout_s: float) -> tuple[int | None, float]:
+# A process that overran its timeout and used less than this share of one core over the last HANG_WINDOW_S
+# seconds was asleep, not computing: a hang.
+HANG_CPU_SHARE = 0.02
+HANG_WINDOW_S = 10.0
+_POLL_S = 0.5
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of process `pid` and everything it started (its threads included)."""
+    try:
+        root = psutil.Process(pid)
+        total = 0.0
+        for p in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                total += t.user + t.system
+        return total
+    except psutil.Error:
+        return None
+
+
+@dataclass
+class Overrun:
+    """What the runner saw of a process it killed at the timeout."""
+
+    cpu_s: float | None  # CPU time used in all
+    window_s: float  # the last seconds before the timeout looked at for progress
+    window_cpu_s: float | None  # CPU time used in them
+    stacks: str | None  # every thread's Python stack (faulthandler), most recent call first
+
+    @property
+    def hung(self) -> bool:
+        return self.window_cpu_s is not None and self.window_cpu_s < HANG_CPU_SHARE * self.window_s
+
+    def as_dict(self) -> dict:
+        return {"cpu_s": self.cpu_s, "window_s": round(self.window_s, 2), "window_cpu_s": self.window_cpu_s,
+                "hung": self.hung, "stacks": self.stacks}
+
+
+def _join_watching_cpu(process, timeout_s: float) -> deque:
+    """Join `process` for up to `timeout_s`, sampling its CPU time: (time, cpu seconds) over the last window
+    (HANG_WINDOW_S, or the second half of a shorter timeout)."""
+    samples: deque = deque()
+    window = min(HANG_WINDOW_S, timeout_s / 2)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        now = time.monotonic()
+        cpu = _cpu_seconds(process.pid)
+        if cpu is not None:
+            samples.append((now, cpu))
+            while len(samples) > 2 and now - samples[1][0] >= window:
+                samples.popleft()
+        if now >= deadline:
+            return samples
+        process.join(min(_POLL_S, deadline - now))
+        if process.exitcode is not None:
+            return samples
+
+
+def _overrun(process, samples: deque, stacks_path: Path | None) -> Overrun:
+    """Ask the overrunning process for its threads' stacks, then describe what it was doing."""
+    stacks = None
+    if stacks_path is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, STACKS_SIGNAL)
+            deadline = time.monotonic() + 3.0
+            size = -1
+            while time.monotonic() < deadline:  # until the dump stops growing
+                time.sleep(0.1)
+                now = stacks_path.stat().st_size if stacks_path.exists() else 0
+                if now and now == size:
+                    break
+                size = now
+        stacks = _tail(stacks_path, STACKS_BYTES)
+    first, last = (samples[0], samples[-1]) if samples else ((0.0, None), (0.0, None))
+    window_cpu = None if last[1] is None or first[1] is None else round(last[1] - first[1], 3)
+    return Overrun(None if last[1] is None else round(last[1], 3), last[0] - first[0], window_cpu, stacks)
+
+
+def _run_process(ctx, target, args: tuple, name: str, timeout_s: float,
+                 stacks_path: Path | None = None) -> tuple[int | None, float, Overrun | None]:
     """Start `target` in a forked process (its own session), wait up to `timeout_s`, then kill whatever is left of
-    its process group. Returns its exit code (None: it was still running) and the seconds it ran."""
+    its process group. Returns its exit code (None: it was still running), the seconds it ran, and, when it
+    overran, what it was doing (stacks from `stacks_path`, where the process registered faulthandler)."""
     process = ctx.Process(target=target, args=args, name=name)
     started = time.monotonic()
     with _without_main_reimport():
         process.start()
+    overrun = None
     try:
-        process.join(timeout_s)
+        samples = _join_watching_cpu(process, timeout_s)
+        if process.exitcode is None:
+            overrun = _overrun(process, samples, stacks_path)
     except BaseException:  # Ctrl-C / SIGTERM: stop it now, then let the run stop
         _kill_group(process.pid)
         process.join()
@@ -130,7 +240,7 @@ def _run_process(ctx, target, args: tuple, name: str, timeout_s: float) -> tuple
     exitcode = process.exitcode
     _kill_group(process.pid)
     process.join()
-    return exitcode, time.monotonic() - started
+    return exitcode, time.monotonic() - started, overrun
 
 
 def _noop() -> None:
@@ -157,17 +267,18 @@ def run_isolated(task: CellTask, *, timeout_s: float, memory_limit_mb: int = 0) 
     if files_to_prepare(task):
         _run_process(ctx, _prepare_main, (task,), f"prepare {task.cell.id}", timeout_s)
     with tempfile.TemporaryDirectory(prefix="quantmatrix-cell-") as tmp:
-        result, log = Path(tmp, "outcome.json"), Path(tmp, "output.log")
-        exitcode, elapsed = _run_process(ctx, _child_main, (task, str(result), str(log), memory_limit_mb),
-                                         f"cell {task.cell.id}", timeout_s)
-        outcome = _outcome(exitcode, result, exitcode is None, timeout_s, elapsed)
+        result, log, stacks = Path(tmp, "outcome.json"), Path(tmp, "output.log"), Path(tmp, "stacks.txt")
+        exitcode, elapsed, overrun = _run_process(
+            ctx, _child_main, (task, str(result), str(log), memory_limit_mb, str(stacks)), f"cell {task.cell.id}",
+            timeout_s, stacks_path=stacks)
+        outcome = _outcome(exitcode, result, overrun, timeout_s, elapsed)
         outcome.output_tail = _tail(log)
     return outcome
 
 
-def _outcome(exitcode: int, result: Path, timed_out: bool, timeout_s: float, elapsed: float) -> Outcome:
-    if timed_out:
-        return Outcome("timeout", reason=f"no result after the cell timeout of {timeout_s:g} s; process killed")
+def _outcome(exitcode: int, result: Path, overrun: Overrun | None, timeout_s: float, elapsed: float) -> Outcome:
+    if overrun is not None:
+        return _overrun_outcome(overrun, timeout_s)
     if result.exists():
         return Outcome.from_dict(json.loads(result.read_text()))
     if exitcode < 0:
@@ -177,3 +288,36 @@ def _outcome(exitcode: int, result: Path, timed_out: bool, timeout_s: float, ela
                                          "(the kernel's OOM killer, most likely)")
         return Outcome("crash", reason=f"process died by signal {sig.name} ({-exitcode})")
     return Outcome("crash", reason=f"process exited with code {exitcode} before reporting")
+
+
+def _overrun_outcome(overrun: Overrun, timeout_s: float) -> Outcome:
+    cpu = "?" if overrun.cpu_s is None else f"{overrun.cpu_s:.1f}"
+    window = "?" if overrun.window_cpu_s is None else f"{overrun.window_cpu_s:.2f}"
+    if overrun.hung:
+        status, kind = "hang", "Hang"
+        reason = (f"no result after the cell timeout of {timeout_s:g} s, and no CPU progress in its last "
+                  f"{overrun.window_s:.0f} s ({window} CPU s; {cpu} CPU s in all): asleep, a deadlock; killed")
+    else:
+        status, kind = "timeout", "Timeout"
+        reason = (f"no result after the cell timeout of {timeout_s:g} s, still computing ({window} CPU s in its "
+                  f"last {overrun.window_s:.0f} s; {cpu} CPU s in all); killed")
+    return Outcome(status, error=ErrorInfo(kind, reason, _innermost_frames(overrun.stacks), "process"),
+                   reason=reason, process=overrun.as_dict())
+
+
+def _innermost_frames(stacks: str | None, frames: int = 4) -> str:
+    """The innermost frames of the thread that received the signal (the main thread, where the cell runs; the
+    first listed when faulthandler marks none), joined like ErrorInfo.where."""
+    if not stacks:
+        return "(no stack: the process did not answer the stack request)"
+    lines = [line.strip() for line in stacks.splitlines()]
+    current = next((i for i, line in enumerate(lines) if line.startswith("Current thread")), 0)
+    out = []
+    for line in lines[current + 1:]:
+        if line.startswith("File "):
+            out.append(line.removeprefix("File ").replace('"', ""))
+            if len(out) == frames:
+                break
+        elif out and not line:
+            break
+    return " <- ".join(out)

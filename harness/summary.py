@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 
 from harness.matrix import Matrix
 from harness.results import is_device_absent
-from harness.verdict import Verdict
+from harness.verdict import Absence, Verdict
 
 
 class RuleTally:
@@ -39,8 +39,11 @@ class RuleTally:
                 actual = "; ".join(f"{c['claim']}: {c.get('detail', '')}" for c in claims
                                    if c["status"] == "contradicted")
             self.drifted[f"{verdict.value} on {device}: {actual[:200]}"] += 1
-        elif verdict.passed or (verdict is Verdict.UNAVAILABLE and error):  # it failed, as documented
+        elif verdict.passed:
             self.counts["held"] += 1
+        elif (verdict is Verdict.UNAVAILABLE and record.get("absence") == Absence.NOT_OFFERED.value
+              and (record.get("expect") or {}).get("kind") == "unavailable"):
+            self.counts["held"] += 1  # the harness itself knows the engine does not offer it, as documented
         elif verdict is Verdict.UNAVAILABLE:
             self.counts["not checked"] += 1
             reason = record.get("reason") or "unavailable"

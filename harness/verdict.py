@@ -10,7 +10,7 @@ from typing import Any
 from harness.matrix import Expectation
 
 
-class Verdict(str, enum.Enum):
+class Verdict(enum.StrEnum):
     OK = "ok"
     DOCUMENTED_ERROR = "documented-error"
     DRIFT_WORKS = "drift-works"
@@ -18,7 +18,8 @@ class Verdict(str, enum.Enum):
     DRIFT_CLAIM = "drift-claim"  # worked, but a documented claim about its measurements does not hold
     FAIL = "fail"
     CRASH = "crash"
-    TIMEOUT = "timeout"
+    TIMEOUT = "timeout"  # still computing at the cell timeout: a slow cell
+    HANG = "hang"  # asleep at the cell timeout, no CPU progress: a deadlock
     OOM = "oom"
     INTERRUPTED = "interrupted"
     UNAVAILABLE = "unavailable"
@@ -37,6 +38,15 @@ class Verdict(str, enum.Enum):
         return self in (Verdict.OK, Verdict.DRIFT_WORKS, Verdict.DRIFT_CLAIM)
 
 
+class Absence(enum.StrEnum):
+    """Why the harness declared a cell unavailable: the only three sources of an `unavailable` verdict. An
+    exception raised by an engine, diffusers or accelerate is never one of them."""
+
+    DEVICE = "device-absent"  # this host lacks the device
+    PACKAGE = "package-missing"  # the engine's package, or a package it needs for this type, is not installed
+    NOT_OFFERED = "not-offered"  # the engine does not offer this operation or load mode (engines.NotOffered)
+
+
 @dataclass
 class ErrorInfo:
     type: str
@@ -53,23 +63,31 @@ class ErrorInfo:
 class Outcome:
     """What a cell's process reported, or what the runner saw of it."""
 
-    status: str  # "ran" | "error" | "oom" | "unavailable" | "crash" | "timeout" | "interrupted"
+    status: str  # "ran" | "error" | "oom" | "unavailable" | "crash" | "timeout" | "hang" | "interrupted"
     metrics: dict[str, Any] = field(default_factory=dict)
     error: ErrorInfo | None = None
     reason: str | None = None
     device: dict[str, Any] = field(default_factory=dict)  # device_name, driver, ...
     output_tail: str | None = None
+    absence: Absence | None = None  # set with status "unavailable", and only then
+    process: dict[str, Any] = field(default_factory=dict)  # what the runner saw of a killed process (timeout)
+
+    @classmethod
+    def unavailable(cls, absence: Absence, reason: str) -> Outcome:
+        return cls("unavailable", reason=reason, absence=absence)
 
     def as_dict(self) -> dict[str, Any]:
         return {"status": self.status, "metrics": self.metrics, "reason": self.reason, "device": self.device,
-                "output_tail": self.output_tail,
-                "error": None if self.error is None else vars(self.error).copy()}
+                "output_tail": self.output_tail, "absence": self.absence and self.absence.value,
+                "process": self.process, "error": None if self.error is None else vars(self.error).copy()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Outcome:
         error = data.get("error")
+        absence = data.get("absence")
         return cls(data["status"], data.get("metrics") or {}, ErrorInfo(**error) if error else None,
-                   data.get("reason"), data.get("device") or {}, data.get("output_tail"))
+                   data.get("reason"), data.get("device") or {}, data.get("output_tail"),
+                   Absence(absence) if absence else None, data.get("process") or {})
 
 
 @dataclass
@@ -141,7 +159,7 @@ def check_claims(expect: Expectation, metrics: dict[str, Any], baseline: dict[st
     return results
 
 
-_PROCESS_VERDICTS = {"crash": Verdict.CRASH, "timeout": Verdict.TIMEOUT, "oom": Verdict.OOM,
+_PROCESS_VERDICTS = {"crash": Verdict.CRASH, "timeout": Verdict.TIMEOUT, "hang": Verdict.HANG, "oom": Verdict.OOM,
                      "interrupted": Verdict.INTERRUPTED}
 
 
@@ -163,9 +181,12 @@ def judge(expect: Expectation, outcome: Outcome, claims: list[ClaimResult] = ())
             return Verdict.OK, "worked as expected" + (f"; claims held: {', '.join(held)}" if held else "")
         return Verdict.FAIL, f"expected to work, raised {error.text if error else outcome.status}"
     if expect.kind == "unavailable":
+        # Only the harness declares a cell unavailable (status "unavailable", handled above): an exception from the
+        # engine, diffusers or accelerate where a rule documents "unavailable" is a finding, not a skip.
         if outcome.status == "ran":
-            return Verdict.DRIFT_WORKS, f"documented as unavailable ({expect.reason}), but it worked"
-        return Verdict.UNAVAILABLE, f"{expect.reason} (raised {error.text if error else outcome.status})"
+            return Verdict.DRIFT_WORKS, f"documented as unavailable ({expect.reason}){source}, but it worked"
+        return Verdict.DRIFT_ERROR, (f"documented as unavailable ({expect.reason}){source}, but it ran and raised "
+                                     f"{error.text if error else outcome.status}")
     # expect.kind == "error"
     if outcome.status == "ran":
         return Verdict.DRIFT_WORKS, f"documented to fail with /{expect.pattern}/{source}, but it worked"

@@ -4,7 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from harness.cli import main
 from harness.engines import ENGINES
 from harness.models import build_model
@@ -39,7 +38,8 @@ def test_detect_confirms_conventional_names_that_agree(tmp_path, capsys):
 
     model = build_model("dit-xs")
     nf4 = ENGINES["bnb"].save(ENGINES["bnb"].quantize(build_model("dit-xs"), "nf4", dtype=torch.float32,
-                                                      device=torch.device("cpu")), "nf4", tmp_path / "flux-nf4.safetensors")
+                                                      device=torch.device("cpu")),
+                              "nf4", tmp_path / "flux-nf4.safetensors")
     qint = ENGINES["quanto"].save(ENGINES["quanto"].quantize(model, "qint8", dtype=torch.float32,
                                                              device=torch.device("cpu")), "qint8",
                                   tmp_path / "flux-qint.safetensors")

@@ -79,7 +79,8 @@ def test_sdnext_rules_report_per_rule_whether_the_documentation_held(tmp_path):
     records, skipped = read_records(results)
     assert skipped == []
     ids = [r["id"] for r in records]
-    assert ids.index("none/post-load/none/cpu/dit-xs/float32") < ids.index("gguf-Q8_0/post-load/none/cpu/dit-xs/float32")
+    baseline, quantized = "none/post-load/none/cpu/dit-xs/float32", "gguf-Q8_0/post-load/none/cpu/dit-xs/float32"
+    assert ids.index(baseline) < ids.index(quantized)
     gguf = next(r for r in records if r["id"] == "gguf-Q8_0/post-load/none/cpu/dit-xs/float32")
     assert {c["claim"]: c["status"] for c in gguf["claims"]} == {"smaller": "held", "slower": "held"}
     smaller = next(c for c in gguf["claims"] if c["claim"] == "smaller")

@@ -89,7 +89,7 @@ def test_more_bits_stay_closer_to_the_baseline(engine, qtypes, name):
     with torch.no_grad():
         reference = float_model(name)(**inputs)
         sqnr = [output_error(quantized(engine, q, name).eval()(**inputs), reference).sqnr_db for q in qtypes]
-    assert sqnr == sorted(sqnr, reverse=True), dict(zip(qtypes, sqnr))
+    assert sqnr == sorted(sqnr, reverse=True), dict(zip(qtypes, sqnr, strict=True))
 
 
 def written_files():
@@ -117,14 +117,14 @@ def sample_files(workdir):
     for engine, qtype in (("bnb", "nf4"), ("gguf", "Q4_0")):
         if available(engine):
             files.append(loading.prequantized_file(workdir, ENGINES[engine], qtype, "dit-xs", torch.float32, 0))
-    return [(p.suffix, p.read_bytes()) for p in files]
+    return [(p.suffix, p.read_bytes(), loading.detect(p)) for p in files]
 
 
 @given(data=st.data())
 @settings(max_examples=60, deadline=5000, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                  HealthCheck.too_slow])
 def test_corrupt_or_truncated_files_give_our_error_and_never_crash(sample_files, tmp_path, data):
-    suffix, blob = data.draw(st.sampled_from(sample_files))
+    suffix, blob, original = data.draw(st.sampled_from(sample_files))
     cut = data.draw(st.integers(0, len(blob) - 1))
     mutated = bytearray(blob[:cut] if data.draw(st.booleans()) else blob)
     for _ in range(data.draw(st.integers(0, 8))):
@@ -134,9 +134,16 @@ def test_corrupt_or_truncated_files_give_our_error_and_never_crash(sample_files,
     path = tmp_path / f"mutated{suffix}"
     path.write_bytes(bytes(mutated))
     try:
-        loading.detect(path)
-    except QuantMatrixError as exc:
+        found = loading.detect(path)
+    except QuantMatrixError as exc:  # refused: with our error, naming the file
         assert str(path) in str(exc)
+        assert mutated != blob, "an intact file was refused"
+        return
+    # read: as what some engine writes, and as what wrote it when nothing was changed
+    engine, qtype = found
+    assert qtype in ENGINES[engine].qtypes
+    if mutated == blob:
+        assert found == original
 
 
 def test_on_the_fly_peak_memory_stays_below_post_load(tmp_path):

@@ -1,12 +1,11 @@
 """GGUF: the torch kernels match gguf's reference dequantization bit for bit, per type."""
 
+import gguf  # a declared dependency: a broken install fails here, it is not skipped
 import numpy as np
 import pytest
 import torch
 
-gguf = pytest.importorskip("gguf")
-
-from harness.engines.gguf_engine import BLOCK, GGUFEngine, GGUFLinear, dequantize  # noqa: E402
+from harness.engines.gguf_engine import BLOCK, GGUFEngine, GGUFLinear, dequantize
 
 WRITABLE = GGUFEngine.qtypes
 

@@ -5,8 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from harness.measure import (bits_per_weight, digest, float_layout, output_error, stored_bytes, tensor_bytes,
-                             time_steps)
+from harness.measure import bits_per_weight, digest, float_layout, output_error, stored_bytes, tensor_bytes, time_steps
 from harness.models import build_model, build_skeleton
 
 

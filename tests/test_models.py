@@ -12,7 +12,7 @@ TINY = ["dit-xs", "unet-xs"]
 @pytest.mark.parametrize("name", TINY)
 def test_same_seed_gives_bit_identical_weights_inputs_and_output(name):
     a, b = build_model(name, seed=7), build_model(name, seed=7)
-    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert ka == kb and torch.equal(va, vb)
     xa, xb = make_inputs(name, seed=7), make_inputs(name, seed=7)
     assert all(torch.equal(xa[k], xb[k]) for k in xa)

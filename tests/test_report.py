@@ -40,7 +40,8 @@ def synthetic_machine(records: list[dict], *, host="gpu-box", speed=0.1) -> list
         r["id"] = r["id"].replace("/cpu/", "/cuda/")
         r["env"].update(host=host, cpu=None, device_name="Synthetic GPU 80GB", driver="999.1")
         if r.get("metrics"):
-            r["metrics"]["latency_ms"] = {k: v * speed if k != "n" else v for k, v in r["metrics"]["latency_ms"].items()}
+            latency = r["metrics"]["latency_ms"]
+            r["metrics"]["latency_ms"] = {k: v * speed if k != "n" else v for k, v in latency.items()}
             r["metrics"]["mem_kind"] = "vram"
         out.append(r)
     return out
@@ -62,7 +63,7 @@ def browser():
     except ImportError:
         exe = None
     if exe is None:
-        if os.environ.get("QUANTMATRIX_REQUIRE_BROWSER"):
+        if os.environ.get("QUANTMATRIX_REQUIRE_BROWSER", "0") not in ("", "0"):
             pytest.fail("no chromium or playwright, but QUANTMATRIX_REQUIRE_BROWSER is set (.ci/run installs both)")
         pytest.skip("needs Debian's chromium and playwright (.ci/run installs them)")
     return sync_playwright, exe
@@ -152,7 +153,8 @@ def test_hostile_strings_show_as_text_and_never_run(cpu_results, tmp_path):
 
     def visit(page):
         page.click("table.grid td.cell")
-        return page.inner_text("#detail"), page.inner_text("#drift-table"), page.eval_on_selector_all("table.env", "es => es.map(e => e.innerText).join()"), \
+        envs = page.eval_on_selector_all("table.env", "es => es.map(e => e.innerText).join()")
+        return page.inner_text("#detail"), page.inner_text("#drift-table"), envs, \
             page.evaluate("document.querySelectorAll('img[src=x], script').length")
 
     (detail, drift, environment, injected), errors, dialogs = open_report(index, tmp_path, visit)

@@ -27,15 +27,29 @@ def fault_cell(qtype: str) -> Cell:
     ("abort", "crash", "SIGABRT"),
     ("segfault", "crash", "SIGSEGV"),
     ("exit", "crash", "exited with code 3"),
-    ("hang", "timeout", "cell timeout of 3 s"),
+    ("hang", "hang", "cell timeout of 4 s, and no CPU progress"),
+    ("spin", "timeout", "cell timeout of 4 s, still computing"),
     ("oom", "oom", "MemoryError"),
     ("raise", "error", "ValueError during load"),
 ])
 def test_each_fault_gets_its_status(tmp_path, qtype, status, reason):
-    timeout_s = 3 if qtype == "hang" else 120
+    timeout_s = 4 if qtype in ("hang", "spin") else 120
     outcome = run_isolated(CellTask(fault_cell(qtype), QUICK, tmp_path), timeout_s=timeout_s, memory_limit_mb=768)
     assert outcome.status == status
     assert reason in outcome.reason
+
+
+@pytest.mark.parametrize("qtype, hung", [("hang", True), ("spin", False)])
+def test_a_cell_killed_at_its_timeout_carries_its_threads_stacks_and_cpu_time(tmp_path, qtype, hung):
+    outcome = run_isolated(CellTask(fault_cell(qtype), QUICK, tmp_path), timeout_s=4)
+    process = outcome.process
+    assert process["hung"] is hung
+    assert process["cpu_s"] is not None and (process["cpu_s"] < 1.5 if hung else process["cpu_s"] > 1.0)
+    # the Python stack of the thread that hung, down to the engine's frame, from faulthandler before the kill
+    assert "Current thread" in process["stacks"] and "fault.py" in process["stacks"]
+    assert "in quantize" in process["stacks"] and "execute.py" in process["stacks"]
+    assert outcome.error.type == ("Hang" if hung else "Timeout")
+    assert "fault.py" in outcome.error.where.split(" <- ")[0]  # innermost frame first
 
 
 def test_a_flood_of_output_is_kept_as_a_bounded_tail(tmp_path):
@@ -98,11 +112,13 @@ def test_a_run_goes_on_after_every_kind_of_fault_and_records_every_cell(tmp_path
         "fault-segfault/post-load/none/cpu/dit-xs/float32": "crash",
         "fault-exit/post-load/none/cpu/dit-xs/float32": "crash",
         "fault-raise/post-load/none/cpu/dit-xs/float32": "fail",
-        "fault-hang/post-load/none/cpu/dit-xs/float32": "timeout",
+        "fault-hang/post-load/none/cpu/dit-xs/float32": "hang",
         "fault-oom/post-load/none/cpu/dit-xs/float32": "oom",
         "fault-flood/post-load/none/cpu/dit-xs/float32": "ok",
         "fault-orphan/post-load/none/cpu/dit-xs/float32": "ok",
     }
+    hang = next(r for r in records if r["cell"]["qtype"] == "hang")
+    assert "fault.py" in hang["process"]["stacks"] and hang["error"]["type"] == "Hang"  # the record says why
     flood = next(r for r in records if r["cell"]["qtype"] == "flood")
     assert len(flood["output_tail"]) < OUTPUT_TAIL_BYTES + 100  # 8 MiB of output, a bounded excerpt kept
     assert all(r["output_tail"] is None or len(r["output_tail"]) < OUTPUT_TAIL_BYTES + 100 for r in records)
@@ -111,8 +127,8 @@ def test_a_run_goes_on_after_every_kind_of_fault_and_records_every_cell(tmp_path
     assert {p.pid for p in _sleepers()} - before == set()  # the orphan's child was killed with its cell
 
 
-INTERRUPT_MATRIX = FAULT_MATRIX.replace('qtype = ["abort", "segfault", "exit", "raise", "hang", "oom", "flood", "orphan"]',
-                                       'qtype = ["hang"]').replace(
+FAULT_QTYPES = 'qtype = ["abort", "segfault", "exit", "raise", "hang", "oom", "flood", "orphan"]'
+INTERRUPT_MATRIX = FAULT_MATRIX.replace(FAULT_QTYPES, 'qtype = ["hang"]').replace(
     'cell_timeout_s = 10', 'cell_timeout_s = 600')
 
 
@@ -163,3 +179,36 @@ def _age(p: psutil.Process) -> float:
         return time.time() - p.create_time()
     except psutil.NoSuchProcess:
         return 0.0
+
+
+UNAVAILABLE_OVER_A_RAISE = FAULT_MATRIX.replace('engine = ["fault", "none"]', 'engine = ["fault"]').replace(
+    FAULT_QTYPES, 'qtype = ["raise"]').replace('load = ["post-load"]', 'load = ["post-load", "on-the-fly"]') + """
+[[rule]]
+match = { engine = "fault" }
+expect = "unavailable"
+reason = "documented: the fault engine is not supported here"
+source = "a test's documentation"
+"""
+
+
+def test_an_engine_raising_where_unavailable_is_documented_is_drift_in_record_summary_and_report(tmp_path):
+    from harness import report_data, report_html
+
+    matrix, results = tmp_path / "unavailable.toml", tmp_path / "results.jsonl"
+    matrix.write_text(UNAVAILABLE_OVER_A_RAISE)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "matrix", "--matrix", str(matrix), "--results",
+                           str(results), "-p", "no:cacheprovider", "-q", str(REPO / "tests" / "test_matrix.py")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-3000:]  # drift fails the run (--drift fail, the default)
+    by_load = {r["cell"]["load"]: r for r in (json.loads(line) for line in results.read_text().splitlines())}
+    raised = by_load["post-load"]
+    assert raised["verdict"] == "drift-error"
+    assert "not supported here" in raised["note"] and "fault engine: a plain exception" in raised["note"]
+    # the fault engine has no on-the-fly path: the harness itself knows it is unavailable, which the rule states
+    assert by_load["on-the-fly"]["verdict"] == "unavailable" and by_load["on-the-fly"]["absence"] == "not-offered"
+    summary = proc.stdout[proc.stdout.index("documented behaviour"):]
+    assert "DRIFTED: held 1, drifted 1" in summary, summary
+    assert "drift-error on cpu: ValueError: fault engine: a plain exception" in summary
+    html = report_html.build(report_data.load([results]), tmp_path / "report").read_text()
+    drift = html[html.index('id="drift"'):html.index('id="drift-table"') + 2000]
+    assert "fault-raise/post-load/none/cpu/dit-xs/float32" in drift

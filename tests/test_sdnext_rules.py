@@ -32,7 +32,7 @@ STATEMENTS = [
      {}, "error", "QBytesTensor.__new__\\(\\) missing 5 required positional arguments", (), "Errors"),
     ("quanto qint is not compatible with sequential offload", "quanto-qint4/post-load/sequential/cpu/dit-xs/float32",
      {}, "error", "Expected all tensors to be on the same device", (), "Errors"),
-    ("GGUF is not compatible with model offload", "gguf-Q4_0/post-load/model/cuda/dit-xs/float32", {}, "error", ".",
+    ("GGUF is not compatible with model offload", "gguf-Q4_0/post-load/model/cuda/dit-xs/float32", {}, "error", None,
      (), "GGUF"),
     ("GGUF is storage-only: smaller and slower", "gguf-Q8_0/post-load/none/cuda/dit-xs/float32", {}, "works", None,
      ("smaller", "slower"), "GGUF"),
@@ -88,3 +88,12 @@ def test_every_rule_cites_the_seed_and_is_reached_by_a_statement():
     for i, rule in enumerate(MATRIX.rules):
         assert (rule.expect.source or rule.expect.reason or "").startswith("seed:"), f"rule {i} cites nothing"
         assert i in reached, f"rule {i} ({rule.expect.source or rule.expect.reason}) has no statement in this test"
+
+
+def test_gguf_with_model_offload_documents_no_message_so_any_error_holds_it_and_working_is_drift():
+    from harness.verdict import ErrorInfo, Outcome, Verdict, judge
+
+    expect = rule_for("gguf-Q4_0/post-load/model/cuda/dit-xs/float32", {})
+    for error in (ErrorInfo("RuntimeError", "dequantized on the device"), ErrorInfo("ValueError", "")):
+        assert judge(expect, Outcome("error", error=error))[0] is Verdict.DOCUMENTED_ERROR
+    assert judge(expect, Outcome("ran", metrics={}))[0] is Verdict.DRIFT_WORKS

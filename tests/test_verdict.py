@@ -3,7 +3,7 @@
 import pytest
 
 from harness.matrix import Expectation
-from harness.verdict import ErrorInfo, Outcome, Verdict, judge
+from harness.verdict import Absence, ErrorInfo, Outcome, Verdict, judge
 
 WORKS = Expectation()
 DOCUMENTED = Expectation("error", pattern=r"Blockwise quantization only supports 16/32-bit floats",
@@ -26,8 +26,11 @@ OTHER = raised("RuntimeError", "Expected all tensors to be on the same device")
     (DOCUMENTED, MATCHING, Verdict.DOCUMENTED_ERROR),
     (DOCUMENTED, RAN, Verdict.DRIFT_WORKS),
     (DOCUMENTED, OTHER, Verdict.DRIFT_ERROR),
-    (PLATFORM, OTHER, Verdict.UNAVAILABLE),
+    (PLATFORM, OTHER, Verdict.DRIFT_ERROR),  # only the harness declares a cell unavailable, never a raise
     (PLATFORM, RAN, Verdict.DRIFT_WORKS),
+    (PLATFORM, Outcome.unavailable(Absence.NOT_OFFERED, "bnb does not offer it"), Verdict.UNAVAILABLE),
+    (PLATFORM, Outcome("crash", reason="SIGSEGV"), Verdict.CRASH),
+    (WORKS, Outcome("hang", reason="asleep"), Verdict.HANG),
     (WORKS, Outcome("crash", reason="SIGSEGV"), Verdict.CRASH),
     (DOCUMENTED, Outcome("timeout", reason="t"), Verdict.TIMEOUT),
     (WORKS, Outcome("oom", reason="m"), Verdict.OOM),
@@ -42,6 +45,12 @@ def test_drift_error_note_carries_documented_and_actual_text():
     _, note = judge(DOCUMENTED, OTHER)
     assert "Blockwise quantization" in note and "Expected all tensors to be on the same device" in note
     assert "seed: Errors" in note
+
+
+def test_a_raise_where_unavailable_is_documented_is_drift_with_both_texts():
+    verdict, note = judge(PLATFORM, OTHER)
+    assert verdict is Verdict.DRIFT_ERROR
+    assert "bitsandbytes needs an NVIDIA GPU" in note and "Expected all tensors to be on the same device" in note
 
 
 def test_pattern_is_matched_against_type_and_message():
@@ -88,7 +97,7 @@ versions = { triton = "absent" }
 ''')
     cell = matrix.cells[0]
     inside = matrix.expectation(cell, {"torch": "2.3.1", "triton": "3.0"})
-    assert inside.kind == "unavailable" and judge(inside, OTHER)[0] is Verdict.UNAVAILABLE
+    assert inside.kind == "unavailable" and judge(inside, OTHER)[0] is Verdict.DRIFT_ERROR  # raised: a finding
     # Outside the range the rule does not apply: the next one (triton absent) decides, then the default.
     assert matrix.expectation(cell, {"torch": "2.13.0", "triton": None}).kind == "error"
     outside = matrix.expectation(cell, {"torch": "2.13.0", "triton": "3.6.0"})

@@ -12,8 +12,10 @@ from harness.engines.quanto import QuantoEngine
 from harness.engines.sdnq import SDNQEngine
 from harness.engines.torchao_engine import TorchAOEngine
 
-ENGINES: dict[str, Engine] = {e.name: e for e in (NoneEngine(), BitsAndBytesEngine(), QuantoEngine(), GGUFEngine(), NNCFEngine(), SDNQEngine(),
-                                                 TorchAOEngine(), FaultEngine())}
+ENGINES: dict[str, Engine] = {e.name: e for e in (
+    NoneEngine(), BitsAndBytesEngine(), QuantoEngine(), GGUFEngine(), NNCFEngine(), SDNQEngine(), TorchAOEngine(),
+    FaultEngine(),
+)}
 
 
 def get_engine(name: str) -> Engine:

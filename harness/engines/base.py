@@ -7,6 +7,7 @@ never caught here: they are what the harness exists to record.
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import importlib.util
 from collections.abc import Callable
@@ -63,6 +64,12 @@ class Engine:
             return importlib.metadata.version(self.package)
         except importlib.metadata.PackageNotFoundError:
             return None
+
+    def import_package(self) -> None:
+        """Import the engine's package (the cell server preloads it; a cell imports it before memory is tracked).
+        An engine whose import starts threads or phones home says here how to keep it from doing so."""
+        if self.package is not None:
+            importlib.import_module(self.import_name or self.package)
 
     def unavailable_reason(self, qtype: str, device: str) -> str | None:
         """Why this engine cannot run `qtype` on `device` here, or None when it can."""

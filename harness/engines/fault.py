@@ -10,7 +10,7 @@ import ctypes
 import os
 import subprocess
 import sys
-import time
+import threading
 
 import torch
 from torch import nn
@@ -20,17 +20,27 @@ from harness.engines.base import Engine
 
 class FaultEngine(Engine):
     name = "fault"
-    qtypes = ("abort", "segfault", "hang", "oom", "exit", "raise", "flood", "orphan")
+    qtypes = ("abort", "segfault", "hang", "spin", "oom", "exit", "raise", "flood", "orphan")
     hidden = True
+
+    def import_package(self) -> None:
+        """With QUANTMATRIX_FAULT_IMPORT_THREAD set, leaves a thread running, as some packages' imports do: the
+        cell server must then refuse to fork cells (runner.py)."""
+        if os.environ.get("QUANTMATRIX_FAULT_IMPORT_THREAD"):
+            threading.Thread(target=threading.Event().wait, name="fault-import-thread", daemon=True).start()
 
     def quantize(self, model: nn.Module, qtype: str, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
         if qtype == "abort":
             os.abort()
         if qtype == "segfault":
             ctypes.string_at(0)
-        if qtype == "hang":
+        if qtype == "hang":  # a deadlock: asleep on a lock nobody will release, no CPU used
+            lock = threading.Lock()
+            lock.acquire()
+            lock.acquire()
+        if qtype == "spin":  # a slow cell: computing until the timeout
             while True:
-                time.sleep(0.05)
+                sum(range(10_000))
         if qtype == "oom":
             hoard = []
             while True:

@@ -7,6 +7,8 @@ NNCF traces the model, so it needs one example input: the built-in model's own.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -20,6 +22,23 @@ class NNCFEngine(Engine):
     name = "nncf"
     qtypes = ("int8_sym", "int8_asym", "int4_sym", "int4_asym", "int4_sym-g128", "int4_asym-g128")
     package = "nncf"
+
+    def import_package(self) -> None:
+        """NNCF's import constructs OpenVINO's telemetry, which, with no consent file in the user's home, sends
+        events from a thread pool of its own (its thread then outlives the import: a forked cell would inherit
+        it dead) and later tracks every `compress_weights` call over the network. Declined here as CI does:
+        `CI=true` makes openvino_telemetry decline consent while nncf constructs it, `NNCF_CI` makes nncf use
+        its stub. No network at run time."""
+        os.environ.setdefault("NNCF_CI", "1")
+        ci = os.environ.get("CI")
+        os.environ["CI"] = "true"
+        try:
+            super().import_package()
+        finally:
+            if ci is None:
+                del os.environ["CI"]
+            else:
+                os.environ["CI"] = ci
 
     def quantize(self, model: nn.Module, qtype: str, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
         import nncf
