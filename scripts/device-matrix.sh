@@ -2,6 +2,7 @@
 # Run the matrix on a lent GPU machine (Python 3.12 with its own CUDA torch, no engines installed).
 #
 #   scripts/device-matrix.sh probe      # a few CUDA cells: does the set-up work at all (about a minute)
+#   scripts/device-matrix.sh large      # probe, a hung CUDA cell (its stack recorded), then dit-l (Flux width)
 #   scripts/device-matrix.sh [full]     # phases in order of value, each stopped cleanly at the time budget
 #
 # Engines travel as wheels in .whl/ (README, "On a lent GPU machine"). Records and logs go to $OUT (results/ when
@@ -10,7 +11,7 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 mode=${1:-full}
-case $mode in probe|full) ;; *) echo "usage: $0 [probe|full]" >&2; exit 2 ;; esac
+case $mode in probe|large|full) ;; *) echo "usage: $0 [probe|large|full]" >&2; exit 2 ;; esac
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
@@ -29,6 +30,11 @@ for d in ("accelerate", "safetensors", "bitsandbytes", "optimum-quanto", "gguf",
 PY
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$OUT/versions.txt"
 
+# The harness is on PYTHONPATH there, not installed: its pytest11 entry point does not load the plugin, -p does.
+plugin=()
+python3 -c 'import importlib.metadata as m, sys
+sys.exit(any(e.value == "harness.pytest_plugin" for e in m.entry_points(group="pytest11")))' && plugin=(-p harness.pytest_plugin)
+
 deadline=$((SECONDS + ${BUDGET_S:-480}))
 phase() {  # phase NAME PYTEST-ARGS...: one pytest run, its records in $OUT/NAME.jsonl
   local name=$1; shift
@@ -36,16 +42,32 @@ phase() {  # phase NAME PYTEST-ARGS...: one pytest run, its records in $OUT/NAME
   if ((left < 30)); then echo "== $name: skipped, ${left}s of the budget left"; return; fi
   echo "== $name ($left s left): $*"
   local from=$(($(stat -c %s "$OUT/run.log" 2>/dev/null || echo 0) + 1))
-  timeout -s INT -k 20 "$left" python3 -m pytest -m matrix -q -p no:cacheprovider --drift warn \
+  timeout -s INT -k 20 "$left" python3 -m pytest -m matrix -q -p no:cacheprovider "${plugin[@]}" --drift warn \
     --results "$OUT/$name.jsonl" --cell-timeout "${CELL_TIMEOUT_S:-90}" "$@" >>"$OUT/run.log" 2>&1
   echo "== $name: exit $? after $((SECONDS - deadline + ${BUDGET_S:-480})) s"
   tail -c +"$from" "$OUT/run.log" | grep -E "^  [a-z-]+ +[0-9]+$|passed|failed|error" | tail -n 14
 }
 
-if [[ $mode == probe ]]; then
-  phase probe --matrix matrices/gpu.toml --device cuda --offload none --load post-load --model dit-s \
-    --engine none,bnb,quanto,sdnq --qtype=-,nf4,qint8,int8
-  tail -n 40 "$OUT/run.log"; exit 0
+phase probe --matrix matrices/gpu.toml --device cuda --offload none --load post-load --model dit-s \
+  --engine none,bnb,quanto,sdnq --qtype=-,nf4,qint8,int8
+if [[ $mode == probe ]]; then tail -n 40 "$OUT/run.log"; exit 0; fi
+if [[ $mode == large ]]; then
+  # a cell made to hang on the GPU box: its record must carry the hung thread's Python stack
+  cat > "$OUT/hang.toml" <<'TOML'
+[axes]
+engine = ["fault"]
+qtype = ["hang"]
+load = ["post-load"]
+offload = ["none"]
+device = ["cuda"]
+model = ["dit-xs"]
+dtype = ["float32"]
+[settings]
+cell_timeout_s = 8
+TOML
+  CELL_TIMEOUT_S=8 phase hang --matrix "$OUT/hang.toml"
+  CELL_TIMEOUT_S=600 phase large --matrix matrices/gpu-large.toml --device cuda
+  tail -n 60 "$OUT/run.log"; exit 0
 fi
 # 1. the seed's documented behaviour, which was written for NVIDIA GPUs (issue 5)
 phase sdnext --matrix matrices/sdnext.toml --device cuda
