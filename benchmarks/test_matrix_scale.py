@@ -39,7 +39,7 @@ claims = ["smaller", "slower"]
 
 
 def test_expand_100k_cells(benchmark, monkeypatch):
-    from harness import models
+    from harness.models import specs as models
 
     for i in range(16):
         monkeypatch.setitem(models.MODELS, f"dit-x{i}", models.MODELS["dit-xs"])

@@ -9,9 +9,10 @@ import time
 
 import pytest
 
-from harness.execute import CellTask, execute_cell
-from harness.matrix import Cell, Settings
-from harness.runner import run_isolated
+from harness.cell import Cell
+from harness.matrix import Settings
+from harness.run.execute import CellTask, execute_cell
+from harness.run.isolation import run_isolated
 
 CELL = Cell("none", "-", "post-load", "none", "cpu", "dit-xs", "float32")
 MINIMAL = Settings(warmup=0, min_steps=1, min_time_s=0.0)

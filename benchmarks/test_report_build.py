@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from harness import report_data
-from harness.report_html import build
+from harness.report import data as report_data
+from harness.report.html import build
 
 REFERENCE = "results/reference/h200-sdnext-dit-xs.jsonl"
 

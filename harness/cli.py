@@ -1,7 +1,7 @@
 """The `quantmatrix` command.
 
     quantmatrix run [pytest options]      run the matrix (same as `pytest -m matrix` in a checkout)
-    quantmatrix list [--matrix FILE]      print the cells a matrix expands to, with their expectations
+    quantmatrix list [FILE]               print the cells a matrix expands to here, with their expected outcome
     quantmatrix validate FILE...          check matrix files; exit 2 with a clear message on the first mistake
     quantmatrix detect FILE...            print the engine and quant type found in model files' contents
                                           (exit 1 when a file's conventional name says otherwise)
@@ -27,6 +27,9 @@ CHECKOUT = Path(__file__).resolve().parents[1]
 def _run(args: argparse.Namespace, rest: list[str]) -> int:
     import pytest
 
+    if "-h" in rest or "--help" in rest:  # the harness's own options first, not at line 450 of pytest's help
+        print(RUN_HELP)
+        return 0
     generic = CHECKOUT / "tests" / "test_matrix.py"
     if not generic.exists():
         print("quantmatrix run: needs the quantmatrix checkout (tests/test_matrix.py); "
@@ -36,13 +39,37 @@ def _run(args: argparse.Namespace, rest: list[str]) -> int:
                             str(generic), *rest]))
 
 
+RUN_HELP = """usage: quantmatrix run [options] [pytest options]
+
+Runs the matrix through pytest (the same as `pytest -m matrix`); one test per cell, one record per cell.
+
+options:
+  --matrix FILE            matrix file (default matrices/default.toml)
+  --engine/--qtype/--load/--offload/--device/--model/--dtype NAME[,NAME]
+                           only cells with these values (repeatable)
+  --results FILE           append records here (default results/<timestamp>.jsonl)
+  --resume FILE            skip the cells FILE already records with this environment
+  --drift fail|warn        whether documentation drift fails the run (default fail)
+  --cell-timeout S         per-cell timeout (default: the matrix's settings.cell_timeout_s)
+  --memory-limit MB        per-cell memory cap for CPU cells
+  -k EXPR                  cells by id, e.g. -k 'nf4 and sequential'
+  -n N                     N pytest-xdist workers (one device each on a GPU box)
+  --splits N --group I     run shard I of N (pytest-split)
+
+Every other option goes to pytest (`pytest --help` lists them)."""
+
+
 def _list(args: argparse.Namespace, rest: list[str]) -> int:
+    from harness.devices import present_devices
     from harness.matrix import load_matrix
 
-    matrix = load_matrix(args.matrix)
+    matrix = load_matrix(args.file, present_devices=present_devices())
+    width = max([len(c.id) for c in matrix.cells] + [4])
+    print(f"{'cell':<{width}}  expected (documented outcome, not a result)")
     for cell in matrix.cells:
         expect = matrix.expectation(cell)
-        print(f"{cell.id:<60} {expect.kind}" + (f"  /{expect.pattern}/" if expect.pattern else ""))
+        print(f"{cell.id:<{width}}  {expect.kind}" + (f" /{expect.pattern}/" if expect.pattern else "")
+              + (f" ({expect.reason})" if expect.reason else ""))
     print(f"{len(matrix.cells)} cells", file=sys.stderr)
     return 0
 
@@ -57,23 +84,25 @@ def _validate(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _detect(args: argparse.Namespace, rest: list[str]) -> int:
-    from harness.loading import check_name, detect
+    from harness.engines.base import IMPORT_LOG, output_to
+    from harness.run.loading import check_name, detect
 
     disagree = 0
     for path in args.files:
-        engine, qtype = detect(path)
-        hint, detail = check_name(path, (engine, qtype))
+        with output_to(IMPORT_LOG):  # what the engines print when imported is not for this terminal
+            engine, qtype = detect(path)
+            hint, detail = check_name(path, (engine, qtype))
         print(f"{path}: engine={engine} qtype={qtype}" + (f"  (name {hint}: {detail})" if hint != "no hint" else ""))
         disagree += hint == "disagrees"
     return 1 if disagree else 0
 
 
 def _report(args: argparse.Namespace, rest: list[str]) -> int:
-    from harness import report_data
+    from harness.report import data as report_data
 
     records = report_data.load(args.results)
     if args.markdown:
-        from harness.report_markdown import render
+        from harness.report.markdown import render
 
         text = render(records)
         if args.output:
@@ -82,7 +111,7 @@ def _report(args: argparse.Namespace, rest: list[str]) -> int:
         else:
             print(text)
         return 0
-    from harness.report_html import build
+    from harness.report.html import build
 
     previous = report_data.load(args.previous) if args.previous else None
     index = build(records, Path(args.output or CHECKOUT / "reports" / "latest"), previous=previous)
@@ -91,8 +120,8 @@ def _report(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _compare(args: argparse.Namespace, rest: list[str]) -> int:
-    from harness import report_data
-    from harness.compare import compare, render
+    from harness.report import data as report_data
+    from harness.report.compare import compare, render
 
     changes = compare(report_data.load([args.old]), report_data.load([args.new]), threshold=args.threshold)
     print(render(changes))
@@ -110,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="run the matrix through pytest (extra options go to pytest)",
                    add_help=False).set_defaults(func=_run)
-    p = sub.add_parser("list", help="print the cells of a matrix")
-    p.add_argument("--matrix", default=str(CHECKOUT / "matrices" / "default.toml"))
+    p = sub.add_parser("list", help="print the cells a matrix expands to on this host, with their expected outcome")
+    p.add_argument("file", nargs="?", default=str(CHECKOUT / "matrices" / "default.toml"),
+                   help="matrix file (default matrices/default.toml)")
     p.set_defaults(func=_list)
     p = sub.add_parser("validate", help="check matrix files")
     p.add_argument("files", nargs="+")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from harness.matrix import DEVICES
+from harness.cell import DEVICES
 
 
 def unavailable_reason(device: str) -> str | None:

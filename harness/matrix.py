@@ -36,6 +36,7 @@ A matrix file (TOML) declares axes, optional include/exclude tables and expectat
 
 from __future__ import annotations
 
+import enum
 import itertools
 import re
 import tomllib
@@ -47,15 +48,21 @@ from typing import Any
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
+from harness.cell import AXES, BASELINE, DEVICES, DTYPES, LOAD_MODES, OFFLOAD_MODES, Cell
+from harness.engines.catalog import CATALOG
 from harness.errors import QuantMatrixError, did_you_mean
+from harness.models.specs import MODELS
 
-AXES = ("engine", "qtype", "load", "offload", "device", "model", "dtype")
-LOAD_MODES = ("post-load", "on-the-fly", "prequantized")
-OFFLOAD_MODES = ("none", "model", "sequential", "balanced")
-DEVICES = ("cpu", "cuda", "rocm", "xpu", "mps")
-DTYPES = ("float32", "bfloat16", "float16")
-EXPECT_KINDS = ("works", "error", "unavailable")
-BASELINE = "none"
+
+class ExpectKind(enum.StrEnum):
+    """What a rule documents for the cells it matches."""
+
+    WORKS = "works"
+    ERROR = "error"  # fails with an error matching the rule's pattern
+    UNAVAILABLE = "unavailable"  # cannot be used (only the harness makes a cell unavailable; see verdict.judge)
+
+
+EXPECT_KINDS = tuple(k.value for k in ExpectKind)
 # Claims a rule can make about a cell's measurements, each against its baseline cell (the unquantized model with
 # the same load, offload, device, model and dtype, run in the same run).
 CLAIMS = {
@@ -70,47 +77,18 @@ CLAIMS = {
 DEFAULT_TOLERANCE = 0.1
 
 
-@dataclass(frozen=True, order=True)
-class Cell:
-    """One point of the matrix; every field is a plain string."""
-
-    engine: str
-    qtype: str
-    load: str
-    offload: str
-    device: str
-    model: str
-    dtype: str
-
-    @property
-    def id(self) -> str:
-        quant = self.engine if self.qtype == "-" else f"{self.engine}-{self.qtype}"
-        return "/".join((quant, self.load, self.offload, self.device, self.model, self.dtype))
-
-    @classmethod
-    def from_id(cls, cell_id: str) -> Cell:
-        quant, *rest = cell_id.split("/")
-        engine, _, qtype = quant.partition("-")
-        return cls(engine, qtype or "-", *rest)
-
-    def as_dict(self) -> dict[str, str]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    @property
-    def baseline(self) -> Cell:
-        """The unquantized cell this one is compared with."""
-        return Cell(BASELINE, "-", self.load, self.offload, self.device, self.model, self.dtype)
-
-
 @dataclass(frozen=True)
 class Expectation:
-    kind: str = "works"
+    kind: ExpectKind = ExpectKind.WORKS
     pattern: str | None = None
     source: str | None = None
     reason: str | None = None
     claims: tuple[str, ...] = ()
     tolerance: float = DEFAULT_TOLERANCE
     rule: int | None = None  # index of the rule in its matrix file; None: no rule matched
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", ExpectKind(self.kind))
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {k: v for k, v in vars(self).items()
@@ -264,15 +242,13 @@ def _kind(value: Any) -> str:
 
 
 def _known_values(axis: str) -> tuple[str, ...]:
-    from harness import engines, models
-
     return {
-        "engine": tuple(engines.ENGINES),
-        "qtype": tuple(sorted({q for e in engines.ENGINES.values() for q in e.qtypes})),
+        "engine": tuple(CATALOG),
+        "qtype": tuple(sorted({q for e in CATALOG.values() for q in e.qtypes})),
         "load": LOAD_MODES,
         "offload": OFFLOAD_MODES,
         "device": DEVICES,
-        "model": tuple(models.MODELS),
+        "model": tuple(MODELS),
         "dtype": DTYPES,
     }[axis]
 
@@ -292,14 +268,12 @@ def _axis_values(doc: _Doc, axis: str, raw: Any, key: str, *, wildcards: bool) -
 
 def _product(axes: Mapping[str, list[str]], present_devices: tuple[str, ...]) -> list[Cell]:
     """Every valid engine/qtype/load combination times the other axes."""
-    from harness import engines
-
     def resolve(axis: str) -> list[str]:
         values = axes[axis]
         out: list[str] = []
         for v in values:
             if v == "*" and axis == "engine":  # test-only engines run only when named
-                out.extend(name for name, e in engines.ENGINES.items() if not e.hidden)
+                out.extend(name for name, e in CATALOG.items() if not e.hidden)
             elif v == "*":
                 out.extend(_known_values(axis))
             elif v == "present":
@@ -311,7 +285,7 @@ def _product(axes: Mapping[str, list[str]], present_devices: tuple[str, ...]) ->
     qtype_filter, load_filter = axes["qtype"], axes["load"]
     quant: list[tuple[str, str, str]] = []
     for name in resolve("engine"):
-        engine = engines.ENGINES[name]
+        engine = CATALOG[name]
         qtypes = engine.qtypes if "*" in qtype_filter else [q for q in engine.qtypes if q in qtype_filter]
         if name == BASELINE:
             qtypes = engine.qtypes  # the baseline is a cell whatever types are asked for
@@ -462,10 +436,9 @@ def _array(doc: _Doc, data: dict, key: str) -> list:
     return value
 
 
-def load_matrix(path: Path | str, *, present_devices: tuple[str, ...] | None = None) -> Matrix:
-    """Read, validate and expand a matrix file."""
-    from harness.devices import present_devices as discover
-
+def load_matrix(path: Path | str, *, present_devices: tuple[str, ...] = ("cpu",)) -> Matrix:
+    """Read, validate and expand a matrix file. `present_devices`: what the device "present" stands for; the
+    caller discovers them (harness.devices.present_devices(), which imports torch): the matrix model does not."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -473,7 +446,7 @@ def load_matrix(path: Path | str, *, present_devices: tuple[str, ...] | None = N
         raise QuantMatrixError(f"cannot read matrix file: {exc.strerror}", path=path) from None
     except UnicodeDecodeError:
         raise QuantMatrixError("not a UTF-8 text file; expected a TOML matrix", path=path) from None
-    return parse_matrix(text, path, present_devices=discover() if present_devices is None else present_devices)
+    return parse_matrix(text, path, present_devices=present_devices)
 
 
 def select(cells: Iterable[Cell], **wanted: Iterable[str] | None) -> list[Cell]:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from harness import devices
-from harness.models import components
+from harness.models.imitation import components
 
 
 def apply_offload(model: nn.Module, mode: str, device: str, *, high_watermark: float = 0.6,

@@ -14,8 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from harness.matrix import Cell, Expectation
-from harness.verdict import ClaimResult, Outcome, Verdict
+from harness.cell import Cell
+from harness.matrix import Expectation
+from harness.verdict import Absence, ClaimResult, Outcome, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +41,18 @@ def environment(engine_versions: dict[str, str | None]) -> dict[str, Any]:
             "torch": torch.__version__, "triton": triton, "cpu": cpu_name(), "engines": engine_versions}
 
 
-def device_absent(device: str, why: str) -> str:
-    """The reason recorded for a cell whose device this host lacks (reports and summaries recognise it)."""
+def absent_device_reason(device: str, why: str) -> str:
+    """The reason text recorded for a cell whose device this host lacks (its `absence` says so as data)."""
     return f"device {device}: {why}"
 
 
-def is_device_absent(reason: str | None, device: str) -> bool:
-    return bool(reason) and reason.startswith(f"device {device}: ")
+def device_was_absent(record: dict) -> bool:
+    """Whether the record is of a cell whose device its host lacked: its `absence` field, or, in records written
+    before that field existed, the reason's "device X: " prefix."""
+    if record.get("absence") is not None:
+        return record["absence"] == Absence.DEVICE
+    reason, device = record.get("reason") or "", record["cell"]["device"]
+    return record.get("verdict") == Verdict.UNAVAILABLE and reason.startswith(f"device {device}: ")
 
 
 ENVIRONMENT_KEYS = ("host", "cpu", "os", "python", "torch", "triton", "engines")

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.matrix import Expectation
+from harness.matrix import Expectation, ExpectKind
 
 
 class Verdict(enum.StrEnum):
@@ -33,9 +33,34 @@ class Verdict(enum.StrEnum):
         return self in (Verdict.DRIFT_WORKS, Verdict.DRIFT_ERROR, Verdict.DRIFT_CLAIM)
 
     @property
+    def broken(self) -> bool:
+        """It should have worked (or failed as documented) and did neither: an error, or its process died."""
+        return self in (Verdict.FAIL, Verdict.CRASH, Verdict.TIMEOUT, Verdict.HANG, Verdict.OOM)
+
+    @property
     def ran(self) -> bool:
         """The cell ran to the end and was measured."""
         return self in (Verdict.OK, Verdict.DRIFT_WORKS, Verdict.DRIFT_CLAIM)
+
+
+class Status(enum.StrEnum):
+    """What a cell's process reported, or what the runner saw of it."""
+
+    RAN = "ran"  # ran to the end and was measured
+    ERROR = "error"  # an engine, accelerate or torch raised
+    OOM = "oom"
+    UNAVAILABLE = "unavailable"  # the harness's own knowledge (see Absence)
+    CRASH = "crash"
+    TIMEOUT = "timeout"
+    HANG = "hang"
+    INTERRUPTED = "interrupted"
+
+
+class ClaimStatus(enum.StrEnum):
+    HELD = "held"
+    CONTRADICTED = "contradicted"
+    INCONCLUSIVE = "inconclusive"
+    UNCHECKED = "unchecked"  # nothing to compare with (no baseline in the run, no figure measured)
 
 
 class Absence(enum.StrEnum):
@@ -47,12 +72,22 @@ class Absence(enum.StrEnum):
     NOT_OFFERED = "not-offered"  # the engine does not offer this operation or load mode (engines.NotOffered)
 
 
+class Stage(enum.StrEnum):
+    """Where in a cell an error happened."""
+
+    PREPARE = "prepare"  # inputs, reference output, the float checkpoint or pre-quantized file
+    LOAD = "load"  # loading the model, quantizing it (after, while, or before: the file) included
+    OFFLOAD = "offload"  # installing the offload hooks
+    FORWARD = "forward"  # the steps
+    PROCESS = "process"  # the cell's process itself (killed at the timeout, refused by the cell server)
+
+
 @dataclass
 class ErrorInfo:
     type: str
     message: str
     where: str = ""
-    stage: str = ""  # "prepare" | "load" | "quantize" | "offload" | "forward" | "process"
+    stage: str = ""  # a Stage; "" for errors recorded before stages existed
 
     @property
     def text(self) -> str:
@@ -63,7 +98,7 @@ class ErrorInfo:
 class Outcome:
     """What a cell's process reported, or what the runner saw of it."""
 
-    status: str  # "ran" | "error" | "oom" | "unavailable" | "crash" | "timeout" | "hang" | "interrupted"
+    status: Status
     metrics: dict[str, Any] = field(default_factory=dict)
     error: ErrorInfo | None = None
     reason: str | None = None
@@ -72,9 +107,12 @@ class Outcome:
     absence: Absence | None = None  # set with status "unavailable", and only then
     process: dict[str, Any] = field(default_factory=dict)  # what the runner saw of a killed process (timeout)
 
+    def __post_init__(self) -> None:
+        self.status = Status(self.status)
+
     @classmethod
     def unavailable(cls, absence: Absence, reason: str) -> Outcome:
-        return cls("unavailable", reason=reason, absence=absence)
+        return cls(Status.UNAVAILABLE, reason=reason, absence=absence)
 
     def as_dict(self) -> dict[str, Any]:
         return {"status": self.status, "metrics": self.metrics, "reason": self.reason, "device": self.device,
@@ -85,7 +123,7 @@ class Outcome:
     def from_dict(cls, data: dict[str, Any]) -> Outcome:
         error = data.get("error")
         absence = data.get("absence")
-        return cls(data["status"], data.get("metrics") or {}, ErrorInfo(**error) if error else None,
+        return cls(Status(data["status"]), data.get("metrics") or {}, ErrorInfo(**error) if error else None,
                    data.get("reason"), data.get("device") or {}, data.get("output_tail"),
                    Absence(absence) if absence else None, data.get("process") or {})
 
@@ -95,9 +133,12 @@ class ClaimResult:
     """One claim of a rule checked against the cell's baseline."""
 
     claim: str
-    status: str  # "held" | "contradicted" | "inconclusive" | "unchecked"
+    status: ClaimStatus
     ratio: float | None = None  # cell / baseline
     detail: str = ""
+
+    def __post_init__(self) -> None:
+        self.status = ClaimStatus(self.status)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if v is not None and v != ""}
@@ -134,61 +175,63 @@ def check_claims(expect: Expectation, metrics: dict[str, Any], baseline: dict[st
     for claim in expect.claims:
         if claim == "name-matches-contents":
             hint = metrics.get("name_hint")
-            status = {"agrees": "held", "disagrees": "contradicted"}.get(hint, "unchecked")
+            status = {"agrees": ClaimStatus.HELD, "disagrees": ClaimStatus.CONTRADICTED}.get(hint,
+                                                                                       ClaimStatus.UNCHECKED)
             results.append(ClaimResult(claim, status, detail=metrics.get("name_hint_detail") or
                                        "no pre-quantized file was read"))
             continue
         what, read, side = _RATIO_CLAIMS[claim]
         if baseline is None:
-            results.append(ClaimResult(claim, "unchecked", detail="the baseline cell did not run in this run"))
+            results.append(ClaimResult(claim, ClaimStatus.UNCHECKED,
+                                       detail="the baseline cell did not run in this run"))
             continue
         value, base = read(metrics), read(baseline)
         if value is None or not base:
-            results.append(ClaimResult(claim, "unchecked", detail=f"no {what} measured"))
+            results.append(ClaimResult(claim, ClaimStatus.UNCHECKED, detail=f"no {what} measured"))
             continue
         ratio = value / base
         if side == 0:
-            status = "held" if ratio <= 1 + tol else "contradicted"
+            status = ClaimStatus.HELD if ratio <= 1 + tol else ClaimStatus.CONTRADICTED
         elif (ratio - 1) * side > tol:
-            status = "held"
+            status = ClaimStatus.HELD
         elif (ratio - 1) * side < -tol:
-            status = "contradicted"
+            status = ClaimStatus.CONTRADICTED
         else:
-            status = "inconclusive"
+            status = ClaimStatus.INCONCLUSIVE
         results.append(ClaimResult(claim, status, ratio, f"{what} {ratio:.3g}x the baseline's"))
     return results
 
 
-_PROCESS_VERDICTS = {"crash": Verdict.CRASH, "timeout": Verdict.TIMEOUT, "hang": Verdict.HANG, "oom": Verdict.OOM,
-                     "interrupted": Verdict.INTERRUPTED}
+_PROCESS_VERDICTS = {Status.CRASH: Verdict.CRASH, Status.TIMEOUT: Verdict.TIMEOUT, Status.HANG: Verdict.HANG,
+                     Status.OOM: Verdict.OOM, Status.INTERRUPTED: Verdict.INTERRUPTED}
 
 
 def judge(expect: Expectation, outcome: Outcome, claims: list[ClaimResult] = ()) -> tuple[Verdict, str]:
     """The verdict and a one-line explanation. `claims`: the expectation's claims, checked (see check_claims)."""
-    if outcome.status == "unavailable":
+    if outcome.status is Status.UNAVAILABLE:
         return Verdict.UNAVAILABLE, outcome.reason or "unavailable"
     if outcome.status in _PROCESS_VERDICTS:
         return _PROCESS_VERDICTS[outcome.status], outcome.reason or outcome.status
     error = outcome.error
     source = f" [{expect.source}]" if expect.source else ""
-    if expect.kind == "works":
-        if outcome.status == "ran":
-            broken = [c for c in claims if c.status == "contradicted"]
+    if expect.kind is ExpectKind.WORKS:
+        if outcome.status is Status.RAN:
+            broken = [c for c in claims if c.status is ClaimStatus.CONTRADICTED]
             if broken:
                 return Verdict.DRIFT_CLAIM, ("worked, but documented claims do not hold: "
                                              + "; ".join(f"{c.claim}: {c.detail}" for c in broken) + source)
-            held = [c.claim for c in claims if c.status == "held"]
+            held = [c.claim for c in claims if c.status is ClaimStatus.HELD]
             return Verdict.OK, "worked as expected" + (f"; claims held: {', '.join(held)}" if held else "")
         return Verdict.FAIL, f"expected to work, raised {error.text if error else outcome.status}"
-    if expect.kind == "unavailable":
+    if expect.kind is ExpectKind.UNAVAILABLE:
         # Only the harness declares a cell unavailable (status "unavailable", handled above): an exception from the
         # engine, diffusers or accelerate where a rule documents "unavailable" is a finding, not a skip.
-        if outcome.status == "ran":
+        if outcome.status is Status.RAN:
             return Verdict.DRIFT_WORKS, f"documented as unavailable ({expect.reason}){source}, but it worked"
         return Verdict.DRIFT_ERROR, (f"documented as unavailable ({expect.reason}){source}, but it ran and raised "
                                      f"{error.text if error else outcome.status}")
-    # expect.kind == "error"
-    if outcome.status == "ran":
+    # expect.kind is ExpectKind.ERROR
+    if outcome.status is Status.RAN:
         return Verdict.DRIFT_WORKS, f"documented to fail with /{expect.pattern}/{source}, but it worked"
     actual = error.text if error else outcome.status
     if expect.pattern and re.search(expect.pattern, actual):

@@ -33,7 +33,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 # The harness is on PYTHONPATH there, not installed: its pytest11 entry point does not load the plugin, -p does.
 plugin=()
 python3 -c 'import importlib.metadata as m, sys
-sys.exit(any(e.value == "harness.pytest_plugin" for e in m.entry_points(group="pytest11")))' && plugin=(-p harness.pytest_plugin)
+sys.exit(any(e.value == "harness.run.plugin" for e in m.entry_points(group="pytest11")))' && plugin=(-p harness.run.plugin)
 
 deadline=$((SECONDS + ${BUDGET_S:-480}))
 phase() {  # phase NAME PYTEST-ARGS...: one pytest run, its records in $OUT/NAME.jsonl

@@ -5,8 +5,8 @@ import sys
 from pathlib import Path
 
 from harness.cli import main
-from harness.engines import ENGINES
-from harness.models import build_model
+from harness.engines.registry import ENGINES
+from harness.models.imitation import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,8 +22,40 @@ def test_validate_bad_matrix_exits_2_with_one_clear_line(tmp_path, capsys):
 
 def test_validate_and_list_shipped_matrices(capsys):
     assert main(["validate", *map(str, sorted(REPO.glob("matrices/*.toml")))]) == 0
-    assert main(["list", "--matrix", str(REPO / "matrices" / "smoke.toml")]) == 0
-    assert "none/post-load/sequential/cpu/dit-xs/float32" in capsys.readouterr().out
+    capsys.readouterr()
+    assert main(["list", str(REPO / "matrices" / "smoke.toml")]) == 0  # a matrix file taken as validate takes it
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split()[:2] == ["cell", "expected"]  # labelled as expectations, not results
+    assert "none/post-load/sequential/cpu/dit-xs/float32" in out
+
+
+def test_run_help_shows_the_harness_options_first_and_all_of_them(capsys):
+    import re
+
+    from harness.cell import AXES
+    from harness.run import plugin
+
+    assert main(["run", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: quantmatrix run") and len(out.splitlines()) < 40
+    options = set(re.findall(r'addoption\("(--[a-z-]+)"', open(plugin.__file__).read()))
+    assert options >= {"--matrix", "--results", "--resume", "--drift", "--cell-timeout", "--memory-limit"}
+    for option in options | {f"--{axis}" for axis in AXES}:
+        assert option in out, option
+
+
+def test_engine_import_messages_stay_out_of_the_terminal(tmp_path):
+    """`detect` imports every engine's package; what they print on import goes to the import log."""
+    import subprocess
+    import sys
+
+    path = ENGINES["none"].save(build_model("dit-xs"), "-", tmp_path / "model.safetensors")
+    log = tmp_path / "imports.log"
+    proc = subprocess.run([sys.executable, "-m", "harness.cli", "detect", str(path)], capture_output=True, text=True,
+                          env={**__import__("os").environ, "QUANTMATRIX_IMPORT_LOG": str(log)}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"{path}: engine=none qtype=-"
+    assert proc.stderr == ""
 
 
 def test_detect_reads_the_contents_and_reports_a_name_that_disagrees(tmp_path, capsys):

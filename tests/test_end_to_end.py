@@ -6,7 +6,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from harness.matrix import OFFLOAD_MODES
+from harness.cell import OFFLOAD_MODES
 from harness.results import read_records
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,7 +74,10 @@ def test_sdnext_rules_report_per_rule_whether_the_documentation_held(tmp_path):
     assert by_source["seed: Optimum-Quanto limitations (torch 2.4)"][0].startswith(
         "NOT CHECKED here: the rule is for torch <2.4; this run has torch ")
     storage = by_source["seed: GGUF (storage-only: smaller, slower; not platform dependent)"]
-    assert storage[0].startswith("HELD") and storage[1] == "claims: slower held 2; smaller held 2"  # dit-xs, pipe-xs
+    # dit-xs and pipe-xs: "smaller" is arithmetic; "slower" is a timing on a shared CPU, so a ratio within the
+    # tolerance (inconclusive) may happen on a loaded machine, a contradiction may not
+    assert storage[0].startswith(("HELD", "NOT CHECKED")) and "contradicted" not in storage[1]
+    assert storage[1].endswith("smaller held 2") and storage[1].startswith("claims: slower ")
 
     records, skipped = read_records(results)
     assert skipped == []
@@ -82,7 +85,8 @@ def test_sdnext_rules_report_per_rule_whether_the_documentation_held(tmp_path):
     baseline, quantized = "none/post-load/none/cpu/dit-xs/float32", "gguf-Q8_0/post-load/none/cpu/dit-xs/float32"
     assert ids.index(baseline) < ids.index(quantized)
     gguf = next(r for r in records if r["id"] == "gguf-Q8_0/post-load/none/cpu/dit-xs/float32")
-    assert {c["claim"]: c["status"] for c in gguf["claims"]} == {"smaller": "held", "slower": "held"}
+    statuses = {c["claim"]: c["status"] for c in gguf["claims"]}
+    assert statuses["smaller"] == "held" and statuses["slower"] in ("held", "inconclusive")
     smaller = next(c for c in gguf["claims"] if c["claim"] == "smaller")
     assert 0.2 < smaller["ratio"] < 0.35  # Q8_0 is 8.5 bits per weight against float32's 32
     aio = next(r for r in records if r["id"] == "gguf-Q8_0/prequantized/none/cpu/pipe-xs/float32")

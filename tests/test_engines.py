@@ -10,11 +10,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from harness import loading
-from harness.engines import ENGINES
+from harness.engines.registry import ENGINES
 from harness.errors import QuantMatrixError
-from harness.measure import bits_per_weight, float_layout, output_error
-from harness.models import build_model, build_skeleton, make_inputs
+from harness.models.imitation import build_model, build_skeleton, make_inputs
+from harness.run import loading
+from harness.run.measure import bits_per_weight, float_layout, output_error
 
 CPU = torch.device("cpu")
 
@@ -150,9 +150,10 @@ def test_on_the_fly_peak_memory_stays_below_post_load(tmp_path):
     """The float model never sits in memory while loading on the fly (bnb nf4, dit-s: 80 MB of float weights)."""
     if not available("bnb"):
         pytest.skip(ENGINES["bnb"].unavailable_reason("nf4", "cpu"))
-    from harness.execute import CellTask
-    from harness.matrix import Cell, Settings
-    from harness.runner import run_isolated
+    from harness.cell import Cell
+    from harness.matrix import Settings
+    from harness.run.execute import CellTask
+    from harness.run.isolation import run_isolated
 
     quick = Settings(warmup=0, min_steps=1, min_time_s=0.0)
     peaks = {}

@@ -61,7 +61,7 @@ def test_k_quant_file_made_elsewhere_is_read_and_run(tmp_path):
 def test_all_in_one_gguf_file_is_refused_with_the_documented_error(tmp_path):
     """The seed: only the UNet/transformer can be loaded from GGUF, not an all-in-one single file."""
     from harness.engines.gguf_engine import GGUFContentsError
-    from harness.loading import load_prequantized, prequantized_file
+    from harness.run.loading import load_prequantized, prequantized_file
 
     engine = GGUFEngine()
     path = prequantized_file(tmp_path, engine, "Q8_0", "pipe-xs", torch.float32, 0)
@@ -73,7 +73,7 @@ def test_all_in_one_gguf_file_is_refused_with_the_documented_error(tmp_path):
 def test_gguf_file_that_does_not_fit_the_model_is_refused(tmp_path):
     """Loading is strict: a stray tensor or a missing one is an error naming the file, never silently dropped."""
     from harness.engines.gguf_engine import GGUFContentsError
-    from harness.models import build_model, build_skeleton
+    from harness.models.imitation import build_model, build_skeleton
 
     engine = GGUFEngine()
     model = engine.quantize(build_model("dit-xs"), "Q8_0", dtype=torch.float32, device=torch.device("cpu"))

@@ -1,8 +1,8 @@
-"""The one generic test every matrix cell runs (parametrized by harness.pytest_plugin; select with -m matrix)."""
+"""The one generic test every matrix cell runs (parametrized by harness.run.plugin; select with -m matrix)."""
 
 import pytest
 
-from harness.pytest_plugin import check_cell
+from harness.run.session import check_cell
 
 
 @pytest.mark.matrix

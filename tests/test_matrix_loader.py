@@ -7,10 +7,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from harness.engines import ENGINES
+from harness.cell import DEVICES, DTYPES, LOAD_MODES, OFFLOAD_MODES, Cell
+from harness.engines.registry import ENGINES
 from harness.errors import QuantMatrixError
-from harness.matrix import DEVICES, DTYPES, LOAD_MODES, OFFLOAD_MODES, Cell, parse_matrix
-from harness.models import MODELS
+from harness.matrix import parse_matrix
+from harness.models.specs import MODELS
 from tests.tomlgen import dumps
 
 FAULTS = ENGINES["fault"].qtypes

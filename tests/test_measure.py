@@ -5,8 +5,16 @@ import pytest
 import torch
 from torch import nn
 
-from harness.measure import bits_per_weight, digest, float_layout, output_error, stored_bytes, tensor_bytes, time_steps
-from harness.models import build_model, build_skeleton
+from harness.models.imitation import build_model, build_skeleton
+from harness.run.measure import (
+    bits_per_weight,
+    digest,
+    float_layout,
+    output_error,
+    stored_bytes,
+    tensor_bytes,
+    time_steps,
+)
 
 
 @pytest.mark.parametrize("dtype, bits", [(torch.float32, 32.0), (torch.bfloat16, 16.0), (torch.float16, 16.0)])

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from harness.models import MODELS, build_model, build_skeleton, make_inputs
+from harness.models.imitation import MODELS, build_model, build_skeleton, make_inputs
 
 TINY = ["dit-xs", "unet-xs"]
 

@@ -65,8 +65,8 @@ def test_interrupted_run_resumes_where_it_stopped(tmp_path):
     proc.wait(timeout=60)
     first = records(results)
     assert 4 <= len(first) < 12, "the interrupt must land mid-run"
-    from harness import report_data
-    from harness.report_html import build
+    from harness.report import data as report_data
+    from harness.report.html import build
 
     partial = report_data.load([results])  # the report builds from what an interrupted run left
     assert partial.skipped == [] and len(partial.frame) == len(first)
@@ -133,6 +133,8 @@ def test_nightly_workflow_is_valid_and_has_a_job_per_vendor(tmp_path):
     for job, label in (("nvidia", "nvidia"), ("amd", "amd-rocm"), ("intel", "intel-xpu")):
         assert "self-hosted" in jobs[job]["runs-on"] and label in jobs[job]["runs-on"]
         assert jobs[job]["if"].startswith("vars.HAS_")  # no runner: skipped, not failed
+    report_installs = " ".join(s.get("run", "") for s in jobs["report"]["steps"] if "pip install" in s.get("run", ""))
+    assert "[report]" in report_installs and "torch" not in report_installs  # reports need no torch
     for job in ("cpu", "nvidia", "amd", "intel"):
         steps = jobs[job]["steps"]
         assert any("pytest -m matrix" in s.get("run", "") for s in steps)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from harness.models import build_model, components, make_inputs
+from harness.models.imitation import build_model, components, make_inputs
 from harness.offload import BalancedOffload, apply_offload
 
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from harness import report_data
 from harness.cli import main
-from harness.compare import compare
-from harness.report_html import build
-from harness.report_markdown import render
+from harness.report import data as report_data
+from harness.report.compare import compare
+from harness.report.html import build
+from harness.report.markdown import render
 
 REPO = Path(__file__).resolve().parents[1]
 HOSTILE = '<script>alert(1)</script>"\'><img src=x onerror=alert(2)>&amp;{{7*7}} $\\frac{$ </script>'
@@ -122,7 +122,7 @@ def test_report_of_two_machines_in_a_real_browser(cpu_results, tmp_path):
 
 def hostile(record: dict, verdict: str) -> dict:
     """`record` with a hostile string in every string field: cell, run, notes, errors, environment, claims."""
-    from harness.matrix import Cell
+    from harness.cell import Cell
 
     evil = copy.deepcopy(record)
     evil["cell"] = {k: f"{HOSTILE}{k}" for k in evil["cell"]}

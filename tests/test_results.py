@@ -3,7 +3,8 @@
 import json
 import multiprocessing
 
-from harness.matrix import Cell, Expectation
+from harness.cell import Cell
+from harness.matrix import Expectation
 from harness.results import ResultsWriter, environment, make_record, read_records, validate_record
 from harness.verdict import ErrorInfo, Outcome, Verdict
 

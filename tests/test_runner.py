@@ -11,9 +11,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from harness.execute import CellTask
-from harness.matrix import Cell, Settings
-from harness.runner import OUTPUT_TAIL_BYTES, run_isolated
+from harness.cell import Cell
+from harness.matrix import Settings
+from harness.run.execute import CellTask
+from harness.run.isolation import OUTPUT_TAIL_BYTES, run_isolated
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = Settings(warmup=0, min_steps=1, min_time_s=0.0)
@@ -192,7 +193,8 @@ source = "a test's documentation"
 
 
 def test_an_engine_raising_where_unavailable_is_documented_is_drift_in_record_summary_and_report(tmp_path):
-    from harness import report_data, report_html
+    from harness.report import data as report_data
+    from harness.report import html as report_html
 
     matrix, results = tmp_path / "unavailable.toml", tmp_path / "results.jsonl"
     matrix.write_text(UNAVAILABLE_OVER_A_RAISE)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.matrix import Cell, load_matrix
+from harness.cell import Cell
+from harness.matrix import load_matrix
 
 ROOT = Path(__file__).resolve().parents[1]
 MATRIX = load_matrix(ROOT / "matrices" / "sdnext.toml", present_devices=("cpu",))

@@ -1,25 +1,3 @@
-"""The engine registry: adding an engine means one module and one line here."""
-
-from __future__ import annotations
-
-from harness.engines.base import Engine, NotOffered
-from harness.engines.bnb import BitsAndBytesEngine
-from harness.engines.fault import FaultEngine
-from harness.engines.gguf_engine import GGUFEngine
-from harness.engines.nncf_engine import NNCFEngine
-from harness.engines.none import NoneEngine
-from harness.engines.quanto import QuantoEngine
-from harness.engines.sdnq import SDNQEngine
-from harness.engines.torchao_engine import TorchAOEngine
-
-ENGINES: dict[str, Engine] = {e.name: e for e in (
-    NoneEngine(), BitsAndBytesEngine(), QuantoEngine(), GGUFEngine(), NNCFEngine(), SDNQEngine(), TorchAOEngine(),
-    FaultEngine(),
-)}
-
-
-def get_engine(name: str) -> Engine:
-    return ENGINES[name]
-
-
-__all__ = ["ENGINES", "Engine", "NotOffered", "get_engine"]
+"""The engines: `catalog` (names, types, load modes; no torch), `base` (the interface), one module per engine,
+`registry` (the instances), `containers` (bounded checks of model files before any library reads them).
+"""

@@ -1,21 +1,28 @@
 """The one small interface every engine implements.
 
-An engine module imports only this module and its own third-party package (lazily, inside methods, so that
-listing engines and loading a matrix never import torch extensions). Errors raised by the engine's package are
-never caught here: they are what the harness exists to record.
+An engine module imports this module, its own third-party package (lazily, inside methods) and no other engine
+(tests/test_layering.py checks it); nncf's also asks the built-in models for an example input to trace with. What
+an engine offers is data in catalog.py, so that a matrix file is validated without torch or any engine. Errors
+raised by the engine's package are never caught here: they are what the harness exists to record.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import importlib.util
-from collections.abc import Callable
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 from torch import nn
+
+from harness.engines.catalog import CATALOG
 
 
 def safetensors_contents(path: Path) -> tuple[dict[str, str], list[str]] | None:
@@ -41,21 +48,51 @@ def replace_linears(model: nn.Module, make: Callable[..., nn.Module], *, with_na
     return model
 
 
+# Where engines' import-time messages go (QUANTMATRIX_IMPORT_LOG to choose another file).
+IMPORT_LOG = Path(os.environ.get("QUANTMATRIX_IMPORT_LOG")
+                  or Path(tempfile.gettempdir(), f"quantmatrix-imports-{os.getuid()}.log"))
+
+
+@contextlib.contextmanager
+def output_to(path: Path) -> Iterator[None]:
+    """Send this process's stdout and stderr (the file descriptors: native libraries' output too) to `path`."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, log):
+            os.close(fd)
+
+
 class NotOffered(Exception):
     """The engine does not offer this operation at all (a fact about the engine, not a failure)."""
 
 
 class Engine:
+    """One engine. A subclass names its catalog entry (`name = "bnb"`) and gets the rest from it."""
+
     name: ClassVar[str]
-    #: quant types this engine offers; the baseline has the single type "-".
     qtypes: ClassVar[tuple[str, ...]]
-    #: load modes it implements, of "post-load", "on-the-fly", "prequantized".
-    loads: ClassVar[tuple[str, ...]] = ("post-load",)
-    #: the distribution whose import and version decide availability (None: needs nothing beyond torch).
-    package: ClassVar[str | None] = None
-    import_name: ClassVar[str | None] = None
-    #: test-only engines are left out of a matrix's "*".
-    hidden: ClassVar[bool] = False
+    loads: ClassVar[tuple[str, ...]]
+    package: ClassVar[str | None]
+    import_name: ClassVar[str | None]
+    hidden: ClassVar[bool]
+    file_suffix: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        info = CATALOG[cls.name]
+        cls.qtypes, cls.loads, cls.package = info.qtypes, info.loads, info.package
+        cls.import_name, cls.hidden, cls.file_suffix = info.import_name, info.hidden, info.file_suffix
 
     def version(self) -> str | None:
         if self.package is None:
@@ -67,9 +104,11 @@ class Engine:
 
     def import_package(self) -> None:
         """Import the engine's package (the cell server preloads it; a cell imports it before memory is tracked).
-        An engine whose import starts threads or phones home says here how to keep it from doing so."""
+        What the import prints (warnings about missing kernels, deprecations) goes to IMPORT_LOG, not the user's
+        terminal. An engine whose import starts threads or phones home says here how to keep it from doing so."""
         if self.package is not None:
-            importlib.import_module(self.import_name or self.package)
+            with output_to(IMPORT_LOG):
+                importlib.import_module(self.import_name or self.package)
 
     def unavailable_reason(self, qtype: str, device: str) -> str | None:
         """Why this engine cannot run `qtype` on `device` here, or None when it can."""
@@ -97,5 +136,3 @@ class Engine:
         """The quant type stored in `path` if this engine wrote it (judged from contents), else None."""
         return None
 
-    #: suffix of the files `save` writes.
-    file_suffix: ClassVar[str] = ".safetensors"

@@ -20,9 +20,6 @@ FOUR_BIT = {"nf4": ("nf4", False), "nf4-dq": ("nf4", True), "fp4": ("fp4", False
 
 class BitsAndBytesEngine(Engine):
     name = "bnb"
-    qtypes = (*FOUR_BIT, "int8")
-    loads = ("post-load", "on-the-fly", "prequantized")
-    package = "bitsandbytes"
 
     def quantize(self, model: nn.Module, qtype: str, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
         return replace_linears(model, lambda layer: self.quantize_layer(layer, qtype, dtype=dtype, device=device))

@@ -20,8 +20,6 @@ from harness.engines.base import Engine
 
 class FaultEngine(Engine):
     name = "fault"
-    qtypes = ("abort", "segfault", "hang", "spin", "oom", "exit", "raise", "flood", "orphan")
-    hidden = True
 
     def import_package(self) -> None:
         """With QUANTMATRIX_FAULT_IMPORT_THREAD set, leaves a thread running, as some packages' imports do: the

@@ -18,7 +18,6 @@ from torch import nn
 from harness.engines.base import Engine, replace_linears
 from harness.errors import QuantMatrixError
 
-MODEL_KEY = "quantmatrix.model"
 BLOCK = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24),
          "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}  # (weights, bytes) per block
 
@@ -134,10 +133,6 @@ def check_denoiser_only(path: Path, tensors: dict) -> None:
 
 class GGUFEngine(Engine):
     name = "gguf"
-    qtypes = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
-    loads = ("post-load", "on-the-fly", "prequantized")
-    package = "gguf"
-    file_suffix = ".gguf"
 
     def quantize(self, model: nn.Module, qtype: str, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
         return replace_linears(model, lambda layer: self.quantize_layer(layer, qtype, dtype=dtype, device=device))

@@ -13,15 +13,13 @@ import torch
 from torch import nn
 
 from harness.engines.base import Engine
-from harness.models import example_inputs
+from harness.models.imitation import example_inputs
 
 DEFAULT_GROUP_SIZE = 64
 
 
 class NNCFEngine(Engine):
     name = "nncf"
-    qtypes = ("int8_sym", "int8_asym", "int4_sym", "int4_asym", "int4_sym-g128", "int4_asym-g128")
-    package = "nncf"
 
     def import_package(self) -> None:
         """NNCF's import constructs OpenVINO's telemetry, which, with no consent file in the user's home, sends

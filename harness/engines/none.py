@@ -15,8 +15,6 @@ FORMAT_KEY = "quantmatrix.format"
 
 class NoneEngine(Engine):
     name = "none"
-    qtypes = ("-",)
-    loads = ("post-load", "on-the-fly", "prequantized")
 
     def quantize(self, model: nn.Module, qtype: str, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
         return model

@@ -19,10 +19,6 @@ QMAP_KEY = "quanto.quantization_map"
 
 class QuantoEngine(Engine):
     name = "quanto"
-    qtypes = ("qint8", "qint4", "qint2", "qfloat8")
-    loads = ("post-load", "on-the-fly", "prequantized")
-    package = "optimum-quanto"
-    import_name = "optimum.quanto"
 
     @staticmethod
     def _weights(qtype: str):

@@ -22,9 +22,6 @@ CONFIG_KEY = "sdnq.quantization_config"
 
 class SDNQEngine(Engine):
     name = "sdnq"
-    qtypes = ("int8", "int6", "int4", "uint4", "float8_e4m3fn")
-    loads = ("post-load", "on-the-fly", "prequantized")
-    package = "sdnq"
 
     def quantize(self, model: nn.Module, qtype: str, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
         from sdnq import sdnq_post_load_quant

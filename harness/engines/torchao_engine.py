@@ -19,9 +19,6 @@ CONFIGS = {
 
 class TorchAOEngine(Engine):
     name = "torchao"
-    qtypes = tuple(CONFIGS)
-    loads = ("post-load", "on-the-fly")
-    package = "torchao"
 
     def unavailable_reason(self, qtype: str, device: str) -> str | None:
         reason = super().unavailable_reason(qtype, device)

@@ -45,9 +45,9 @@ import torch._dynamo  # noqa: E402, F401  (accelerate's hooks import it on the f
 import torch._refs  # noqa: E402, F401
 import torch.fx.experimental.symbolic_shapes  # noqa: E402, F401
 
-import harness.execute  # noqa: E402, F401
 import harness.offload  # noqa: E402, F401
-from harness.engines import ENGINES  # noqa: E402
+import harness.run.execute  # noqa: E402, F401
+from harness.engines.registry import ENGINES  # noqa: E402
 
 
 def other_threads() -> list[str]:

@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from harness.containers import check_container
 from harness.devices import is_oom
-from harness.engines import ENGINES, Engine
-from harness.engines.base import set_submodule
+from harness.engines.base import Engine, set_submodule
+from harness.engines.containers import check_container
+from harness.engines.registry import ENGINES
 from harness.errors import QuantMatrixError
-from harness.models import build_model, build_skeleton
+from harness.models.imitation import build_model, build_skeleton
 
 
 @dataclass

@@ -16,7 +16,8 @@ from pathlib import Path
 import jinja2
 import pandas as pd
 
-from harness import report_data, report_plots
+from harness.report import data as report_data
+from harness.report import plots as report_plots
 
 # verdict -> (symbol, short label, css class): colour *and* symbol, for grey print and colour-blind readers
 VERDICTS = {
@@ -92,7 +93,7 @@ def grids(latest: pd.DataFrame) -> list[dict]:
     out = []
     several = latest.groupby("machine")["versions"].nunique()
     for (machine, versions, device), rows in latest.groupby(["machine", "versions", "device"], sort=True):
-        if report_data.device_absent(rows, device):
+        if report_data.all_device_absent(rows):
             continue
         names = rows["device_name"].dropna()
         offloads = report_data.offload_order(rows["offload"])
@@ -150,16 +151,16 @@ def _cell_value(value) -> str:
 def build(records: report_data.Records, out_dir: Path, *, previous: report_data.Records | None = None,
           title: str = "quantmatrix report") -> Path:
     """Write the site into `out_dir`; returns index.html's path."""
-    from harness import compare as compare_mod
+    from harness.report import compare as compare_mod
 
     out_dir.mkdir(parents=True, exist_ok=True)
     latest = records.latest()
-    drift = latest[latest["verdict"].str.startswith("drift-")]
+    drift = latest[latest["verdict"].isin(report_data.DRIFT)]
     plots = report_plots.write_all(latest, out_dir / "plots")
     csv = out_dir / "cells.csv"
     records.frame.drop(columns=["output_tail", "stacks"]).to_csv(csv, index=False)
     changes = compare_mod.compare(previous, records) if previous is not None else None
-    env = jinja2.Environment(loader=jinja2.PackageLoader("harness", "templates"),
+    env = jinja2.Environment(loader=jinja2.PackageLoader("harness.report", "templates"),
                              autoescape=jinja2.select_autoescape(default=True, default_for_string=True),
                              undefined=jinja2.StrictUndefined)
     table = [[_cell_value(r[c]) for c, _ in TABLE_COLUMNS] for _, r in latest.iterrows()]
@@ -178,6 +179,6 @@ def build(records: report_data.Records, out_dir: Path, *, previous: report_data.
 def _absent(latest: pd.DataFrame) -> list[tuple[str, str, int]]:
     out = []
     for (machine, device), rows in latest.groupby(["machine", "device"], sort=True):
-        if report_data.device_absent(rows, device):
+        if report_data.all_device_absent(rows):
             out.append((machine, device, len(rows)))
     return out

@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping
 
-from harness.matrix import Matrix
-from harness.results import is_device_absent
-from harness.verdict import Absence, Verdict
+from harness.matrix import ExpectKind, Matrix
+from harness.results import device_was_absent
+from harness.verdict import Absence, ClaimStatus, Verdict
 
 
 class RuleTally:
@@ -37,17 +37,17 @@ class RuleTally:
             actual = error_text or "it worked"
             if verdict is Verdict.DRIFT_CLAIM:
                 actual = "; ".join(f"{c['claim']}: {c.get('detail', '')}" for c in claims
-                                   if c["status"] == "contradicted")
+                                   if c["status"] == ClaimStatus.CONTRADICTED)
             self.drifted[f"{verdict.value} on {device}: {actual[:200]}"] += 1
         elif verdict.passed:
             self.counts["held"] += 1
         elif (verdict is Verdict.UNAVAILABLE and record.get("absence") == Absence.NOT_OFFERED.value
-              and (record.get("expect") or {}).get("kind") == "unavailable"):
+              and (record.get("expect") or {}).get("kind") == ExpectKind.UNAVAILABLE):
             self.counts["held"] += 1  # the harness itself knows the engine does not offer it, as documented
         elif verdict is Verdict.UNAVAILABLE:
             self.counts["not checked"] += 1
             reason = record.get("reason") or "unavailable"
-            if is_device_absent(reason, device):
+            if device_was_absent(record):
                 self.absent[device] += 1
             else:
                 self.unchecked[reason] += 1
@@ -70,7 +70,8 @@ def rule_lines(matrix: Matrix, versions: Mapping[str, str | None], records: Iter
     lines = []
     for i, rule in enumerate(matrix.rules):
         e = rule.expect
-        what = {"error": f"error /{e.pattern}/", "unavailable": f"unavailable ({e.reason})", "works": "works"}[e.kind]
+        what = {ExpectKind.ERROR: f"error /{e.pattern}/", ExpectKind.UNAVAILABLE: f"unavailable ({e.reason})",
+                ExpectKind.WORKS: "works"}[e.kind]
         if e.claims:
             what += f", claims {', '.join(e.claims)} (tolerance {e.tolerance:g})"
         lines.append(f"rule {i} [{e.source or 'no source'}]: {what}")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from harness import report_data
-from harness.report_html import VERDICTS
+from harness.report import data as report_data
+from harness.report.html import VERDICTS
 
 
 def _cell(row: pd.Series | None) -> str:
@@ -20,7 +20,7 @@ def _cell(row: pd.Series | None) -> str:
         if report_data.finite(row["mem_ratio"]):
             parts.append(f"{row['mem_ratio']:.2f}x mem")
         text = ", ".join(parts)
-        return f"{symbol} {text}" + (" (drift)" if row["verdict"].startswith("drift") else "")
+        return f"{symbol} {text}" + (" (drift)" if row["verdict"] in report_data.DRIFT else "")
     return f"{symbol} {label}"
 
 
@@ -34,7 +34,7 @@ def render(records: report_data.Records) -> str:
              "Cells: ✓ works, ⊘ fails as documented, ⚠ documentation drift, ✗ fails, – unavailable. Figures: bits "
              "per weight, latency and peak memory as multiples of the unquantized baseline in the same mode.", ""]
     for (machine, versions, device), rows in latest.groupby(["machine", "versions", "device"], sort=True):
-        if report_data.device_absent(rows, device):
+        if report_data.all_device_absent(rows):
             continue
         offloads = report_data.offload_order(rows["offload"])
         for (model, dtype), group in rows.groupby(["model", "dtype"], sort=True):
@@ -53,7 +53,7 @@ def render(records: report_data.Records) -> str:
             where = ", ".join(sorted(g["id"]))
             lines.append(f"- {_escape(source or 'rule')}: `{_escape(etype)}: {_escape(message[:200])}` ({where})")
         lines.append("")
-    drift = latest[latest["verdict"].str.startswith("drift-")]
+    drift = latest[latest["verdict"].isin(report_data.DRIFT)]
     if len(drift):
         lines += ["## Documentation drift", ""]
         for _, r in drift.sort_values("id").iterrows():

@@ -16,12 +16,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.matrix import BASELINE, OFFLOAD_MODES
-from harness.results import is_device_absent, read_records
+from harness.cell import BASELINE, OFFLOAD_MODES
+from harness.results import device_was_absent, read_records
+from harness.verdict import Verdict
 
-PASSED = ("ok", "documented-error")
-BROKEN = ("fail", "crash", "timeout", "hang", "oom")
-RAN = ("ok", "drift-works", "drift-claim")
+PASSED = tuple(v.value for v in Verdict if v.passed)
+BROKEN = tuple(v.value for v in Verdict if v.broken)
+RAN = tuple(v.value for v in Verdict if v.ran)
+DRIFT = tuple(v.value for v in Verdict if v.is_drift)
 
 
 @dataclass
@@ -68,6 +70,7 @@ def _row(record: dict) -> dict:
                                                              sorted((env.get("engines") or {}).items()) if v)]),
         "started": record.get("started") or "", "duration_s": record.get("duration_s"),
         "output_tail": record.get("output_tail") or "",
+        "device_absent": device_was_absent(record),
         "cpu_s": (record.get("process") or {}).get("cpu_s"),
         "stacks": (record.get("process") or {}).get("stacks") or "",
     }
@@ -82,10 +85,9 @@ def finite(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def device_absent(rows: pd.DataFrame, device: str) -> bool:
-    """Whether every record of these rows says the device was absent on its machine (nothing to draw)."""
-    return bool((rows["verdict"] == "unavailable").all()
-                and rows["reason"].map(lambda r: is_device_absent(r, device)).all())
+def all_device_absent(rows: pd.DataFrame) -> bool:
+    """Whether every record of these rows is of a device absent on its machine (nothing to draw)."""
+    return bool(rows["device_absent"].all())
 
 
 def offload_order(values) -> list[str]:

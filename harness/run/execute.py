@@ -12,13 +12,16 @@ from pathlib import Path
 
 import torch
 
-from harness import devices, loading, measure
-from harness.engines import ENGINES, NotOffered
-from harness.matrix import Cell, Settings
-from harness.models import build_model, build_skeleton, make_inputs
+from harness import devices
+from harness.cell import Cell
+from harness.engines.base import Engine, NotOffered
+from harness.engines.registry import ENGINES
+from harness.matrix import Settings
+from harness.models.imitation import build_model, build_skeleton, make_inputs
 from harness.offload import apply_offload
-from harness.results import device_absent
-from harness.verdict import Absence, ErrorInfo, Outcome
+from harness.results import absent_device_reason
+from harness.run import loading, measure
+from harness.verdict import Absence, ErrorInfo, Outcome, Stage, Status
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,7 @@ def unavailable(cell: Cell) -> Outcome | None:
     initialized). Only this and an engine's NotOffered make a cell unavailable."""
     reason = devices.unavailable_reason(cell.device)
     if reason:
-        return Outcome.unavailable(Absence.DEVICE, device_absent(cell.device, reason))
+        return Outcome.unavailable(Absence.DEVICE, absent_device_reason(cell.device, reason))
     engine = ENGINES[cell.engine]
     if cell.load not in engine.loads:
         return Outcome.unavailable(Absence.NOT_OFFERED, f"engine {engine.name} does not offer the {cell.load} "
@@ -42,7 +45,7 @@ def unavailable(cell: Cell) -> Outcome | None:
     return None if reason is None else Outcome.unavailable(Absence.PACKAGE, reason)
 
 
-def error_info(exc: BaseException, stage: str) -> ErrorInfo:
+def error_info(exc: BaseException, stage: Stage) -> ErrorInfo:
     frames = traceback.extract_tb(exc.__traceback__)[-4:]
     where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
     return ErrorInfo(type(exc).__name__, str(exc), where, stage)
@@ -96,66 +99,62 @@ def prepare_cell(task: CellTask) -> tuple[dict[str, torch.Tensor], torch.Tensor,
     return inputs, reference, source
 
 
+class _Progress:
+    """How far a cell got (the stage an error is reported in) and the device it ran on."""
+
+    def __init__(self) -> None:
+        self.stage = Stage.PREPARE
+        self.device: dict = {}
+
+
 def execute_cell(task: CellTask) -> Outcome:
-    cell, s = task.cell, task.settings
-    absent = unavailable(cell)
+    """Run the cell and turn what happened into an Outcome: measured, unavailable, or the error and its stage."""
+    absent = unavailable(task.cell)
     if absent is not None:
         return absent
-    engine = ENGINES[cell.engine]
-    dtype, device = getattr(torch, cell.dtype), devices.torch_device(cell.device)
-    stage = "prepare"
-    info: dict = {}
+    progress = _Progress()
     try:
-        info = devices.device_info(cell.device)
-        inputs, reference, source = prepare_cell(task)
-        layout = measure.float_layout(build_skeleton(cell.model, dtype))
-        engine.import_package()  # before memory is tracked (a no-op when the cell server preloaded it)
-
-        tracker = devices.memory_tracker(cell.device)
-        tracker.reset()
-        mem_base = tracker.current()
-        stage = "load"
-        if cell.load == "post-load":
-            loaded = loading.load_post(engine, cell.qtype, cell.model, s.seed, dtype, device)
-        elif cell.load == "on-the-fly":
-            loaded = loading.load_on_the_fly(engine, cell.qtype, cell.model, source, dtype, device)
-        else:
-            loaded = loading.load_prequantized(engine, cell.qtype, cell.model, source, dtype, device)
-        model = loaded.model.eval()
-        tracker.sample()
-        # Storage is counted before offload: offload hooks replace weights with placeholders.
-        param_bytes = measure.stored_bytes(model)
-        bpw = measure.bits_per_weight(model, layout)
-
-        stage = "offload"
-        after_step = apply_offload(model, cell.offload, cell.device,
-                                   high_watermark=s.high_watermark, low_watermark=s.low_watermark)
-        stage = "forward"
-        with torch.no_grad():
-            output = model(**inputs)
-            after_step()
-            tracker.sample()
-            error = measure.output_error(output, reference)
-
-            def step() -> None:
-                model(**inputs)
-                tracker.sample()
-
-            latency = measure.time_steps(step, cell.device, warmup=s.warmup, min_steps=s.min_steps,
-                                         max_steps=s.max_steps, min_time_s=s.min_time_s, after_step=after_step)
-        peak = tracker.peak()
+        metrics = _measure(task, progress)
     except NotOffered as exc:  # a fact about the engine, declared by the harness's own engine module
         return Outcome.unavailable(Absence.NOT_OFFERED, str(exc))
     except Exception as exc:  # engine, accelerate and torch errors are the findings
-        status = "oom" if devices.is_oom(exc) else "error"
-        return Outcome(status, error=error_info(exc, stage), reason=f"{type(exc).__name__} during {stage}",
-                       device=info)
+        status = Status.OOM if devices.is_oom(exc) else Status.ERROR
+        return Outcome(status, error=error_info(exc, progress.stage),
+                       reason=f"{type(exc).__name__} during {progress.stage}", device=progress.device)
+    return Outcome(Status.RAN, metrics=metrics, device=progress.device)
+
+
+def _measure(task: CellTask, progress: _Progress) -> dict:
+    """Load (and quantize), count storage, offload, run and time the steps; the figures of the record."""
+    cell, s = task.cell, task.settings
+    engine = ENGINES[cell.engine]
+    dtype = getattr(torch, cell.dtype)
+    progress.device = devices.device_info(cell.device)
+    inputs, reference, source = prepare_cell(task)
+    layout = measure.float_layout(build_skeleton(cell.model, dtype))
+    engine.import_package()  # before memory is tracked (a no-op when the cell server preloaded it)
+    tracker = devices.memory_tracker(cell.device)
+    tracker.reset()
+    mem_base = tracker.current()
+
+    progress.stage = Stage.LOAD
+    loaded = _load(task, engine, source)
+    model = loaded.model.eval()
+    tracker.sample()
+    # Storage is counted before offload: offload hooks replace weights with placeholders.
+    param_bytes, bpw = measure.stored_bytes(model), measure.bits_per_weight(model, layout)
+
+    progress.stage = Stage.OFFLOAD
+    after_step = apply_offload(model, cell.offload, cell.device,
+                               high_watermark=s.high_watermark, low_watermark=s.low_watermark)
+    progress.stage = Stage.FORWARD
+    output, error, latency = _run_steps(task, model, inputs, reference, after_step, tracker)
     metrics = {
         "param_bytes": param_bytes,
         "disk_bytes": loaded.disk_bytes if loaded.disk_bytes is not None else param_bytes,
         "disk_is_file": loaded.disk_bytes is not None,
         "bits_per_weight": bpw,
-        "peak_mem_bytes": peak,
+        "peak_mem_bytes": tracker.peak(),
         "mem_base_bytes": mem_base,
         "mem_kind": tracker.kind,
         "latency_ms": latency.as_dict(),
@@ -166,4 +165,32 @@ def execute_cell(task: CellTask) -> Outcome:
     }
     if loaded.name_hint is not None:
         metrics["name_hint"], metrics["name_hint_detail"] = loaded.name_hint, loaded.name_hint_detail
-    return Outcome("ran", metrics=metrics, device=info)
+    return metrics
+
+
+def _load(task: CellTask, engine: Engine, source: Path | None) -> loading.Loaded:
+    cell, s = task.cell, task.settings
+    dtype, device = getattr(torch, cell.dtype), devices.torch_device(cell.device)
+    if cell.load == "post-load":
+        return loading.load_post(engine, cell.qtype, cell.model, s.seed, dtype, device)
+    if cell.load == "on-the-fly":
+        return loading.load_on_the_fly(engine, cell.qtype, cell.model, source, dtype, device)
+    return loading.load_prequantized(engine, cell.qtype, cell.model, source, dtype, device)
+
+
+def _run_steps(task: CellTask, model, inputs: dict, reference: torch.Tensor, after_step, tracker):
+    """The first step's output and its error against the float model's, then the timed steps."""
+    cell, s = task.cell, task.settings
+    with torch.no_grad():
+        output = model(**inputs)
+        after_step()
+        tracker.sample()
+        error = measure.output_error(output, reference)
+
+        def step() -> None:
+            model(**inputs)
+            tracker.sample()
+
+        latency = measure.time_steps(step, cell.device, warmup=s.warmup, min_steps=s.min_steps,
+                                     max_steps=s.max_steps, min_time_s=s.min_time_s, after_step=after_step)
+    return output, error, latency

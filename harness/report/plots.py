@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from harness import report_data  # noqa: E402
+from harness.report import data as report_data  # noqa: E402
 
 MARKERS = "o^sDvP*Xh<>"
 

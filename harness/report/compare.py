@@ -10,18 +10,34 @@ the threshold), so CI can gate on it.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 import pandas as pd
 
-from harness import report_data
+from harness.report import data as report_data
+from harness.verdict import Verdict
+
+
+class ChangeKind(enum.StrEnum):
+    """What changed in a cell between two sets of records, in the order they are listed."""
+
+    NEWLY_BROKEN = "newly broken"
+    SLOWER = "slower"
+    MORE_MEMORY = "more memory"
+    NEWLY_DRIFTED = "newly drifted"
+    NEWLY_FIXED = "newly fixed"
+
+    @property
+    def regression(self) -> bool:
+        return self in (ChangeKind.NEWLY_BROKEN, ChangeKind.SLOWER, ChangeKind.MORE_MEMORY)
 
 
 @dataclass
 class Change:
     machine: str
     id: str
-    kind: str  # "newly broken" | "newly fixed" | "newly drifted" | "slower" | "more memory"
+    kind: ChangeKind
     old: str
     new: str
 
@@ -32,18 +48,16 @@ class Changes:
     compared: int = 0
     threshold: float = 0.25
 
-    REGRESSIONS = ("newly broken", "slower", "more memory")
-
     @property
     def regressed(self) -> list[Change]:
-        return [c for c in self.items if c.kind in self.REGRESSIONS]
+        return [c for c in self.items if c.kind.regression]
 
-    def of(self, kind: str) -> list[Change]:
-        return [c for c in self.items if c.kind == kind]
+    def of(self, kind: ChangeKind) -> list[Change]:
+        return [c for c in self.items if c.kind is kind]
 
 
 def _good(verdict: str) -> bool:
-    return verdict in report_data.PASSED or verdict == "unavailable"
+    return verdict in report_data.PASSED or verdict == Verdict.UNAVAILABLE
 
 
 def compare(old: report_data.Records, new: report_data.Records, threshold: float = 0.25) -> Changes:
@@ -57,17 +71,17 @@ def compare(old: report_data.Records, new: report_data.Records, threshold: float
         vo, vn = r["verdict_old"], r["verdict_new"]
         where = dict(machine=r["machine"], id=r["id"])
         if vn in report_data.BROKEN and vo not in report_data.BROKEN:
-            changes.items.append(Change(**where, kind="newly broken", old=vo, new=f"{vn}: {_why(r, 'new')}"))
+            changes.items.append(Change(**where, kind=ChangeKind.NEWLY_BROKEN, old=vo, new=f"{vn}: {_why(r, 'new')}"))
         elif vo in report_data.BROKEN and vn not in report_data.BROKEN and _good(vn):
-            changes.items.append(Change(**where, kind="newly fixed", old=f"{vo}: {_why(r, 'old')}", new=vn))
-        if vn.startswith("drift-") and not vo.startswith("drift-"):
-            changes.items.append(Change(**where, kind="newly drifted", old=vo, new=f"{vn}: {r['note_new']}"))
-        for metric, kind in (("latency_ratio", "slower"), ("mem_ratio", "more memory")):
+            changes.items.append(Change(**where, kind=ChangeKind.NEWLY_FIXED, old=f"{vo}: {_why(r, 'old')}", new=vn))
+        if vn in report_data.DRIFT and vo not in report_data.DRIFT:
+            changes.items.append(Change(**where, kind=ChangeKind.NEWLY_DRIFTED, old=vo, new=f"{vn}: {r['note_new']}"))
+        for metric, kind in (("latency_ratio", ChangeKind.SLOWER), ("mem_ratio", ChangeKind.MORE_MEMORY)):
             ro, rn = r[f"{metric}_old"], r[f"{metric}_new"]
             if report_data.finite(ro) and report_data.finite(rn) and ro > 0 and rn / ro > 1 + threshold:
                 changes.items.append(Change(**where, kind=kind, old=f"{ro:.3g}x baseline",
                                             new=f"{rn:.3g}x baseline ({rn / ro:.2f}x worse)"))
-    order = ["newly broken", "slower", "more memory", "newly drifted", "newly fixed"]
+    order = list(ChangeKind)
     changes.items.sort(key=lambda c: (order.index(c.kind), c.machine, c.id))
     return changes
 
@@ -78,7 +92,7 @@ def _why(row: pd.Series, side: str) -> str:
 
 def render(changes: Changes) -> str:
     lines = [f"compared {changes.compared} cells present in both (threshold {changes.threshold:g})"]
-    for kind in ("newly broken", "slower", "more memory", "newly drifted", "newly fixed"):
+    for kind in ChangeKind:
         items = changes.of(kind)
         lines.append(f"{kind}: {len(items)}")
         lines.extend(f"  {c.id}  on {c.machine}: {c.old} -> {c.new}" for c in items)

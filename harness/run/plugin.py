@@ -3,7 +3,9 @@
     pytest -m matrix [--matrix FILE] [--engine E,...] [--device D,...] [--offload O,...] [--results FILE]
 
 Each cell is one parametrization of the generic test in tests/test_matrix.py, with the cell id as its test id,
-so `-k 'nf4 and sequential'` selects cells. A record is appended to the results file as each cell ends.
+so `-k 'nf4 and sequential'` selects cells. A record is appended to the results file as each cell ends. Here: the
+options, the run's identity, collection, the status letters, the summary and signals; running and recording a
+cell is session.py's, the pytest-xdist wiring workers.py's.
 """
 
 from __future__ import annotations
@@ -13,27 +15,22 @@ import json
 import os
 import signal
 import socket
-import time
-import warnings
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from harness.cell import AXES
 from harness.errors import QuantMatrixError
-from harness.matrix import AXES, Cell, Matrix, load_matrix, select
-from harness.verdict import Outcome, Verdict
+from harness.matrix import Matrix, load_matrix, select
+from harness.run.session import IDS_KEY, MatrixRun, environment
+from harness.run.workers import pytest_configure_node  # noqa: F401  (a hook: pluggy finds it here)
+from harness.verdict import Verdict
 
 DEFAULT_MATRIX = "matrices/default.toml"
 _matrix_key = pytest.StashKey[Matrix]()
-_run_key = pytest.StashKey["MatrixRun"]()
-_ids_key = pytest.StashKey[tuple]()  # (run id, results file), shared by xdist workers
-_env_key = pytest.StashKey[tuple]()  # (environment, versions) of this process
-
-
-class DriftWarning(UserWarning):
-    """Documented behaviour no longer holds (reported, not failed, under --drift=warn)."""
+_run_key = pytest.StashKey[MatrixRun]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -68,9 +65,9 @@ def pytest_configure(config: pytest.Config) -> None:
     worker = getattr(config, "workerinput", None)
     if worker is not None and "quantmatrix_run" in worker:  # a pytest-xdist worker: the controller decided
         os.environ.update(json.loads(worker["quantmatrix_pin"]))  # before anything asks for a device
-        config.stash[_ids_key] = (worker["quantmatrix_run"], Path(worker["quantmatrix_results"]))
+        config.stash[IDS_KEY] = (worker["quantmatrix_run"], Path(worker["quantmatrix_results"]))
     else:
-        config.stash[_ids_key] = _run_identity(config)
+        config.stash[IDS_KEY] = _run_identity(config)
 
 
 def _run_identity(config: pytest.Config) -> tuple[str, Path]:
@@ -85,29 +82,13 @@ def _run_identity(config: pytest.Config) -> tuple[str, Path]:
         if not path.is_file():
             raise pytest.UsageError(f"--resume {resume}: no such results file")
         records, _ = read_records(path)
-        key = environment_key(_environment(config)[0])
+        key = environment_key(environment(config)[0])
         same = [r for r in records if environment_key(r["env"]) == key]
         if same:
             return same[-1]["run"], Path(results or path)
         return f"{stamp}-{socket.gethostname()}", Path(results or path)
     where = config.invocation_params.dir  # where the user ran pytest, whatever rootdir pytest picked
     return f"{stamp}-{socket.gethostname()}", Path(results or Path(where, "results", f"{stamp}.jsonl"))
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_configure_node(node) -> None:
-    """pytest-xdist controller: every worker writes under the same run id into the same results file, and gets a
-    device of its own when the host has accelerators (CUDA_VISIBLE_DEVICES, HIP_VISIBLE_DEVICES,
-    ZE_AFFINITY_MASK), so that peak-memory figures stay per device."""
-    from harness.devices import pin_worker, visible_accelerators
-
-    run_id, results = node.config.stash[_ids_key]
-    number = int(node.workerinput["workerid"].removeprefix("gw"))
-    workers = max(1, len(node.config.getvalue("tx") or []))
-    # CPU threads shared out too: two workers of two threads each on two cores would measure contention
-    pin = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers)),
-           **pin_worker(number, *visible_accelerators())}
-    node.workerinput.update(quantmatrix_run=run_id, quantmatrix_results=str(results), quantmatrix_pin=json.dumps(pin))
 
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
@@ -123,7 +104,9 @@ def _matrix(config: pytest.Config) -> Matrix:
     if _matrix_key not in config.stash:
         path = Path(config.getoption("matrix") or _default_matrix(config))
         try:
-            matrix = load_matrix(path)
+            from harness.devices import present_devices
+
+            matrix = load_matrix(path, present_devices=present_devices())
         except QuantMatrixError as exc:  # "file:line [key]: what is wrong", printed by pytest as one ERROR line
             raise pytest.UsageError(str(exc)) from None
         overrides = {k: v for k, v in (("cell_timeout_s", config.getoption("cell_timeout")),
@@ -165,91 +148,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     if engines:
         os.environ["QUANTMATRIX_PRELOAD"] = ",".join(sorted(e for e, n in engines.items() if n >= PRELOAD_FROM_CELLS))
         if not session.config.pluginmanager.hasplugin("dsession") and not session.config.option.collectonly:
-            from harness.runner import warm_up
+            from harness.run.isolation import warm_up
 
             warm_up()
-
-
-def _environment(config: pytest.Config) -> tuple[dict, dict[str, str | None]]:
-    """This process's environment (for records) and the versions a rule's `versions` may name (an engine, torch,
-    triton, the NVIDIA GPU's compute capability), worked out once."""
-    if _env_key not in config.stash:
-        from harness.devices import cuda_capability
-        from harness.engines import ENGINES
-        from harness.results import environment
-
-        env = environment({name: e.version() for name, e in ENGINES.items() if e.package})
-        versions = {**env["engines"], "torch": env["torch"], "triton": env["triton"],
-                    "cuda_capability": cuda_capability()}
-        config.stash[_env_key] = (env, versions)
-    return config.stash[_env_key]
-
-
-class MatrixRun:
-    """One run (in one process): its id, results file, work directory, and the metrics measured so far."""
-
-    def __init__(self, config: pytest.Config, matrix: Matrix, workdir: Path):
-        from harness.results import ResultsWriter, environment_key, read_records
-
-        self.id, self.results = config.stash[_ids_key]
-        self.writer = ResultsWriter(self.results)
-        self.matrix, self.workdir = matrix, workdir
-        self.drift_fails = config.getoption("drift") == "fail"
-        self.env, self.versions = _environment(config)
-        self.measured: dict[Cell, dict] = {}  # metrics of the cells that ran, for claims against baselines
-        self.done: dict[str, str] = {}  # cells a resumed run already recorded: id -> run
-        if config.getoption("resume"):
-            key = environment_key(self.env)
-            for r in read_records(Path(config.getoption("resume")))[0]:
-                if environment_key(r["env"]) == key and r["verdict"] != "interrupted":
-                    self.done[r["id"]] = r["run"]
-                    if r.get("metrics"):
-                        self.measured[Cell(**r["cell"])] = r["metrics"]
-
-    def run(self, cell: Cell) -> tuple[Verdict, str, dict]:
-        from harness.results import make_record, now_iso
-        from harness.verdict import check_claims, judge
-
-        expect = self.matrix.expectation(cell, self.versions)
-        started, t0 = now_iso(), time.perf_counter()
-        try:
-            outcome = self._execute(cell)
-        except KeyboardInterrupt:
-            outcome = Outcome("interrupted", reason="the run was interrupted while this cell ran")
-            self.writer.append(make_record(self.id, cell, expect, Verdict.INTERRUPTED, outcome.reason, outcome,
-                                           self.env, started, time.perf_counter() - t0))
-            raise
-        claims = []
-        if outcome.status == "ran":
-            self.measured[cell] = outcome.metrics
-            if expect.claims:
-                claims = check_claims(expect, outcome.metrics, self._baseline(cell))
-        verdict, note = judge(expect, outcome, claims)
-        record = make_record(self.id, cell, expect, verdict, note, outcome, self.env, started,
-                             time.perf_counter() - t0, claims)
-        self.writer.append(record)
-        return verdict, note, record
-
-    def _execute(self, cell: Cell) -> Outcome:
-        from harness.execute import CellTask, unavailable
-        from harness.runner import run_isolated
-
-        absent = unavailable(cell)
-        if absent is not None:
-            return absent
-        s = self.matrix.settings
-        return run_isolated(CellTask(cell, s, self.workdir), timeout_s=s.cell_timeout_s,
-                            memory_limit_mb=s.memory_limit_mb)
-
-    def _baseline(self, cell: Cell) -> dict | None:
-        """The baseline's metrics for a cell's claims. Baselines run first; when this process has not run it (a
-        shard or xdist worker got it, or -k left it out) it is measured here, unrecorded (its record is the other
-        process's)."""
-        base = cell.baseline
-        if base not in self.measured:
-            outcome = self._execute(base)
-            self.measured[base] = outcome.metrics if outcome.status == "ran" else None
-        return self.measured[base]
 
 
 @pytest.fixture(scope="session")
@@ -264,43 +165,25 @@ def matrix_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     return config.stash[_run_key]
 
 
-def check_cell(run: MatrixRun, cell: Cell, request: pytest.FixtureRequest) -> str | None:
-    """Run the cell and record it; skip it when unavailable. Returns why it failed, or None when it passed."""
-    if cell.id in run.done:
-        pytest.skip(f"already recorded by run {run.done[cell.id]} (--resume)")
-    verdict, note, record = run.run(cell)
-    request.node.user_properties.append(("verdict", verdict.value))
-    if verdict is Verdict.UNAVAILABLE:
-        pytest.skip(f"unavailable: {note}")
-    if verdict.is_drift and not run.drift_fails:
-        warnings.warn(DriftWarning(f"{cell.id}: {verdict.value}: {note}"), stacklevel=2)
-        return None
-    if verdict.passed:
-        return None
-    detail = f"\n{record['error']['where']}" if record.get("error") else ""
-    tail = f"\n--- cell output (tail) ---\n{record['output_tail']}" if record.get("output_tail") else ""
-    return f"{verdict.value}: {note}{detail}{tail}"
-
-
 @pytest.hookimpl(tryfirst=True)
 def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config):
     verdict = dict(report.user_properties).get("verdict") if report.when == "call" else None
     if verdict is None:
         return None
-    letter = {"ok": ".", "documented-error": "d", "unavailable": "s"}.get(verdict, "F")
-    if verdict.startswith("drift-") and report.passed:
+    letter = {Verdict.OK: ".", Verdict.DOCUMENTED_ERROR: "d", Verdict.UNAVAILABLE: "s"}.get(Verdict(verdict), "F")
+    if Verdict(verdict).is_drift and report.passed:
         letter = "w"
     return report.outcome, letter, verdict.upper()
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
     """Verdict counts and the per-rule summary, read back from this run's records (also those of xdist workers)."""
-    if hasattr(config, "workerinput") or _ids_key not in config.stash:
+    if hasattr(config, "workerinput") or IDS_KEY not in config.stash:
         return
     from harness.results import read_records
-    from harness.summary import rule_lines, verdict_counts
+    from harness.run.summary import rule_lines, verdict_counts
 
-    run_id, results = config.stash[_ids_key]
+    run_id, results = config.stash[IDS_KEY]
     if not results.exists():
         return
     records = [r for r in read_records(results)[0] if r["run"] == run_id]
@@ -316,7 +199,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     tr.write_line(f"results: {results}")
     matrix = _matrix(config)
     if matrix.rules:
-        versions = _environment(config)[1]
+        versions = environment(config)[1]
         tr.section(f"documented behaviour: the rules of {matrix.path.name}", sep="-")
         for line in rule_lines(matrix, versions, records):
             tr.write_line(line)

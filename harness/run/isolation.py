@@ -4,8 +4,10 @@ Why not pytest-forked or pytest-xdist's crash handling: pytest-forked forks the 
 have run torch ops, so its OpenMP pool and any accelerator context would be inherited broken) and has no timeout
 or memory verdicts; xdist restarts a crashed worker but reports a generic failure and has no per-test timeout;
 pytest-timeout's signal method cannot stop native code and its thread method kills the whole run. A
-`multiprocessing` forkserver gives all three at once: the server imports torch and the engines once and never
-touches an accelerator, each cell is a cheap fork of it, and the parent turns the child's fate into a verdict:
+`multiprocessing` forkserver gives all three at once: the server (cell_server.py) imports torch once, and, with a
+CPU build of torch, the engines that three or more of the run's cells use; it never touches an accelerator and
+holds no thread but its main one when it forks; each cell is a cheap fork of it, and the parent turns the child's
+fate into a verdict:
 
 - the child's report (Outcome as JSON) when it finishes;
 - `hang` when it runs past the cell timeout without using the CPU at the end (a deadlock: asleep in a lock or a
@@ -36,8 +38,8 @@ from pathlib import Path
 
 import psutil
 
-from harness.execute import CellTask
-from harness.verdict import ErrorInfo, Outcome
+from harness.run.execute import CellTask
+from harness.verdict import ErrorInfo, Outcome, Stage, Status
 
 OUTPUT_TAIL_BYTES = 4000
 STACKS_BYTES = 32000  # every thread's stack of a killed cell (faulthandler caps each at 100 frames)
@@ -49,7 +51,7 @@ def _forkserver():
     # asks must not initialize CUDA before the fork.
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["harness.forkserver_warmup"])
+    ctx.set_forkserver_preload(["harness.run.cell_server"])
     return ctx
 
 
@@ -86,15 +88,15 @@ def _child_main(task: CellTask, result_path: str, log_path: str, memory_limit_mb
     if memory_limit_mb and task.cell.device == "cpu":
         vm = _vm_size()
         resource.setrlimit(resource.RLIMIT_AS, (vm + (memory_limit_mb << 20), resource.RLIM_INFINITY))
-    from harness.execute import execute_cell
+    from harness.run.execute import execute_cell
 
-    server = sys.modules.get("harness.forkserver_warmup")
+    server = sys.modules.get("harness.run.cell_server")
     if server is not None and server.threads_at_fork:
         # What those threads held (a lock, a pool's worker) is held forever here: the cell could deadlock.
-        outcome = Outcome("error", error=ErrorInfo(
+        outcome = Outcome(Status.ERROR, error=ErrorInfo(
             "HarnessError", "the cell server held other threads than its main one when it forked this cell ("
             + ", ".join(server.threads_at_fork) + "); a forked cell inherits whatever they held, so it was not run",
-            "", "process"), reason="the cell server was not thread-free at the fork")
+            "", Stage.PROCESS), reason="the cell server was not thread-free at the fork")
     else:
         outcome = execute_cell(task)
     tmp = result_path + ".tmp"
@@ -132,7 +134,7 @@ def _tail(path: Path, limit: int = OUTPUT_TAIL_BYTES) -> str | None:
 
 def _prepare_main(task: CellTask) -> None:
     os.setsid()
-    from harness.execute import prepare_cell
+    from harness.run.execute import prepare_cell
 
     try:
         prepare_cell(task)
@@ -261,7 +263,7 @@ def run_isolated(task: CellTask, *, timeout_s: float, memory_limit_mb: int = 0) 
     The files the cell needs (reference output, checkpoint, pre-quantized file) are made first in a process of
     their own, so the measured process starts clean. If that fails, the cell makes them itself and reports the
     failure as its own outcome."""
-    from harness.execute import files_to_prepare
+    from harness.run.execute import files_to_prepare
 
     ctx = _forkserver()
     if files_to_prepare(task):
@@ -284,24 +286,24 @@ def _outcome(exitcode: int, result: Path, overrun: Overrun | None, timeout_s: fl
     if exitcode < 0:
         sig = signal.Signals(-exitcode)
         if sig == signal.SIGKILL:
-            return Outcome("oom", reason=f"killed by SIGKILL after {elapsed:.1f} s without reporting "
+            return Outcome(Status.OOM, reason=f"killed by SIGKILL after {elapsed:.1f} s without reporting "
                                          "(the kernel's OOM killer, most likely)")
-        return Outcome("crash", reason=f"process died by signal {sig.name} ({-exitcode})")
-    return Outcome("crash", reason=f"process exited with code {exitcode} before reporting")
+        return Outcome(Status.CRASH, reason=f"process died by signal {sig.name} ({-exitcode})")
+    return Outcome(Status.CRASH, reason=f"process exited with code {exitcode} before reporting")
 
 
 def _overrun_outcome(overrun: Overrun, timeout_s: float) -> Outcome:
     cpu = "?" if overrun.cpu_s is None else f"{overrun.cpu_s:.1f}"
     window = "?" if overrun.window_cpu_s is None else f"{overrun.window_cpu_s:.2f}"
     if overrun.hung:
-        status, kind = "hang", "Hang"
+        status, kind = Status.HANG, "Hang"
         reason = (f"no result after the cell timeout of {timeout_s:g} s, and no CPU progress in its last "
                   f"{overrun.window_s:.0f} s ({window} CPU s; {cpu} CPU s in all): asleep, a deadlock; killed")
     else:
-        status, kind = "timeout", "Timeout"
+        status, kind = Status.TIMEOUT, "Timeout"
         reason = (f"no result after the cell timeout of {timeout_s:g} s, still computing ({window} CPU s in its "
                   f"last {overrun.window_s:.0f} s; {cpu} CPU s in all); killed")
-    return Outcome(status, error=ErrorInfo(kind, reason, _innermost_frames(overrun.stacks), "process"),
+    return Outcome(status, error=ErrorInfo(kind, reason, _innermost_frames(overrun.stacks), Stage.PROCESS),
                    reason=reason, process=overrun.as_dict())
 
 

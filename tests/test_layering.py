@@ -1,0 +1,85 @@
+"""The boundaries the layout promises, checked: reports and matrix validation need no torch, no engine and no
+runner; the cell's vocabulary imports nothing of the harness; an engine module imports no other engine."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+HARNESS = REPO / "harness"
+ENGINE_PACKAGES = ("bitsandbytes", "optimum", "gguf", "nncf", "sdnq", "torchao", "diffusers", "accelerate")
+
+# Makes `import torch` (and the engines) fail in the child, as in an install without them.
+BLOCK = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch",) + {engines!r}:
+            raise ImportError(f"{{name}} is not installed here (blocked by the test)")
+        return None
+sys.meta_path.insert(0, Block())
+"""
+
+
+def run_python(code: str, *, block: bool) -> subprocess.CompletedProcess:
+    prelude = BLOCK.format(engines=ENGINE_PACKAGES) if block else ""
+    return subprocess.run([sys.executable, "-c", prelude + code], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_report_and_compare_run_in_a_fresh_interpreter_without_torch_engines_or_runner(tmp_path):
+    records = sorted(str(p) for p in (REPO / "results" / "reference").glob("*.jsonl"))
+    code = f"""
+import sys
+from harness.cli import main
+assert main(["report", *{records!r}, "-o", {str(tmp_path / "site")!r}]) == 0
+assert main(["report", *{records!r}, "--markdown", "-o", {str(tmp_path / "table.md")!r}]) == 0
+assert main(["compare", {records[0]!r}, {records[0]!r}]) == 0
+assert main(["validate", "matrices/default.toml", "matrices/sdnext.toml"]) == 0
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch",) + {ENGINE_PACKAGES!r}
+                or m.startswith(("harness.run", "harness.engines.registry", "harness.models.imitation")))
+print("LOADED", loaded)
+"""
+    for block in (False, True):  # as installed here, and with torch and the engines unimportable
+        proc = run_python(code, block=block)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "LOADED []" in proc.stdout, proc.stdout
+    assert (tmp_path / "site" / "index.html").stat().st_size > 10_000
+    assert "|" in (tmp_path / "table.md").read_text()
+
+
+def imports_of(path: Path) -> set[str]:
+    """The harness modules a file imports (top level or inside functions)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("harness"):
+            out.add(node.module)
+            out.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("harness"))
+    return out
+
+
+def test_the_cell_vocabulary_is_a_leaf():
+    assert imports_of(HARNESS / "cell.py") == set()
+
+
+def test_the_report_package_imports_no_runner_no_engine_and_no_model():
+    for path in (HARNESS / "report").glob("*.py"):
+        bad = {m for m in imports_of(path) if m.startswith(("harness.run", "harness.engines", "harness.models",
+                                                             "harness.devices", "harness.offload"))}
+        assert not bad, f"{path.name} imports {bad}"
+
+
+def test_an_engine_module_imports_no_other_engine():
+    engines = {p.stem for p in (HARNESS / "engines").glob("*.py")} - {"__init__", "base", "catalog", "registry",
+                                                                         "containers"}
+    for name in engines:
+        others = {f"harness.engines.{e}" for e in engines - {name}}
+        assert not imports_of(HARNESS / "engines" / f"{name}.py") & others, name
+
+
+def test_devices_and_the_matrix_model_do_not_import_each_other():
+    assert not {m for m in imports_of(HARNESS / "devices.py") if m.startswith("harness.matrix")}
+    assert not {m for m in imports_of(HARNESS / "matrix.py") if m.startswith("harness.devices")}
