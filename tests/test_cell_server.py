@@ -1,5 +1,5 @@
 """The cell server forks cells from a thread-free process: what a fork leaves behind of other threads (a held lock,
-a pool that believes its worker is alive) is what deadlocked SDNQ's cells in full runs (forkserver_warmup.py)."""
+a pool that believes its worker is alive) is what deadlocked SDNQ's cells in full runs (harness/run/cell_server.py)."""
 
 import json
 import os

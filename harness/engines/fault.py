@@ -23,7 +23,7 @@ class FaultEngine(Engine):
 
     def import_package(self) -> None:
         """With QUANTMATRIX_FAULT_IMPORT_THREAD set, leaves a thread running, as some packages' imports do: the
-        cell server must then refuse to fork cells (runner.py)."""
+        cell server must then refuse to fork cells (run/isolation.py)."""
         if os.environ.get("QUANTMATRIX_FAULT_IMPORT_THREAD"):
             threading.Thread(target=threading.Event().wait, name="fault-import-thread", daemon=True).start()
 

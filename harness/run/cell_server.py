@@ -25,6 +25,7 @@ import os
 # OpenBLAS (numpy's and scipy's) starts a thread pool when loaded; one thread each is all a forked cell keeps.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+import sys  # noqa: E402
 import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -82,7 +83,7 @@ def _before_fork() -> None:
     threads_at_fork = other_threads()
     if threads_at_fork:
         print(f"quantmatrix cell server: forking a cell while holding other threads: {', '.join(threads_at_fork)}",
-              flush=True, file=__import__("sys").stderr)
+              flush=True, file=sys.stderr)
 
 
 def _accelerator_build() -> bool:
@@ -125,8 +126,6 @@ def _import_engines() -> None:
 def _release_threads() -> None:
     """Shut down the thread and process pools that imports left behind, and forget them, so that a forked cell
     makes its own (inductor's compile pools; an engine's import may compile, as sdnq's does)."""
-    import sys
-
     async_compile = sys.modules.get("torch._inductor.async_compile")
     if async_compile is not None:
         compile_ = async_compile.AsyncCompile

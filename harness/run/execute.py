@@ -1,7 +1,7 @@
 """Run one cell in this process: build or load the model, quantize, offload, measure. Returns an Outcome.
 
 Errors raised by an engine, by accelerate or by torch are data: they end up in the Outcome with the stage they
-happened in. This module runs inside the cell's isolated process (see runner.py).
+happened in. This module runs inside the cell's isolated process (see isolation.py).
 """
 
 from __future__ import annotations

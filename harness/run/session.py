@@ -27,9 +27,9 @@ def environment(config: pytest.Config) -> tuple[dict, dict[str, str | None]]:
     if ENV_KEY not in config.stash:
         from harness.devices import cuda_capability
         from harness.engines.registry import ENGINES
-        from harness.results import environment
+        from harness.results import environment as host_environment
 
-        env = environment({name: e.version() for name, e in ENGINES.items() if e.package})
+        env = host_environment({name: e.version() for name, e in ENGINES.items() if e.package})
         versions = {**env["engines"], "torch": env["torch"], "triton": env["triton"],
                     "cuda_capability": cuda_capability()}
         config.stash[ENV_KEY] = (env, versions)
