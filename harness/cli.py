@@ -45,7 +45,7 @@ Runs the matrix through pytest (the same as `pytest -m matrix`); one test per ce
 
 options:
   --matrix FILE            matrix file (default matrices/default.toml)
-  --engine/--qtype/--load/--offload/--device/--model/--dtype NAME[,NAME]
+  --engine/--qtype/--load/--offload/--device/--model/--dtype/--stack/--cast NAME[,NAME]
                            only cells with these values (repeatable)
   --results FILE           append records here (default results/<timestamp>.jsonl)
   --resume FILE            skip the cells FILE already records with this environment

@@ -6,10 +6,12 @@ A matrix file (TOML) declares axes, optional include/exclude tables and expectat
     engine  = ["*"]            # "*": every registered engine
     qtype   = ["*"]            # "*": every type of each engine; names filter across engines
     load    = ["post-load"]    # "*": every load mode each engine offers
-    offload = ["none", "model", "sequential", "balanced"]
+    offload = ["none", "model", "sequential", "balanced", "group"]
     device  = ["present"]      # "present": the devices this host has; "*": all known
-    model   = ["dit-xs", "unet-xs"]
+    model   = ["dit-xs", "flux-tiny"]
     dtype   = ["float32"]
+    stack   = ["direct", "diffusers"]   # optional (default "direct"); diffusers runs only the real model classes
+    cast    = ["-", "float8_e4m3fn"]     # optional (default "-"): diffusers' layerwise casting, diffusers stack only
 
     [[exclude]]                # drop cells matching every field given (a value or a list of values)
     offload = "balanced"
@@ -25,6 +27,7 @@ A matrix file (TOML) declares axes, optional include/exclude tables and expectat
     pattern = "Blockwise quantization only supports 16/32-bit floats"   # regex over "Type: message"
     source = "seed: Errors"
     versions = { torch = ">=2.4" }   # optional: the rule holds only for these releases of torch, an engine,
+                               # diffusers, accelerate,
                                # triton, or the GPU's cuda_capability; "absent": only when it is not there
     reason = "..."             # for "unavailable"
     claims = ["smaller", "slower"]   # for "works": measured against the baseline cell (see CLAIMS)
@@ -32,6 +35,7 @@ A matrix file (TOML) declares axes, optional include/exclude tables and expectat
 
     [settings]                 # run settings, see Settings
     [offload.balanced]         # high_watermark / low_watermark, fractions of device memory
+    [offload.group]            # type ("leaf_level" | "block_level"), blocks_per_group, use_stream, low_cpu_mem_usage
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from typing import Any
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from harness.cell import AXES, BASELINE, DEVICES, DTYPES, LOAD_MODES, OFFLOAD_MODES, Cell
+from harness.cell import AXES, BASELINE, CASTS, DEVICES, DTYPES, LOAD_MODES, OFFLOAD_MODES, STACKS, Cell
 from harness.engines.catalog import CATALOG
 from harness.errors import QuantMatrixError, did_you_mean
 from harness.models.specs import MODELS
@@ -135,8 +139,12 @@ class Settings:
     min_time_s: float = 0.3
     cell_timeout_s: float = 300.0
     memory_limit_mb: int = 0  # per-cell address-space cap on CPU cells; 0: none
-    high_watermark: float = 0.6
+    high_watermark: float = 0.6  # [offload.balanced], SD.Next's defaults
     low_watermark: float = 0.2
+    group_type: str = "leaf_level"  # [offload.group], SD.Next's defaults: "leaf_level" | "block_level"
+    group_blocks: int = 1  # blocks per group (block_level)
+    group_stream: bool = False  # CUDA streams (accelerators only: a CPU cell runs without)
+    group_low_cpu_mem: bool = False  # diffusers' low_cpu_mem_usage (SD.Next passes False)
 
 
 @dataclass(frozen=True)
@@ -250,7 +258,13 @@ def _known_values(axis: str) -> tuple[str, ...]:
         "device": DEVICES,
         "model": tuple(MODELS),
         "dtype": DTYPES,
+        "stack": STACKS,
+        "cast": CASTS,
     }[axis]
+
+
+# Axes a matrix file may leave out, and the values they then take (files written before these axes existed).
+OPTIONAL_AXES = {"stack": ["direct"], "cast": ["-"]}
 
 
 def _axis_values(doc: _Doc, axis: str, raw: Any, key: str, *, wildcards: bool) -> list[str]:
@@ -292,7 +306,16 @@ def _product(axes: Mapping[str, list[str]], present_devices: tuple[str, ...]) ->
         loads = engine.loads if "*" in load_filter else load_filter
         quant.extend((name, q, m) for q in qtypes for m in loads)
     rest = [resolve(a) for a in AXES[3:]]
-    return [Cell(e, q, m, *combo) for (e, q, m) in quant for combo in itertools.product(*rest)]
+    cells = [Cell(e, q, m, *combo) for (e, q, m) in quant for combo in itertools.product(*rest)]
+    return [c for c in cells if runs_on_its_stack(c)]
+
+
+def runs_on_its_stack(cell: Cell) -> bool:
+    """The diffusers stack loads diffusers' model classes, not the harness's imitations; layerwise casting is
+    diffusers' (ModelMixin.enable_layerwise_casting). A matrix naming both stacks gets these combinations only."""
+    if cell.stack == "diffusers":
+        return MODELS[cell.model].real
+    return cell.cast == "-"
 
 
 def _selector(doc: _Doc, raw: Any, key: str, *, wildcards: bool = False) -> dict[str, tuple[str, ...]]:
@@ -303,16 +326,34 @@ def _selector(doc: _Doc, raw: Any, key: str, *, wildcards: bool = False) -> dict
     return {k: tuple(_axis_values(doc, k, v, f"{key}.{k}", wildcards=wildcards)) for k, v in table.items()}
 
 
+# Settings field -> key of [offload.group] (SD.Next's group offload options)
+_GROUP = {"group_type": "type", "group_blocks": "blocks_per_group", "group_stream": "use_stream",
+          "group_low_cpu_mem": "low_cpu_mem_usage"}
+
+
 def _settings(doc: _Doc, data: dict) -> Settings:
     raw = dict(doc.table(data.get("settings", {}), "settings"))
     defaults = Settings()
-    allowed = {f.name for f in fields(Settings)} - {"high_watermark", "low_watermark"}
+    allowed = {f.name for f in fields(Settings)} - {"high_watermark", "low_watermark"} - set(_GROUP)
     doc.check_keys(raw, allowed, "settings")
     offload = doc.table(data.get("offload", {}), "offload")
-    doc.check_keys(offload, ["balanced"], "offload")
+    doc.check_keys(offload, ["balanced", "group"], "offload")
     balanced = doc.table(offload.get("balanced", {}), "offload.balanced")
     doc.check_keys(balanced, ["high_watermark", "low_watermark"], "offload.balanced")
+    group = doc.table(offload.get("group", {}), "offload.group")
+    doc.check_keys(group, list(_GROUP.values()), "offload.group")
     values: dict[str, Any] = {}
+    for field_name, key in _GROUP.items():
+        if key not in group:
+            continue
+        value, where = group[key], f"offload.group.{key}"
+        if field_name == "group_type" and value not in ("leaf_level", "block_level"):
+            raise doc.fail(where, f"expected \"leaf_level\" or \"block_level\", got {value!r}")
+        if field_name == "group_blocks" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise doc.fail(where, f"expected an integer >= 1, got {value!r}")
+        if field_name in ("group_stream", "group_low_cpu_mem") and not isinstance(value, bool):
+            raise doc.fail(where, f"expected true or false, got {_kind(value)}")
+        values[field_name] = value
     for key, value in {**raw, **balanced}.items():
         where = f"offload.balanced.{key}" if key in balanced else f"settings.{key}"
         expected = type(getattr(defaults, key))
@@ -396,12 +437,15 @@ def parse_matrix(text: str, path: Path | str = "<matrix>", *,
     meta = doc.table(data.get("matrix", {}), "matrix")
     doc.check_keys(meta, ["name", "description"], "matrix")
     if "axes" not in data:
-        raise doc.fail("axes", "missing; expected a table with the keys " + ", ".join(AXES))
+        raise doc.fail("axes", "missing; expected a table with the keys " + ", ".join(AXES)
+                       + f" ({', '.join(OPTIONAL_AXES)} optional)")
     raw_axes = doc.table(data["axes"], "axes")
     doc.check_keys(raw_axes, AXES, "axes")
     axes = {a: _axis_values(doc, a, raw_axes[a], f"axes.{a}", wildcards=True) for a in AXES if a in raw_axes}
     for axis in AXES:
-        if axis not in axes:
+        if axis not in axes and axis in OPTIONAL_AXES:
+            axes[axis] = OPTIONAL_AXES[axis]
+        elif axis not in axes:
             raise doc.fail(f"axes.{axis}", "missing; expected a string or list of strings")
 
     cells = _product(axes, present_devices)

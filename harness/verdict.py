@@ -88,6 +88,8 @@ class ErrorInfo:
     message: str
     where: str = ""
     stage: str = ""  # a Stage; "" for errors recorded before stages existed
+    origin: str = ""  # the module of the innermost frame (where it was raised)
+    layer: str = ""  # the package of the stack that raised it: diffusers.quantizers.gguf, accelerate.hooks, ...
 
     @property
     def text(self) -> str:
@@ -106,6 +108,7 @@ class Outcome:
     output_tail: str | None = None
     absence: Absence | None = None  # set with status "unavailable", and only then
     process: dict[str, Any] = field(default_factory=dict)  # what the runner saw of a killed process (timeout)
+    warnings: list[str] = field(default_factory=list)  # distinct warnings raised while it ran (deprecations...)
 
     def __post_init__(self) -> None:
         self.status = Status(self.status)
@@ -117,7 +120,8 @@ class Outcome:
     def as_dict(self) -> dict[str, Any]:
         return {"status": self.status, "metrics": self.metrics, "reason": self.reason, "device": self.device,
                 "output_tail": self.output_tail, "absence": self.absence and self.absence.value,
-                "process": self.process, "error": None if self.error is None else vars(self.error).copy()}
+                "process": self.process, "warnings": self.warnings,
+                "error": None if self.error is None else vars(self.error).copy()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Outcome:
@@ -125,7 +129,7 @@ class Outcome:
         absence = data.get("absence")
         return cls(Status(data["status"]), data.get("metrics") or {}, ErrorInfo(**error) if error else None,
                    data.get("reason"), data.get("device") or {}, data.get("output_tail"),
-                   Absence(absence) if absence else None, data.get("process") or {})
+                   Absence(absence) if absence else None, data.get("process") or {}, data.get("warnings") or [])
 
 
 @dataclass

@@ -59,9 +59,10 @@ def test_sdnq_cells_after_the_server_compiled_sdnqs_import_test_all_run_well_ins
     results = tmp_path / "results.jsonl"
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-m", "matrix", "--matrix", "matrices/default.toml", "--engine", "sdnq",
-         "--load", "on-the-fly", "--offload", "none", "--device", "cpu", "--model", "dit-xs", "--cell-timeout", "120",
-         "--results", str(results), "-p", "no:cacheprovider", "-q", "tests/test_matrix.py"],
+         "--load", "on-the-fly", "--offload", "none", "--device", "cpu", "--model", "flux-tiny", "--stack", "direct",
+         "--cell-timeout", "120", "--results", str(results), "-p", "no:cacheprovider", "-q", "tests/test_matrix.py"],
         cwd=REPO, env=fresh_machine_env(tmp_path), capture_output=True, text=True, timeout=900)
+    assert results.exists(), proc.stdout[-3000:]
     records = [json.loads(line) for line in results.read_text().splitlines()]
     sdnq = [r for r in records if r["cell"]["engine"] == "sdnq"]
     assert len(sdnq) == 5, proc.stdout[-3000:]

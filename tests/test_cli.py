@@ -26,7 +26,7 @@ def test_validate_and_list_shipped_matrices(capsys):
     assert main(["list", str(REPO / "matrices" / "smoke.toml")]) == 0  # a matrix file taken as validate takes it
     out = capsys.readouterr().out
     assert out.splitlines()[0].split()[:2] == ["cell", "expected"]  # labelled as expectations, not results
-    assert "none/post-load/sequential/cpu/dit-xs/float32" in out
+    assert "none/post-load/sequential/cpu/dit-xs/float32/direct" in out
 
 
 def test_run_help_shows_the_harness_options_first_and_all_of_them(capsys):

@@ -108,15 +108,15 @@ def test_a_run_goes_on_after_every_kind_of_fault_and_records_every_cell(tmp_path
     verdicts = {r["id"]: r["verdict"] for r in records}
     assert len(records) == len(verdicts) == 9  # none lost, none duplicated
     assert verdicts == {
-        "none/post-load/none/cpu/dit-xs/float32": "ok",  # baselines run first
-        "fault-abort/post-load/none/cpu/dit-xs/float32": "crash",
-        "fault-segfault/post-load/none/cpu/dit-xs/float32": "crash",
-        "fault-exit/post-load/none/cpu/dit-xs/float32": "crash",
-        "fault-raise/post-load/none/cpu/dit-xs/float32": "fail",
-        "fault-hang/post-load/none/cpu/dit-xs/float32": "hang",
-        "fault-oom/post-load/none/cpu/dit-xs/float32": "oom",
-        "fault-flood/post-load/none/cpu/dit-xs/float32": "ok",
-        "fault-orphan/post-load/none/cpu/dit-xs/float32": "ok",
+        "none/post-load/none/cpu/dit-xs/float32/direct": "ok",  # baselines run first
+        "fault-abort/post-load/none/cpu/dit-xs/float32/direct": "crash",
+        "fault-segfault/post-load/none/cpu/dit-xs/float32/direct": "crash",
+        "fault-exit/post-load/none/cpu/dit-xs/float32/direct": "crash",
+        "fault-raise/post-load/none/cpu/dit-xs/float32/direct": "fail",
+        "fault-hang/post-load/none/cpu/dit-xs/float32/direct": "hang",
+        "fault-oom/post-load/none/cpu/dit-xs/float32/direct": "oom",
+        "fault-flood/post-load/none/cpu/dit-xs/float32/direct": "ok",
+        "fault-orphan/post-load/none/cpu/dit-xs/float32/direct": "ok",
     }
     hang = next(r for r in records if r["cell"]["qtype"] == "hang")
     assert "fault.py" in hang["process"]["stacks"] and hang["error"]["type"] == "Hang"  # the record says why
@@ -152,8 +152,8 @@ def test_an_interrupt_stops_the_run_within_seconds_and_records_the_running_cell(
     assert time.monotonic() - sent < 10
     records = [json.loads(line) for line in results.read_text().splitlines()]
     assert [(r["id"], r["verdict"]) for r in records] == [
-        ("none/post-load/none/cpu/dit-xs/float32", "ok"),  # baselines run first
-        ("fault-hang/post-load/none/cpu/dit-xs/float32", "interrupted")]
+        ("none/post-load/none/cpu/dit-xs/float32/direct", "ok"),  # baselines run first
+        ("fault-hang/post-load/none/cpu/dit-xs/float32/direct", "interrupted")]
     gone, alive = psutil.wait_procs(cells, timeout=5)
     assert alive == []
 
@@ -210,7 +210,7 @@ def test_an_engine_raising_where_unavailable_is_documented_is_drift_in_record_su
     assert by_load["on-the-fly"]["verdict"] == "unavailable" and by_load["on-the-fly"]["absence"] == "not-offered"
     summary = proc.stdout[proc.stdout.index("documented behaviour"):]
     assert "DRIFTED: held 1, drifted 1" in summary, summary
-    assert "drift-error on cpu: ValueError: fault engine: a plain exception" in summary
+    assert "drift-error on cpu, direct stack: ValueError: fault engine: a plain exception" in summary
     html = report_html.build(report_data.load([results]), tmp_path / "report").read_text()
     drift = html[html.index('id="drift"'):html.index('id="drift-table"') + 2000]
-    assert "fault-raise/post-load/none/cpu/dit-xs/float32" in drift
+    assert "fault-raise/post-load/none/cpu/dit-xs/float32/direct" in drift

@@ -38,7 +38,8 @@ assert main(["report", *{records!r}, "--markdown", "-o", {str(tmp_path / "table.
 assert main(["compare", {records[0]!r}, {records[0]!r}]) == 0
 assert main(["validate", "matrices/default.toml", "matrices/sdnext.toml"]) == 0
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch",) + {ENGINE_PACKAGES!r}
-                or m.startswith(("harness.run", "harness.engines.registry", "harness.models.imitation")))
+                or m.startswith(("harness.run", "harness.engines.registry", "harness.models.imitation",
+                                 "harness.models.build", "harness.models.real", "diffusers")))
 print("LOADED", loaded)
 """
     for block in (False, True):  # as installed here, and with torch and the engines unimportable

@@ -107,6 +107,12 @@ MISTAKES = [
      "rule[0].tolerance"),
     (_set(["rule"], [{"match": {"engine": "none"}, "expect": "works", "claims": ["slower", "slower"]}]),
      "rule[0].claims"),
+    (_set(["axes", "stack"], ["diffuser"]), "axes.stack"),
+    (_set(["axes", "cast"], ["fp8"]), "axes.cast"),
+    (_set(["offload"], {"group": {"type": "leaf"}}), "offload.group.type"),
+    (_set(["offload"], {"group": {"blocks_per_group": 0}}), "offload.group.blocks_per_group"),
+    (_set(["offload"], {"group": {"use_stream": "yes"}}), "offload.group.use_stream"),
+    (_set(["offload"], {"group": {"streams": True}}), "offload.group.streams"),
 ]
 
 
@@ -190,9 +196,9 @@ def test_cells_with_claims_bring_their_baseline_first():
     matrix = parse_matrix(dumps(doc), "claims.toml")
     gguf = [c for c in matrix.cells if c.engine == "gguf"]
     ordered = matrix.with_baselines(gguf)  # e.g. `--engine gguf`: the baseline is filtered out, claims need it
-    assert [c.id for c in ordered] == ["none/post-load/none/cpu/dit-xs/float32",
-                                       "gguf-Q8_0/post-load/model/cpu/dit-xs/float32",
-                                       "gguf-Q8_0/post-load/none/cpu/dit-xs/float32"]
+    assert [c.id for c in ordered] == ["none/post-load/none/cpu/dit-xs/float32/direct",
+                                       "gguf-Q8_0/post-load/model/cpu/dit-xs/float32/direct",
+                                       "gguf-Q8_0/post-load/none/cpu/dit-xs/float32/direct"]
     assert matrix.expectation(gguf[1]).claims == ("smaller",) and matrix.expectation(gguf[1]).rule == 0
 
 
@@ -214,3 +220,33 @@ def test_cli_validate_exits_2_with_one_line_and_no_traceback(mistake, tmp_path_f
     lines = err.getvalue().strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err.getvalue()
     assert re.match(rf"quantmatrix: error: {re.escape(str(path))}:\d+ \[{re.escape(key)}\]: ", lines[0]), lines[0]
+
+
+def test_the_diffusers_stack_expands_to_the_real_model_classes_and_casting_to_it():
+    doc = copy.deepcopy(BASE)
+    doc["axes"].update(model=["dit-xs", "flux-tiny"], stack=["direct", "diffusers"], cast=["-", "float8_e4m3fn"])
+    cells = parse_matrix(dumps(doc), "stacks.toml").cells
+    assert {(c.model, c.stack, c.cast) for c in cells} == {
+        ("dit-xs", "direct", "-"), ("flux-tiny", "direct", "-"), ("flux-tiny", "diffusers", "-"),
+        ("flux-tiny", "diffusers", "float8_e4m3fn")}
+    without = copy.deepcopy(BASE)  # files from before the stack axis: direct, no casting
+    assert {(c.stack, c.cast) for c in parse_matrix(dumps(without), "old.toml").cells} == {("direct", "-")}
+
+
+def test_a_cell_id_names_its_stack_and_old_ids_read_as_direct():
+    cell = Cell("gguf", "Q8_0", "prequantized", "sequential", "cpu", "flux-tiny", "float32", "diffusers",
+                "float8_e4m3fn")
+    assert cell.id == "gguf-Q8_0/prequantized/sequential/cpu/flux-tiny/float32/diffusers+float8_e4m3fn"
+    assert Cell.from_id(cell.id) == cell
+    old = Cell.from_id("none/post-load/none/cpu/dit-xs/float32")
+    assert (old.stack, old.cast) == ("direct", "-") and old.id == "none/post-load/none/cpu/dit-xs/float32/direct"
+    assert cell.baseline.cast == "-" and cell.baseline.stack == "diffusers"  # compared with the uncast float model
+    assert cell.control.stack == "direct"
+
+
+def test_group_offload_settings_are_read_with_sdnext_defaults():
+    doc = copy.deepcopy(BASE)
+    assert parse_matrix(dumps(doc), "g.toml").settings.group_type == "leaf_level"
+    doc["offload"] = {"group": {"type": "block_level", "blocks_per_group": 2, "use_stream": True}}
+    s = parse_matrix(dumps(doc), "g.toml").settings
+    assert (s.group_type, s.group_blocks, s.group_stream, s.group_low_cpu_mem) == ("block_level", 2, True, False)

@@ -1,28 +1,57 @@
-"""Offload modes run on accelerate's real hooks and do not change the output."""
+"""Offload modes run on the real hooks (accelerate's, diffusers' pipeline methods and group offload, SD.Next's
+balanced algorithm) and do not change the output."""
 
 import pytest
 import torch
 
-from harness.models.imitation import build_model, components, make_inputs
-from harness.offload import BalancedOffload, apply_offload
+from harness.matrix import Settings
+from harness.models.build import build_model, components, make_inputs, run
+from harness.offload import SDNEXT_REVISION, BalancedOffload, apply_offload
+
+MODES = ["none", "model", "sequential", "balanced", "group"]
 
 
 @pytest.fixture(scope="module")
 def reference():
-    model, inputs = build_model("unet-xs"), make_inputs("unet-xs")
-    with torch.no_grad():
-        return inputs, model(**inputs)
+    out = {}
+    for name in ("unet-xs", "flux-tiny"):
+        model, inputs = build_model(name), make_inputs(name)
+        with torch.no_grad():
+            out[name] = inputs, run(model, inputs)
+    return out
 
 
-@pytest.mark.parametrize("mode", ["none", "model", "sequential", "balanced"])
-def test_every_offload_mode_gives_the_same_output(mode, reference):
-    inputs, expected = reference
+@pytest.mark.parametrize("mode", MODES)
+def test_every_offload_mode_gives_the_same_output_on_the_direct_stack(mode, reference):
+    inputs, expected = reference["unet-xs"]
     model = build_model("unet-xs")
-    after_step = apply_offload(model, mode, "cpu")
+    after_step, _ = apply_offload(model, mode, "cpu", components=components("unet-xs", model))
     with torch.no_grad():
-        out = model(**inputs)
+        out = run(model, inputs)
     after_step()
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("mode", [m for m in MODES if m != "sequential"])
+def test_diffusers_pipeline_offload_gives_the_same_output(mode, reference):
+    inputs, expected = reference["flux-tiny"]
+    model = build_model("flux-tiny")
+    after_step, _ = apply_offload(model, mode, "cpu", stack="diffusers")
+    for _ in range(2):
+        with torch.no_grad():
+            out = run(model, inputs)
+        after_step()
+        assert torch.equal(out, expected)
+
+
+def test_diffusers_stack_offload_runs_the_pipelines_own_methods():
+    model = build_model("flux-tiny")
+    apply_offload(model, "model", "cpu", stack="diffusers")
+    assert type(model._hf_hook).__name__ == "CpuOffload"  # enable_model_cpu_offload's hook
+    grouped = build_model("flux-tiny")
+    apply_offload(grouped, "group", "cpu", stack="diffusers", settings=Settings(group_type="block_level"))
+    registry = grouped.transformer_blocks[0]._diffusers_hook  # diffusers' own hook registry
+    assert any("group_offloading" in name for name in registry.hooks)
 
 
 def test_model_offload_uses_accelerates_user_hook():
@@ -39,18 +68,29 @@ def test_sequential_offload_keeps_weights_off_device_between_forwards():
     assert type(model.blocks[0].attn.to_q._hf_hook).__name__ == "AlignDevicesHook"
 
 
-def test_balanced_offload_hooks_every_component_and_obeys_watermarks():
-    model, inputs = build_model("dit-xs"), make_inputs("dit-xs")
-    # Watermarks below any real memory use: every forward passes the high mark and offloads down to one component.
-    balanced = BalancedOffload(model, "cpu", high=1e-9, low=1e-10)
-    assert all(hasattr(c, "_hf_hook") for c in components(model))
-    with torch.no_grad():
-        model(**inputs)
-    assert len(balanced.on_device) == 1
-    assert balanced.offloads == len(components(model)) - 1
+def test_balanced_offload_follows_sdnext_hooking_each_component_after_removing_others(reference):
+    inputs, expected = reference["flux-tiny"]
+    model = build_model("flux-tiny")
+    from accelerate import cpu_offload_with_hook
 
+    cpu_offload_with_hook(model, torch.device("cpu"))  # a hook left by another mode: SD.Next removes it first
+    offload = BalancedOffload([model], "cpu", high=0.6, low=0.2)
+    assert model._hf_hook is offload.hook  # appended alone: the earlier hook is gone
+    assert offload.max_memory["cpu"] > 0 and 0 in offload.max_memory  # accelerate's budget per device
     with torch.no_grad():
-        relaxed_model = build_model("dit-xs")
-        relaxed = BalancedOffload(relaxed_model, "cpu", high=1.0, low=0.5)
-        relaxed_model(**inputs)
-    assert relaxed.offloads == 0 and len(relaxed.on_device) == len(components(relaxed_model))
+        assert torch.equal(run(model, inputs), expected)
+    offload.next_generation()
+    with torch.no_grad():
+        assert torch.equal(run(model, inputs), expected)
+    assert offload.notes == []  # nothing had to be dispatched on the CPU: no fallback
+    assert "sd_offload.py" in SDNEXT_REVISION
+
+
+def test_balanced_offload_hooks_every_component_of_a_pipeline():
+    model, inputs = build_model("pipe-xs"), make_inputs("pipe-xs")
+    parts = components("pipe-xs", model)
+    offload = BalancedOffload(parts, "cpu", high=0.6, low=0.2)
+    assert len(parts) > 1 and all(p._hf_hook is offload.hook for p in parts)
+    with torch.no_grad():
+        run(model, inputs)
+    assert offload.last_pre == id(parts[-1])  # the last component to start

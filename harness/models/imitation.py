@@ -260,9 +260,3 @@ def components(model: nn.Module) -> list[nn.Module]:
     for child in model.children():
         units.extend(child.children() if isinstance(child, nn.ModuleList) else [child])
     return [m for m in units if any(True for _ in m.parameters())]
-
-
-def example_inputs(model: nn.Module, dtype: torch.dtype, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Inputs for a built-in model instance (what engines that trace the model, e.g. NNCF, need)."""
-    name = next(n for n, spec in MODELS.items() if spec == model.spec)
-    return make_inputs(name, dtype=dtype, device=device)

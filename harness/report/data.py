@@ -49,9 +49,11 @@ def _row(record: dict) -> dict:
     err = record.get("error") or {}
     peak, base = m.get("peak_mem_bytes"), m.get("mem_base_bytes")
     return {
-        "machine": None, "cpu_name": env.get("cpu"), "run": record["run"], "id": record["id"], **cell,
+        "machine": None, "cpu_name": env.get("cpu"), "run": record["run"], "id": record["id"],
+        "stack": "direct", "cast": "-", **cell,  # records from before the stack axis are direct
         "verdict": record["verdict"], "note": record.get("note") or "", "reason": record.get("reason") or "",
         "error_type": err.get("type") or "", "error_message": err.get("message") or "",
+        "error_layer": err.get("layer") or "", "warnings": "\n".join(record.get("warnings") or []),
         "expect": record.get("expect", {}).get("kind", "works"), "pattern": record.get("expect", {}).get("pattern"),
         "source": record.get("expect", {}).get("source") or "",
         "claims": "; ".join(f"{c['claim']}: {c['status']}" for c in record.get("claims") or []),
@@ -64,6 +66,7 @@ def _row(record: dict) -> dict:
         "quantize_s": m.get("quantize_s"), "load_s": m.get("load_s"),
         "host": env.get("host"), "device_name": env.get("device_name"), "driver": env.get("driver"),
         "os": env.get("os"), "python": env.get("python"), "torch": env.get("torch"), "triton": env.get("triton"),
+        "diffusers": env.get("diffusers"), "accelerate": env.get("accelerate"),
         "engine_version": (env.get("engines") or {}).get(cell["engine"]),
         "engines": ", ".join(f"{k} {v}" for k, v in sorted((env.get("engines") or {}).items()) if v),
         "versions": "; ".join([f"torch {env.get('torch')}", *(f"{k} {v}" for k, v in
@@ -77,7 +80,8 @@ def _row(record: dict) -> dict:
 
 
 COLUMNS = list(_row({"run": "", "id": "", "cell": {k: "" for k in ("engine", "qtype", "load", "offload", "device",
-                                                                  "model", "dtype")}, "verdict": ""}))
+                                                                  "model", "dtype", "stack", "cast")},
+                     "verdict": ""}))
 
 
 def finite(value) -> bool:
@@ -105,7 +109,7 @@ def load(paths: list[Path | str]) -> Records:
         rows.extend(_row(r) for r in records)
     frame = pd.DataFrame(rows, columns=COLUMNS)
     frame["machine"] = machines(frame)
-    return Records(with_ratios(frame), skipped, [str(p) for p in paths])
+    return Records(with_integration(with_ratios(frame)), skipped, [str(p) for p in paths])
 
 
 def machines(frame: pd.DataFrame) -> pd.Series:
@@ -127,8 +131,9 @@ def with_ratios(frame: pd.DataFrame) -> pd.DataFrame:
         for col in ("bytes_ratio", "mem_ratio", "latency_ratio"):
             frame[col] = pd.Series(dtype=float)
         return frame
-    keys = ["run", "machine", "load", "offload", "device", "model", "dtype"]
-    base = frame[(frame["engine"] == BASELINE) & frame["verdict"].isin(RAN)]
+    keys = ["run", "machine", "load", "offload", "device", "model", "dtype", "stack"]
+    # the baseline of a layerwise-cast cell is the uncast float model
+    base = frame[(frame["engine"] == BASELINE) & frame["verdict"].isin(RAN) & (frame["cast"] == "-")]
     base = base.sort_values("started").drop_duplicates(keys, keep="last")
     base = base[keys + ["param_bytes", "own_mem_bytes", "latency_ms"]].rename(
         columns={"param_bytes": "_b_bytes", "own_mem_bytes": "_b_mem", "latency_ms": "_b_lat"})
@@ -139,3 +144,18 @@ def with_ratios(frame: pd.DataFrame) -> pd.DataFrame:
     out["baseline_latency_ms"] = out["_b_lat"]
     out["baseline_mem_bytes"] = out["_b_mem"]
     return out.drop(columns=["_b_bytes", "_b_mem", "_b_lat"])
+
+
+def with_integration(frame: pd.DataFrame) -> pd.DataFrame:
+    """Mark the diffusers-stack cells that broke where the same combination works on the direct stack (its
+    control) in the same run: the integration, not the engine, broke them (column `integration_broke`)."""
+    frame["integration_broke"] = False
+    if frame.empty:
+        return frame
+    keys = ["run", "machine", "engine", "qtype", "load", "offload", "device", "model", "dtype", "cast"]
+    control = frame[(frame["stack"] == "direct") & frame["verdict"].isin(PASSED + ("drift-claim",))]
+    control = control[keys].drop_duplicates().assign(_control_works=True)
+    out = frame.merge(control, on=keys, how="left")
+    out["integration_broke"] = (out["stack"] == "diffusers") & out["verdict"].isin(BROKEN) \
+        & out["_control_works"].fillna(False).astype(bool)
+    return out.drop(columns=["_control_works"])

@@ -65,11 +65,21 @@ def figures(row: pd.Series) -> list[tuple[str, str]]:
             out.append(("claims", row["claims"]))
     if row["error_type"]:
         out.append(("error", f"{row['error_type']}: {row['error_message']}"))
+        if row["error_layer"]:
+            out.append(("raised in", row["error_layer"]))
+    if row["integration_broke"]:
+        out.append(("which layer broke", "diffusers' integration: the same combination works on the direct stack "
+                                         "(the engine's own API) in this run"))
+    if row["warnings"]:
+        out.append(("warnings", row["warnings"]))
     elif row["reason"]:
         out.append(("reason", row["reason"]))
     if row["stacks"]:  # a cell killed at its timeout: what every thread was doing
         out.append(("threads' stacks at the timeout", row["stacks"]))
-    out.append(("versions", f"torch {row['torch']}, {row['engine']} {row['engine_version'] or '-'}"))
+    versions = f"torch {row['torch']}, {row['engine']} {row['engine_version'] or '-'}"
+    if row["stack"] == "diffusers" or row["offload"] == "group":
+        versions += f", diffusers {row['diffusers'] or '-'}"
+    out.append(("versions", versions + f", accelerate {row['accelerate'] or '-'}"))
     out.append(("run", f"{row['run']} ({row['started']})"))
     return out
 
@@ -100,9 +110,11 @@ def grids(latest: pd.DataFrame) -> list[dict]:
         body = []
         for (model, dtype), group in rows.groupby(["model", "dtype"], sort=True):
             lines = []
-            for (engine, qtype, load), cells in group.groupby(["engine", "qtype", "load"], sort=False):
+            for (engine, qtype, load, stack, cast), cells in group.groupby(
+                    ["engine", "qtype", "load", "stack", "cast"], sort=False):
                 by_offload = {r["offload"]: r for _, r in cells.iterrows()}
-                lines.append({"label": engine if qtype == "-" else f"{engine} {qtype}", "load": load,
+                how = f"{load} · {stack}" + ("" if cast == "-" else f" + {cast} casting")
+                lines.append({"label": engine if qtype == "-" else f"{engine} {qtype}", "load": how,
                               "cells": [_grid_cell(by_offload.get(o)) for o in offloads]})
             lines.sort(key=lambda line: (line["label"] != "none", line["label"], line["load"]))
             body.append({"model": model, "dtype": dtype, "lines": lines})
@@ -129,6 +141,7 @@ def environments(frame: pd.DataFrame) -> list[dict]:
         out.append({
             "machine": machine, "host": last["host"], "os": last["os"], "python": last["python"],
             "torch": last["torch"], "triton": last["triton"] or "absent", "engines": last["engines"],
+            "stack": f"diffusers {last['diffusers'] or 'absent'}, accelerate {last['accelerate'] or 'absent'}",
             "devices": [(r["device"], r["device_name"], r["driver"] or "") for _, r in devices.iterrows()],
             "runs": sorted(rows["run"].unique()), "first": rows["started"].min(), "last": rows["started"].max(),
             "records": len(rows),
@@ -156,6 +169,7 @@ def build(records: report_data.Records, out_dir: Path, *, previous: report_data.
     out_dir.mkdir(parents=True, exist_ok=True)
     latest = records.latest()
     drift = latest[latest["verdict"].isin(report_data.DRIFT)]
+    broke = latest[latest["integration_broke"]]
     plots = report_plots.write_all(latest, out_dir / "plots")
     csv = out_dir / "cells.csv"
     records.frame.drop(columns=["output_tail", "stacks"]).to_csv(csv, index=False)
@@ -167,6 +181,9 @@ def build(records: report_data.Records, out_dir: Path, *, previous: report_data.
     html = env.get_template("report.html.j2").render(
         title=title, files=records.files, skipped=records.skipped, n_records=len(records.frame),
         grids=grids(latest), drift=[_grid_cell(r) | {"machine": r["machine"]} for _, r in drift.iterrows()],
+        integration=[_grid_cell(r) | {"machine": r["machine"], "layer": r["error_layer"],
+                                      "error": f"{r['error_type']}: {r['error_message']}" if r["error_type"]
+                                      else r["reason"]} for _, r in broke.iterrows()],
         verdicts=VERDICTS, plots=[p.relative_to(out_dir).as_posix() for p in plots],
         environments=environments(records.frame), columns=[label for _, label in TABLE_COLUMNS], table=table,
         csv=csv.name, changes=changes,

@@ -117,10 +117,29 @@ def _import_engines() -> None:
                 engine.import_package()
             except Exception as exc:  # the engine's cells will raise it again and record it
                 logging.getLogger(__name__).warning("preloading %s failed: %s", name, exc)
+    if wanted is None or "diffusers" in wanted.split(","):
+        _import_diffusers()
     if torch.cuda.is_initialized() or _cuda_driver_loaded():
         # Forked cells could not use CUDA then ("Cannot re-initialize CUDA in forked subprocess").
         logging.getLogger(__name__).warning("an engine's import initialized CUDA in the cell server; CUDA cells "
                                             "will fail until that import is kept out of the preload")
+
+
+def _import_diffusers() -> None:
+    """diffusers' model classes, quantizer integrations, pipeline and hooks (its imports are lazy: each name
+    imports its module on first use, seconds in all)."""
+    import importlib.util
+
+    if importlib.util.find_spec("diffusers") is None:
+        return
+    import diffusers
+    import diffusers.hooks  # noqa: F401
+    import diffusers.quantizers.auto  # noqa: F401
+
+    for name in ("FluxTransformer2DModel", "SD3Transformer2DModel", "UNet2DConditionModel", "DiffusionPipeline",
+                 "BitsAndBytesConfig", "QuantoConfig", "GGUFQuantizationConfig", "TorchAoConfig"):
+        getattr(diffusers, name)
+    import harness.run.diffusers_stack  # noqa: F401
 
 
 def _release_threads() -> None:

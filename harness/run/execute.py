@@ -6,7 +6,11 @@ happened in. This module runs inside the cell's isolated process (see isolation.
 
 from __future__ import annotations
 
+import importlib.util
 import traceback
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,10 +21,10 @@ from harness.cell import Cell
 from harness.engines.base import Engine, NotOffered
 from harness.engines.registry import ENGINES
 from harness.matrix import Settings
-from harness.models.imitation import build_model, build_skeleton, make_inputs
+from harness.models.build import build_model, build_skeleton, components, make_inputs, run
 from harness.offload import apply_offload
 from harness.results import absent_device_reason
-from harness.run import loading, measure
+from harness.run import diffusers_stack, loading, measure
 from harness.verdict import Absence, ErrorInfo, Outcome, Stage, Status
 
 
@@ -38,17 +42,55 @@ def unavailable(cell: Cell) -> Outcome | None:
     if reason:
         return Outcome.unavailable(Absence.DEVICE, absent_device_reason(cell.device, reason))
     engine = ENGINES[cell.engine]
-    if cell.load not in engine.loads:
+    if cell.stack == "direct" and cell.load not in engine.loads:
         return Outcome.unavailable(Absence.NOT_OFFERED, f"engine {engine.name} does not offer the {cell.load} "
                                                         "load mode")
+    if (cell.stack == "diffusers" or cell.offload == "group") and importlib.util.find_spec("diffusers") is None:
+        return Outcome.unavailable(Absence.PACKAGE, "package 'diffusers' is not installed (the diffusers stack "
+                                                    "and group offload run on it)")
     reason = engine.unavailable_reason(cell.qtype, cell.device)
     return None if reason is None else Outcome.unavailable(Absence.PACKAGE, reason)
+
+
+# The packages a stack is made of, and how many components of a module name say which layer of it raised:
+# diffusers.quantizers.gguf, accelerate.hooks, optimum.quanto, bitsandbytes, harness.engines.gguf_engine.
+LAYER_DEPTH = {"diffusers": 3, "accelerate": 2, "optimum": 2, "transformers": 2, "harness": 3, "bitsandbytes": 1,
+               "gguf": 1, "nncf": 1, "sdnq": 1, "torchao": 1}
+
+
+def layer_of(modules: list[str]) -> str:
+    """The layer that raised, from the module names of a traceback's frames, outermost first: the innermost frame
+    in one of the stack's packages (torch and the standard library are where errors surface, not whose they
+    are); the innermost frame's package when no such frame exists."""
+    for module in reversed(modules):
+        top = module.split(".")[0]
+        if top in LAYER_DEPTH:
+            return ".".join(module.split(".")[:LAYER_DEPTH[top]])
+    return modules[-1].split(".")[0] if modules else ""
 
 
 def error_info(exc: BaseException, stage: Stage) -> ErrorInfo:
     frames = traceback.extract_tb(exc.__traceback__)[-4:]
     where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
-    return ErrorInfo(type(exc).__name__, str(exc), where, stage)
+    modules, tb = [], exc.__traceback__
+    while tb is not None:
+        modules.append(tb.tb_frame.f_globals.get("__name__", "?"))
+        tb = tb.tb_next
+    return ErrorInfo(type(exc).__name__, str(exc), where, stage, modules[-1] if modules else "", layer_of(modules))
+
+
+@contextmanager
+def recorded_warnings(into: list[str], limit: int = 10) -> Iterator[None]:
+    """Collect the distinct warnings raised inside (diffusers' deprecations are findings): "Category: message"."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for w in caught:
+                text = f"{w.category.__name__}: {str(w.message)[:300]}"
+                if text not in into and len(into) < limit:
+                    into.append(text)
 
 
 def reference_path(task: CellTask) -> Path:
@@ -65,7 +107,7 @@ def reference_output(task: CellTask, inputs: dict[str, torch.Tensor]) -> torch.T
     def make(tmp: Path) -> None:
         model = build_model(cell.model, s.seed, getattr(torch, cell.dtype)).to(devices.torch_device(cell.device))
         with torch.no_grad():
-            save_file({"output": model(**inputs).cpu().contiguous()}, str(tmp))
+            save_file({"output": run(model, inputs).cpu().contiguous()}, str(tmp))
 
     return load_file(str(loading.shared_file(reference_path(task), make)))["output"]
 
@@ -74,7 +116,12 @@ def files_to_prepare(task: CellTask) -> list[Path]:
     """The shared files this cell needs that do not exist yet."""
     cell, s = task.cell, task.settings
     needed = [reference_path(task)]
-    if cell.load == "on-the-fly":
+    if cell.stack == "diffusers":
+        needed.append(diffusers_stack.float_dir_path(task.workdir, cell.model, s.seed))
+        if cell.load == "prequantized":
+            needed.append(diffusers_stack.prequantized_path(task.workdir, ENGINES[cell.engine], cell.qtype,
+                                                            cell.model, getattr(torch, cell.dtype), s.seed))
+    elif cell.load == "on-the-fly":
         needed.append(loading.float_checkpoint_path(task.workdir, cell.model, s.seed))
     elif cell.load == "prequantized":
         needed.append(loading.prequantized_path(task.workdir, ENGINES[cell.engine], cell.qtype, cell.model,
@@ -92,7 +139,12 @@ def prepare_cell(task: CellTask) -> tuple[dict[str, torch.Tensor], torch.Tensor,
     inputs = make_inputs(cell.model, s.seed, s.batch, dtype, device)
     reference = reference_output(task, inputs)
     source = None
-    if cell.load == "on-the-fly":
+    if cell.stack == "diffusers":
+        source = diffusers_stack.float_dir(task.workdir, cell.model, s.seed)
+        if cell.load == "prequantized":
+            source = diffusers_stack.prequantized(task.workdir, ENGINES[cell.engine], cell.qtype, cell.model, dtype,
+                                                  s.seed)
+    elif cell.load == "on-the-fly":
         source = loading.float_checkpoint(task.workdir, cell.model, s.seed)
     elif cell.load == "prequantized":
         source = loading.prequantized_file(task.workdir, ENGINES[cell.engine], cell.qtype, cell.model, dtype, s.seed)
@@ -113,15 +165,18 @@ def execute_cell(task: CellTask) -> Outcome:
     if absent is not None:
         return absent
     progress = _Progress()
+    raised: list[str] = []
     try:
-        metrics = _measure(task, progress)
+        with recorded_warnings(raised):
+            metrics = _measure(task, progress)
     except NotOffered as exc:  # a fact about the engine, declared by the harness's own engine module
         return Outcome.unavailable(Absence.NOT_OFFERED, str(exc))
-    except Exception as exc:  # engine, accelerate and torch errors are the findings
+    except Exception as exc:  # engine, diffusers, accelerate and torch errors are the findings
         status = Status.OOM if devices.is_oom(exc) else Status.ERROR
         return Outcome(status, error=error_info(exc, progress.stage),
-                       reason=f"{type(exc).__name__} during {progress.stage}", device=progress.device)
-    return Outcome(Status.RAN, metrics=metrics, device=progress.device)
+                       reason=f"{type(exc).__name__} during {progress.stage}", device=progress.device,
+                       warnings=raised)
+    return Outcome(Status.RAN, metrics=metrics, device=progress.device, warnings=raised)
 
 
 def _measure(task: CellTask, progress: _Progress) -> dict:
@@ -140,13 +195,15 @@ def _measure(task: CellTask, progress: _Progress) -> dict:
     progress.stage = Stage.LOAD
     loaded = _load(task, engine, source)
     model = loaded.model.eval()
+    if cell.cast != "-":  # as SD.Next applies it: on the loaded (quantized) model
+        model.enable_layerwise_casting(storage_dtype=getattr(torch, cell.cast), compute_dtype=dtype)
     tracker.sample()
     # Storage is counted before offload: offload hooks replace weights with placeholders.
     param_bytes, bpw = measure.stored_bytes(model), measure.bits_per_weight(model, layout)
 
     progress.stage = Stage.OFFLOAD
-    after_step = apply_offload(model, cell.offload, cell.device,
-                               high_watermark=s.high_watermark, low_watermark=s.low_watermark)
+    after_step, offload_notes = apply_offload(model, cell.offload, cell.device, stack=cell.stack,
+                                              components=components(cell.model, model), settings=s)
     progress.stage = Stage.FORWARD
     output, error, latency = _run_steps(task, model, inputs, reference, after_step, tracker)
     metrics = {
@@ -163,6 +220,8 @@ def _measure(task: CellTask, progress: _Progress) -> dict:
         **error.as_dict(),
         "output_sha256": measure.digest(output),
     }
+    if offload_notes:
+        metrics["offload_notes"] = offload_notes
     if loaded.name_hint is not None:
         metrics["name_hint"], metrics["name_hint_detail"] = loaded.name_hint, loaded.name_hint_detail
     return metrics
@@ -171,6 +230,13 @@ def _measure(task: CellTask, progress: _Progress) -> dict:
 def _load(task: CellTask, engine: Engine, source: Path | None) -> loading.Loaded:
     cell, s = task.cell, task.settings
     dtype, device = getattr(torch, cell.dtype), devices.torch_device(cell.device)
+    if cell.stack == "diffusers":
+        if cell.load == "post-load":
+            return diffusers_stack.load_post(engine, cell.qtype, cell.model, source, dtype, device)
+        if cell.load == "on-the-fly":
+            return diffusers_stack.load_on_the_fly(engine, cell.qtype, cell.model, source, dtype)
+        return diffusers_stack.load_prequantized(engine, cell.qtype, cell.model, source,
+                                                 diffusers_stack.float_dir(task.workdir, cell.model, s.seed), dtype)
     if cell.load == "post-load":
         return loading.load_post(engine, cell.qtype, cell.model, s.seed, dtype, device)
     if cell.load == "on-the-fly":
@@ -182,13 +248,13 @@ def _run_steps(task: CellTask, model, inputs: dict, reference: torch.Tensor, aft
     """The first step's output and its error against the float model's, then the timed steps."""
     cell, s = task.cell, task.settings
     with torch.no_grad():
-        output = model(**inputs)
+        output = run(model, inputs)
         after_step()
         tracker.sample()
         error = measure.output_error(output, reference)
 
         def step() -> None:
-            model(**inputs)
+            run(model, inputs)
             tracker.sample()
 
         latency = measure.time_steps(step, cell.device, warmup=s.warmup, min_steps=s.min_steps,

@@ -134,10 +134,12 @@ def _tail(path: Path, limit: int = OUTPUT_TAIL_BYTES) -> str | None:
 
 def _prepare_main(task: CellTask) -> None:
     os.setsid()
+    from harness.engines.base import IMPORT_LOG, output_to
     from harness.run.execute import prepare_cell
 
     try:
-        prepare_cell(task)
+        with output_to(IMPORT_LOG):  # what the libraries print here the cell prints (and records) again
+            prepare_cell(task)
     except Exception:  # not swallowed: the cell prepares again in its own process and records the error
         pass
 

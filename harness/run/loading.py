@@ -28,14 +28,14 @@ from harness.engines.base import Engine, set_submodule
 from harness.engines.containers import check_container
 from harness.engines.registry import ENGINES
 from harness.errors import QuantMatrixError
-from harness.models.imitation import build_model, build_skeleton
+from harness.models.build import build_model, build_skeleton
 
 
 @dataclass
 class Loaded:
     model: nn.Module
     load_s: float
-    quantize_s: float
+    quantize_s: float | None  # None: quantized inside the load call (diffusers), not timed apart
     disk_bytes: int | None = None
     name_hint: str | None = None  # pre-quantized files: "agrees" | "disagrees" | "no hint" (see check_name)
     name_hint_detail: str | None = None

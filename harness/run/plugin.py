@@ -24,6 +24,7 @@ import pytest
 from harness.cell import AXES
 from harness.errors import QuantMatrixError
 from harness.matrix import Matrix, load_matrix, select
+from harness.models.specs import MODELS
 from harness.run.session import IDS_KEY, MatrixRun, environment
 from harness.run.workers import pytest_configure_node  # noqa: F401  (a hook: pluggy finds it here)
 from harness.verdict import Verdict
@@ -143,9 +144,12 @@ PRELOAD_FROM_CELLS = 3
 def pytest_collection_finish(session: pytest.Session) -> None:
     """The cell server preloads the engines that enough of this session's cells use (importing all of them takes
     ~10 s; the smoke matrix has one cell each of bnb and quanto), and starts before the first cell."""
-    engines = Counter(item.callspec.params["cell"].engine for item in session.items
-                      if hasattr(item, "callspec") and "cell" in item.callspec.params)
-    if engines:
+    cells = [item.callspec.params["cell"] for item in session.items
+             if hasattr(item, "callspec") and "cell" in item.callspec.params]
+    engines = Counter(c.engine for c in cells)
+    # diffusers, for its stack, its model classes and group offload
+    engines["diffusers"] = sum(c.stack == "diffusers" or c.offload == "group" or MODELS[c.model].real for c in cells)
+    if cells:
         os.environ["QUANTMATRIX_PRELOAD"] = ",".join(sorted(e for e, n in engines.items() if n >= PRELOAD_FROM_CELLS))
         if not session.config.pluginmanager.hasplugin("dsession") and not session.config.option.collectonly:
             from harness.run.isolation import warm_up

@@ -23,7 +23,7 @@ class DriftWarning(UserWarning):
 
 def environment(config: pytest.Config) -> tuple[dict, dict[str, str | None]]:
     """This process's environment (for records) and the versions a rule's `versions` may name (an engine, torch,
-    triton, the NVIDIA GPU's compute capability), worked out once."""
+    triton, diffusers, accelerate, the NVIDIA GPU's compute capability), worked out once."""
     if ENV_KEY not in config.stash:
         from harness.devices import cuda_capability
         from harness.engines.registry import ENGINES
@@ -31,6 +31,7 @@ def environment(config: pytest.Config) -> tuple[dict, dict[str, str | None]]:
 
         env = host_environment({name: e.version() for name, e in ENGINES.items() if e.package})
         versions = {**env["engines"], "torch": env["torch"], "triton": env["triton"],
+                    "diffusers": env["diffusers"], "accelerate": env["accelerate"],
                     "cuda_capability": cuda_capability()}
         config.stash[ENV_KEY] = (env, versions)
     return config.stash[ENV_KEY]

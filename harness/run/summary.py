@@ -27,6 +27,7 @@ class RuleTally:
 
     def add(self, record: dict) -> None:
         verdict, device = Verdict(record["verdict"]), record["cell"]["device"]
+        where = f"{device}, {record['cell'].get('stack', 'direct')} stack"
         error = record.get("error")
         error_text = f"{error['type']}: {error['message']}" if error else None
         claims = record.get("claims") or []
@@ -38,7 +39,7 @@ class RuleTally:
             if verdict is Verdict.DRIFT_CLAIM:
                 actual = "; ".join(f"{c['claim']}: {c.get('detail', '')}" for c in claims
                                    if c["status"] == ClaimStatus.CONTRADICTED)
-            self.drifted[f"{verdict.value} on {device}: {actual[:200]}"] += 1
+            self.drifted[f"{verdict.value} on {where}: {actual[:200]}"] += 1
         elif verdict.passed:
             self.counts["held"] += 1
         elif (verdict is Verdict.UNAVAILABLE and record.get("absence") == Absence.NOT_OFFERED.value
@@ -53,7 +54,7 @@ class RuleTally:
                 self.unchecked[reason] += 1
         else:
             self.counts["broken"] += 1
-            self.broken[f"{verdict.value} on {device}: {(error_text or record.get('reason') or '')[:200]}"] += 1
+            self.broken[f"{verdict.value} on {where}: {(error_text or record.get('reason') or '')[:200]}"] += 1
 
 
 def verdict_counts(records: Iterable[dict]) -> Counter[str]:

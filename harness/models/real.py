@@ -1,0 +1,101 @@
+"""diffusers' own model classes (FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel), built from
+configs with seeded random weights, nothing from a hub; and their inputs, shaped as their pipelines feed them.
+
+These are the models both stacks run on: the `diffusers` stack loads them through diffusers' quantizer
+integrations, the `direct` stack hands the same module to the engine's own API.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from harness.models.specs import DIFFUSERS_CONFIGS, MODELS, REAL_CLASSES
+
+
+def model_class(name: str) -> type[nn.Module]:
+    import diffusers
+
+    return getattr(diffusers, REAL_CLASSES[MODELS[name].kind])
+
+
+def build_skeleton(name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model with its parameters on the meta device (buffers, which the config computes, stay real)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = model_class(name)(**DIFFUSERS_CONFIGS[name])
+    model._quantmatrix_name = name
+    return nn.Module.to(model, dtype).eval()  # ModelMixin.to would warn about keep-in-fp32 modules
+
+
+def build_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Seeded weights, drawn parameter by parameter in name order (bit-identical for a seed, whatever torch's
+    default initialisers do): fan-in scaled normals, norm scales near 1, small biases."""
+    model = build_skeleton(name, torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    for pname, p in sorted(model.named_parameters()):
+        if pname.endswith("bias"):
+            value = torch.randn(p.shape, generator=gen) * 0.02
+        elif p.dim() == 1:
+            value = 1 + 0.1 * torch.randn(p.shape, generator=gen)
+        else:
+            value = torch.randn(p.shape, generator=gen) / math.sqrt(p[0].numel())
+        owner, _, leaf = pname.rpartition(".")
+        (model.get_submodule(owner) if owner else model)._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    return nn.Module.to(model, dtype).eval()  # ModelMixin.to would warn about keep-in-fp32 modules
+
+
+def make_inputs(name: str, seed: int = 0, batch: int = 1, dtype: torch.dtype = torch.float32,
+                device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """One denoising step's inputs as the model's pipeline passes them (flat: `call` nests SDXL's added
+    conditions)."""
+    spec = MODELS[name]
+    gen = torch.Generator().manual_seed(seed + 1)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen)
+
+    text = randn(batch, spec.context_tokens, spec.context_dim)
+    pooled = randn(batch, spec.pooled_dim)
+    if spec.kind == "flux":  # packed 2x2 latent patches; positions as the pipeline's image ids
+        h = w = spec.latent // 2
+        ids = torch.zeros(h, w, 3)
+        ids[..., 1] += torch.arange(h)[:, None]
+        ids[..., 2] += torch.arange(w)[None, :]
+        inputs = {"hidden_states": randn(batch, h * w, spec.channels * 4), "encoder_hidden_states": text,
+                  "pooled_projections": pooled, "timestep": torch.rand(batch, generator=gen),
+                  "img_ids": ids.reshape(h * w, 3), "txt_ids": torch.zeros(spec.context_tokens, 3)}
+        if DIFFUSERS_CONFIGS[name].get("guidance_embeds"):
+            inputs["guidance"] = torch.full((batch,), 3.5)
+    elif spec.kind == "sd3":
+        inputs = {"hidden_states": randn(batch, spec.channels, spec.latent, spec.latent),
+                  "encoder_hidden_states": text, "pooled_projections": pooled,
+                  "timestep": torch.randint(0, 1000, (batch,), generator=gen).float()}
+    else:  # sdxl: the pipeline's micro-conditioning (original size, crop, target size) in pixels
+        size = spec.latent * 8
+        inputs = {"sample": randn(batch, spec.channels, spec.latent, spec.latent),
+                  "timestep": torch.randint(0, 1000, (batch,), generator=gen).float(),
+                  "encoder_hidden_states": text, "text_embeds": pooled,
+                  "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * batch, dtype=torch.float32)}
+    return {k: (v if k == "timestep" else v.to(dtype)).to(device) for k, v in inputs.items()}
+
+
+ADDED_CONDITIONS = ("text_embeds", "time_ids")
+
+
+def call_kwargs(inputs: dict[str, torch.Tensor]) -> dict:
+    """The keyword arguments of the model's forward: SDXL's added conditions nested as its UNet takes them."""
+    kwargs = {k: v for k, v in inputs.items() if k not in ADDED_CONDITIONS}
+    added = {k: inputs[k] for k in ADDED_CONDITIONS if k in inputs}
+    if added:
+        kwargs["added_cond_kwargs"] = added
+    return kwargs
+
+
+def run(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(**call_kwargs(inputs), return_dict=False)[0]
+
+

@@ -1,0 +1,167 @@
+"""The diffusers stack: diffusers' quantizer integrations load the real model classes, store what their formats imply,
+and what diffusers raises is recorded with the layer that raised it."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from harness.cell import Cell
+from harness.errors import QuantMatrixError
+from harness.matrix import Settings
+from harness.models.build import build_skeleton
+from harness.run import diffusers_stack
+from harness.run.execute import CellTask, execute_cell, layer_of
+
+FAST = Settings(warmup=0, min_steps=1, min_time_s=0.0)
+
+
+def cell(engine, qtype, load="post-load", offload="none", stack="diffusers", model="flux-tiny", cast="-"):
+    return Cell(engine, qtype, load, offload, "cpu", model, "float32", stack, cast)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("work")
+
+
+def run(c: Cell, workdir):
+    return execute_cell(CellTask(c, FAST, workdir))
+
+
+# What each format stores per Linear layer of `o` outputs and `i` inputs: bits per weight, per output row, per group
+# of `group` weights (scales, zero points, shifts), and per layer (quanto's activation scales).
+FORMATS = {
+    ("quanto", "qint8"): dict(weight=8, row=32, layer=64),
+    ("quanto", "qint4"): dict(weight=4, group=64, group_size=128, layer=64),
+    ("torchao", "int8_weight_only"): dict(weight=8, row=32 + 8),
+    ("torchao", "float8_weight_only"): dict(weight=8, row=32),
+    ("sdnq", "int8"): dict(weight=8, row=32),
+    ("sdnq", "uint4"): dict(weight=4, group=64, group_size=64),
+    ("gguf", "Q8_0"): dict(weight=34 * 8 / 32),
+    ("gguf", "Q4_0"): dict(weight=18 * 8 / 32),
+}
+
+
+def implied_bits_per_weight(engine: str, qtype: str, quantized: set[str]) -> float:
+    """The format's bits per Linear weight over flux-tiny's layers; layers the engine leaves in float (SDNQ keeps
+    small and embedding layers) count 32."""
+    f = FORMATS[engine, qtype]
+    bits = weights = 0
+    for name, layer in build_skeleton("flux-tiny").named_modules():
+        if not isinstance(layer, nn.Linear):
+            continue
+        o, i = layer.out_features, layer.in_features
+        weights += o * i
+        if name not in quantized:
+            bits += 32 * o * i
+            continue
+        bits += f["weight"] * o * i + f.get("row", 0) * o + f.get("layer", 0)
+        if "group" in f:
+            bits += f["group"] * o * math.ceil(i / f["group_size"])
+    return bits / weights
+
+
+def quantized_layers(engine: str, qtype: str, load: str, workdir) -> set[str]:
+    """The Linear layers the engine quantized when diffusers loaded the model this way."""
+    src = diffusers_stack.float_dir(workdir, "flux-tiny", 0)
+    from harness.engines.registry import ENGINES
+
+    if load == "on-the-fly":
+        model = diffusers_stack.load_on_the_fly(ENGINES[engine], qtype, "flux-tiny", src, torch.float32).model
+    else:
+        path = diffusers_stack.prequantized(workdir, ENGINES[engine], qtype, "flux-tiny", torch.float32, 0)
+        model = diffusers_stack.load_prequantized(ENGINES[engine], qtype, "flux-tiny", path, src, torch.float32).model
+    return {n for n, m in model.named_modules() if "Linear" in type(m).__name__ and not is_float_linear(m)}
+
+
+def is_float_linear(m: nn.Module) -> bool:
+    return type(m) is nn.Linear and type(m.weight.data) is torch.Tensor and m.weight.dtype == torch.float32
+
+
+# diffusers reads GGUF only from a .gguf file: the prequantized load
+@pytest.mark.parametrize("engine,qtype,load", [(e, q, load) for e, q in sorted(FORMATS)
+                                              for load in ("on-the-fly", "prequantized")
+                                              if not (e == "gguf" and load == "on-the-fly")])
+def test_each_backend_stores_the_bits_per_weight_its_format_implies(engine, qtype, load, workdir):
+    outcome = run(cell(engine, qtype, load), workdir)
+    assert outcome.status == "ran", outcome.error
+    quantized = quantized_layers(engine, qtype, load, workdir)
+    assert quantized, "the engine quantized no layer"
+    implied = implied_bits_per_weight(engine, qtype, quantized)
+    assert outcome.metrics["bits_per_weight"] == pytest.approx(implied, rel=0.01)
+    assert outcome.metrics["output_sha256"]
+
+
+def test_quanto_through_diffusers_records_diffusers_deprecation(workdir):
+    outcome = run(cell("quanto", "qint8", "on-the-fly"), workdir)
+    assert outcome.status == "ran"
+    assert any(w.startswith("FutureWarning: `QuantoConfig` is deprecated") for w in outcome.warnings), outcome.warnings
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="diffusers' bitsandbytes quantizer refuses only a GPU-less host")
+def test_an_error_raised_inside_diffusers_is_recorded_with_its_origin(workdir):
+    outcome = run(cell("bnb", "nf4", "on-the-fly"), workdir)
+    assert outcome.status == "error"
+    assert outcome.error.type == "RuntimeError" and "No GPU found" in outcome.error.message
+    assert outcome.error.layer == "diffusers.quantizers.bitsandbytes"
+    assert outcome.error.origin.startswith("diffusers.quantizers.bitsandbytes.")
+    # the same engine on its own API, on the same model: the integration, not bitsandbytes, refused
+    control = run(cell("bnb", "nf4", "on-the-fly", stack="direct"), workdir)
+    assert control.status == "ran"
+
+
+def test_the_layer_is_the_innermost_frame_of_a_stack_package():
+    assert layer_of(["harness.run.execute", "accelerate.hooks", "torch.nn.modules.module", "torch.nn.functional"]) \
+        == "accelerate.hooks"
+    assert layer_of(["harness.run.execute", "diffusers.quantizers.gguf.utils"]) == "diffusers.quantizers.gguf"
+    assert layer_of(["harness.run.execute", "optimum.quanto.tensor.weights.qbytes"]) == "optimum.quanto"
+    assert layer_of(["harness.run.execute", "harness.engines.gguf_engine", "torch.functional"]) \
+        == "harness.engines.gguf_engine"
+    assert layer_of(["torch.nn.functional"]) == "torch"
+
+
+def test_nncf_has_no_diffusers_integration_and_says_so(workdir):
+    outcome = run(cell("nncf", "int8_sym", "on-the-fly"), workdir)
+    assert outcome.status == "unavailable" and outcome.absence == "not-offered"
+    assert "NNCF has no quantizer integration in diffusers" in outcome.reason
+
+
+def test_post_load_on_diffusers_applies_the_engine_to_the_loaded_class(workdir):
+    outcome = run(cell("nncf", "int8_sym"), workdir)  # SD.Next's "post" mode: NNCF's own API on the diffusers model
+    assert outcome.status == "ran", outcome.error
+    assert outcome.metrics["bits_per_weight"] < 9
+
+
+@pytest.mark.parametrize("stack", ["direct", "diffusers"])
+@pytest.mark.parametrize("offload", ["group", "balanced"])
+def test_group_and_sdnext_balanced_offload_keep_the_float_output_bit_identical(offload, stack, workdir):
+    plain = run(cell("none", "-", offload="none", stack=stack), workdir)
+    offloaded = run(cell("none", "-", offload=offload, stack=stack), workdir)
+    assert offloaded.status == "ran", offloaded.error
+    assert offloaded.metrics["max_abs_error"] == 0.0
+    assert offloaded.metrics["output_sha256"] == plain.metrics["output_sha256"]
+
+
+def test_layerwise_casting_stores_linear_weights_in_fp8(workdir):
+    cast = run(cell("none", "-", cast="float8_e4m3fn"), workdir)
+    plain = run(cell("none", "-"), workdir)
+    assert cast.status == "ran", cast.error
+    assert cast.metrics["param_bytes"] < 0.5 * plain.metrics["param_bytes"]
+    assert 0 < cast.metrics["max_abs_error"]
+
+
+def test_a_saved_model_directory_is_recognised_from_its_quantization_config(workdir):
+    from harness.engines.registry import ENGINES
+
+    path = diffusers_stack.prequantized(workdir, ENGINES["sdnq"], "int8", "flux-tiny", torch.float32, 0)
+    assert diffusers_stack.detect_saved(path) == ("sdnq", "int8")
+    assert diffusers_stack.detect_saved(diffusers_stack.float_dir(workdir, "flux-tiny", 0)) == ("none", "-")
+
+
+def test_a_malformed_quantization_config_names_the_file_and_field(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "mystery"}}))
+    with pytest.raises(QuantMatrixError, match=r"config\.json.*field 'quantization_config'.*'mystery'"):
+        diffusers_stack.detect_saved(tmp_path)
