@@ -22,7 +22,7 @@ HOSTILE = '<script>alert(1)</script>"\'><img src=x onerror=alert(2)>&amp;{{7*7}}
 
 @pytest.fixture(scope="module")
 def cpu_results(tmp_path_factory) -> Path:
-    """The default matrix, run for real on this machine (360 cells; about four minutes on two cores)."""
+    """The default matrix, run for real on this machine (490 cells on both stacks; about eight minutes on two cores)."""
     results = tmp_path_factory.mktemp("cpu") / "default.jsonl"
     proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "matrix", "--results", str(results), "-q",
                            "-p", "no:cacheprovider"],
@@ -211,3 +211,22 @@ def test_compare_lists_broken_fixed_and_drifted_cells(cpu_results, tmp_path):
     assert {(c.kind, c.id) for c in forward.items} == {("newly broken", ok[0]["id"]), ("newly drifted", ok[1]["id"])}
     backward = compare(report_data.load([b]), report_data.load([a]))
     assert ("newly fixed", ok[0]["id"]) in {(c.kind, c.id) for c in backward.items} and not backward.regressed
+
+
+def test_a_cell_broken_only_on_the_diffusers_stack_is_blamed_on_the_integration(cpu_results, tmp_path):
+    records = records_of(cpu_results)
+    by_id = {r["id"]: r for r in records}
+    target = next(r for r in records if r["cell"]["stack"] == "diffusers" and r["verdict"] == "ok"
+                  and by_id.get(r["id"].replace("/diffusers", "/direct"), {}).get("verdict") == "ok")
+    target.update(verdict="fail", metrics=None, reason="KeyError during load",
+                  error={"type": "KeyError", "message": "None", "where": "", "stage": "load",
+                         "origin": "diffusers.quantizers.gguf.utils", "layer": "diffusers.quantizers.gguf"})
+    both = [r for r in records if r["verdict"] == "fail" and r["cell"]["stack"] == "diffusers"
+            and by_id.get(r["id"].replace("/diffusers", "/direct"), {}).get("verdict") == "fail"]
+    frame = report_data.load([write(tmp_path / "r.jsonl", records)]).latest()
+    blamed = set(frame[frame["integration_broke"]]["id"])
+    assert target["id"] in blamed
+    assert not blamed & {r["id"] for r in both}  # failing on the direct stack too: the engine's (or accelerate's)
+    html = build(report_data.load([tmp_path / "r.jsonl"]), tmp_path / "site").read_text()
+    section = html[html.index('id="integration"'):html.index('id="grids"')]
+    assert target["id"] in section and "diffusers.quantizers.gguf" in section and "KeyError: None" in section
