@@ -23,12 +23,12 @@ import torch
 from torch import nn
 
 from harness import devices
+from harness.matrix import Settings
 
 
 def apply_offload(model: nn.Module, mode: str, device: str, *, stack: str = "direct",
-                  components: list[nn.Module] | None = None, settings=None) -> tuple[Callable[[], None], list[str]]:
-    from harness.matrix import Settings
-
+                  components: list[nn.Module] | None = None,
+                  settings: Settings | None = None) -> tuple[Callable[[], None], list[str]]:
     s = settings or Settings()
     execution = devices.torch_device(device)
     notes: list[str] = []
@@ -66,7 +66,7 @@ def apply_offload(model: nn.Module, mode: str, device: str, *, stack: str = "dir
     return (lambda: None), notes
 
 
-def group_options(s, execution: torch.device) -> dict:
+def group_options(s: Settings, execution: torch.device) -> dict:
     """SD.Next's group offload options (modules/sd_offload.py, apply_group_offload), from [offload.group]."""
     options = {"onload_device": execution, "offload_device": torch.device("cpu"), "offload_type": s.group_type,
                "num_blocks_per_group": s.group_blocks, "non_blocking": False,

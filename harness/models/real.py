@@ -27,7 +27,6 @@ def build_skeleton(name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
 
     with init_empty_weights():
         model = model_class(name)(**DIFFUSERS_CONFIGS[name])
-    model._quantmatrix_name = name
     return nn.Module.to(model, dtype).eval()  # ModelMixin.to would warn about keep-in-fp32 modules
 
 
