@@ -40,7 +40,7 @@ def valid_documents(draw):
 
 
 @given(valid_documents())
-@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_valid_documents_expand_to_the_right_number_of_unique_cells(case):
     doc, expected = case
     matrix = parse_matrix(dumps(doc), "gen.toml")
@@ -117,7 +117,7 @@ MISTAKES = [
 
 
 @given(st.sampled_from(MISTAKES), st.randoms())
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 def test_every_mistake_raises_our_error_naming_the_key(mistake, rnd):
     mutate, key = mistake
     doc = copy.deepcopy(BASE)
@@ -136,7 +136,7 @@ def test_every_mistake_raises_our_error_naming_the_key(mistake, rnd):
 
 
 @given(st.text(max_size=200))
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 def test_arbitrary_text_never_escapes_as_another_exception(text):
     try:
         parse_matrix(text, "fuzz.toml")
