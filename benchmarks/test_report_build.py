@@ -1,6 +1,7 @@
-"""How long the HTML report takes for 10,000 records (issue: seconds, not minutes)."""
+"""How long the HTML report takes to read records and build its site: 10,000 records in at most 3 s, 100,000 in at
+most 30 s on the project's 2-core host (issue 16). The best of three rounds is held to the figure (one slow round
+is the host, not the report); the 100,000-record one is `benchmark_slow` (pytest -m benchmark_slow benchmarks/)."""
 
-import copy
 import json
 
 import pytest
@@ -11,29 +12,44 @@ from harness.report.html import build
 REFERENCE = "results/reference/h200-sdnext-dit-xs.jsonl"
 
 
-def ten_thousand_records(tmp_path, rootdir) -> list:
-    seed = [json.loads(line) for line in (rootdir / REFERENCE).read_text().splitlines()]
-    out = []
-    night = 0
-    while len(out) < 10_000:  # the H200's records, as 10 machines x many nights
-        for r in seed:
-            r = copy.deepcopy(r)
-            r["run"] = f"night{night:03d}"
-            r["env"]["host"] = f"runner{night % 10}"
-            out.append(r)
-        night += 1
-    path = tmp_path / "10k.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in out[:10_000]))
+def many_records(tmp_path, rootdir, count: int):
+    """The H200's records as 10 machines x many nights, `count` in all."""
+    seed = [line for line in (rootdir / REFERENCE).read_text().splitlines() if line.strip()]
+    path = tmp_path / f"{count}.jsonl"
+    with path.open("w") as out:
+        written, night = 0, 0
+        while written < count:
+            for line in seed[:count - written]:
+                r = json.loads(line)
+                r["run"] = f"night{night:04d}"
+                r["env"]["host"] = f"runner{night % 10}"
+                r["started"] = f"2026-{1 + night // 280:02d}-{1 + night // 10 % 28:02d}T00:00:{night % 60:02d}+00:00"
+                out.write(json.dumps(r) + "\n")
+                written += 1
+            night += 1
     return path
+
+
+def site(benchmark, path, out, budget_s: float):
+    def run():
+        return build(report_data.load([path]), out)
+
+    index = benchmark.pedantic(run, rounds=3, iterations=1)
+    assert index.exists() and "Overview" in index.read_text()
+    best = benchmark.stats.stats.min
+    benchmark.extra_info["best_s"] = round(best, 2)
+    assert best <= budget_s, f"the site took {best:.2f} s at best (budget {budget_s} s)"
 
 
 @pytest.mark.benchmark(group="report")
 def test_report_for_10000_records(benchmark, tmp_path, request):
-    path = ten_thousand_records(tmp_path, request.config.rootpath)
-
-    def run():
-        return build(report_data.load([path]), tmp_path / "site")
-
-    index = benchmark.pedantic(run, rounds=1, iterations=1)
-    assert index.exists()
+    path = many_records(tmp_path, request.config.rootpath, 10_000)
     assert len(report_data.load([path]).frame) == 10_000
+    site(benchmark, path, tmp_path / "site", budget_s=3.0)
+
+
+@pytest.mark.benchmark_slow
+@pytest.mark.benchmark(group="report")
+def test_report_for_100000_records(benchmark, tmp_path, request):
+    path = many_records(tmp_path, request.config.rootpath, 100_000)
+    site(benchmark, path, tmp_path / "site", budget_s=30.0)

@@ -7,6 +7,7 @@
                                           (exit 1 when a file's conventional name says otherwise)
     quantmatrix report RESULTS... -o DIR  write the HTML report (index.html, cells.csv, plots/) from records
     quantmatrix report RESULTS... --markdown [-o FILE]   the compatibility table as markdown
+    quantmatrix report RESULTS... --doc-patch [--rules FILE] [-o FILE]   a patch for the page the rules state
     quantmatrix compare OLD NEW           cells newly broken/fixed/drifted, latency and memory regressions;
                                           exit 1 when something regressed
 
@@ -97,24 +98,38 @@ def _detect(args: argparse.Namespace, rest: list[str]) -> int:
     return 1 if disagree else 0
 
 
+def _emit(text: str, output: str | None, what: str) -> int:
+    """Write `text` to the file `output`, or to stdout."""
+    if output:
+        Path(output).write_text(text + "\n", encoding="utf-8")
+        print(f"{what}: {output}")
+    else:
+        print(text)
+    return 0
+
+
 def _report(args: argparse.Namespace, rest: list[str]) -> int:
+    from harness.matrix import load_matrix
     from harness.report import data as report_data
 
     records = report_data.load(args.results)
+    rules = load_matrix(args.rules) if args.rules else None
+    if args.doc_patch:
+        from harness.report import docpatch
+
+        if rules is None or rules.document is None:
+            print(f"quantmatrix report: --doc-patch needs a rules file with a [document] table; "
+                  f"{args.rules or 'none given'} has none", file=sys.stderr)
+            return 2
+        return _emit(docpatch.render(rules, records), args.output, "doc patch")
     if args.markdown:
         from harness.report.markdown import render
 
-        text = render(records)
-        if args.output:
-            Path(args.output).write_text(text + "\n", encoding="utf-8")
-            print(f"markdown: {args.output}")
-        else:
-            print(text)
-        return 0
+        return _emit(render(records), args.output, "markdown")
     from harness.report.html import build
 
     previous = report_data.load(args.previous) if args.previous else None
-    index = build(records, Path(args.output or CHECKOUT / "reports" / "latest"), previous=previous)
+    index = build(records, Path(args.output or CHECKOUT / "reports" / "latest"), previous=previous, rules=rules)
     print(f"report: {index} ({len(records.frame)} records, {len(records.skipped)} skipped)")
     return 0
 
@@ -156,6 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", action="store_true", help="write the compatibility table as markdown")
     p.add_argument("--previous", nargs="+", type=_existing, metavar="RESULTS",
                    help="earlier results: add a section of what changed since")
+    p.add_argument("--doc-patch", action="store_true",
+                   help="write a markdown patch for the page the rules file's [document] describes")
+    sdnext = CHECKOUT / "matrices" / "sdnext.toml"
+    p.add_argument("--rules", default=str(sdnext) if sdnext.exists() else None, metavar="MATRIX",
+                   help="matrix file whose rules state a page, for --doc-patch and the report's wiki patch "
+                        "(default matrices/sdnext.toml; '' for none)")
     p.set_defaults(func=_report)
     p = sub.add_parser("compare", help="changes between two sets of results; exit 1 when something regressed")
     p.add_argument("old", type=_existing)

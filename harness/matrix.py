@@ -26,12 +26,19 @@ A matrix file (TOML) declares axes, optional include/exclude tables and expectat
     expect = "error"           # "works" | "error" | "unavailable"
     pattern = "Blockwise quantization only supports 16/32-bit floats"   # regex over "Type: message"
     source = "seed: Errors"
+    section = "Errors"         # optional: the [document] section the statement is in (for the wiki patch)
+    statement = "BitsAndBytes nf4 quantization is not compatible with sequential offload"   # optional: verbatim
     versions = { torch = ">=2.4" }   # optional: the rule holds only for these releases of torch, an engine,
                                # diffusers, accelerate,
                                # triton, or the GPU's cuda_capability; "absent": only when it is not there
     reason = "..."             # for "unavailable"
     claims = ["smaller", "slower"]   # for "works": measured against the baseline cell (see CLAIMS)
     tolerance = 0.1            # a claim holds beyond this ratio margin, is contradicted beyond it on the other side
+
+    [document]                 # optional: the page the rules state (quantmatrix report --doc-patch)
+    title = "Quantization"
+    url = "https://github.com/vladmandic/sdnext/wiki/Quantization"
+    sections = ["Quantization", "BitsAndBytes", "Errors"]   # in the page's order
 
     [settings]                 # run settings, see Settings
     [offload.balanced]         # high_watermark / low_watermark, fractions of device memory
@@ -90,6 +97,8 @@ class Expectation:
     claims: tuple[str, ...] = ()
     tolerance: float = DEFAULT_TOLERANCE
     rule: int | None = None  # index of the rule in its matrix file; None: no rule matched
+    statement: str | None = None  # the documented sentence, verbatim
+    section: str | None = None  # where in the document it is
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", ExpectKind(self.kind))
@@ -148,12 +157,22 @@ class Settings:
 
 
 @dataclass(frozen=True)
+class Document:
+    """The page a matrix's rules state, for the wiki patch: its title, address and sections in order."""
+
+    title: str
+    url: str = ""
+    sections: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Matrix:
     path: Path
     name: str
     cells: tuple[Cell, ...]
     rules: tuple[Rule, ...]
     settings: Settings
+    document: Document | None = None
 
     def expectation(self, cell: Cell, versions: Mapping[str, str | None] | None = None) -> Expectation:
         """The first rule that matches the cell and holds for these versions decides; none: it must work."""
@@ -174,8 +193,9 @@ class Matrix:
 
 # ---------------------------------------------------------------------------------------------- loading
 
-_TOP_KEYS = {"matrix", "axes", "include", "exclude", "rule", "settings", "offload"}
-_RULE_KEYS = {"match", "expect", "pattern", "source", "reason", "versions", "claims", "tolerance"}
+_TOP_KEYS = {"matrix", "axes", "include", "exclude", "rule", "settings", "offload", "document"}
+_RULE_KEYS = {"match", "expect", "pattern", "source", "reason", "versions", "claims", "tolerance", "statement",
+              "section"}
 
 
 class _Doc:
@@ -370,7 +390,21 @@ def _settings(doc: _Doc, data: dict) -> Settings:
     return settings
 
 
-def _rule(doc: _Doc, raw: Any, key: str, index: int) -> Rule:
+def _document(doc: _Doc, data: dict) -> Document | None:
+    if "document" not in data:
+        return None
+    raw = doc.table(data["document"], "document")
+    doc.check_keys(raw, ["title", "url", "sections"], "document")
+    for k in ("title", "url"):
+        if k in raw and not isinstance(raw[k], str):
+            raise doc.fail(f"document.{k}", f"expected a string, got {_kind(raw[k])}")
+    if not raw.get("title"):
+        raise doc.fail("document.title", "missing; expected the page's title")
+    sections = doc.strings(raw.get("sections", []), "document.sections") if "sections" in raw else []
+    return Document(raw["title"], raw.get("url", ""), tuple(sections))
+
+
+def _rule(doc: _Doc, raw: Any, key: str, index: int, document: Document | None = None) -> Rule:
     table = doc.table(raw, key)
     doc.check_keys(table, _RULE_KEYS, key)
     if "match" not in table:
@@ -380,7 +414,7 @@ def _rule(doc: _Doc, raw: Any, key: str, index: int) -> Rule:
     if kind not in EXPECT_KINDS:
         raise doc.fail(f"{key}.expect", f"expected one of {list(EXPECT_KINDS)}, got {kind!r}"
                        + (did_you_mean(kind, EXPECT_KINDS) if isinstance(kind, str) else ""))
-    for k in ("pattern", "source", "reason"):
+    for k in ("pattern", "source", "reason", "statement", "section"):
         if k in table and not isinstance(table[k], str):
             raise doc.fail(f"{key}.{k}", f"expected a string, got {_kind(table[k])}")
     pattern = table.get("pattern")
@@ -417,8 +451,13 @@ def _rule(doc: _Doc, raw: Any, key: str, index: int) -> Rule:
     tolerance = table.get("tolerance", DEFAULT_TOLERANCE)
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1:
         raise doc.fail(f"{key}.tolerance", f"expected a number from 0 up to (not including) 1, got {tolerance!r}")
+    section = table.get("section")
+    if section is not None and (document is None or section not in document.sections):
+        known = list(document.sections) if document else []
+        raise doc.fail(f"{key}.section", f"unknown section {section!r}{did_you_mean(section, known)}; expected one "
+                                         f"of [document] sections {known}")
     expect = Expectation(kind, pattern, table.get("source"), table.get("reason"), tuple(claims), float(tolerance),
-                         index)
+                         index, table.get("statement"), section)
     return Rule(match, expect, versions)
 
 
@@ -463,14 +502,15 @@ def parse_matrix(text: str, path: Path | str = "<matrix>", *,
     cells = sorted(set(cells))
     if not cells:
         raise doc.fail("axes", "the matrix expands to no cell; expected at least one")
-    rules = tuple(_rule(doc, raw, f"rule[{i}]", i) for i, raw in enumerate(_array(doc, data, "rule")))
+    document = _document(doc, data)
+    rules = tuple(_rule(doc, raw, f"rule[{i}]", i, document) for i, raw in enumerate(_array(doc, data, "rule")))
     for i, rule in enumerate(rules):
         if not any(rule.matches(c) for c in cells):
             raise doc.fail(f"rule[{i}].match", "matches no cell of this matrix; expected a rule that applies")
     name = meta.get("name", path.stem)
     if not isinstance(name, str):
         raise doc.fail("matrix.name", f"expected a string, got {_kind(name)}")
-    return Matrix(path, name, tuple(cells), rules, _settings(doc, data))
+    return Matrix(path, name, tuple(cells), rules, _settings(doc, data), document)
 
 
 def _array(doc: _Doc, data: dict, key: str) -> list:

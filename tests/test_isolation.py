@@ -212,5 +212,6 @@ def test_an_engine_raising_where_unavailable_is_documented_is_drift_in_record_su
     assert "DRIFTED: held 1, drifted 1" in summary, summary
     assert "drift-error on cpu, direct stack: ValueError: fault engine: a plain exception" in summary
     html = report_html.build(report_data.load([results]), tmp_path / "report").read_text()
-    drift = html[html.index('id="drift"'):html.index('id="drift-table"') + 2000]
+    drift = html[html.index('<section id="drift"'):html.index('<section id="upstream"')]
     assert "fault-raise/post-load/none/cpu/dit-xs/float32/direct" in drift
+    assert "ValueError: fault engine: a plain exception" in drift

@@ -35,6 +35,7 @@ import sys
 from harness.cli import main
 assert main(["report", *{records!r}, "-o", {str(tmp_path / "site")!r}]) == 0
 assert main(["report", *{records!r}, "--markdown", "-o", {str(tmp_path / "table.md")!r}]) == 0
+assert main(["report", *{records!r}, "--doc-patch", "-o", {str(tmp_path / "patch.md")!r}]) == 0
 assert main(["compare", {records[0]!r}, {records[0]!r}]) == 0
 assert main(["validate", "matrices/default.toml", "matrices/sdnext.toml"]) == 0
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch",) + {ENGINE_PACKAGES!r}
@@ -48,6 +49,7 @@ print("LOADED", loaded)
         assert "LOADED []" in proc.stdout, proc.stdout
     assert (tmp_path / "site" / "index.html").stat().st_size > 10_000
     assert "|" in (tmp_path / "table.md").read_text()
+    assert "## Errors" in (tmp_path / "patch.md").read_text()
 
 
 def imports_of(path: Path) -> set[str]:

@@ -113,6 +113,11 @@ MISTAKES = [
     (_set(["offload"], {"group": {"blocks_per_group": 0}}), "offload.group.blocks_per_group"),
     (_set(["offload"], {"group": {"use_stream": "yes"}}), "offload.group.use_stream"),
     (_set(["offload"], {"group": {"streams": True}}), "offload.group.streams"),
+    (_set(["rule"], [{"match": {"engine": "none"}, "expect": "works", "section": "Errors"}]), "rule[0].section"),
+    (_set(["rule"], [{"match": {"engine": "none"}, "expect": "works", "statement": ["x"]}]), "rule[0].statement"),
+    (_set(["document"], {"url": "https://example.org"}), "document.title"),
+    (_set(["document"], {"title": "Quantization", "sections": ["Errors", "Errors"]}), "document.sections"),
+    (_set(["document"], {"title": "Quantization", "pages": 2}), "document.pages"),
 ]
 
 

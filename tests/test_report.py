@@ -11,12 +11,16 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
+from harness.matrix import load_matrix
 from harness.report import data as report_data
+from harness.report import docpatch, statements
 from harness.report.compare import compare
-from harness.report.html import build
+from harness.report.html import VERDICTS, build
 from harness.report.markdown import render
 
 REPO = Path(__file__).resolve().parents[1]
+SDNEXT = REPO / "matrices" / "sdnext.toml"
+REFERENCE = sorted((REPO / "results" / "reference").glob("h200-*.jsonl"))  # fixed records of one GPU host
 HOSTILE = '<script>alert(1)</script>"\'><img src=x onerror=alert(2)>&amp;{{7*7}} $\\frac{$ </script>'
 
 
@@ -69,7 +73,14 @@ def browser():
     return sync_playwright, exe
 
 
-def open_report(index: Path, tmp_path: Path, visit):
+def artifacts(tmp_path: Path) -> Path:
+    """Where screenshots go: $QUANTMATRIX_ARTIFACTS (.ci/run sets it to test-artifacts/), else the test's tmp."""
+    where = Path(os.environ.get("QUANTMATRIX_ARTIFACTS") or tmp_path)
+    where.mkdir(parents=True, exist_ok=True)
+    return where
+
+
+def open_report(index: Path, tmp_path: Path, visit, *, min_shot: int = 10_000):
     sync_playwright, exe = browser()
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
@@ -82,9 +93,10 @@ def open_report(index: Path, tmp_path: Path, visit):
         page.goto(index.as_uri())
         page.wait_for_load_state("load")
         result = visit(page)
-        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        shot = artifacts(tmp_path) / f"{os.environ.get('PYTEST_CURRENT_TEST', 'report').split(':')[-1].split()[0]}.png"
+        page.screenshot(path=str(shot), full_page=True)
         b.close()
-    assert (tmp_path / "report.png").stat().st_size > 10_000
+    assert shot.stat().st_size > min_shot
     assert not [u for u in requests if not u.startswith("file://")], requests  # nothing from the network
     return result, errors, dialogs
 
@@ -142,10 +154,17 @@ def hostile(record: dict, verdict: str) -> dict:
 def test_hostile_strings_show_as_text_and_never_run(cpu_results, tmp_path):
     cpu = records_of(cpu_results)
     measured = next(r for r in cpu if r["verdict"] == "ok" and r["cell"]["engine"] != "none")
-    path = write(tmp_path / "evil.jsonl", [hostile(measured, "drift-error"), hostile(measured, "drift-claim")])
+    evil = [hostile(measured, "drift-error"), hostile(measured, "drift-claim"), hostile(measured, "drift-error")]
+    evil[0]["expect"]["statement"] = HOSTILE
+    evil[2]["expect"]["source"] = f"diffusers#1: {HOSTILE}"  # an upstream report
+    # a real cell a rule of the seed's page matches, with a hostile error: into the wiki patch
+    failing = copy.deepcopy(next(r for r in cpu if r["cell"]["engine"] == "bnb" and r["cell"]["qtype"] == "nf4"
+                                 and r["cell"]["offload"] == "sequential" and r.get("error")))
+    failing["error"]["message"] = HOSTILE
+    path = write(tmp_path / "evil.jsonl", [*evil, failing])
     records = report_data.load([path])
-    assert records.skipped == [] and len(records.frame) == 2
-    index = build(records, tmp_path / "site")  # the plots too: "$" would be mathtext to matplotlib
+    assert records.skipped == [] and len(records.frame) == 4
+    index = build(records, tmp_path / "site", rules=load_matrix(SDNEXT))  # the plots too: "$" is mathtext
     html = index.read_text()
     assert "<script>alert(1)" not in html and "<img src=x" not in html
     assert html.count("<script") == 1  # the page's own
@@ -154,14 +173,17 @@ def test_hostile_strings_show_as_text_and_never_run(cpu_results, tmp_path):
     def visit(page):
         page.click("table.grid td.cell")
         envs = page.eval_on_selector_all("table.env", "es => es.map(e => e.innerText).join()")
-        return page.inner_text("#detail"), page.inner_text("#drift-table"), envs, \
+        page.eval_on_selector_all("details", "ds => ds.forEach(d => d.open = true)")
+        parts = [page.inner_text(f"#{part}") for part in ("overview", "drift", "upstream", "doc-patch")]
+        return page.inner_text("#detail"), parts, envs, \
             page.evaluate("document.querySelectorAll('img[src=x], script').length")
 
-    (detail, drift, environment, injected), errors, dialogs = open_report(index, tmp_path, visit)
+    (detail, parts, environment, injected), errors, dialogs = open_report(index, tmp_path, visit)
     assert dialogs == [] and errors == []
     assert injected == 1  # only the page's own script, no injected image or script
-    for shown in (detail, drift, environment):  # shown as text
+    for shown in (detail, environment, *parts[1:]):  # shown as text
         assert "<script>alert(1)</script>" in shown
+    assert f"{HOSTILE}engine" in parts[0]  # the overview's engine row, as text
 
 
 def test_bad_lines_and_unknown_schema_are_skipped_and_counted(cpu_results, tmp_path):
@@ -230,3 +252,125 @@ def test_a_cell_broken_only_on_the_diffusers_stack_is_blamed_on_the_integration(
     html = build(report_data.load([tmp_path / "r.jsonl"]), tmp_path / "site").read_text()
     section = html[html.index('id="integration"'):html.index('id="grids"')]
     assert target["id"] in section and "diffusers.quantizers.gguf" in section and "KeyError: None" in section
+
+
+def drifted(records: list[dict]) -> tuple[list[dict], dict]:
+    """`records` with one documented error turned into a drift: the same statement now fails differently."""
+    out = copy.deepcopy(records)
+    target = next(r for r in out if r["verdict"] == "documented-error" and r["expect"].get("source"))
+    target.update(verdict="drift-error", note="documented /x/, but raised ValueError: new text",
+                  error={"type": "ValueError", "message": "new text", "where": "", "stage": "load",
+                         "origin": "accelerate.hooks", "layer": "accelerate.hooks"})
+    return out, target
+
+
+def test_overview_drift_blocks_and_doc_patch_in_a_real_browser(cpu_results, tmp_path):
+    records_list, target = drifted(records_of(cpu_results))
+    path = write(tmp_path / "r.jsonl", records_list)
+    records = report_data.load([path])
+    index = build(records, tmp_path / "site", rules=load_matrix(SDNEXT))
+    latest = records.latest()
+
+    def visit(page):
+        counts = {c.get_attribute("data-verdict"): int(c.inner_text())
+                  for c in page.query_selector_all("#verdict-counts td")}
+        first_screen = page.evaluate("document.querySelector('#verdict-counts').getBoundingClientRect().bottom")
+        overview = page.query_selector_all("table.overview")
+        link = page.get_attribute("table.overview td a", "href")
+        block = next(b for b in page.query_selector_all("#drift details.statement")
+                     if b.get_attribute("data-source") == target["expect"]["source"])
+        block.query_selector("details.cells summary").click()
+        shown = block.inner_text()
+        patch = page.inner_text("#doc-patch-text")
+        return counts, first_screen, len(overview), link, page.query_selector(link) is not None, shown, patch
+
+    (counts, bottom, tables, link, target_exists, shown, patch), errors, dialogs = open_report(index, tmp_path, visit)
+    assert errors == [] and dialogs == []
+    assert counts == {v: int((latest["verdict"] == v).sum()) for v in counts}  # every verdict counted, zeros too
+    assert set(counts) >= {"fail", "timeout", "ok", "unavailable"} and list(counts)[:5] == [
+        "crash", "oom", "hang", "timeout", "fail"]  # failures and timeouts first
+    assert bottom < 1000  # on the first screen
+    assert tables == latest.groupby(["machine", "device", "stack"]).ngroups and target_exists  # links to its grid
+    assert target["id"] in shown and "ValueError: new text" in shown and "accelerate.hooks" in shown
+    assert shown.count("ValueError: new text") == 1  # each distinct error once
+    assert "> BitsAndBytes nf4 quantization is not compatible with sequential offload" in patch
+
+
+def test_every_verdict_symbol_renders_with_the_desktop_fonts(tmp_path):
+    """No symbol is drawn as the missing-glyph box with the fonts installed (Debian's DejaVu, as a desktop has)."""
+    page_html = tmp_path / "symbols.html"
+    page_html.write_text('<meta charset="utf-8"><canvas id="c" width="40" height="40"></canvas>')
+
+    def visit(page):
+        return page.evaluate("""(symbols) => {
+            const c = document.getElementById('c'), x = c.getContext('2d');
+            const draw = (s) => { x.clearRect(0, 0, 40, 40); x.font = '28px "DejaVu Sans", sans-serif';
+                                  x.fillText(s, 4, 32); return Array.from(x.getImageData(0, 0, 40, 40).data).join(); };
+            const tofu = [draw('\\u0378'), draw('\\uFFFF')];  // unassigned code points: the missing-glyph box
+            return symbols.map((s) => [s, tofu.includes(draw(s))]);
+        }""", sorted({sym for sym, _, _ in VERDICTS.values()} | {"⧗"}))
+
+    result, errors, _ = open_report(page_html, tmp_path, visit, min_shot=0)
+    assert errors == []
+    assert [s for s, missing in result if missing] == ["⧗"]  # the check can fail: U+29D7 is in no DejaVu font
+
+
+def test_doc_patch_from_fixed_records_states_each_statement_outcome(tmp_path, capsys):
+    """The committed H200 records against the seed's rules: what each statement's block says."""
+    matrix = load_matrix(SDNEXT)
+    text = docpatch.render(matrix, report_data.load(REFERENCE))
+    blocks = {line.split("(", 1)[1].split("): ", 1)[0]: line for line in text.splitlines() if line.startswith("- **")}
+    outcome = {source: line.split("**")[1] for source, line in blocks.items()}
+    assert outcome["seed: GGUF limitations (model offload)"] == "⚠ drifted"  # works now
+    assert outcome["seed: Errors (quanto qint + balanced offload)"] == "⚠ drifted"
+    assert outcome["seed: Errors (bnb nf4 + sequential offload)"] == "⚠ drifted"  # fails, differently
+    assert "Cannot copy out of meta tensor" in text.split("nf4 + sequential offload)")[1].split("\n>")[0]
+    assert outcome["seed: GGUF (storage-only: smaller, slower; not platform dependent)"] == "✓ holds"
+    assert outcome["seed: Optimum-Quanto limitations (torch 2.4)"] == "– not checked"
+    assert "applies only with torch <2.4" in blocks["seed: Optimum-Quanto limitations (torch 2.4)"]
+    assert "needs a xpu device" in blocks["seed: Optimum-Quanto limitations (Intel Arc/IPEX)"]
+    assert len(blocks) == len([r for r in matrix.rules if r.expect.source])  # every statement, checked or not
+    sections = [line[3:] for line in text.splitlines() if line.startswith("## ")]
+    assert sections == list(matrix.document.sections)  # in the page's order
+    assert "Suggested: GGUF with model offload: works on cuda." in text
+    assert main(["report", *map(str, REFERENCE), "--doc-patch", "-o", str(tmp_path / "patch.md")]) == 0
+    assert (tmp_path / "patch.md").read_text() == text + "\n"
+
+
+def test_upstream_report_no_longer_reproducing_since_a_version_set(cpu_results, tmp_path):
+    base = next(r for r in records_of(cpu_results) if r["verdict"] == "ok" and r["cell"]["engine"] == "gguf")
+    source = "diffusers#14691: GGUF + enable_sequential_cpu_offload raises KeyError: None"
+    nights = []
+    for night, (diffusers, verdict) in enumerate([("0.42.1", "documented-error"), ("0.42.1", "documented-error"),
+                                                  ("0.43.0", "drift-works"), ("0.44.0", "drift-works")]):
+        r = copy.deepcopy(base)
+        r.update(run=f"night{night}", started=f"2026-11-2{night}T00:00:00+00:00", verdict=verdict)
+        r["env"]["diffusers"] = diffusers
+        r["expect"] = {"kind": "error", "pattern": "KeyError", "source": source}
+        if verdict == "documented-error":
+            r.update(metrics=None, error={"type": "KeyError", "message": "None", "where": "", "stage": "forward"})
+        nights.append(r)
+    reports = statements.upstream(report_data.load([write(tmp_path / "n.jsonl", nights)]).frame)
+    assert len(reports) == 1 and reports[0].references == ["diffusers#14691"]
+    assert reports[0].status == "no longer reproduces" and reports[0].seen
+    assert "diffusers 0.43.0" in reports[0].since  # the first version set without it, not the newest
+    still = statements.upstream(report_data.load([write(tmp_path / "m.jsonl", nights[:2])]).frame)
+    assert still[0].status == "still reproduces" and still[0].since is None
+    html = build(report_data.load([tmp_path / "n.jsonl"]), tmp_path / "site").read_text()
+    section = html[html.index('id="upstream"'):html.index('id="integration"')]
+    assert "diffusers#14691" in section and "candidate to close" in section
+
+
+def test_compare_flags_an_offload_mode_made_slower_by_its_baseline(cpu_results, tmp_path):
+    old = records_of(cpu_results)
+    new = copy.deepcopy(old)
+    for r in new:
+        r["run"] = "tonight"
+    target = next(r for r in new if r["cell"]["engine"] == "none" and r["cell"]["offload"] == "model"
+                  and r["verdict"] == "ok" and r["cell"]["load"] == "post-load")
+    target["metrics"]["latency_ms"]["median"] *= 3  # e.g. an accelerate release makes model offload 3x slower
+    a, b = write(tmp_path / "old.jsonl", old), write(tmp_path / "new.jsonl", new)
+    changes = compare(report_data.load([a]), report_data.load([b]))
+    assert [(c.kind, c.id) for c in changes.items] == [("slower", target["id"])]
+    assert "no-offload baseline" in changes.items[0].new
+    assert main(["compare", str(a), str(b)]) == 1

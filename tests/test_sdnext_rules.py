@@ -91,6 +91,12 @@ def test_every_rule_cites_the_seed_and_is_reached_by_a_statement():
         assert i in reached, f"rule {i} ({rule.expect.source or rule.expect.reason}) has no statement in this test"
 
 
+def test_every_rule_quotes_its_statement_in_a_section_of_the_page_for_the_wiki_patch():
+    assert MATRIX.document is not None and MATRIX.document.title == "Quantization"
+    for i, rule in enumerate(MATRIX.rules):
+        assert rule.expect.statement and rule.expect.section in MATRIX.document.sections, f"rule {i}"
+
+
 def test_gguf_with_model_offload_documents_no_message_so_any_error_holds_it_and_working_is_drift():
     from harness.verdict import ErrorInfo, Outcome, Verdict, judge
 

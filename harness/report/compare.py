@@ -3,9 +3,12 @@
     quantmatrix compare OLD.jsonl NEW.jsonl [--threshold 0.25]
 
 Lists cells newly broken, newly fixed and newly drifted, and latency or peak-memory regressions. Figures are
-compared as ratios to each run's own baseline cell, so a faster or slower machine (or a noisy night that slows
-everything alike) is not a regression. Exits 1 when something regressed (newly broken, slower or bigger beyond
-the threshold), so CI can gate on it.
+compared as ratios to each run's own unquantized baseline with no offload (same device, model, dtype, load and
+stack), so a faster or slower machine, or a noisy night that slows everything alike, is not a regression, while
+both costs a user pays are: a quantized cell that got slower, and an offload mode that got slower (its baseline
+cell, and the cells in that mode, against the no-offload baseline). Where a run has no no-offload baseline, the
+baseline in the cell's own offload mode is used. Exits 1 when something regressed (newly broken, slower or bigger
+beyond the threshold), so CI can gate on it.
 """
 
 from __future__ import annotations
@@ -76,14 +79,27 @@ def compare(old: report_data.Records, new: report_data.Records, threshold: float
             changes.items.append(Change(**where, kind=ChangeKind.NEWLY_FIXED, old=f"{vo}: {_why(r, 'old')}", new=vn))
         if vn in report_data.DRIFT and vo not in report_data.DRIFT:
             changes.items.append(Change(**where, kind=ChangeKind.NEWLY_DRIFTED, old=vo, new=f"{vn}: {r['note_new']}"))
-        for metric, kind in (("latency_ratio", ChangeKind.SLOWER), ("mem_ratio", ChangeKind.MORE_MEMORY)):
-            ro, rn = r[f"{metric}_old"], r[f"{metric}_new"]
-            if report_data.finite(ro) and report_data.finite(rn) and ro > 0 and rn / ro > 1 + threshold:
-                changes.items.append(Change(**where, kind=kind, old=f"{ro:.3g}x baseline",
-                                            new=f"{rn:.3g}x baseline ({rn / ro:.2f}x worse)"))
+        for figure, kind in (("latency", ChangeKind.SLOWER), ("mem", ChangeKind.MORE_MEMORY)):
+            ratio = _ratios(r, figure)
+            if ratio is None:
+                continue
+            ro, rn, against = ratio
+            if ro > 0 and rn / ro > 1 + threshold:
+                changes.items.append(Change(**where, kind=kind, old=f"{ro:.3g}x {against}",
+                                            new=f"{rn:.3g}x {against} ({rn / ro:.2f}x worse)"))
     order = list(ChangeKind)
     changes.items.sort(key=lambda c: (order.index(c.kind), c.machine, c.id))
     return changes
+
+
+def _ratios(row: pd.Series, figure: str) -> tuple[float, float, str] | None:
+    """(old, new, against what) for a figure: to the no-offload baseline where both runs have one, else to the
+    baseline in the same offload mode; None where either run lacks both."""
+    for column, against in ((f"{figure}_vs_none", "no-offload baseline"), (f"{figure}_ratio", "baseline")):
+        ro, rn = row[f"{column}_old"], row[f"{column}_new"]
+        if report_data.finite(ro) and report_data.finite(rn):
+            return ro, rn, against
+    return None
 
 
 def _why(row: pd.Series, side: str) -> str:

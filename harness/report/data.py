@@ -56,7 +56,10 @@ def _row(record: dict) -> dict:
         "error_layer": err.get("layer") or "", "warnings": "\n".join(record.get("warnings") or []),
         "expect": record.get("expect", {}).get("kind", "works"), "pattern": record.get("expect", {}).get("pattern"),
         "source": record.get("expect", {}).get("source") or "",
+        "statement": record.get("expect", {}).get("statement") or "",
         "claims": "; ".join(f"{c['claim']}: {c['status']}" for c in record.get("claims") or []),
+        "claims_contradicted": "; ".join(f"{c['claim']} ({c.get('detail') or 'contradicted'})"
+                                         for c in record.get("claims") or [] if c.get("status") == "contradicted"),
         "param_bytes": m.get("param_bytes"), "disk_bytes": m.get("disk_bytes"),
         "bits_per_weight": m.get("bits_per_weight"),
         "peak_mem_bytes": peak, "own_mem_bytes": None if peak is None else peak - (base or 0),
@@ -64,19 +67,30 @@ def _row(record: dict) -> dict:
         "latency_ms": lat.get("median"), "latency_p10_ms": lat.get("p10"), "latency_p90_ms": lat.get("p90"),
         "sqnr_db": m.get("sqnr_db"), "cosine": m.get("cosine"), "max_abs_error": m.get("max_abs_error"),
         "quantize_s": m.get("quantize_s"), "load_s": m.get("load_s"),
+        "mem_base_bytes": base, "name_hint": m.get("name_hint"), "name_hint_detail": m.get("name_hint_detail"),
         "host": env.get("host"), "device_name": env.get("device_name"), "driver": env.get("driver"),
         "os": env.get("os"), "python": env.get("python"), "torch": env.get("torch"), "triton": env.get("triton"),
         "diffusers": env.get("diffusers"), "accelerate": env.get("accelerate"),
         "engine_version": (env.get("engines") or {}).get(cell["engine"]),
         "engines": ", ".join(f"{k} {v}" for k, v in sorted((env.get("engines") or {}).items()) if v),
-        "versions": "; ".join([f"torch {env.get('torch')}", *(f"{k} {v}" for k, v in
-                                                             sorted((env.get("engines") or {}).items()) if v)]),
+        "package_versions": {**(env.get("engines") or {}), "torch": env.get("torch"), "triton": env.get("triton"),
+                             "diffusers": env.get("diffusers"), "accelerate": env.get("accelerate"),
+                             "cuda_capability": env.get("cuda_capability")},
+        "versions": version_set(env),
         "started": record.get("started") or "", "duration_s": record.get("duration_s"),
         "output_tail": record.get("output_tail") or "",
         "device_absent": device_was_absent(record),
         "cpu_s": (record.get("process") or {}).get("cpu_s"),
         "stacks": (record.get("process") or {}).get("stacks") or "",
     }
+
+
+def version_set(env: dict) -> str:
+    """The versions a record was measured with, as one comparable string: torch, the engines, diffusers and
+    accelerate (the stack), in a fixed order."""
+    stack = [f"{k} {env[k]}" for k in ("diffusers", "accelerate") if env.get(k)]
+    engines = [f"{k} {v}" for k, v in sorted((env.get("engines") or {}).items()) if v]
+    return "; ".join([f"torch {env.get('torch')}", *engines, *stack])
 
 
 COLUMNS = list(_row({"run": "", "id": "", "cell": {k: "" for k in ("engine", "qtype", "load", "offload", "device",
@@ -87,6 +101,12 @@ COLUMNS = list(_row({"run": "", "id": "", "cell": {k: "" for k in ("engine", "qt
 def finite(value) -> bool:
     """Whether a figure was measured: a finite number (not None, not NaN: pandas' "missing")."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def largest_model(rows: pd.DataFrame) -> str:
+    """The model whose baseline stores the most bytes among these cells (the largest measured)."""
+    sized = rows.assign(_base=rows["param_bytes"] / rows["bytes_ratio"]).dropna(subset=["_base"])
+    return str(sized.sort_values("_base").iloc[-1]["model"]) if len(sized) else str(sorted(rows["model"])[-1])
 
 
 def all_device_absent(rows: pd.DataFrame) -> bool:
@@ -116,34 +136,50 @@ def machines(frame: pd.DataFrame) -> pd.Series:
     """Which machine each record comes from. A run happens on one machine; host names alone repeat (e.g. "vm"),
     so the machine is the host with its CPU's name (or, in records that lack it, the name of the device the run
     used most)."""
-    label = {}
-    for run, rows in frame.groupby("run", sort=False):
-        cpu = rows["cpu_name"].dropna()
-        names = rows["device_name"].dropna()
-        what = cpu.iloc[0] if len(cpu) else names.mode().iloc[0] if len(names) else "unknown device"
-        label[run] = f"{rows['host'].dropna().iloc[0] if rows['host'].notna().any() else '?'} · {what}"
+    if frame.empty:
+        return pd.Series(dtype=object)
+    first = frame.groupby("run", sort=False)[["host", "cpu_name"]].first()  # first non-null of each
+    used = frame.dropna(subset=["device_name"]).groupby(["run", "device_name"], sort=False).size()
+    most = used.sort_values(ascending=False).reset_index().drop_duplicates("run").set_index("run")["device_name"]
+    what = first["cpu_name"].fillna(most.reindex(first.index)).fillna("unknown device")
+    label = first["host"].fillna("?") + " · " + what
     return frame["run"].map(label)
 
 
+RATIOS = ("bytes_ratio", "mem_ratio", "latency_ratio", "mem_vs_none", "latency_vs_none")
+
+
 def with_ratios(frame: pd.DataFrame) -> pd.DataFrame:
-    """Add each figure's ratio to the baseline cell of the same run (NaN where that baseline did not run)."""
+    """Add each figure's ratio to a baseline cell (the unquantized, uncast model) of the same run, NaN where that
+    baseline did not run:
+
+    - `bytes_ratio`, `mem_ratio`, `latency_ratio`: to the baseline in the same load and offload mode (what the
+      quantization costs or saves);
+    - `mem_vs_none`, `latency_vs_none`: to the baseline with no offload (same load, device, model, dtype, stack),
+      so an offload mode's own cost counts too: a baseline cell in model offload has latency_vs_none 1.4 where
+      model offload makes a step 1.4x slower.
+    """
     if frame.empty:
-        for col in ("bytes_ratio", "mem_ratio", "latency_ratio"):
+        for col in RATIOS + ("baseline_latency_ms", "baseline_mem_bytes"):
             frame[col] = pd.Series(dtype=float)
         return frame
     keys = ["run", "machine", "load", "offload", "device", "model", "dtype", "stack"]
-    # the baseline of a layerwise-cast cell is the uncast float model
     base = frame[(frame["engine"] == BASELINE) & frame["verdict"].isin(RAN) & (frame["cast"] == "-")]
     base = base.sort_values("started").drop_duplicates(keys, keep="last")
-    base = base[keys + ["param_bytes", "own_mem_bytes", "latency_ms"]].rename(
-        columns={"param_bytes": "_b_bytes", "own_mem_bytes": "_b_mem", "latency_ms": "_b_lat"})
-    out = frame.merge(base, on=keys, how="left")
+    figures = base[keys + ["param_bytes", "own_mem_bytes", "latency_ms"]]
+    out = frame.merge(figures.rename(columns={"param_bytes": "_b_bytes", "own_mem_bytes": "_b_mem",
+                                              "latency_ms": "_b_lat"}), on=keys, how="left")
+    flat = figures[figures["offload"] == "none"].drop(columns=["offload", "param_bytes"])
+    out = out.merge(flat.rename(columns={"own_mem_bytes": "_n_mem", "latency_ms": "_n_lat"}),
+                    on=[k for k in keys if k != "offload"], how="left")
     out["bytes_ratio"] = out["param_bytes"] / out["_b_bytes"]
     out["mem_ratio"] = out["own_mem_bytes"] / out["_b_mem"]
     out["latency_ratio"] = out["latency_ms"] / out["_b_lat"]
+    out["mem_vs_none"] = out["own_mem_bytes"] / out["_n_mem"]
+    out["latency_vs_none"] = out["latency_ms"] / out["_n_lat"]
     out["baseline_latency_ms"] = out["_b_lat"]
     out["baseline_mem_bytes"] = out["_b_mem"]
-    return out.drop(columns=["_b_bytes", "_b_mem", "_b_lat"])
+    return out.drop(columns=["_b_bytes", "_b_mem", "_b_lat", "_n_mem", "_n_lat"])
 
 
 def with_integration(frame: pd.DataFrame) -> pd.DataFrame:

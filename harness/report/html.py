@@ -16,10 +16,15 @@ from pathlib import Path
 import jinja2
 import pandas as pd
 
+from harness.matrix import Matrix
 from harness.report import data as report_data
+from harness.report import overview as report_overview
 from harness.report import plots as report_plots
+from harness.report import statements as report_statements
+from harness.report.statements import Finding
 
-# verdict -> (symbol, short label, css class): colour *and* symbol, for grey print and colour-blind readers
+# verdict -> (symbol, short label, css class): colour *and* symbol, for grey print and colour-blind readers; every
+# symbol is in DejaVu Sans, the default font of Debian and Ubuntu desktops (tests/test_report.py checks in chromium)
 VERDICTS = {
     "ok": ("✓", "ok", "ok"),
     "documented-error": ("⊘", "fails as documented", "doc"),
@@ -28,7 +33,7 @@ VERDICTS = {
     "drift-claim": ("⚠", "drift: claim does not hold", "drift"),
     "fail": ("✗", "fails", "fail"),
     "crash": ("✗", "crashed", "fail"),
-    "timeout": ("⧗", "timed out", "fail"),
+    "timeout": ("◷", "timed out", "fail"),
     "hang": ("✗", "hung (no CPU progress)", "fail"),
     "oom": ("✗", "out of memory", "fail"),
     "interrupted": ("…", "interrupted", "na"),
@@ -44,7 +49,7 @@ def _mib(value) -> str:
     return f"{value / 2**20:.1f} MiB" if report_data.finite(value) else ""
 
 
-def figures(row: pd.Series) -> list[tuple[str, str]]:
+def figures(row) -> list[tuple[str, str]]:
     """The figures of one cell, as (label, text) pairs, for its hover and detail panel."""
     pattern = row["pattern"] if isinstance(row["pattern"], str) else None
     out = [("verdict", row["verdict"]), ("expected", row["expect"] + (f" /{pattern}/" if pattern else "")),
@@ -84,17 +89,28 @@ def figures(row: pd.Series) -> list[tuple[str, str]]:
     return out
 
 
-def _short(row: pd.Series) -> str:
-    """What the grid cell shows beside the symbol."""
+def _short(row) -> str:
+    """What the grid cell shows beside the symbol: figures of a cell that ran, the error type (or the reason's
+    first words) of one that did not."""
     if row["verdict"] in report_data.RAN:
         bits = _num(row["bits_per_weight"], ".1f")
         lat = _num(row["latency_ratio"], ".1f")
         return f"{bits}b" + (f" {lat}x" if lat else "")
-    return ""
+    if row["verdict"] in ("unavailable", "interrupted"):
+        return ""
+    if row["error_type"]:
+        return row["error_type"][:28]
+    words = (row["reason"] or row["verdict"]).split()
+    return " ".join(words[:3])[:28]
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "x"
+
+
+def grid_anchor(machine: str, versions: str, device: str) -> str:
+    """The id of the detail grid of one machine, version set and device."""
+    return "grid-" + _slug(f"{machine}-{versions}-{device}")
 
 
 def grids(latest: pd.DataFrame) -> list[dict]:
@@ -107,12 +123,16 @@ def grids(latest: pd.DataFrame) -> list[dict]:
             continue
         names = rows["device_name"].dropna()
         offloads = report_data.offload_order(rows["offload"])
+        # plain dicts: reading a field of a pandas row costs microseconds, and a 10,000-record site reads 400,000
+        tree: dict[tuple, dict[tuple, dict]] = {}
+        for row in rows.to_dict("records"):
+            line = tree.setdefault((row["model"], row["dtype"]), {}).setdefault(
+                (row["engine"], row["qtype"], row["load"], row["stack"], row["cast"]), {})
+            line[row["offload"]] = row
         body = []
-        for (model, dtype), group in rows.groupby(["model", "dtype"], sort=True):
+        for (model, dtype) in sorted(tree):
             lines = []
-            for (engine, qtype, load, stack, cast), cells in group.groupby(
-                    ["engine", "qtype", "load", "stack", "cast"], sort=False):
-                by_offload = {r["offload"]: r for _, r in cells.iterrows()}
+            for (engine, qtype, load, stack, cast), by_offload in tree[(model, dtype)].items():
                 how = f"{load} · {stack}" + ("" if cast == "-" else f" + {cast} casting")
                 lines.append({"label": engine if qtype == "-" else f"{engine} {qtype}", "load": how,
                               "cells": [_grid_cell(by_offload.get(o)) for o in offloads]})
@@ -120,12 +140,12 @@ def grids(latest: pd.DataFrame) -> list[dict]:
             body.append({"model": model, "dtype": dtype, "lines": lines})
         out.append({"machine": machine, "device": device, "device_name": names.iloc[0] if len(names) else device,
                     "versions": versions if several[machine] > 1 else None,
-                    "id": _slug(f"{machine}-{versions}-{device}"), "offloads": offloads, "groups": body,
+                    "id": grid_anchor(machine, versions, device), "offloads": offloads, "groups": body,
                     "count": len(rows)})
     return out
 
 
-def _grid_cell(row: pd.Series | None) -> dict | None:
+def _grid_cell(row) -> dict | None:
     if row is None:
         return None
     symbol, label, css = VERDICTS.get(row["verdict"], ("?", row["verdict"], "na"))
@@ -135,19 +155,33 @@ def _grid_cell(row: pd.Series | None) -> dict | None:
 
 def environments(frame: pd.DataFrame) -> list[dict]:
     out = []
-    for machine, rows in frame.groupby("machine", sort=True):
-        last = rows.sort_values("started").iloc[-1]
-        devices = rows.dropna(subset=["device_name"]).drop_duplicates("device")
+    lasts = frame.sort_values("started").drop_duplicates("machine", keep="last").set_index("machine")
+    devices = frame.dropna(subset=["device_name"]).drop_duplicates(["machine", "device"])
+    spans = frame.groupby("machine").agg(first=("started", "min"), last=("started", "max"), records=("id", "size"),
+                                         runs=("run", lambda runs: sorted(set(runs))))
+    for machine in sorted(lasts.index):
+        last, span = lasts.loc[machine], spans.loc[machine]
+        mine = devices[devices["machine"] == machine]
         out.append({
             "machine": machine, "host": last["host"], "os": last["os"], "python": last["python"],
             "torch": last["torch"], "triton": last["triton"] or "absent", "engines": last["engines"],
             "stack": f"diffusers {last['diffusers'] or 'absent'}, accelerate {last['accelerate'] or 'absent'}",
-            "devices": [(r["device"], r["device_name"], r["driver"] or "") for _, r in devices.iterrows()],
-            "runs": sorted(rows["run"].unique()), "first": rows["started"].min(), "last": rows["started"].max(),
-            "records": len(rows),
+            "devices": [(d, n, r or "") for d, n, r in zip(mine["device"], mine["device_name"], mine["driver"],
+                                                          strict=True)],
+            "runs": span["runs"], "first": span["first"], "last": span["last"], "records": int(span["records"]),
         })
     return out
 
+
+# cells.csv: the cells shown (the newest record of each), their identity, verdict, figures and environment (not the
+# long texts: output tails, threads'
+# stacks, warnings; they are in the records)
+CSV_COLUMNS = ["machine", "run", "id", "engine", "qtype", "load", "offload", "device", "model", "dtype", "stack",
+               "cast", "verdict", "note", "reason", "error_type", "error_message", "error_layer", "expect", "source",
+               "claims", "param_bytes", "disk_bytes", "bits_per_weight", "peak_mem_bytes", "own_mem_bytes",
+               "mem_kind", "latency_ms", "latency_p10_ms", "latency_p90_ms", "sqnr_db", "cosine", "quantize_s",
+               "load_s", "bytes_ratio", "mem_ratio", "latency_ratio", "mem_vs_none", "latency_vs_none",
+               "integration_broke", "host", "device_name", "versions", "started", "duration_s"]
 
 TABLE_COLUMNS = [("machine", "machine"), ("id", "cell"), ("verdict", "verdict"), ("bits_per_weight", "bits/w"),
                  ("bytes_ratio", "size x"), ("own_mem_bytes", "peak mem B"), ("mem_ratio", "mem x"),
@@ -162,35 +196,64 @@ def _cell_value(value) -> str:
 
 
 def build(records: report_data.Records, out_dir: Path, *, previous: report_data.Records | None = None,
-          title: str = "quantmatrix report") -> Path:
-    """Write the site into `out_dir`; returns index.html's path."""
+          rules: Matrix | None = None, title: str = "quantmatrix report") -> Path:
+    """Write the site into `out_dir`; returns index.html's path. `rules`: a matrix file whose [document] the
+    records check (e.g. matrices/sdnext.toml): its wiki patch is written beside (doc-patch.md) and previewed."""
     from harness.report import compare as compare_mod
+    from harness.report import docpatch
 
     out_dir.mkdir(parents=True, exist_ok=True)
     latest = records.latest()
-    drift = latest[latest["verdict"].isin(report_data.DRIFT)]
     broke = latest[latest["integration_broke"]]
     plots = report_plots.write_all(latest, out_dir / "plots")
     csv = out_dir / "cells.csv"
-    records.frame.drop(columns=["output_tail", "stacks"]).to_csv(csv, index=False)
+    latest[CSV_COLUMNS].to_csv(csv, index=False)
     changes = compare_mod.compare(previous, records) if previous is not None else None
+    patch = None
+    if rules is not None and rules.document is not None:
+        patch = docpatch.render(rules, records)
+        (out_dir / "doc-patch.md").write_text(patch + "\n", encoding="utf-8")
+    said = report_statements.statements(latest)
+    if rules is not None:  # records written before rules quoted their statement: the rules file has it
+        quoted = {r.expect.source: r.expect.statement for r in rules.rules if r.expect.statement}
+        for statement in said:
+            statement.text = statement.text or quoted.get(statement.source, "")
     env = jinja2.Environment(loader=jinja2.PackageLoader("harness.report", "templates"),
                              autoescape=jinja2.select_autoescape(default=True, default_for_string=True),
                              undefined=jinja2.StrictUndefined)
-    table = [[_cell_value(r[c]) for c, _ in TABLE_COLUMNS] for _, r in latest.iterrows()]
+    table = [[_cell_value(v) for v in row] for row in latest[[c for c, _ in TABLE_COLUMNS]].itertuples(index=False)]
     html = env.get_template("report.html.j2").render(
         title=title, files=records.files, skipped=records.skipped, n_records=len(records.frame),
-        grids=grids(latest), drift=[_grid_cell(r) | {"machine": r["machine"]} for _, r in drift.iterrows()],
+        counts=[(v, n, *VERDICTS.get(v, ("?", v, "na"))) for v, n in report_overview.counts(latest)],
+        overview=_overview(latest, plots, out_dir),
+        grids=grids(latest),
+        drifted=[s for s in said if s.finding in (Finding.DRIFTED, Finding.BROKE)],
+        held=[s for s in said if s.finding not in (Finding.DRIFTED, Finding.BROKE)],
+        upstream=report_statements.upstream(records.frame),
         integration=[_grid_cell(r) | {"machine": r["machine"], "layer": r["error_layer"],
                                       "error": f"{r['error_type']}: {r['error_message']}" if r["error_type"]
                                       else r["reason"]} for _, r in broke.iterrows()],
-        verdicts=VERDICTS, plots=[p.relative_to(out_dir).as_posix() for p in plots],
+        verdicts=VERDICTS,
         environments=environments(records.frame), columns=[label for _, label in TABLE_COLUMNS], table=table,
-        csv=csv.name, changes=changes,
-        absent=_absent(latest))
+        csv=csv.name, changes=changes, patch=patch, absent=_absent(latest))
     index = out_dir / "index.html"
     index.write_text(html, encoding="utf-8")
     return index
+
+
+def _overview(latest: pd.DataFrame, plots: dict, out_dir: Path) -> list[dict]:
+    """Per machine and device: its overview tables (one per stack) and the plot of its device model beside them."""
+    groups: dict[tuple[str, str], dict] = {}
+    for table in report_overview.tables(latest, grid_anchor):
+        group = groups.setdefault((table.machine, table.device), {"machine": table.machine, "device": table.device,
+                                                                  "tables": [], "plot": None})
+        group["tables"].append(table)
+    named = latest.dropna(subset=["device_name"]).drop_duplicates(["machine", "device"])
+    for machine, device, name in zip(named["machine"], named["device"], named["device_name"], strict=True):
+        path = plots.get(report_plots.device_model({"device": device, "device_name": name}))
+        if (machine, device) in groups and path is not None:
+            groups[(machine, device)]["plot"] = path.relative_to(out_dir).as_posix()
+    return list(groups.values())
 
 
 def _absent(latest: pd.DataFrame) -> list[tuple[str, str, int]]:

@@ -1,7 +1,10 @@
-"""The report's plots (matplotlib, SVG), one figure per machine and device, from result records only:
+"""The report's plots (matplotlib, SVG), one figure per device model (e.g. "cuda, NVIDIA H200") over every machine
+and version set that has it, from result records only (the machines that share a GPU model overlay, so their spread
+shows; a figure costs about 0.3 s, so a site of many machines is not drawn machine by machine):
 
-1. memory saved against latency cost, per engine and type (no offload): storage-only engines sit right of 1x
-   latency, compute-optimized ones at or left of it;
+1. memory saved against latency cost, per engine and type, with no offload, at the largest model measured (what
+   users choose by): storage-only engines sit right of 1x latency, compute-optimized ones at or left of it; the
+   diffusers stack's cells hollow;
 2. peak memory per offload mode, as a ratio to the baseline in the same mode;
 3. output error (SQNR) against bits per weight.
 """
@@ -15,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from harness.report import data as report_data  # noqa: E402
@@ -22,20 +26,42 @@ from harness.report import data as report_data  # noqa: E402
 MARKERS = "o^sDvP*Xh<>"
 
 
-def write_all(latest: pd.DataFrame, out_dir: Path) -> list[Path]:
+PLOTTED = ["latency_ratio", "bytes_ratio", "mem_ratio", "sqnr_db", "bits_per_weight", "param_bytes"]
+
+
+def device_model(row) -> tuple[str, str]:
+    """The key of the figure a record is drawn in: its device and the device's name."""
+    name = row["device_name"]
+    return row["device"], name if isinstance(name, str) and name else row["device"]
+
+
+def write_all(latest: pd.DataFrame, out_dir: Path) -> dict[tuple[str, str], Path]:
+    """One SVG per device model with a measured quantized cell, keyed by device_model()."""
     out_dir.mkdir(parents=True, exist_ok=True)
     ran = latest[latest["verdict"].isin(report_data.RAN) & (latest["engine"] != "none")]
-    paths = []
-    for i, ((machine, versions, device), rows) in enumerate(ran.groupby(["machine", "versions", "device"], sort=True)):
-        name = re.sub(r"[^a-z0-9]+", "-", f"{machine}-{device}".lower()).strip("-")
-        path = out_dir / f"{i:02d}-{name}.svg"
-        _figure(rows, f"{machine}, {device}\n{versions}", path)
-        paths.append(path)
+    ran = ran.assign(_name=ran["device_name"].fillna(ran["device"]))
+    paths = {}
+    for i, ((device, name), rows) in enumerate(ran.groupby(["device", "_name"], sort=True)):
+        slug = re.sub(r"[^a-z0-9]+", "-", f"{device}-{name}".lower()).strip("-")
+        path = out_dir / f"{i:02d}-{slug}.svg"
+        machines, versions = rows["machine"].nunique(), rows["versions"].unique()
+        if machines > 1 or len(versions) > 1:  # one point per cell: the median over the machines and versions
+            rows = rows.groupby(["engine", "qtype", "load", "offload", "model", "dtype", "stack", "cast"],
+                                as_index=False)[PLOTTED].median()
+        title = (f"{device}, {name}: {machines} machine(s)" + (", medians" if machines > 1 else "") + "\n"
+                 + (versions[0] if len(versions) == 1 else f"{len(versions)} version sets"))
+        _figure(rows, title, path)
+        paths[(device, name)] = path
     return paths
 
 
+# Text stays text in the SVG (the browser draws it, and it can be searched), "$" is not mathtext; fixed margins
+# instead of tight_layout, which measured every label twice and took most of a report's build time.
+STYLE = {"text.parse_math": False, "svg.fonttype": "none", "svg.hashsalt": "quantmatrix"}
+
+
 def _figure(rows: pd.DataFrame, title: str, path: Path) -> None:
-    with matplotlib.rc_context({"text.parse_math": False}):  # "$" in a record's text is text, not mathtext
+    with matplotlib.rc_context(STYLE):
         _draw(rows, title, path)
 
 
@@ -46,15 +72,23 @@ def _draw(rows: pd.DataFrame, title: str, path: Path) -> None:
     fig.suptitle(title)
 
     ax = axes[0]
-    flat = rows[(rows["offload"] == "none")].dropna(subset=["latency_ratio", "bytes_ratio"])
-    for engine, g in flat.groupby("engine"):
+    model = report_data.largest_model(rows)
+    flat = rows[(rows["offload"] == "none") & (rows["model"] == model)].dropna(subset=["latency_ratio",
+                                                                                        "bytes_ratio"])
+    for (engine, stack), g in flat.groupby(["engine", "stack"]):
         color, marker = style[engine]
-        ax.scatter(g["latency_ratio"], 1 - g["bytes_ratio"], c=color, marker=marker, label=engine, alpha=0.8)
+        hollow = stack == "diffusers"
+        ax.scatter(g["latency_ratio"], 1 - g["bytes_ratio"], marker=marker, alpha=0.8,
+                   label=engine if not hollow or engine not in set(flat[flat["stack"] != "diffusers"]["engine"])
+                   else None, facecolors="none" if hollow else color, edgecolors=color)
         for _, r in g.drop_duplicates("qtype").iterrows():
             ax.annotate(r["qtype"], (r["latency_ratio"], 1 - r["bytes_ratio"]), fontsize=7, alpha=0.7)
     ax.axvline(1, color="grey", lw=0.8, ls="--")
-    ax.set(xscale="log", xlabel="latency / baseline (log; >1 slower)", ylabel="stored size saved (fraction)",
-           title="memory saved vs latency cost (no offload)")
+    ax.set_xscale("log")  # plain tick labels: with mathtext off, the log formatter's would show as TeX source
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set(xlabel="latency / baseline (log; >1 slower)", ylabel="stored size saved (fraction)",
+           title=f"memory saved vs latency cost\n{model}, no offload (hollow: diffusers stack)")
 
     ax = axes[1]
     offloads = report_data.offload_order(rows["offload"])
@@ -77,6 +111,6 @@ def _draw(rows: pd.DataFrame, title: str, path: Path) -> None:
     handles, labels = axes[0].get_legend_handles_labels() if len(flat) else axes[1].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), frameon=False)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.95))
+    fig.subplots_adjust(left=0.05, right=0.99, top=0.80, bottom=0.2, wspace=0.25)
     fig.savefig(path, format="svg")
     plt.close(fig)

@@ -1,0 +1,227 @@
+"""A patch for the page a matrix's rules state: markdown a wiki maintainer can paste over it.
+
+    quantmatrix report RESULTS... --doc-patch [--rules matrices/sdnext.toml] [-o FILE]
+
+For each section of the rules file's [document], each statement as written, then what the newest records show
+(on which devices, with which versions) and, where it drifted or broke, a suggested sentence built from what was
+measured. Statements that no record checked say why. Generated from the rules and the records only.
+
+Each record is judged again against the rules file, as the run would have judged it (the first rule that matches
+the cell and holds for the record's versions; claims against the same run's baseline record): a record judged by
+another matrix file (the default matrix, say) still tells whether a statement of this page holds.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pandas as pd
+
+from harness.cell import Cell
+from harness.matrix import ExpectKind, Matrix, Rule
+from harness.report import data as report_data
+from harness.report.statements import Finding, finding, what_happened
+from harness.verdict import ErrorInfo, Outcome, Status, check_claims, judge
+
+PROCESS_STATUS = {"crash": Status.CRASH, "timeout": Status.TIMEOUT, "hang": Status.HANG, "oom": Status.OOM,
+                  "interrupted": Status.INTERRUPTED}
+CELL_FIELDS = ("engine", "qtype", "load", "offload", "device", "model", "dtype", "stack", "cast")
+
+ENGINE_NAMES = {"none": "the unquantized model", "bnb": "BitsAndBytes", "quanto": "Optimum-Quanto", "gguf": "GGUF",
+                "nncf": "NNCF", "sdnq": "SDNQ", "torchao": "torchao"}
+LOAD_PHRASES = {"on-the-fly": "quantized on the fly during load", "post-load": "quantized right after load",
+                "prequantized": "loaded pre-quantized"}
+STACK_PHRASES = {"diffusers": "through diffusers", "direct": "through the engine's own API"}
+MARK = {Finding.HOLDS: "✓ holds", Finding.DRIFTED: "⚠ drifted", Finding.BROKE: "✗ broke",
+        Finding.UNCHECKED: "– not checked"}
+
+
+def describe(rule: Rule) -> str:
+    """The combination a rule matches, in words: "BitsAndBytes nf4/nf4-dq with sequential offload"."""
+    m = rule.match
+    words = []
+    engines = m.get("engine")
+    words.append(" or ".join(ENGINE_NAMES.get(e, e) for e in engines) if engines else "every engine")
+    if "qtype" in m:
+        words.append("/".join(m["qtype"]))
+    if "load" in m:
+        words.append(" or ".join(LOAD_PHRASES.get(v, v) for v in m["load"]))
+    if "offload" in m:
+        words.append("with " + " or ".join(m["offload"]) + " offload")
+    if "device" in m:
+        words.append("on " + " or ".join(m["device"]))
+    if "model" in m:
+        words.append("for " + " or ".join(m["model"]))
+    if "stack" in m:
+        words.append(" or ".join(STACK_PHRASES.get(v, v) for v in m["stack"]))
+    if "cast" in m:
+        words.append("with " + " or ".join(m["cast"]) + " layerwise casting")
+    if "dtype" in m:
+        words.append("in " + " or ".join(m["dtype"]))
+    return " ".join(words)
+
+
+def _where(rows: pd.DataFrame) -> str:
+    pairs = sorted(set(zip(rows["machine"], rows["device"], strict=True)))
+    return ", ".join(f"{d} ({m})" for m, d in pairs)
+
+
+def _unchecked_reason(rule: Rule, rows: pd.DataFrame, newest: pd.DataFrame) -> str:
+    if len(rows):
+        reasons = sorted({r for r in rows["reason"] if r})
+        return "every matching cell was unavailable: " + "; ".join(reasons[:3])
+    if rule.versions:
+        wanted = ", ".join(f"{p} {'absent' if s is None else s}" for p, s in rule.versions.items())
+        return f"it applies only with {wanted}; no record was measured with those versions"
+    if "device" in rule.match:
+        have = sorted(set(newest["device"])) or ["none"]
+        return f"it needs a {' or '.join(rule.match['device'])} device; the records have {', '.join(have)}"
+    return "no record of a cell it matches (run its matrix file to check it)"
+
+
+def _metrics(row: pd.Series) -> dict:
+    return {"param_bytes": row["param_bytes"], "peak_mem_bytes": row["peak_mem_bytes"],
+            "mem_base_bytes": row["mem_base_bytes"], "latency_ms": {"median": row["latency_ms"]},
+            "name_hint": row["name_hint"], "name_hint_detail": row["name_hint_detail"]}
+
+
+def _outcome(row: pd.Series) -> Outcome:
+    """What happened in a record's cell, read back from the record."""
+    verdict = row["verdict"]
+    if verdict in report_data.RAN:
+        return Outcome(Status.RAN, _metrics(row))
+    if verdict == "unavailable":
+        return Outcome(Status.UNAVAILABLE, reason=row["reason"])
+    if verdict in PROCESS_STATUS:
+        return Outcome(PROCESS_STATUS[verdict], reason=row["reason"])
+    return Outcome(Status.ERROR, error=ErrorInfo(row["error_type"] or "Error", row["error_message"]),
+                   reason=row["reason"])
+
+
+def judged(matrix: Matrix, records: report_data.Records) -> pd.DataFrame:
+    """The newest record of each cell on each machine, judged against `matrix`'s rules: columns `rule` (the index
+    of the rule that decides, -1 for none) and `verdict` (the recorded one is kept as `recorded_verdict`)."""
+    newest = records.latest(per_versions=False)
+    newest = newest[newest["engine"] != "fault"]  # the harness's own fault-injection engine states nothing
+    if newest.empty:
+        return newest.assign(rule=pd.Series(dtype=int), recorded_verdict=pd.Series(dtype=str))
+    by_id = {(r, i): row for r, i, row in zip(records.frame["run"], records.frame["id"],
+                                             (row for _, row in records.frame.iterrows()), strict=True)}
+    rules, verdicts, contradicted = [], [], []
+    for _, row in newest.iterrows():
+        cell = SimpleNamespace(**{k: row[k] for k in CELL_FIELDS})
+        index = next((i for i, r in enumerate(matrix.rules) if r.matches(cell) and r.holds_for(
+            row["package_versions"])), -1)
+        rules.append(index)
+        if index < 0:
+            verdicts.append(row["verdict"])
+            contradicted.append(row["claims_contradicted"])
+            continue
+        expect = matrix.rules[index].expect
+        outcome = _outcome(row)
+        claims = []
+        if outcome.status is Status.RAN and expect.claims:
+            base = by_id.get((row["run"], _baseline_id(row)))
+            claims = check_claims(expect, outcome.metrics, None if base is None or base["verdict"] not in
+                                  report_data.RAN else _metrics(base))
+        verdict, _ = judge(expect, outcome, claims)
+        verdicts.append(verdict.value)
+        contradicted.append("; ".join(f"{c.claim} ({c.detail})" for c in claims if c.status == "contradicted"))
+    kinds = [matrix.rules[i].expect.kind.value if i >= 0 else e for i, e in zip(rules, newest["expect"], strict=True)]
+    return newest.assign(recorded_verdict=newest["verdict"], verdict=verdicts, rule=rules,
+                         claims_contradicted=contradicted, expect=kinds)
+
+
+def _baseline_id(row: pd.Series) -> str:
+    return Cell(**{k: row[k] for k in CELL_FIELDS}).baseline.id
+
+
+def check(rule: Rule, index: int, newest: pd.DataFrame) -> tuple[Finding, list[str], str | None]:
+    """(finding, lines of what the records show, suggested sentence or None) for one rule; `newest`: judged()."""
+    rows = newest[newest["rule"] == index]
+    found = [finding(r) for _, r in rows.iterrows()]
+    checked = rows[[f is not Finding.UNCHECKED for f in found]]
+    if checked.empty:
+        return Finding.UNCHECKED, [f"Not checked: {_unchecked_reason(rule, rows, newest)}."], None
+    findings = [f for f in found if f is not Finding.UNCHECKED]
+    worst = min(findings, key=list(Finding).index)
+    by_phrase: dict[str, list[pd.Series]] = defaultdict(list)
+    for f, (_, row) in zip(findings, checked.iterrows(), strict=True):
+        by_phrase["as stated" if f is Finding.HOLDS else what_happened(row)].append(row)
+    groups = sorted(((phrase, pd.DataFrame(rows)) for phrase, rows in by_phrase.items()), key=lambda g: -len(g[1]))
+    lines = [f"{len(frame)} cell(s) {phrase}" + (f" ({narrow})" if (narrow := _narrow(frame, checked)) else "")
+             + f", on {_where(frame)}, with {_versions(frame)}." for phrase, frame in groups]
+    suggestion = None
+    if worst is not Finding.HOLDS:
+        parts = []
+        for phrase, frame in groups:
+            narrow = _narrow(frame, checked)
+            if phrase == "as stated":
+                phrase = "fails as stated" if rule.expect.kind is ExpectKind.ERROR else "behaves as stated"
+            parts.append((f"{narrow}: " if narrow else "") + f"{phrase} on {', '.join(sorted(set(frame['device'])))}")
+        text = describe(rule)
+        suggestion = text[0].upper() + text[1:] + ": " + "; ".join(parts) + "."
+    return worst, lines, suggestion
+
+
+def _narrow(frame: pd.DataFrame, checked: pd.DataFrame) -> str:
+    """What a group of cells has in common that the rest of the rule's cells do not: "sequential offload"."""
+    words = []
+    for axis, label in (("engine", ""), ("qtype", ""), ("load", ""), ("offload", " offload"), ("stack", " stack"),
+                        ("model", ""), ("cast", " casting")):
+        mine, every = set(frame[axis]), set(checked[axis])
+        if mine != every:
+            words.append("/".join(sorted(mine)) + label)
+    return ", ".join(words)
+
+
+def _versions(frame: pd.DataFrame) -> str:
+    """The versions that matter to these cells: torch, their engines, and diffusers and accelerate."""
+    out = set()
+    for _, row in frame.iterrows():
+        v = row["package_versions"]
+        out.add(", ".join([f"torch {v.get('torch')}"]
+                          + [f"{e} {v[e]}" for e in sorted(set(frame["engine"])) if v.get(e)]
+                          + [f"{k} {v[k]}" for k in ("diffusers", "accelerate") if v.get(k)]))
+    return "; ".join(sorted(out))
+
+
+def render(matrix: Matrix, records: report_data.Records) -> str:
+    """The patch, as markdown."""
+    newest = judged(matrix, records)
+    document = matrix.document
+    title = document.title if document else matrix.name
+    lines = [f"# {title}: what the records show", "",
+             f"Generated by quantmatrix from the rules in `{matrix.path.name}` and {len(newest)} records (the newest "
+             f"of each cell on each machine: {', '.join(sorted(set(newest['machine']))) or 'none'}). Each statement "
+             "is quoted as the page has it; below it, what was measured, and where it no longer holds, a suggested "
+             "sentence.", ""]
+    if document and document.url:
+        lines[-1:-1] = [f"Page: <{document.url}>", ""]
+    sections = list(document.sections) if document else []
+    by_section: dict[str, dict[str, list[tuple[int, Rule]]]] = defaultdict(dict)
+    for index, rule in enumerate(matrix.rules):
+        if rule.expect.source is None and rule.expect.statement is None:
+            continue
+        statement = rule.expect.statement or rule.expect.source
+        by_section[rule.expect.section or ""].setdefault(statement, []).append((index, rule))
+    tally: dict[Finding, int] = defaultdict(int)
+    for section in sections + ([""] if "" in by_section else []):
+        if section not in by_section:
+            continue
+        lines += [f"## {section or 'Statements without a section'}", ""]
+        for statement, rules in by_section[section].items():
+            lines += [f"> {statement}", ""]
+            for index, rule in rules:
+                worst, shown, suggestion = check(rule, index, newest)
+                tally[worst] += 1
+                detail = rule.expect.source if len(rules) > 1 or rule.expect.statement else ""
+                lines.append(f"- **{MARK[worst]}**" + (f" ({detail})" if detail else "") + ": "
+                             + " ".join(shown))
+                if suggestion:
+                    lines.append(f"  - Suggested: {suggestion}")
+            lines.append("")
+    summary = ", ".join(f"{tally[f]} {MARK[f].split(' ', 1)[1]}" for f in Finding)
+    lines[2:2] = [f"Statements checked: {summary}.", ""]
+    return "\n".join(lines)

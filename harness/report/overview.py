@@ -1,0 +1,94 @@
+"""The report's first screen: how many cells got each verdict, then per machine, device and stack, engines by
+offload mode (the worst verdict over the engine's types, with counts) and what the engine's best type saves and
+costs at the largest model measured. Reads result records only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+from harness.report import data as report_data
+
+# worst first: what a user must see before anything else
+SEVERITY = ("crash", "oom", "hang", "timeout", "fail", "drift-error", "drift-works", "drift-claim", "interrupted",
+            "documented-error", "ok", "unavailable")
+
+
+def rank(verdict: str) -> int:
+    return SEVERITY.index(verdict) if verdict in SEVERITY else -1  # a verdict this version does not know: first
+
+
+def counts(latest: pd.DataFrame) -> list[tuple[str, int]]:
+    """(verdict, cells) for every verdict, worst first, zeros included (a zero is news too)."""
+    found = latest["verdict"].value_counts().to_dict() if len(latest) else {}
+    unknown = sorted(set(found) - set(SEVERITY))
+    return [(v, int(found.get(v, 0))) for v in (*unknown, *SEVERITY)]
+
+
+@dataclass
+class Summary:
+    """One engine in one offload mode: its worst verdict over its types and load modes, and the counts."""
+
+    verdict: str
+    counts: list[tuple[str, int]]  # worst first, non-zero only
+
+    @property
+    def text(self) -> str:
+        return ", ".join(f"{n} {v}" for v, n in self.counts)
+
+
+@dataclass
+class Best:
+    """The engine's type that saves the most stored bytes (no offload, largest model measured), and its cost."""
+
+    qtype: str
+    saved: float  # 1 - stored bytes / baseline's
+    latency: float | None  # latency / baseline's
+    model: str
+
+
+@dataclass
+class Table:
+    machine: str
+    device: str
+    stack: str
+    offloads: list[str]
+    rows: list[tuple[str, list[Summary | None], Best | None]]  # engine, per offload, best type
+    model: str  # the largest model measured
+    grid: str  # the anchor of the detail grid
+
+
+def _best(rows: pd.DataFrame, model: str) -> dict[str, Best]:
+    """Per engine, its type that stores the fewest bytes (ties: the faster) at `model` with no offload."""
+    ran = rows[(rows["offload"] == "none") & (rows["model"] == model) & rows["verdict"].isin(report_data.RAN)
+               & (rows["cast"] == "-") & (rows["engine"] != "none")].dropna(subset=["bytes_ratio"])
+    top = ran.sort_values(["bytes_ratio", "latency_ratio"]).drop_duplicates("engine")
+    return {e: Best(str(q), 1 - float(b), float(lat) if report_data.finite(lat) else None, model)
+            for e, q, b, lat in zip(top["engine"], top["qtype"], top["bytes_ratio"], top["latency_ratio"],
+                                    strict=True)}
+
+
+def tables(latest: pd.DataFrame, grid_anchor) -> list[Table]:
+    """One table per machine, device and stack (devices absent on their machine left out). `grid_anchor(machine,
+    versions, device)` names the detail grid a table links to."""
+    out = []
+    for (machine, device, stack), rows in latest.groupby(["machine", "device", "stack"], sort=True):
+        if report_data.all_device_absent(rows):
+            continue
+        offloads = report_data.offload_order(rows["offload"])
+        model = report_data.largest_model(rows)
+        best = _best(rows, model)
+        found: dict[tuple[str, str], list[tuple[str, int]]] = {}
+        for (engine, offload, verdict), n in rows.groupby(["engine", "offload", "verdict"]).size().items():
+            found.setdefault((engine, offload), []).append((str(verdict), int(n)))
+        lines = []
+        for engine in sorted(set(rows["engine"]), key=lambda e: (e != "none", e)):
+            per = []
+            for offload in offloads:
+                counted = sorted(found.get((engine, offload), []), key=lambda vn: rank(vn[0]))
+                per.append(Summary(counted[0][0], counted) if counted else None)
+            lines.append((engine, per, best.get(engine)))
+        versions = rows.sort_values("started")["versions"].iloc[-1]
+        out.append(Table(machine, device, stack, offloads, lines, model, grid_anchor(machine, versions, device)))
+    return out
