@@ -32,7 +32,8 @@ A matrix file (TOML) declares axes, optional include/exclude tables and expectat
                                # diffusers, accelerate,
                                # triton, or the GPU's cuda_capability; "absent": only when it is not there
     reason = "..."             # for "unavailable"
-    claims = ["smaller", "slower"]   # for "works": measured against the baseline cell (see CLAIMS)
+    claims = ["smaller", "slower"]   # for "works": measured against the baseline cell (see CLAIMS); with a
+                               # published factor: "smaller-by:3.0", "less-memory-by:2.5", "slower-by:1.5"
     tolerance = 0.1            # a claim holds beyond this ratio margin, is contradicted beyond it on the other side
 
     [document]                 # optional: the page the rules state (quantmatrix report --doc-patch)
@@ -85,6 +86,20 @@ CLAIMS = {
     "name-matches-contents": "the pre-quantized file's conventional name agrees with the engine and type detected "
                              "from its contents",
 }
+# A claim with a factor, as published figures state them: "smaller-by:3.0" (stored bytes at most a third of the
+# baseline's), "less-memory-by:2.5" (peak memory), "slower-by:1.5" (median latency at least 1.5x the baseline's).
+FACTOR_CLAIMS = {"smaller-by": "smaller", "less-memory-by": "less-memory", "slower-by": "slower"}
+_FACTOR = re.compile(r"^(?P<claim>[a-z-]+-by):(?P<factor>\d+(\.\d+)?)$")
+
+
+def parse_claim(text: str) -> tuple[str, float | None] | None:
+    """(claim, factor) of a claim's text: ("smaller", None), ("smaller-by", 3.0); None when it is no claim."""
+    if text in CLAIMS:
+        return text, None
+    found = _FACTOR.match(text)
+    if found and found["claim"] in FACTOR_CLAIMS and float(found["factor"]) > 1:
+        return found["claim"], float(found["factor"])
+    return None
 DEFAULT_TOLERANCE = 0.1
 
 
@@ -443,9 +458,10 @@ def _rule(doc: _Doc, raw: Any, key: str, index: int, document: Document | None =
     if "claims" in table:
         claims = doc.strings(table["claims"], f"{key}.claims")
         for c in claims:
-            if c not in CLAIMS:
+            if parse_claim(c) is None:
                 raise doc.fail(f"{key}.claims", f"unknown claim {c!r}{did_you_mean(c, CLAIMS)}; expected one of "
-                                                f"{list(CLAIMS)}")
+                                                f"{list(CLAIMS)}, or {', '.join(f'{k}:F' for k in FACTOR_CLAIMS)} "
+                                                f"with a factor F above 1")
         if kind != "works":
             raise doc.fail(f"{key}.claims", f"claims need a cell that runs; expected expect = 'works', got {kind!r}")
     tolerance = table.get("tolerance", DEFAULT_TOLERANCE)

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.matrix import Expectation, ExpectKind
+from harness.matrix import FACTOR_CLAIMS, Expectation, ExpectKind, parse_claim
 
 
 class Verdict(enum.StrEnum):
@@ -177,6 +177,10 @@ def check_claims(expect: Expectation, metrics: dict[str, Any], baseline: dict[st
     results = []
     tol = expect.tolerance
     for claim in expect.claims:
+        name, factor = parse_claim(claim) or (claim, None)
+        if factor is not None:
+            results.append(_factor_claim(claim, FACTOR_CLAIMS[name], factor, tol, metrics, baseline))
+            continue
         if claim == "name-matches-contents":
             hint = metrics.get("name_hint")
             status = {"agrees": ClaimStatus.HELD, "disagrees": ClaimStatus.CONTRADICTED}.get(hint,
@@ -204,6 +208,24 @@ def check_claims(expect: Expectation, metrics: dict[str, Any], baseline: dict[st
             status = ClaimStatus.INCONCLUSIVE
         results.append(ClaimResult(claim, status, ratio, f"{what} {ratio:.3g}x the baseline's"))
     return results
+
+
+def _factor_claim(claim: str, kind: str, factor: float, tol: float, metrics: dict[str, Any],
+                  baseline: dict[str, Any] | None) -> ClaimResult:
+    """A published factor ("smaller-by:3.0"): held when the measured factor is at least `factor` less the
+    tolerance, contradicted otherwise."""
+    what, read, side = _RATIO_CLAIMS[kind]
+    if baseline is None:
+        return ClaimResult(claim, ClaimStatus.UNCHECKED, detail="the baseline cell did not run in this run")
+    value, base = read(metrics), read(baseline)
+    if not value or not base:
+        return ClaimResult(claim, ClaimStatus.UNCHECKED, detail=f"no {what} measured")
+    ratio = value / base
+    measured = ratio if side > 0 else 1 / ratio  # how many times slower, or smaller
+    status = ClaimStatus.HELD if measured >= factor * (1 - tol) else ClaimStatus.CONTRADICTED
+    word = "slower" if side > 0 else "smaller"
+    return ClaimResult(claim, status, ratio, f"{what} {ratio:.3g}x the baseline's ({measured:.2f}x {word}; "
+                                             f"claimed {factor:g}x)")
 
 
 _PROCESS_VERDICTS = {Status.CRASH: Verdict.CRASH, Status.TIMEOUT: Verdict.TIMEOUT, Status.HANG: Verdict.HANG,

@@ -165,3 +165,37 @@ def test_a_malformed_quantization_config_names_the_file_and_field(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "mystery"}}))
     with pytest.raises(QuantMatrixError, match=r"config\.json.*field 'quantization_config'.*'mystery'"):
         diffusers_stack.detect_saved(tmp_path)
+
+
+def test_a_model_with_shared_weights_is_drawn_once_per_run_and_loaded_by_every_cell(tmp_path, monkeypatch):
+    """flux-dev's 11.9 B weights are not drawn per cell: the first cell's preparation writes them, in the cell's
+    dtype, into the run's float directory, and every cell (both stacks, the reference) loads that. Shown on
+    flux-tiny marked as shared: after the directory exists, drawing weights raises, and the cells still run."""
+    import dataclasses
+
+    from harness.models import build
+    from harness.models.specs import MODELS
+    from harness.run import loading
+
+    monkeypatch.setitem(MODELS, "flux-tiny", dataclasses.replace(MODELS["flux-tiny"], shared_weights=True))
+    bf16 = Settings(warmup=0, min_steps=1, min_time_s=0.0)
+    cells = [Cell(engine, qtype, "post-load", "none", "cpu", "flux-tiny", "bfloat16", stack)
+             for engine, qtype, stack in [("none", "-", "direct"), ("quanto", "qint8", "direct"),
+                                          ("none", "-", "diffusers"), ("gguf", "Q8_0", "diffusers")]]
+    cells[3] = dataclasses.replace(cells[3], load="prequantized")
+    drawn = []
+    real_build = build.build_model
+    monkeypatch.setattr(build, "build_model", lambda *a, **k: (drawn.append(a), real_build(*a, **k))[1])
+    monkeypatch.setattr(diffusers_stack, "build_model", build.build_model)
+    monkeypatch.setattr(loading, "build_model", build.build_model)
+    directory = diffusers_stack.float_dir(tmp_path, "flux-tiny", 0, torch.bfloat16)
+    assert directory.name == "flux-tiny-seed0-bfloat16" and len(drawn) == 1
+    config = json.loads((directory / "config.json").read_text())
+    assert config["_class_name"] == "FluxTransformer2DModel"
+    stored = {t.dtype for t in diffusers_stack.float_model(tmp_path, "flux-tiny", 0, torch.bfloat16).parameters()}
+    assert stored == {torch.bfloat16}
+    outcomes = [execute_cell(CellTask(c, bf16, tmp_path)) for c in cells]
+    assert [o.status for o in outcomes] == ["ran"] * 4, [o.error for o in outcomes]
+    assert len(drawn) == 1  # drawn once, for the directory; every cell and the reference loaded it
+    assert outcomes[0].metrics["max_abs_error"] == 0  # the direct baseline is the reference, bit for bit
+    assert outcomes[2].metrics["max_abs_error"] == 0  # and so is the diffusers one: the same weights

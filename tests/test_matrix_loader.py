@@ -116,6 +116,8 @@ MISTAKES = [
     (_set(["rule"], [{"match": {"engine": "none"}, "expect": "works", "section": "Errors"}]), "rule[0].section"),
     (_set(["rule"], [{"match": {"engine": "none"}, "expect": "works", "statement": ["x"]}]), "rule[0].statement"),
     (_set(["document"], {"url": "https://example.org"}), "document.title"),
+    (_set(["rule"], [{"match": {"engine": "none"}, "expect": "works", "claims": ["smaller-by:0.5"]}]),
+     "rule[0].claims"),
     (_set(["document"], {"title": "Quantization", "sections": ["Errors", "Errors"]}), "document.sections"),
     (_set(["document"], {"title": "Quantization", "pages": 2}), "document.pages"),
 ]

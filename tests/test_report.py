@@ -374,3 +374,23 @@ def test_compare_flags_an_offload_mode_made_slower_by_its_baseline(cpu_results, 
     assert [(c.kind, c.id) for c in changes.items] == [("slower", target["id"])]
     assert "no-offload baseline" in changes.items[0].new
     assert main(["compare", str(a), str(b)]) == 1
+
+
+def test_peak_memory_must_order_by_offload_mode_as_diffusers_tests_expect(cpu_results, tmp_path):
+    from harness.report.overview import memory_order
+
+    base = next(r for r in records_of(cpu_results) if r["verdict"] == "ok" and r["cell"]["engine"] == "none")
+    cells = []
+    for offload, peak in [("none", 8), ("model", 6), ("group", 3), ("balanced", 4), ("sequential", 1)]:
+        r = copy.deepcopy(base)
+        r["cell"].update(offload=offload, device="cuda")
+        r["id"] = r["id"].replace("/cpu/", "/cuda/").replace(f"/{base['cell']['offload']}/", f"/{offload}/")
+        r["metrics"].update(peak_mem_bytes=peak * 2**30, mem_base_bytes=0)
+        cells.append(r)
+    [held] = memory_order(report_data.load([write(tmp_path / "a.jsonl", cells)]).latest())
+    assert held.broken == [] and set(held.peaks) == {"none", "model", "group", "balanced", "sequential"}
+    cells[4]["metrics"]["peak_mem_bytes"] = 7 * 2**30  # sequential above model, group and balanced
+    [broken] = memory_order(report_data.load([write(tmp_path / "b.jsonl", cells)]).latest())
+    assert len(broken.broken) == 3 and all(b.startswith("sequential (7.00 GiB) above") for b in broken.broken)
+    html = build(report_data.load([tmp_path / "b.jsonl"]), tmp_path / "site").read_text()
+    assert "0 of 1 combinations order as diffusers" in html and "sequential (7.00 GiB) above model" in html

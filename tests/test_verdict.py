@@ -130,6 +130,14 @@ def metrics(bytes_=1000, latency=10.0, peak=500):
     ("not-slower", metrics(latency=11.5), "contradicted"),
     ("less-memory", metrics(peak=300), "held"),  # 200 above its start vs the baseline's 400
     ("less-memory", metrics(peak=900), "contradicted"),
+    # published factors (matrices/published.toml): against the baseline's 1000 bytes, 10 ms, 400 bytes of memory
+    ("smaller-by:3.0", metrics(bytes_=300), "held"),  # 3.33x smaller
+    ("smaller-by:3.0", metrics(bytes_=340), "held"),  # 2.94x: within the tolerance of 10 %
+    ("smaller-by:3.0", metrics(bytes_=400), "contradicted"),  # 2.5x
+    ("slower-by:1.5", metrics(latency=16.0), "held"),
+    ("slower-by:1.5", metrics(latency=12.0), "contradicted"),
+    ("less-memory-by:2.5", metrics(peak=250), "held"),  # 150 above its start: 2.67x less
+    ("less-memory-by:2.5", metrics(peak=400), "contradicted"),  # 300: 1.33x
 ])
 def test_claims_against_the_baseline(claim, measured, status):
     [result] = check_claims(Expectation(claims=(claim,), tolerance=0.1), measured, BASE)

@@ -22,6 +22,9 @@ class ModelSpec:
     context_dim: int = 256
     levels: int = 2  # unet resolution levels
     pooled_dim: int = 0  # pooled text embedding (real classes)
+    # Too big to draw per cell (flux-dev: 11.9 B weights): built once per run, in the cell's dtype, into a
+    # diffusers model directory that every cell of the run loads (diffusers_stack.float_model).
+    shared_weights: bool = False
 
     @property
     def real(self) -> bool:
@@ -52,9 +55,9 @@ MODELS: dict[str, ModelSpec] = {
     "sdxl-tiny": ModelSpec("sdxl", width=64, depth=1, heads=2, latent=16, channels=4, context_tokens=16,
                            context_dim=64, pooled_dim=64),
     "flux-dev": ModelSpec("flux", width=3072, depth=19, heads=24, latent=128, channels=16, context_tokens=512,
-                          context_dim=4096, pooled_dim=768),
+                          context_dim=4096, pooled_dim=768, shared_weights=True),
     "sdxl": ModelSpec("sdxl", width=320, depth=2, heads=10, latent=128, channels=4, context_tokens=77,
-                      context_dim=2048, pooled_dim=1280),
+                      context_dim=2048, pooled_dim=1280, shared_weights=True),
 }
 
 REAL_CLASSES = {"flux": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel", "sdxl": "UNet2DConditionModel"}

@@ -92,3 +92,41 @@ def tables(latest: pd.DataFrame, grid_anchor) -> list[Table]:
         versions = rows.sort_values("started")["versions"].iloc[-1]
         out.append(Table(machine, device, stack, offloads, lines, model, grid_anchor(machine, versions, device)))
     return out
+
+
+# The order diffusers' offload tests expect of peak memory: no offload above model offload, above group and
+# balanced, above sequential (tests/hooks/test_group_offloading.py, tests/models/test_modeling_common.py).
+MEMORY_ORDER = (("none",), ("model",), ("group", "balanced"), ("sequential",))
+
+
+@dataclass
+class MemoryOrder:
+    machine: str
+    device: str
+    cell: str  # engine, type, load, model, dtype, stack
+    peaks: dict[str, float]  # offload mode -> peak memory above the cell's start, bytes
+    broken: list[str]  # "model (12.1 GiB) above none (11.0 GiB)"
+
+
+def memory_order(latest: pd.DataFrame, tolerance: float = 0.05, slack_bytes: int = 64 << 20) -> list[MemoryOrder]:
+    """Per machine, device and working combination measured in two or more offload modes: whether its peak memory
+    orders as diffusers' tests expect (a mode may exceed the one above it by `tolerance` and `slack_bytes`: the
+    allocator's and kernels' workspaces, which decide the order of a model of a few MiB)."""
+    ran = latest[latest["verdict"].isin(report_data.RAN)].dropna(subset=["own_mem_bytes"])
+    out = []
+    keys = ["machine", "device", "engine", "qtype", "load", "model", "dtype", "stack", "cast"]
+    for key, rows in ran.groupby(keys, sort=True):
+        peaks = dict(zip(rows["offload"], rows["own_mem_bytes"].astype(float), strict=True))
+        ranks = [[m for m in tier if m in peaks] for tier in MEMORY_ORDER]
+        if sum(map(len, ranks)) < 2:
+            continue
+        broken = []
+        for i, upper in enumerate(ranks):
+            for lower_tier in ranks[i + 1:]:
+                for a in upper:
+                    for b in lower_tier:
+                        if peaks[b] > peaks[a] * (1 + tolerance) + slack_bytes:
+                            broken.append(f"{b} ({peaks[b] / 2**30:.2f} GiB) above {a} ({peaks[a] / 2**30:.2f} GiB)")
+        machine, device, *rest = key
+        out.append(MemoryOrder(machine, device, " · ".join(str(v) for v in rest if v != "-"), peaks, broken))
+    return out

@@ -15,7 +15,7 @@ with torch.compile; with an empty inductor cache (a fresh machine) the C++ build
 pool (`AsyncCompile.pool()`), so the server held that pool with an idle worker. A cell inherited the pool, its
 idle count and its (dead) worker; the cell's first new kernel build was queued to it, no thread was started, and
 the cell slept in `future.result()` until the timeout. So after the preload the compile pools are shut down and
-forgotten (`_release_threads`), tqdm's monitor is off, NNCF's telemetry is declined (engines/nncf_engine.py),
+forgotten (`release_threads`), tqdm's monitor is off, NNCF's telemetry is declined (engines/nncf_engine.py),
 OpenBLAS starts no thread pool, and every fork is checked (`threads_at_fork`): a cell forked from a server with
 other threads refuses to run and names them.
 """
@@ -100,12 +100,14 @@ def _cuda_driver_loaded() -> bool:
         return False
 
 
-def _import_engines() -> None:
-    """The installed engines' packages that the run's cells use, so that no cell pays for their import."""
+def import_engines(*, force: bool = False) -> None:
+    """The installed engines' packages that the run's cells use, so that no cell pays for their import. Not with
+    an accelerator build of torch (some initialize CUDA), unless `force`d: a pool worker (pool.py), which is
+    spawned and forks nothing, imports them all."""
     import importlib.util
     import logging
 
-    if _accelerator_build():
+    if _accelerator_build() and not force:
         return
     wanted = os.environ.get("QUANTMATRIX_PRELOAD")  # the engines of the run's cells (set by the pytest plugin)
     for name, engine in ENGINES.items():
@@ -119,7 +121,7 @@ def _import_engines() -> None:
                 logging.getLogger(__name__).warning("preloading %s failed: %s", name, exc)
     if wanted is None or "diffusers" in wanted.split(","):
         _import_diffusers()
-    if torch.cuda.is_initialized() or _cuda_driver_loaded():
+    if not force and (torch.cuda.is_initialized() or _cuda_driver_loaded()):
         # Forked cells could not use CUDA then ("Cannot re-initialize CUDA in forked subprocess").
         logging.getLogger(__name__).warning("an engine's import initialized CUDA in the cell server; CUDA cells "
                                             "will fail until that import is kept out of the preload")
@@ -142,7 +144,7 @@ def _import_diffusers() -> None:
     import harness.run.diffusers_stack  # noqa: F401
 
 
-def _release_threads() -> None:
+def release_threads() -> None:
     """Shut down the thread and process pools that imports left behind, and forget them, so that a forked cell
     makes its own (inductor's compile pools; an engine's import may compile, as sdnq's does)."""
     async_compile = sys.modules.get("torch._inductor.async_compile")
@@ -155,6 +157,6 @@ def _release_threads() -> None:
         compile_._ready_future = None
 
 
-_import_engines()
-_release_threads()
+import_engines()
+release_threads()
 os.register_at_fork(before=_before_fork)

@@ -19,12 +19,14 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from harness.engines.base import Engine, NotOffered
 from harness.engines.registry import ENGINES
 from harness.errors import QuantMatrixError
 from harness.models.build import build_model
 from harness.models.real import model_class
+from harness.models.specs import MODELS
 from harness.run.loading import Loaded, check_name, detect, shared_file
 
 
@@ -32,14 +34,33 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def float_dir_path(workdir: Path, model: str, seed: int) -> Path:
-    return workdir / "diffusers" / f"{model}-seed{seed}"
+def _stored_dtype(model: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a model's float directory: float32, or the cell's own for a model with shared weights (flux-dev
+    in float32 would be 48 GB on disk)."""
+    return dtype if MODELS[model].shared_weights else torch.float32
 
 
-def float_dir(workdir: Path, model: str, seed: int) -> Path:
-    """The float model as `save_pretrained` writes it (config.json and safetensors), in float32."""
-    return shared_file(float_dir_path(workdir, model, seed),
-                       lambda tmp: build_model(model, seed).save_pretrained(str(tmp)))
+def float_dir_path(workdir: Path, model: str, seed: int, dtype: torch.dtype = torch.float32) -> Path:
+    stored = _stored_dtype(model, dtype)
+    return workdir / "diffusers" / (f"{model}-seed{seed}" + ("" if stored == torch.float32
+                                                             else f"-{_dtype_name(stored)}"))
+
+
+def float_dir(workdir: Path, model: str, seed: int, dtype: torch.dtype = torch.float32) -> Path:
+    """The float model as `save_pretrained` writes it (config.json and safetensors), in float32 (or, for a model
+    with shared weights, in `dtype`), made once per run."""
+    return shared_file(float_dir_path(workdir, model, seed, dtype),
+                       lambda tmp: build_model(model, seed, _stored_dtype(model, dtype)).save_pretrained(str(tmp)))
+
+
+def float_model(workdir: Path, model: str, seed: int, dtype: torch.dtype) -> nn.Module:
+    """The float model on the CPU: drawn from its seed, or, for a model with shared weights, loaded from the run's
+    float directory (drawing 11.9 B weights per cell would cost the cell more than its work)."""
+    if not MODELS[model].shared_weights:
+        return build_model(model, seed, dtype)
+    loaded = model_class(model).from_pretrained(str(float_dir(workdir, model, seed, dtype)), torch_dtype=dtype)
+    loaded._quantmatrix_name = model
+    return loaded
 
 
 def prequantized_path(workdir: Path, engine: Engine, qtype: str, model: str, dtype: torch.dtype, seed: int) -> Path:
@@ -50,11 +71,11 @@ def prequantized_path(workdir: Path, engine: Engine, qtype: str, model: str, dty
 def prequantized(workdir: Path, engine: Engine, qtype: str, model: str, dtype: torch.dtype, seed: int) -> Path:
     """The engine's serialized form of the model: what `save_pretrained` writes for a model diffusers quantized on
     the fly, or for GGUF a .gguf file of the engine's packed weights under diffusers' tensor names."""
-    source = float_dir(workdir, model, seed)
+    source = float_dir(workdir, model, seed, dtype)
 
     def make(tmp: Path) -> None:
         if engine.name == "gguf":
-            quantized = engine.quantize(build_model(model, seed, dtype), qtype, dtype=dtype,
+            quantized = engine.quantize(float_model(workdir, model, seed, dtype), qtype, dtype=dtype,
                                         device=torch.device("cpu"))
             engine.save(quantized, qtype, tmp)
             return

@@ -21,7 +21,8 @@ from harness.cell import Cell
 from harness.engines.base import Engine, NotOffered
 from harness.engines.registry import ENGINES
 from harness.matrix import Settings
-from harness.models.build import build_model, build_skeleton, components, make_inputs, run
+from harness.models.build import build_skeleton, components, make_inputs, run
+from harness.models.specs import MODELS
 from harness.offload import apply_offload
 from harness.results import absent_device_reason
 from harness.run import diffusers_stack, loading, measure
@@ -105,7 +106,8 @@ def reference_output(task: CellTask, inputs: dict[str, torch.Tensor]) -> torch.T
     cell, s = task.cell, task.settings
 
     def make(tmp: Path) -> None:
-        model = build_model(cell.model, s.seed, getattr(torch, cell.dtype)).to(devices.torch_device(cell.device))
+        model = diffusers_stack.float_model(task.workdir, cell.model, s.seed, getattr(torch, cell.dtype))
+        model = model.to(devices.torch_device(cell.device))
         with torch.no_grad():
             save_file({"output": run(model, inputs).cpu().contiguous()}, str(tmp))
 
@@ -115,12 +117,14 @@ def reference_output(task: CellTask, inputs: dict[str, torch.Tensor]) -> torch.T
 def files_to_prepare(task: CellTask) -> list[Path]:
     """The shared files this cell needs that do not exist yet."""
     cell, s = task.cell, task.settings
+    dtype = getattr(torch, cell.dtype)
     needed = [reference_path(task)]
+    if cell.stack == "diffusers" or MODELS[cell.model].shared_weights:  # the float model's shared directory
+        needed.append(diffusers_stack.float_dir_path(task.workdir, cell.model, s.seed, dtype))
     if cell.stack == "diffusers":
-        needed.append(diffusers_stack.float_dir_path(task.workdir, cell.model, s.seed))
         if cell.load == "prequantized":
             needed.append(diffusers_stack.prequantized_path(task.workdir, ENGINES[cell.engine], cell.qtype,
-                                                            cell.model, getattr(torch, cell.dtype), s.seed))
+                                                            cell.model, dtype, s.seed))
     elif cell.load == "on-the-fly":
         needed.append(loading.float_checkpoint_path(task.workdir, cell.model, s.seed))
     elif cell.load == "prequantized":
@@ -140,14 +144,17 @@ def prepare_cell(task: CellTask) -> tuple[dict[str, torch.Tensor], torch.Tensor,
     reference = reference_output(task, inputs)
     source = None
     if cell.stack == "diffusers":
-        source = diffusers_stack.float_dir(task.workdir, cell.model, s.seed)
+        source = diffusers_stack.float_dir(task.workdir, cell.model, s.seed, dtype)
         if cell.load == "prequantized":
             source = diffusers_stack.prequantized(task.workdir, ENGINES[cell.engine], cell.qtype, cell.model, dtype,
                                                   s.seed)
     elif cell.load == "on-the-fly":
-        source = loading.float_checkpoint(task.workdir, cell.model, s.seed)
+        source = loading.float_checkpoint(task.workdir, cell.model, s.seed,
+                                          lambda: diffusers_stack.float_model(task.workdir, cell.model, s.seed, dtype))
     elif cell.load == "prequantized":
-        source = loading.prequantized_file(task.workdir, ENGINES[cell.engine], cell.qtype, cell.model, dtype, s.seed)
+        source = loading.prequantized_file(task.workdir, ENGINES[cell.engine], cell.qtype, cell.model, dtype, s.seed,
+                                           lambda: diffusers_stack.float_model(task.workdir, cell.model, s.seed,
+                                                                               dtype))
     return inputs, reference, source
 
 
@@ -236,9 +243,12 @@ def _load(task: CellTask, engine: Engine, source: Path | None) -> loading.Loaded
         if cell.load == "on-the-fly":
             return diffusers_stack.load_on_the_fly(engine, cell.qtype, cell.model, source, dtype)
         return diffusers_stack.load_prequantized(engine, cell.qtype, cell.model, source,
-                                                 diffusers_stack.float_dir(task.workdir, cell.model, s.seed), dtype)
+                                                 diffusers_stack.float_dir(task.workdir, cell.model, s.seed, dtype),
+                                                 dtype)
     if cell.load == "post-load":
-        return loading.load_post(engine, cell.qtype, cell.model, s.seed, dtype, device)
+        return loading.load_post(engine, cell.qtype,
+                                 lambda: diffusers_stack.float_model(task.workdir, cell.model, s.seed, dtype),
+                                 dtype, device)
     if cell.load == "on-the-fly":
         return loading.load_on_the_fly(engine, cell.qtype, cell.model, source, dtype, device)
     return loading.load_prequantized(engine, cell.qtype, cell.model, source, dtype, device)

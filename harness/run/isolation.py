@@ -1,4 +1,5 @@
-"""The isolated cell runner: each cell in its own process, forked from a server that has imported torch.
+"""The isolated cell runner: each cell in its own process, forked from a server that has imported torch (or, with
+an accelerator build of torch, a pre-imported process from the warm pool: pool.py).
 
 Why not pytest-forked or pytest-xdist's crash handling: pytest-forked forks the pytest process itself (which may
 have run torch ops, so its OpenMP pool and any accelerator context would be inherited broken) and has no timeout
@@ -78,7 +79,8 @@ _stacks_file = None  # kept open for faulthandler for the life of the cell's pro
 def _child_main(task: CellTask, result_path: str, log_path: str, memory_limit_mb: int,
                 stacks_path: str | None = None) -> None:
     global _stacks_file
-    os.setsid()  # its own process group, so everything it starts can be killed with it
+    with contextlib.suppress(PermissionError):  # a pool worker leads its own session already
+        os.setsid()  # its own process group, so everything it starts can be killed with it
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(log, 1)
     os.dup2(log, 2)
@@ -203,7 +205,7 @@ def _join_watching_cpu(process, timeout_s: float) -> deque:
             return samples
 
 
-def _overrun(process, samples: deque, stacks_path: Path | None) -> Overrun:
+def _overrun(process, samples: deque, stacks_path: Path | None, cpu_before: float = 0.0) -> Overrun:
     """Ask the overrunning process for its threads' stacks, then describe what it was doing."""
     stacks = None
     if stacks_path is not None:
@@ -220,7 +222,8 @@ def _overrun(process, samples: deque, stacks_path: Path | None) -> Overrun:
         stacks = _tail(stacks_path, STACKS_BYTES)
     first, last = (samples[0], samples[-1]) if samples else ((0.0, None), (0.0, None))
     window_cpu = None if last[1] is None or first[1] is None else round(last[1] - first[1], 3)
-    return Overrun(None if last[1] is None else round(last[1], 3), last[0] - first[0], window_cpu, stacks)
+    return Overrun(None if last[1] is None else round(last[1] - cpu_before, 3), last[0] - first[0], window_cpu,
+                   stacks)
 
 
 def _run_process(ctx, target, args: tuple, name: str, timeout_s: float,
@@ -232,11 +235,18 @@ def _run_process(ctx, target, args: tuple, name: str, timeout_s: float,
     started = time.monotonic()
     with _without_main_reimport():
         process.start()
+    return _watch(process, started, timeout_s, stacks_path)
+
+
+def _watch(process, started: float, timeout_s: float, stacks_path: Path | None,
+           cpu_before: float = 0.0) -> tuple[int | None, float, Overrun | None]:
+    """Wait for a started cell process (forked, or a pool worker given its cell) as _run_process describes;
+    `cpu_before`: the CPU time it had used before its cell (a pool worker's imports), not counted as the cell's."""
     overrun = None
     try:
-        samples = _join_watching_cpu(process, timeout_s)
+        samples = _join_watching_cpu(process, timeout_s - (time.monotonic() - started))
         if process.exitcode is None:
-            overrun = _overrun(process, samples, stacks_path)
+            overrun = _overrun(process, samples, stacks_path, cpu_before)
     except BaseException:  # Ctrl-C / SIGTERM: stop it now, then let the run stop
         _kill_group(process.pid)
         process.join()
@@ -254,8 +264,12 @@ def _noop() -> None:
 def warm_up() -> float:
     """Start the cell server now (it imports torch and the engines: seconds), so that this cost is not counted in
     the first cell's duration (durations balance shards). Returns the seconds it took."""
+    from harness.run import pool
+
     started = time.monotonic()
     _run_process(_forkserver(), _noop, (), "warm-up", 600)
+    if pool.runner_kind() == "pool":
+        pool.pool()  # its first worker starts importing now
     return time.monotonic() - started
 
 
@@ -265,16 +279,30 @@ def run_isolated(task: CellTask, *, timeout_s: float, memory_limit_mb: int = 0) 
     The files the cell needs (reference output, checkpoint, pre-quantized file) are made first in a process of
     their own, so the measured process starts clean. If that fails, the cell makes them itself and reports the
     failure as its own outcome."""
+    from harness.run import pool
     from harness.run.execute import files_to_prepare
 
     ctx = _forkserver()
+    pool.share_compile_caches(task.workdir)
     if files_to_prepare(task):
         _run_process(ctx, _prepare_main, (task,), f"prepare {task.cell.id}", timeout_s)
     with tempfile.TemporaryDirectory(prefix="quantmatrix-cell-") as tmp:
         result, log, stacks = Path(tmp, "outcome.json"), Path(tmp, "output.log"), Path(tmp, "stacks.txt")
-        exitcode, elapsed, overrun = _run_process(
-            ctx, _child_main, (task, str(result), str(log), memory_limit_mb, str(stacks)), f"cell {task.cell.id}",
-            timeout_s, stacks_path=stacks)
+        args = (task, str(result), str(log), memory_limit_mb, str(stacks))
+        if pool.runner_kind() == "pool":
+            try:
+                process, conn, _ = pool.pool().take(pool.READY_TIMEOUT_S)  # imports are not the cell's time
+            except RuntimeError as exc:
+                return Outcome(Status.CRASH, error=ErrorInfo("HarnessError", str(exc), "", Stage.PROCESS),
+                               reason="the pool worker for this cell died while importing")
+            cpu_before, started = _cpu_seconds(process.pid) or 0.0, time.monotonic()
+            conn.send(args)
+            conn.close()
+            exitcode, elapsed, overrun = _watch(process, started, timeout_s, stacks, cpu_before)
+            pool.pool().fill()  # refill="after": the next worker starts importing now
+        else:
+            exitcode, elapsed, overrun = _run_process(ctx, _child_main, args, f"cell {task.cell.id}", timeout_s,
+                                                      stacks_path=stacks)
         outcome = _outcome(exitcode, result, overrun, timeout_s, elapsed)
         outcome.output_tail = _tail(log)
     return outcome

@@ -1,6 +1,7 @@
 """The three load modes, the files they need, and detecting a pre-quantized file's engine from its contents.
 
-- post-load: build the float model, then the engine quantizes it.
+- post-load: build the float model (or load it from the run's file, for a model with shared weights), then the
+  engine quantizes it.
 - on-the-fly: the model is created empty (meta device) and filled layer by layer from a float safetensors
   checkpoint, each Linear quantized as it arrives, so the whole float model never sits in memory.
 - prequantized: a file the engine wrote earlier in its own format; engine and type are detected from the file.
@@ -59,9 +60,12 @@ def float_checkpoint_path(workdir: Path, model: str, seed: int) -> Path:
     return workdir / "checkpoints" / f"{model}-seed{seed}.safetensors"
 
 
-def float_checkpoint(workdir: Path, model: str, seed: int) -> Path:
+def float_checkpoint(workdir: Path, model: str, seed: int, float_model: Callable[[], nn.Module] | None = None) -> Path:
+    """The float weights as one safetensors file (float32; or what `float_model()` gives, for a model with shared
+    weights, in the cell's dtype)."""
     return shared_file(float_checkpoint_path(workdir, model, seed),
-                       lambda tmp: ENGINES["none"].save(build_model(model, seed), "-", tmp))
+                       lambda tmp: ENGINES["none"].save((float_model or (lambda: build_model(model, seed)))(), "-",
+                                                        tmp))
 
 
 def prequantized_path(workdir: Path, engine: Engine, qtype: str, model: str, dtype: torch.dtype, seed: int) -> Path:
@@ -71,18 +75,20 @@ def prequantized_path(workdir: Path, engine: Engine, qtype: str, model: str, dty
 
 
 def prequantized_file(workdir: Path, engine: Engine, qtype: str, model: str, dtype: torch.dtype,
-                      seed: int) -> Path:
+                      seed: int, float_model: Callable[[], nn.Module] | None = None) -> Path:
     def make(tmp: Path) -> None:
-        quantized = engine.quantize(build_model(model, seed, dtype), qtype, dtype=dtype, device=torch.device("cpu"))
+        source = float_model() if float_model else build_model(model, seed, dtype)
+        quantized = engine.quantize(source, qtype, dtype=dtype, device=torch.device("cpu"))
         engine.save(quantized, qtype, tmp)
 
     return shared_file(prequantized_path(workdir, engine, qtype, model, dtype, seed), make)
 
 
-def load_post(engine: Engine, qtype: str, model: str, seed: int, dtype: torch.dtype,
+def load_post(engine: Engine, qtype: str, float_model: Callable[[], nn.Module], dtype: torch.dtype,
               device: torch.device) -> Loaded:
+    """`float_model()` (drawn from its seed, or loaded from the run's shared file), then the engine quantizes it."""
     t0 = time.perf_counter()
-    float_model = build_model(model, seed, dtype)
+    float_model = float_model()
     t1 = time.perf_counter()
     quantized = engine.quantize(float_model, qtype, dtype=dtype, device=device)
     return Loaded(quantized, t1 - t0, time.perf_counter() - t1)

@@ -151,6 +151,10 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     engines["diffusers"] = sum(c.stack == "diffusers" or c.offload == "group" or MODELS[c.model].real for c in cells)
     if cells:
         os.environ["QUANTMATRIX_PRELOAD"] = ",".join(sorted(e for e, n in engines.items() if n >= PRELOAD_FROM_CELLS))
+        if not session.config.option.collectonly:
+            from harness.run.pool import share_compile_caches
+
+            share_compile_caches(_workdir(session.config))  # before the cell server and pool start: they inherit it
         if not session.config.pluginmanager.hasplugin("dsession") and not session.config.option.collectonly:
             from harness.run.isolation import warm_up
 
@@ -158,15 +162,20 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 
 @pytest.fixture(scope="session")
-def matrix_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> MatrixRun:
+def matrix_run(request: pytest.FixtureRequest) -> MatrixRun:
     config = request.config
     if _run_key not in config.stash:
-        # xdist workers share the controller's base temp directory: one set of references and checkpoints
-        base = tmp_path_factory.getbasetemp()
-        workdir = (base.parent if hasattr(config, "workerinput") else base) / "quantmatrix-work"
-        workdir.mkdir(parents=True, exist_ok=True)
-        config.stash[_run_key] = MatrixRun(config, _matrix(config), workdir)
+        config.stash[_run_key] = MatrixRun(config, _matrix(config), _workdir(config))
     return config.stash[_run_key]
+
+
+def _workdir(config: pytest.Config) -> Path:
+    """The run's shared files (references, checkpoints, pre-quantized files, compile caches). xdist workers share
+    the controller's base temp directory: one set for the run."""
+    base = config._tmp_path_factory.getbasetemp()
+    workdir = (base.parent if hasattr(config, "workerinput") else base) / "quantmatrix-work"
+    workdir.mkdir(parents=True, exist_ok=True)
+    return workdir
 
 
 @pytest.hookimpl(tryfirst=True)
