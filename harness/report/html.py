@@ -1,9 +1,11 @@
 """The HTML report: a static site built from result records only (no server, no network, no CDN).
 
-    quantmatrix report RESULTS... -o reports/<name>/ [--previous OLD_RESULTS...]
+    quantmatrix report RESULTS... -o reports/<name>/ [--previous OLD_RESULTS...] [--rules MATRIX]
 
-writes index.html (compatibility grids per machine and device, drift first, plots, environments, a sortable
-table of every cell), cells.csv (the data) and plots/*.svg. Every string from a record goes through Jinja2's
+writes index.html (the overview first: verdict counts, engines by offload mode, the plots users choose by; then
+drift by statement, the upstream bug reports, the integration's breakages, compatibility grids per machine and
+device, the wiki patch's preview, environments, a sortable table of the cells), doc-patch.md (when the rules file
+states a page), cells.csv (the cells shown) and plots/*.svg. Every string from a record goes through Jinja2's
 autoescaping (text and attributes) or `tojson` (the one data island read by the page's script), and the script
 writes record text with textContent only, so an error message can never become markup.
 """
