@@ -394,3 +394,13 @@ def test_peak_memory_must_order_by_offload_mode_as_diffusers_tests_expect(cpu_re
     assert len(broken.broken) == 3 and all(b.startswith("sequential (7.00 GiB) above") for b in broken.broken)
     html = build(report_data.load([tmp_path / "b.jsonl"]), tmp_path / "site").read_text()
     assert "0 of 1 combinations order as diffusers" in html and "sequential (7.00 GiB) above model" in html
+
+
+def test_the_same_records_build_the_same_site(tmp_path):
+    """A committed example changes only when its records do (no timestamps in the page or the plots)."""
+    records = report_data.load(REFERENCE)
+    a, b = build(records, tmp_path / "a"), build(records, tmp_path / "b")
+    assert a.read_text() == b.read_text()
+    plots = sorted(p.name for p in (tmp_path / "a" / "plots").glob("*.svg"))
+    assert plots and all((tmp_path / "a" / "plots" / p).read_bytes() == (tmp_path / "b" / "plots" / p).read_bytes()
+                         for p in plots)

@@ -73,9 +73,10 @@ def _row(record: dict) -> dict:
         "diffusers": env.get("diffusers"), "accelerate": env.get("accelerate"),
         "engine_version": (env.get("engines") or {}).get(cell["engine"]),
         "engines": ", ".join(f"{k} {v}" for k, v in sorted((env.get("engines") or {}).items()) if v),
-        "package_versions": {**(env.get("engines") or {}), "torch": env.get("torch"), "triton": env.get("triton"),
-                             "diffusers": env.get("diffusers"), "accelerate": env.get("accelerate"),
-                             "cuda_capability": env.get("cuda_capability")},
+        # what a rule's `versions` may name, as far as the record knows it (a key it lacks is unknown, not absent)
+        "package_versions": {**(env.get("engines") or {}),
+                             **{k: env[k] for k in ("torch", "triton", "diffusers", "accelerate", "cuda_capability")
+                                if k in env}},
         "versions": version_set(env),
         "started": record.get("started") or "", "duration_s": record.get("duration_s"),
         "output_tail": record.get("output_tail") or "",

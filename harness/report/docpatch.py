@@ -111,8 +111,9 @@ def judged(matrix: Matrix, records: report_data.Records) -> pd.DataFrame:
     rules, verdicts, contradicted = [], [], []
     for _, row in newest.iterrows():
         cell = SimpleNamespace(**{k: row[k] for k in CELL_FIELDS})
-        index = next((i for i, r in enumerate(matrix.rules) if r.matches(cell) and r.holds_for(
-            row["package_versions"])), -1)
+        known = row["package_versions"]  # a rule on a version the record did not note (older records) is skipped
+        index = next((i for i, r in enumerate(matrix.rules) if r.matches(cell) and set(r.versions) <= set(known)
+                      and r.holds_for(known)), -1)
         rules.append(index)
         if index < 0:
             verdicts.append(row["verdict"])

@@ -112,5 +112,5 @@ def _draw(rows: pd.DataFrame, title: str, path: Path) -> None:
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), frameon=False)
     fig.subplots_adjust(left=0.05, right=0.99, top=0.80, bottom=0.2, wspace=0.25)
-    fig.savefig(path, format="svg")
+    fig.savefig(path, format="svg", metadata={"Date": None})  # the same records, the same file
     plt.close(fig)
