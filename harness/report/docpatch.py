@@ -106,8 +106,9 @@ def judged(matrix: Matrix, records: report_data.Records) -> pd.DataFrame:
     newest = newest[newest["engine"] != "fault"]  # the harness's own fault-injection engine states nothing
     if newest.empty:
         return newest.assign(rule=pd.Series(dtype=int), recorded_verdict=pd.Series(dtype=str))
-    by_id = {(r, i): row for r, i, row in zip(records.frame["run"], records.frame["id"],
-                                             (row for _, row in records.frame.iterrows()), strict=True)}
+    # the baselines' records, for claims: reading every record row by row cost seconds at 100,000 records
+    bases = records.frame[(records.frame["engine"] == "none") & (records.frame["cast"] == "-")]
+    by_id = {(row["run"], row["id"]): row for _, row in bases.iterrows()}
     rules, verdicts, contradicted = [], [], []
     for _, row in newest.iterrows():
         cell = SimpleNamespace(**{k: row[k] for k in CELL_FIELDS})
