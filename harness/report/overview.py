@@ -115,8 +115,10 @@ def memory_order(latest: pd.DataFrame, tolerance: float = 0.05, slack_bytes: int
     ran = latest[latest["verdict"].isin(report_data.RAN)].dropna(subset=["own_mem_bytes"])
     out = []
     keys = ["machine", "device", "engine", "qtype", "load", "model", "dtype", "stack", "cast"]
-    for key, rows in ran.groupby(keys, sort=True):
-        peaks = dict(zip(rows["offload"], rows["own_mem_bytes"].astype(float), strict=True))
+    combos: dict[tuple, dict[str, float]] = {}  # plain dicts: a groupby's slices cost ~0.5 s at 10,000 records
+    for *key, offload, mem in zip(*(ran[c] for c in [*keys, "offload", "own_mem_bytes"]), strict=True):
+        combos.setdefault(tuple(key), {})[offload] = float(mem)
+    for key, peaks in sorted(combos.items()):
         ranks = [[m for m in tier if m in peaks] for tier in MEMORY_ORDER]
         if sum(map(len, ranks)) < 2:
             continue
