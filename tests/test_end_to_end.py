@@ -7,6 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from harness.cell import OFFLOAD_MODES
+from harness.devices import cuda_capability
 from harness.results import read_records
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,6 +37,8 @@ def test_default_matrix_baseline_runs_in_every_offload_mode_on_both_stacks(tmp_p
     assert verdicts["flux-tiny", "diffusers"] == {**dict.fromkeys(OFFLOAD_MODES, "ok"),
                                                   "sequential": "documented-error"}
     assert all(r["env"]["device_name"] and r["env"]["torch"] and r["env"]["diffusers"] for r in records)
+    # the GPU's compute capability (rules may name it) is in every record: None on a host without an NVIDIA GPU
+    assert {r["env"]["cuda_capability"] for r in records} == {cuda_capability()}
 
 
 def test_two_smoke_runs_store_the_same_bytes_and_give_bit_identical_baseline_outputs(tmp_path):

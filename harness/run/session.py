@@ -30,9 +30,9 @@ def environment(config: pytest.Config) -> tuple[dict, dict[str, str | None]]:
         from harness.results import environment as host_environment
 
         env = host_environment({name: e.version() for name, e in ENGINES.items() if e.package})
-        versions = {**env["engines"], "torch": env["torch"], "triton": env["triton"],
-                    "diffusers": env["diffusers"], "accelerate": env["accelerate"],
-                    "cuda_capability": cuda_capability()}
+        env["cuda_capability"] = cuda_capability()  # in the record too, so the report can judge rules by it again
+        versions = {**env["engines"], **{k: env[k] for k in ("torch", "triton", "diffusers", "accelerate",
+                                                             "cuda_capability")}}
         config.stash[ENV_KEY] = (env, versions)
     return config.stash[ENV_KEY]
 
