@@ -30,6 +30,15 @@ def test_a_complete_record_validates_and_a_broken_one_does_not():
     assert validate_record(failed) == []
 
 
+def test_only_a_load_that_quantizes_inside_diffusers_may_leave_quantize_s_null():
+    untimed = Outcome("ran", metrics={**METRICS, "quantize_s": None})
+    assert validate_record(record(outcome=untimed)) == ["metrics.quantize_s is null"]  # direct post-load times it
+    inside = Cell("none", "-", "on-the-fly", "none", "cpu", "flux-tiny", "float32", stack="diffusers")
+    r = make_record("run", inside, Expectation(), Verdict.OK, "n", untimed, environment({"none": "x"}),
+                    "2026-01-01T00:00:00+00:00", 1.0)
+    assert validate_record(r) == []
+
+
 def test_non_finite_numbers_become_null():
     r = record(outcome=Outcome("ran", metrics={**METRICS, "cosine": float("nan")}))
     assert r["metrics"]["cosine"] is None
