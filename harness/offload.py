@@ -16,6 +16,7 @@ pipeline call; a no-op for the other modes) and a list of notes on what the mode
 from __future__ import annotations
 
 import functools
+import itertools
 import tempfile
 from collections.abc import Callable
 
@@ -132,6 +133,13 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.index or 0) == (b.index or 0)
 
 
+def module_size(module: nn.Module) -> int:
+    """Bytes of a component's parameters and buffers as SD.Next's get_module_size counts them (each tensor once, its
+    elements times their size): the order in which balanced offload places components, largest first."""
+    tensors = set(itertools.chain(module.parameters(recurse=True), module.buffers(recurse=True)))
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 class BalancedOffload:
     """SD.Next's balanced offload, as `modules/sd_offload.py` has it (SDNEXT_REVISION), for the components given
     (a pipeline's components; a denoiser alone is one), with its default options (offload during pre-forward on,
@@ -173,9 +181,7 @@ class BalancedOffload:
                 return args, kwargs
 
         self.hook = OffloadHook()
-        from harness.run.measure import stored_bytes
-
-        for module in sorted(self.components, key=stored_bytes, reverse=True):
+        for module in sorted(self.components, key=module_size, reverse=True):
             self.apply_to(module)
 
     def next_generation(self) -> None:

@@ -86,3 +86,11 @@ def test_an_engine_module_imports_no_other_engine():
 def test_devices_and_the_matrix_model_do_not_import_each_other():
     assert not {m for m in imports_of(HARNESS / "devices.py") if m.startswith("harness.matrix")}
     assert not {m for m in imports_of(HARNESS / "matrix.py") if m.startswith("harness.devices")}
+
+
+def test_the_parts_a_cell_is_built_from_do_not_import_the_runner():
+    # the runner (harness.run) composes engines, models, offload modes and devices; none of them reaches back
+    parts = [HARNESS / "offload.py", HARNESS / "devices.py", *(HARNESS / "engines").glob("*.py"),
+             *(HARNESS / "models").glob("*.py")]
+    for path in parts:
+        assert not {m for m in imports_of(path) if m.startswith("harness.run")}, path.name
