@@ -74,7 +74,7 @@ def pool_runner(monkeypatch):
     monkeypatch.setenv("QUANTMATRIX_CELL_RUNNER", "pool")
     monkeypatch.setenv("QUANTMATRIX_POOL_REFILL", "after")  # no import competes with the timed cell
     yield pool
-    pool._reset_for_tests()
+    pool.close()
 
 
 def test_isolated_cell_from_the_warm_pool(benchmark, task, pool_runner):

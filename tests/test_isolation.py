@@ -34,7 +34,7 @@ def runner(request, monkeypatch):
     monkeypatch.setenv("QUANTMATRIX_CELL_RUNNER", request.param)
     monkeypatch.setenv("QUANTMATRIX_POOL_REFILL", "during")  # the next worker imports while a cell runs: faster here
     yield request.param
-    pool._reset_for_tests()  # no waiting worker outlives the test
+    pool.close()  # no waiting worker outlives the test
 
 
 @pytest.mark.parametrize("qtype, status, reason", [

@@ -175,7 +175,8 @@ def pool() -> WarmPool:
     return _pool
 
 
-def _reset_for_tests() -> None:
+def close() -> None:
+    """Close this process's warm pool now (its waiting workers exit); the next isolated cell starts a new one."""
     global _pool
     if _pool is not None:
         _pool.close()
