@@ -30,7 +30,7 @@ class Finding(enum.StrEnum):
     UNCHECKED = "unchecked"
 
 
-def finding(row: pd.Series) -> Finding:
+def finding(row: dict) -> Finding:
     verdict = row["verdict"]
     if verdict in report_data.DRIFT:
         return Finding.DRIFTED
@@ -43,7 +43,7 @@ def finding(row: pd.Series) -> Finding:
     return Finding.UNCHECKED
 
 
-def what_happened(row: pd.Series) -> str:
+def what_happened(row: dict) -> str:
     """One short phrase: what this cell did, for a statement's summary and its suggested correction."""
     verdict = row["verdict"]
     if verdict == "drift-claim":
@@ -118,7 +118,7 @@ def statements(latest: pd.DataFrame) -> list[Statement]:
     rows = latest[latest["source"] != ""]
     if rows.empty:
         return []
-    rows = rows.assign(finding=[finding(r) for _, r in rows.iterrows()])
+    rows = rows.assign(finding=[finding(r) for r in rows.to_dict("records")])
     several = rows["machine"].nunique() > 1
     out = []
     for source, group in rows.groupby("source", sort=False):
@@ -166,7 +166,7 @@ class Reproduction(enum.StrEnum):
     UNCHECKED = "not checked"
 
 
-def reproduction(row: pd.Series) -> Reproduction:
+def reproduction(row: dict) -> Reproduction:
     """Whether the reported bug shows in this cell. An 'error' rule states the bug: failing as documented is
     the bug; a 'works' rule states its fix: working is the fix."""
     verdict = row["verdict"]
@@ -209,7 +209,7 @@ def upstream(frame: pd.DataFrame) -> list[UpstreamReport]:
     rows = frame[frame["source"].map(lambda s: bool(references(s)))]
     if rows.empty:
         return []
-    rows = rows.assign(repro=[reproduction(r) for _, r in rows.iterrows()])
+    rows = rows.assign(repro=[reproduction(r) for r in rows.to_dict("records")])
     out = []
     for source, group in rows.groupby("source", sort=False):
         history = []
