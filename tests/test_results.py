@@ -26,6 +26,10 @@ def test_a_complete_record_validates_and_a_broken_one_does_not():
     bad["metrics"]["cosine"] = None
     assert validate_record(bad) == ["metrics.cosine is null"]
     assert validate_record({**record(), "schema": 99}) == ["schema is 99, expected 1"]
+    assert validate_record({**record(), "cell": {**CELL.as_dict(), "engine": ["none"]}}) == [
+        "cell: expected an object of strings (engine, qtype, load, offload, device, model, dtype, ...)"]
+    assert validate_record({**record(), "cell": {**CELL.as_dict(), "colour": "red"}})[0].startswith("cell: ")
+    assert validate_record({**record(), "id": "none/x"}) == [f"id 'none/x' does not match cell {CELL.id!r}"]
     failed = record(verdict=Verdict.FAIL, outcome=Outcome("error", error=ErrorInfo("E", "m")))
     assert validate_record(failed) == []
 
