@@ -9,6 +9,7 @@ night, compares fairly.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -34,12 +35,17 @@ class Records:
     skipped: list[str] = field(default_factory=list)  # "file:line: problem"
     files: list[str] = field(default_factory=list)
 
+    _latest: dict[bool, pd.DataFrame] = field(default_factory=dict, init=False, repr=False, compare=False)
+
     def latest(self, *, per_versions: bool = True) -> pd.DataFrame:
-        """The latest record of each cell on each machine (and each set of versions, e.g. tox's version axes)."""
+        """The latest record of each cell on each machine (and each set of versions, e.g. tox's version axes).
+        Worked out once per Records (the page and its wiki patch both read it); the frame is read, never changed."""
         if self.frame.empty:
             return self.frame
-        keys = ["machine", "versions", "id"] if per_versions else ["machine", "id"]
-        return self.frame.sort_values("started").drop_duplicates(keys, keep="last")
+        if per_versions not in self._latest:
+            keys = ["machine", "versions", "id"] if per_versions else ["machine", "id"]
+            self._latest[per_versions] = self.frame.sort_values("started").drop_duplicates(keys, keep="last")
+        return self._latest[per_versions]
 
 
 def _row(record: dict) -> dict:
@@ -72,18 +78,35 @@ def _row(record: dict) -> dict:
         "os": env.get("os"), "python": env.get("python"), "torch": env.get("torch"), "triton": env.get("triton"),
         "diffusers": env.get("diffusers"), "accelerate": env.get("accelerate"),
         "engine_version": (env.get("engines") or {}).get(cell["engine"]),
-        "engines": ", ".join(f"{k} {v}" for k, v in sorted((env.get("engines") or {}).items()) if v),
-        # what a rule's `versions` may name, as far as the record knows it (a key it lacks is unknown, not absent)
-        "package_versions": {**(env.get("engines") or {}),
-                             **{k: env[k] for k in ("torch", "triton", "diffusers", "accelerate", "cuda_capability")
-                                if k in env}},
-        "versions": version_set(env),
+        **_versions_of(env),
         "started": record.get("started") or "", "duration_s": record.get("duration_s"),
         "output_tail": record.get("output_tail") or "",
         "device_absent": device_was_absent(record),
         "cpu_s": (record.get("process") or {}).get("cpu_s"),
         "stacks": (record.get("process") or {}).get("stacks") or "",
     }
+
+
+PACKAGES = ("torch", "triton", "diffusers", "accelerate", "cuda_capability")  # besides the engines
+
+
+def _versions_of(env: dict) -> dict:
+    """The record's version columns; worked out once per distinct set of versions (a run's records share one)."""
+    key = tuple((env.get("engines") or {}).items()), tuple((k, env[k]) for k in PACKAGES if k in env)
+    try:
+        return _version_columns(*key)
+    except TypeError:  # a version that is not a string (a list in a hand-edited record): unhashable, not cached
+        return _version_columns.__wrapped__(*key)
+
+
+@functools.lru_cache(maxsize=1024)
+def _version_columns(engines: tuple, packages: tuple) -> dict:
+    env = {**dict(packages), "engines": dict(engines)}
+    return {"engines": ", ".join(f"{k} {v}" for k, v in sorted(engines) if v),
+            # what a rule's `versions` may name, as far as the record knows it (a key it lacks is unknown, not
+            # absent); one dict shared by the rows of a version set: read, never changed
+            "package_versions": {**dict(engines), **dict(packages)},
+            "versions": version_set(env)}
 
 
 def version_set(env: dict) -> str:
@@ -97,6 +120,14 @@ def version_set(env: dict) -> str:
 COLUMNS = list(_row({"run": "", "id": "", "cell": {k: "" for k in ("engine", "qtype", "load", "offload", "device",
                                                                   "model", "dtype", "stack", "cast")},
                      "verdict": ""}))
+
+
+def row_dicts(frame: pd.DataFrame, columns) -> list[dict]:
+    """The rows of `frame` as plain dicts of `columns` only: reading a wide frame row by row (iterrows, or to_dict
+    of every column) was most of the wiki patch's time at 10,000 records."""
+    columns = list(dict.fromkeys(columns))
+    return [dict(zip(columns, values, strict=True))
+            for values in zip(*(frame[c].tolist() for c in columns), strict=True)]
 
 
 def finite(value) -> bool:

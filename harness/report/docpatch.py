@@ -21,7 +21,7 @@ import pandas as pd
 from harness.cell import Cell
 from harness.matrix import ExpectKind, Matrix, Rule
 from harness.report import data as report_data
-from harness.report.statements import Finding, finding, what_happened
+from harness.report.statements import FINDING_FIELDS, HAPPENED_FIELDS, Finding, finding, what_happened
 from harness.verdict import ErrorInfo, Outcome, Status, check_claims, judge
 
 PROCESS_STATUS = {"crash": Status.CRASH, "timeout": Status.TIMEOUT, "hang": Status.HANG, "oom": Status.OOM,
@@ -80,6 +80,9 @@ def _unchecked_reason(rule: Rule, rows: pd.DataFrame, newest: pd.DataFrame) -> s
     return "no record of a cell it matches (run its matrix file to check it)"
 
 
+METRIC_FIELDS = ("param_bytes", "peak_mem_bytes", "mem_base_bytes", "latency_ms", "name_hint", "name_hint_detail")
+
+
 def _metrics(row: dict) -> dict:
     return {"param_bytes": row["param_bytes"], "peak_mem_bytes": row["peak_mem_bytes"],
             "mem_base_bytes": row["mem_base_bytes"], "latency_ms": {"median": row["latency_ms"]},
@@ -106,12 +109,13 @@ def judged(matrix: Matrix, records: report_data.Records) -> pd.DataFrame:
     newest = newest[newest["engine"] != "fault"]  # the harness's own fault-injection engine states nothing
     if newest.empty:
         return newest.assign(rule=pd.Series(dtype=int), recorded_verdict=pd.Series(dtype=str))
-    # rows as plain dicts (iterrows builds a Series per row: most of the patch's time at 10,000 records); the
-    # baselines' records only, for claims
+    # the baselines' records only, for claims
     bases = records.frame[(records.frame["engine"] == "none") & (records.frame["cast"] == "-")]
-    by_id = {(row["run"], row["id"]): row for row in bases.to_dict("records")}
+    by_id = {(row["run"], row["id"]): row for row in report_data.row_dicts(bases, ("run", "id", "verdict",
+                                                                                 *METRIC_FIELDS))}
     rules, verdicts, contradicted = [], [], []
-    for row in newest.to_dict("records"):
+    for row in report_data.row_dicts(newest, (*CELL_FIELDS, *HAPPENED_FIELDS, *METRIC_FIELDS, "run",
+                                              "package_versions")):
         cell = SimpleNamespace(**{k: row[k] for k in CELL_FIELDS})
         known = row["package_versions"]  # a rule on a version the record did not note (older records) is skipped
         index = next((i for i, r in enumerate(matrix.rules) if r.matches(cell) and set(r.versions) <= set(known)
@@ -143,16 +147,19 @@ def _baseline_id(row: dict) -> str:
 def check(rule: Rule, index: int, newest: pd.DataFrame) -> tuple[Finding, list[str], str | None]:
     """(finding, lines of what the records show, suggested sentence or None) for one rule; `newest`: judged()."""
     rows = newest[newest["rule"] == index]
-    found = [finding(r) for r in rows.to_dict("records")]
+    view = report_data.row_dicts(rows, (*FINDING_FIELDS, *HAPPENED_FIELDS))
+    found = [finding(r) for r in view]
     checked = rows[[f is not Finding.UNCHECKED for f in found]]
     if checked.empty:
         return Finding.UNCHECKED, [f"Not checked: {_unchecked_reason(rule, rows, newest)}."], None
     findings = [f for f in found if f is not Finding.UNCHECKED]
     worst = min(findings, key=list(Finding).index)
-    by_phrase: dict[str, list[dict]] = defaultdict(list)
-    for f, row in zip(findings, checked.to_dict("records"), strict=True):
-        by_phrase["as stated" if f is Finding.HOLDS else what_happened(row)].append(row)
-    groups = sorted(((phrase, pd.DataFrame(rows)) for phrase, rows in by_phrase.items()), key=lambda g: -len(g[1]))
+    by_phrase: dict[str, list[int]] = defaultdict(list)  # positions in `rows`
+    for position, (f, row) in enumerate(zip(found, view, strict=True)):
+        if f is not Finding.UNCHECKED:
+            by_phrase["as stated" if f is Finding.HOLDS else what_happened(row)].append(position)
+    groups = sorted(((phrase, rows.iloc[positions]) for phrase, positions in by_phrase.items()),
+                    key=lambda g: -len(g[1]))
     lines = [f"{len(frame)} cell(s) {phrase}" + (f" ({narrow})" if (narrow := _narrow(frame, checked)) else "")
              + f", on {_where(frame)}, with {_versions(frame)}." for phrase, frame in groups]
     suggestion = None
@@ -181,10 +188,10 @@ def _narrow(frame: pd.DataFrame, checked: pd.DataFrame) -> str:
 
 def _versions(frame: pd.DataFrame) -> str:
     """The versions that matter to these cells: torch, their engines, and diffusers and accelerate."""
+    engines = sorted(set(frame["engine"]))
     out = set()
-    for v in frame["package_versions"]:
-        out.add(", ".join([f"torch {v.get('torch')}"]
-                          + [f"{e} {v[e]}" for e in sorted(set(frame["engine"])) if v.get(e)]
+    for v in {id(v): v for v in frame["package_versions"]}.values():  # a version set's rows share one dict
+        out.add(", ".join([f"torch {v.get('torch')}"] + [f"{e} {v[e]}" for e in engines if v.get(e)]
                           + [f"{k} {v[k]}" for k in ("diffusers", "accelerate") if v.get(k)]))
     return "; ".join(sorted(out))
 

@@ -73,6 +73,9 @@ def tables(latest: pd.DataFrame, grid_anchor) -> list[Table]:
     """One table per machine, device and stack (devices absent on their machine left out). `grid_anchor(machine,
     versions, device)` names the detail grid a table links to."""
     out = []
+    latest = latest[["machine", "device", "stack", "device_absent", "engine", "qtype", "offload", "model", "cast",
+                     "verdict", "param_bytes", "bytes_ratio", "latency_ratio", "started", "versions"]]  # slices of
+    # only what is read: a groupby copies every column of each group
     for (machine, device, stack), rows in latest.groupby(["machine", "device", "stack"], sort=True):
         if report_data.all_device_absent(rows):
             continue

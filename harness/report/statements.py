@@ -30,6 +30,10 @@ class Finding(enum.StrEnum):
     UNCHECKED = "unchecked"
 
 
+FINDING_FIELDS = ("verdict", "expect", "device_absent")  # what finding() reads
+HAPPENED_FIELDS = ("verdict", "claims_contradicted", "error_type", "error_message", "reason")  # what_happened()
+
+
 def finding(row: dict) -> Finding:
     verdict = row["verdict"]
     if verdict in report_data.DRIFT:
@@ -118,7 +122,7 @@ def statements(latest: pd.DataFrame) -> list[Statement]:
     rows = latest[latest["source"] != ""]
     if rows.empty:
         return []
-    rows = rows.assign(finding=[finding(r) for r in rows.to_dict("records")])
+    rows = rows.assign(finding=[finding(r) for r in report_data.row_dicts(rows, FINDING_FIELDS)])
     several = rows["machine"].nunique() > 1
     out = []
     for source, group in rows.groupby("source", sort=False):
@@ -209,7 +213,7 @@ def upstream(frame: pd.DataFrame) -> list[UpstreamReport]:
     rows = frame[frame["source"].map(lambda s: bool(references(s)))]
     if rows.empty:
         return []
-    rows = rows.assign(repro=[reproduction(r) for r in rows.to_dict("records")])
+    rows = rows.assign(repro=[reproduction(r) for r in report_data.row_dicts(rows, ("verdict", "expect"))])
     out = []
     for source, group in rows.groupby("source", sort=False):
         history = []
