@@ -59,7 +59,10 @@ def device_was_absent(record: dict) -> bool:
     return record.get("verdict") == Verdict.UNAVAILABLE and reason.startswith(f"device {device}: ")
 
 
-ENVIRONMENT_KEYS = ("host", "cpu", "os", "python", "torch", "triton", "engines")
+# The stack's layers (diffusers, accelerate) decide verdicts as much as the engines do: a resumed run with another
+# release of either starts a new run rather than mixing two version sets under one run id.
+ENVIRONMENT_KEYS = ("host", "cpu", "os", "python", "torch", "triton", "diffusers", "accelerate", "cuda_capability",
+                    "engines")
 
 
 def environment_key(env: dict[str, Any]) -> str:

@@ -5,7 +5,7 @@ import multiprocessing
 
 from harness.cell import Cell
 from harness.matrix import Expectation
-from harness.results import ResultsWriter, environment, make_record, read_records, validate_record
+from harness.results import ResultsWriter, environment, environment_key, make_record, read_records, validate_record
 from harness.verdict import ErrorInfo, Outcome, Verdict
 
 CELL = Cell("none", "-", "post-load", "none", "cpu", "dit-xs", "float32")
@@ -41,6 +41,13 @@ def test_only_a_load_that_quantizes_inside_diffusers_may_leave_quantize_s_null()
     r = make_record("run", inside, Expectation(), Verdict.OK, "n", untimed, environment({"none": "x"}),
                     "2026-01-01T00:00:00+00:00", 1.0)
     assert validate_record(r) == []
+
+
+def test_a_resumed_run_continues_only_with_the_same_versions_of_the_stack():
+    env = environment({"none": "x"})
+    assert environment_key(env) == environment_key(dict(env, device_name="another GPU"))  # per cell, not per run
+    for key, other in (("diffusers", "0.1.0"), ("accelerate", "0.1.0"), ("torch", "1.0"), ("cuda_capability", "7.0")):
+        assert environment_key(env) != environment_key(dict(env, **{key: other})), key
 
 
 def test_non_finite_numbers_become_null():
