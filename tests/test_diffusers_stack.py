@@ -199,3 +199,19 @@ def test_a_model_with_shared_weights_is_drawn_once_per_run_and_loaded_by_every_c
     assert len(drawn) == 1  # drawn once, for the directory; every cell and the reference loaded it
     assert outcomes[0].metrics["max_abs_error"] == 0  # the direct baseline is the reference, bit for bit
     assert outcomes[2].metrics["max_abs_error"] == 0  # and so is the diffusers one: the same weights
+
+
+def test_cells_of_two_dtypes_in_one_run_never_read_each_others_float_checkpoint(tmp_path):
+    """The on-the-fly checkpoint of a model drawn from its seed is float32 whatever dtype the first cell to need it
+    has: a bfloat16 cell first, then the float32 baseline still loads the reference's weights bit for bit."""
+    from safetensors import safe_open
+
+    quick = Settings(warmup=0, min_steps=1, min_time_s=0.0)
+    first, second = (Cell("none", "-", "on-the-fly", "none", "cpu", "dit-xs", dtype) for dtype in ("bfloat16",
+                                                                                                  "float32"))
+    outcomes = [execute_cell(CellTask(c, quick, tmp_path)) for c in (first, second)]
+    assert [o.status for o in outcomes] == ["ran", "ran"], [o.error for o in outcomes]
+    assert outcomes[1].metrics["max_abs_error"] == 0
+    (checkpoint,) = (tmp_path / "checkpoints").glob("*.safetensors")
+    with safe_open(str(checkpoint), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}

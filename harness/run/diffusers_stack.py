@@ -34,14 +34,14 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _stored_dtype(model: str, dtype: torch.dtype) -> torch.dtype:
-    """The dtype of a model's float directory: float32, or the cell's own for a model with shared weights (flux-dev
-    in float32 would be 48 GB on disk)."""
+def stored_dtype(model: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a model's float directory and checkpoint: float32, or the cell's own for a model with shared
+    weights (flux-dev in float32 would be 48 GB on disk)."""
     return dtype if MODELS[model].shared_weights else torch.float32
 
 
 def float_dir_path(workdir: Path, model: str, seed: int, dtype: torch.dtype = torch.float32) -> Path:
-    stored = _stored_dtype(model, dtype)
+    stored = stored_dtype(model, dtype)
     return workdir / "diffusers" / (f"{model}-seed{seed}" + ("" if stored == torch.float32
                                                              else f"-{_dtype_name(stored)}"))
 
@@ -50,7 +50,7 @@ def float_dir(workdir: Path, model: str, seed: int, dtype: torch.dtype = torch.f
     """The float model as `save_pretrained` writes it (config.json and safetensors), in float32 (or, for a model
     with shared weights, in `dtype`), made once per run."""
     return shared_file(float_dir_path(workdir, model, seed, dtype),
-                       lambda tmp: build_model(model, seed, _stored_dtype(model, dtype)).save_pretrained(str(tmp)))
+                       lambda tmp: build_model(model, seed, stored_dtype(model, dtype)).save_pretrained(str(tmp)))
 
 
 def float_model(workdir: Path, model: str, seed: int, dtype: torch.dtype) -> nn.Module:

@@ -6,15 +6,17 @@ happened in. This module runs inside the cell's isolated process (see isolation.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import traceback
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from harness import devices
 from harness.cell import Cell
@@ -114,6 +116,12 @@ def reference_output(task: CellTask, inputs: dict[str, torch.Tensor]) -> torch.T
     return load_file(str(loading.shared_file(reference_path(task), make)))["output"]
 
 
+def _float_model(task: CellTask, dtype: torch.dtype) -> Callable[[], nn.Module]:
+    """The cell's float model in `dtype`, when called: drawn from its seed, or loaded from the run's float directory
+    for a model with shared weights (diffusers_stack.float_model)."""
+    return functools.partial(diffusers_stack.float_model, task.workdir, task.cell.model, task.settings.seed, dtype)
+
+
 def files_to_prepare(task: CellTask) -> list[Path]:
     """The shared files this cell needs that do not exist yet."""
     cell, s = task.cell, task.settings
@@ -126,7 +134,8 @@ def files_to_prepare(task: CellTask) -> list[Path]:
             needed.append(diffusers_stack.prequantized_path(task.workdir, ENGINES[cell.engine], cell.qtype,
                                                             cell.model, dtype, s.seed))
     elif cell.load == "on-the-fly":
-        needed.append(loading.float_checkpoint_path(task.workdir, cell.model, s.seed))
+        needed.append(loading.float_checkpoint_path(task.workdir, cell.model, s.seed,
+                                                    diffusers_stack.stored_dtype(cell.model, dtype)))
     elif cell.load == "prequantized":
         needed.append(loading.prequantized_path(task.workdir, ENGINES[cell.engine], cell.qtype, cell.model,
                                                 getattr(torch, cell.dtype), s.seed))
@@ -149,12 +158,11 @@ def prepare_cell(task: CellTask) -> tuple[dict[str, torch.Tensor], torch.Tensor,
             source = diffusers_stack.prequantized(task.workdir, ENGINES[cell.engine], cell.qtype, cell.model, dtype,
                                                   s.seed)
     elif cell.load == "on-the-fly":
-        source = loading.float_checkpoint(task.workdir, cell.model, s.seed,
-                                          lambda: diffusers_stack.float_model(task.workdir, cell.model, s.seed, dtype))
+        stored = diffusers_stack.stored_dtype(cell.model, dtype)
+        source = loading.float_checkpoint(task.workdir, cell.model, s.seed, stored, _float_model(task, stored))
     elif cell.load == "prequantized":
         source = loading.prequantized_file(task.workdir, ENGINES[cell.engine], cell.qtype, cell.model, dtype, s.seed,
-                                           lambda: diffusers_stack.float_model(task.workdir, cell.model, s.seed,
-                                                                               dtype))
+                                           _float_model(task, dtype))
     return inputs, reference, source
 
 
@@ -246,9 +254,7 @@ def _load(task: CellTask, engine: Engine, source: Path | None) -> loading.Loaded
                                                  diffusers_stack.float_dir(task.workdir, cell.model, s.seed, dtype),
                                                  dtype)
     if cell.load == "post-load":
-        return loading.load_post(engine, cell.qtype,
-                                 lambda: diffusers_stack.float_model(task.workdir, cell.model, s.seed, dtype),
-                                 dtype, device)
+        return loading.load_post(engine, cell.qtype, _float_model(task, dtype), dtype, device)
     if cell.load == "on-the-fly":
         return loading.load_on_the_fly(engine, cell.qtype, cell.model, source, dtype, device)
     return loading.load_prequantized(engine, cell.qtype, cell.model, source, dtype, device)

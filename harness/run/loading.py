@@ -56,16 +56,17 @@ def shared_file(path: Path, make: Callable[[Path], object]) -> Path:
     return path
 
 
-def float_checkpoint_path(workdir: Path, model: str, seed: int) -> Path:
-    return workdir / "checkpoints" / f"{model}-seed{seed}.safetensors"
+def float_checkpoint_path(workdir: Path, model: str, seed: int, dtype: torch.dtype = torch.float32) -> Path:
+    stored = "" if dtype == torch.float32 else "-" + str(dtype).removeprefix("torch.")
+    return workdir / "checkpoints" / f"{model}-seed{seed}{stored}.safetensors"
 
 
-def float_checkpoint(workdir: Path, model: str, seed: int, float_model: Callable[[], nn.Module] | None = None) -> Path:
-    """The float weights as one safetensors file (float32; or what `float_model()` gives, for a model with shared
-    weights, in the cell's dtype)."""
-    return shared_file(float_checkpoint_path(workdir, model, seed),
-                       lambda tmp: ENGINES["none"].save((float_model or (lambda: build_model(model, seed)))(), "-",
-                                                        tmp))
+def float_checkpoint(workdir: Path, model: str, seed: int, dtype: torch.dtype,
+                     float_model: Callable[[], nn.Module]) -> Path:
+    """The float weights as one safetensors file, stored in `dtype` (what `float_model()` gives): one file per
+    dtype, so cells of two dtypes in one run never read each other's."""
+    return shared_file(float_checkpoint_path(workdir, model, seed, dtype),
+                       lambda tmp: ENGINES["none"].save(float_model(), "-", tmp))
 
 
 def prequantized_path(workdir: Path, engine: Engine, qtype: str, model: str, dtype: torch.dtype, seed: int) -> Path:
