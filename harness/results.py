@@ -59,10 +59,18 @@ def device_was_absent(record: dict) -> bool:
     return record.get("verdict") == Verdict.UNAVAILABLE and reason.startswith(f"device {device}: ")
 
 
+# What a rule's `versions` may name besides an engine, as a record's env notes it.
+VERSIONED = ("torch", "triton", "diffusers", "accelerate", "cuda_capability")
+
+
+def rule_versions(env: dict[str, Any]) -> dict[str, Any]:
+    """The versions a rule may be limited by, as far as `env` notes them (a key it lacks is unknown, not absent)."""
+    return {**(env.get("engines") or {}), **{k: env[k] for k in VERSIONED if k in env}}
+
+
 # The stack's layers (diffusers, accelerate) decide verdicts as much as the engines do: a resumed run with another
 # release of either starts a new run rather than mixing two version sets under one run id.
-ENVIRONMENT_KEYS = ("host", "cpu", "os", "python", "torch", "triton", "diffusers", "accelerate", "cuda_capability",
-                    "engines")
+ENVIRONMENT_KEYS = ("host", "cpu", "os", "python", *VERSIONED, "engines")
 
 
 def environment_key(env: dict[str, Any]) -> str:

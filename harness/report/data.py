@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from harness.cell import BASELINE, OFFLOAD_MODES
-from harness.results import device_was_absent, read_records
+from harness.results import VERSIONED, device_was_absent, read_records, rule_versions
 from harness.verdict import Verdict
 
 PASSED = tuple(v.value for v in Verdict if v.passed)
@@ -87,12 +87,9 @@ def _row(record: dict) -> dict:
     }
 
 
-PACKAGES = ("torch", "triton", "diffusers", "accelerate", "cuda_capability")  # besides the engines
-
-
 def _versions_of(env: dict) -> dict:
     """The record's version columns; worked out once per distinct set of versions (a run's records share one)."""
-    key = tuple((env.get("engines") or {}).items()), tuple((k, env[k]) for k in PACKAGES if k in env)
+    key = tuple((env.get("engines") or {}).items()), tuple((k, env[k]) for k in VERSIONED if k in env)
     try:
         return _version_columns(*key)
     except TypeError:  # a version that is not a string (a list in a hand-edited record): unhashable, not cached
@@ -103,9 +100,8 @@ def _versions_of(env: dict) -> dict:
 def _version_columns(engines: tuple, packages: tuple) -> dict:
     env = {**dict(packages), "engines": dict(engines)}
     return {"engines": ", ".join(f"{k} {v}" for k, v in sorted(engines) if v),
-            # what a rule's `versions` may name, as far as the record knows it (a key it lacks is unknown, not
-            # absent); one dict shared by the rows of a version set: read, never changed
-            "package_versions": {**dict(engines), **dict(packages)},
+            # one dict shared by the rows of a version set: read, never changed
+            "package_versions": rule_versions(env),
             "versions": version_set(env)}
 
 

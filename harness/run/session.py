@@ -28,11 +28,11 @@ def environment(config: pytest.Config) -> tuple[dict, dict[str, str | None]]:
         from harness.devices import cuda_capability
         from harness.engines.registry import ENGINES
         from harness.results import environment as host_environment
+        from harness.results import rule_versions
 
         env = host_environment({name: e.version() for name, e in ENGINES.items() if e.package})
         env["cuda_capability"] = cuda_capability()  # in the record too, so the report can judge rules by it again
-        versions = {**env["engines"], **{k: env[k] for k in ("torch", "triton", "diffusers", "accelerate",
-                                                             "cuda_capability")}}
+        versions = rule_versions(env)
         config.stash[ENV_KEY] = (env, versions)
     return config.stash[ENV_KEY]
 
