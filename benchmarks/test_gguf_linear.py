@@ -1,8 +1,11 @@
 """The storage-only cost the seed warns about: a GGUF linear (packed blocks dequantized every forward) against a
-plain float linear of the same shape, on the CPU."""
+plain float linear of the same shape, on the CPU. Each benchmark also checks what it timed computed the layer."""
 
+import gguf
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from harness.engines.gguf_engine import GGUFEngine
@@ -22,11 +25,21 @@ def layers():
 def test_float_linear(benchmark, layers):
     plain, _, x = layers
     with torch.no_grad():
-        assert benchmark(plain, x).shape == (TOKENS, SHAPE[1])
+        out = benchmark(plain, x)
+        assert torch.equal(out, F.linear(x, plain.weight, plain.bias))
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
-def test_gguf_linear(benchmark, layers, qtype):
-    _, packed, x = layers
+@pytest.mark.parametrize("qtype, min_sqnr_db", [("Q8_0", 40.0), ("Q4_0", 18.0)])
+def test_gguf_linear(benchmark, layers, qtype, min_sqnr_db):
+    plain, packed, x = layers
+    layer = packed[qtype]
     with torch.no_grad():
-        assert benchmark(packed[qtype], x).shape == (TOKENS, SHAPE[1])
+        out = benchmark(layer, x)
+        # the reference: the gguf package's own dequantization of the stored blocks, then a float linear
+        weight = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(
+            layer.weight.numpy(), gguf.GGMLQuantizationType[qtype]))).reshape(SHAPE[1], SHAPE[0])
+        torch.testing.assert_close(out, F.linear(x, weight, layer.bias), rtol=1e-5, atol=1e-5)
+        # and the blocks hold the float layer's weights, to within the type's precision
+        exact = plain(x)
+        sqnr = 10 * torch.log10(exact.pow(2).mean() / (out - exact).pow(2).mean())
+        assert sqnr > min_sqnr_db, f"{qtype}: SQNR {sqnr:.1f} dB"

@@ -2,9 +2,11 @@
 done in-process.
 
 The difference (forkserver fork, pickling the task, reading back the outcome and output tail) is what isolation
-costs each cell; `load_s` of the record is the model build (direct) or diffusers' `from_pretrained` (diffusers).
-What the cell spends outside loading, quantizing and its steps (preparing inputs, counting storage, installing
-hooks, the reference) is the in-process overhead. All are reported in the benchmark's extra_info and printed.
+costs each cell, held to ISOLATION_BUDGET_S (the README's figures are 50-85 ms; a cell that re-imported torch or
+its engines would cost seconds); `load_s` of the record is the model build (direct) or diffusers'
+`from_pretrained` (diffusers). What the cell spends outside loading, quantizing and its steps (preparing inputs,
+counting storage, installing hooks, the reference) is the in-process overhead. All are reported in the
+benchmark's extra_info and printed.
 """
 
 import statistics
@@ -23,6 +25,9 @@ CELLS = {
     "flux-tiny-diffusers": Cell("none", "-", "post-load", "none", "cpu", "flux-tiny", "float32", "diffusers"),
 }
 MINIMAL = Settings(warmup=0, min_steps=1, min_time_s=0.0)
+# The best isolated round against the best in-process one (noise only adds time, so the minima are the estimate).
+ISOLATION_BUDGET_S = 0.3
+POOL_HANDOVER_BUDGET_S = 1.0  # a ready worker's handover, reading the outcome back, refilling after
 
 
 @pytest.fixture(scope="module", params=list(CELLS))
@@ -58,6 +63,9 @@ def test_isolated_cell(benchmark, task):
         execute_cell(task)
         t.append(time.perf_counter() - t0)
     isolation = benchmark.stats.stats.median - statistics.median(t)
+    best = benchmark.stats.stats.min - min(t)
+    benchmark.extra_info["isolation_overhead_best_s"] = round(best, 4)
+    assert best < ISOLATION_BUDGET_S, f"isolating a cell cost {best * 1e3:.0f} ms at best"
     harness = benchmark.stats.stats.median - own_work_s(outcome.metrics)
     benchmark.extra_info["isolation_overhead_s"] = round(isolation, 4)
     benchmark.extra_info["harness_overhead_s"] = round(harness, 4)
@@ -97,5 +105,7 @@ def test_isolated_cell_from_the_warm_pool(benchmark, task, pool_runner):
     harness = benchmark.stats.stats.median - own_work_s(outcome.metrics)
     benchmark.extra_info["harness_overhead_s"] = round(harness, 4)
     benchmark.extra_info["worker_ready_wait_s"] = round(statistics.median(ready), 2)
+    best = benchmark.stats.stats.min - own_work_s(outcome.metrics)
+    assert best < POOL_HANDOVER_BUDGET_S, f"a ready pool worker's cell cost {best * 1e3:.0f} ms beyond its work"
     print(f"\n{task.cell.id} (pool): harness overhead in all {harness * 1e3:.0f} ms (median isolated "
           f"{benchmark.stats.stats.median * 1e3:.0f} ms); waited {statistics.median(ready):.1f} s for a ready worker")

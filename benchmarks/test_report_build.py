@@ -1,10 +1,9 @@
 """How long the HTML report takes to read records and build its site as `quantmatrix report` does by default (with the
 wiki patch of matrices/sdnext.toml): 10,000 records in at most 3 s, 100,000 in at most 30 s on the project's 2-core
-host (issue 16). The best round is held to the figure: noise only adds time, and this host is a VM whose neighbours
-slow the same build from 2.2 s to 4.0 s for minutes at a time (measured, CPU time equal to wall time). So five
-rounds, and while their best is over budget up to two more tries of three rounds a minute apart, every try's best
-kept in the benchmark's extra_info. The 100,000-record one is `benchmark_slow` (pytest -m benchmark_slow
-benchmarks/)."""
+host (issue 16). The budget holds the CPU time of the best of five rounds (the build is one single-threaded
+process): a neighbour on this shared VM adds wall time, not the build's own CPU time, so noise cannot fail it and
+no retry or sleep is needed; wall times are kept in the benchmark's stats. The 100,000-record one is
+`benchmark_slow` (pytest -m benchmark_slow benchmarks/)."""
 
 import json
 import time
@@ -38,24 +37,19 @@ def many_records(tmp_path, rootdir, count: int):
 
 
 def site(benchmark, path, out, budget_s: float, rules):
+    cpu: list[float] = []
+
     def run():
-        return build(report_data.load([path]), out, rules=load_matrix(rules))
+        t0 = time.process_time()
+        index = build(report_data.load([path]), out, rules=load_matrix(rules))
+        cpu.append(time.process_time() - t0)
+        return index
 
     index = benchmark.pedantic(run, rounds=5, iterations=1)
     assert index.exists() and "Overview" in index.read_text() and (out / "doc-patch.md").exists()
-    tries = [benchmark.stats.stats.min]
-    while min(tries) > budget_s and len(tries) < 3:
-        time.sleep(60)  # a quieter minute on a shared host
-        tries.append(min(_timed(run) for _ in range(3)))
-    benchmark.extra_info["best_s_per_try"] = [round(t, 2) for t in tries]
-    best = min(tries)
-    assert best <= budget_s, f"the site took {best:.2f} s at best (budget {budget_s} s; best per try: {tries})"
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    benchmark.extra_info["cpu_s"] = [round(t, 2) for t in cpu]
+    best = min(cpu)
+    assert best <= budget_s, f"the site took {best:.2f} s of CPU at best (budget {budget_s} s; rounds: {cpu})"
 
 
 @pytest.mark.benchmark(group="report")

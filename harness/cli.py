@@ -29,7 +29,7 @@ def _run(args: argparse.Namespace, rest: list[str]) -> int:
     import pytest
 
     if "-h" in rest or "--help" in rest:  # the harness's own options first, not at line 450 of pytest's help
-        print(RUN_HELP)
+        print(run_help())
         return 0
     generic = CHECKOUT / "tests" / "test_matrix.py"
     if not generic.exists():
@@ -40,14 +40,21 @@ def _run(args: argparse.Namespace, rest: list[str]) -> int:
                             str(generic), *rest]))
 
 
+def run_help() -> str:
+    """`quantmatrix run --help`: the run's options, one per axis from the axis registry."""
+    from harness.cell import AXES
+
+    axes = "".join(f"  --{a.name + ' NAME[,NAME]':<23}only cells with this {a.help}\n" for a in AXES if a.option)
+    return RUN_HELP.format(axes=axes)
+
+
 RUN_HELP = """usage: quantmatrix run [options] [pytest options]
 
 Runs the matrix through pytest (the same as `pytest -m matrix`); one test per cell, one record per cell.
 
 options:
   --matrix FILE            matrix file (default matrices/default.toml)
-  --engine/--qtype/--load/--offload/--device/--model/--dtype/--stack/--cast NAME[,NAME]
-                           only cells with these values (repeatable)
+{axes}                           (each repeatable, comma-separated)
   --results FILE           append records here (default results/<timestamp>.jsonl)
   --resume FILE            skip the cells FILE already records with this environment
   --drift fail|warn        whether documentation drift fails the run (default fail)
@@ -86,7 +93,7 @@ def _validate(args: argparse.Namespace, rest: list[str]) -> int:
 
 def _detect(args: argparse.Namespace, rest: list[str]) -> int:
     from harness.engines.base import IMPORT_LOG, output_to
-    from harness.run.loading import check_name, detect
+    from harness.stacks.loading import check_name, detect
 
     disagree = 0
     for path in args.files:

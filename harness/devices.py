@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from harness.cell import DEVICES
+from harness.cell import AXES
 
 
 def unavailable_reason(device: str) -> str | None:
@@ -40,7 +40,14 @@ def unavailable_reason(device: str) -> str | None:
 
 
 def present_devices() -> tuple[str, ...]:
-    return tuple(d for d in DEVICES if unavailable_reason(d) is None)
+    return tuple(d for d in AXES["device"].known() if unavailable_reason(d) is None)
+
+
+def accelerator_build() -> bool:
+    """Whether this torch can drive an accelerator (CUDA, ROCm, MPS, XPU); answered from the build, without
+    touching a driver. Such a build's cells cannot be forked from a server that imported the engines."""
+    return bool(torch.version.cuda or getattr(torch.version, "hip", None) or torch.backends.mps.is_built()
+                or (hasattr(torch, "xpu") and torch.xpu._is_compiled()))
 
 
 def torch_device(device: str) -> torch.device:

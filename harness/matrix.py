@@ -60,10 +60,10 @@ from typing import Any
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from harness.cell import AXES, BASELINE, CASTS, DEVICES, DTYPES, LOAD_MODES, OFFLOAD_MODES, STACKS, Cell
+from harness.cell import AXES, BASELINE, Cell
 from harness.engines.catalog import CATALOG
 from harness.errors import QuantMatrixError, did_you_mean
-from harness.models.specs import MODELS
+from harness.stacks.catalog import STACK_CATALOG
 
 
 class ExpectKind(enum.StrEnum):
@@ -284,28 +284,19 @@ def _kind(value: Any) -> str:
             float: "a number"}.get(type(value), type(value).__name__)
 
 
-def _known_values(axis: str) -> tuple[str, ...]:
-    return {
-        "engine": tuple(CATALOG),
-        "qtype": tuple(sorted({q for e in CATALOG.values() for q in e.qtypes})),
-        "load": LOAD_MODES,
-        "offload": OFFLOAD_MODES,
-        "device": DEVICES,
-        "model": tuple(MODELS),
-        "dtype": DTYPES,
-        "stack": STACKS,
-        "cast": CASTS,
-    }[axis]
+# Expanded together, from the engines' catalog: each engine's own types and load modes.
+QUANT_AXES = ("engine", "qtype", "load")
 
 
-# Axes a matrix file may leave out, and the values they then take (files written before these axes existed).
-OPTIONAL_AXES = {"stack": ["direct"], "cast": ["-"]}
+def optional_axes() -> dict[str, list[str]]:
+    """Axes a matrix file may leave out, and the values they then take (files written before these axes existed)."""
+    return {name: [default] for name, default in AXES.defaults.items()}
 
 
 def _axis_values(doc: _Doc, axis: str, raw: Any, key: str, *, wildcards: bool) -> list[str]:
     values = doc.strings(raw, key)
-    known = _known_values(axis)
-    specials = {"*", "present"} if axis == "device" else {"*"}
+    known = AXES[axis].known()
+    specials = set(AXES[axis].wildcards)
     for v in values:
         if wildcards and v in specials:
             continue
@@ -324,7 +315,7 @@ def _product(axes: Mapping[str, list[str]], present_devices: tuple[str, ...]) ->
             if v == "*" and axis == "engine":  # test-only engines run only when named
                 out.extend(name for name, e in CATALOG.items() if not e.hidden)
             elif v == "*":
-                out.extend(_known_values(axis))
+                out.extend(AXES[axis].known())
             elif v == "present":
                 out.extend(present_devices)
             else:
@@ -340,24 +331,23 @@ def _product(axes: Mapping[str, list[str]], present_devices: tuple[str, ...]) ->
             qtypes = engine.qtypes  # the baseline is a cell whatever types are asked for
         loads = engine.loads if "*" in load_filter else load_filter
         quant.extend((name, q, m) for q in qtypes for m in loads)
-    rest = [resolve(a) for a in AXES[3:]]
-    cells = [Cell(e, q, m, *combo) for (e, q, m) in quant for combo in itertools.product(*rest)]
+    rest = [a.name for a in AXES if a.name not in QUANT_AXES]
+    cells = [Cell(engine=e, qtype=q, load=m, **dict(zip(rest, combo, strict=True)))
+             for (e, q, m) in quant for combo in itertools.product(*(resolve(a) for a in rest))]
     return [c for c in cells if runs_on_its_stack(c)]
 
 
 def runs_on_its_stack(cell: Cell) -> bool:
-    """The diffusers stack loads diffusers' model classes, not the harness's imitations; layerwise casting is
-    diffusers' (ModelMixin.enable_layerwise_casting). A matrix naming both stacks gets these combinations only."""
-    if cell.stack == "diffusers":
-        return MODELS[cell.model].real
-    return cell.cast == "-"
+    """Whether the cell's stack has the combination at all (the diffusers stack loads diffusers' model classes,
+    not the harness's imitations, and alone casts layerwise): a matrix naming both stacks gets these only."""
+    return STACK_CATALOG[cell.stack].accepts(cell.model, cell.cast)
 
 
 def _selector(doc: _Doc, raw: Any, key: str, *, wildcards: bool = False) -> dict[str, tuple[str, ...]]:
     table = doc.table(raw, key)
-    doc.check_keys(table, AXES, key)
+    doc.check_keys(table, AXES.names, key)
     if not table:
-        raise doc.fail(key, "empty table; expected at least one of " + ", ".join(AXES))
+        raise doc.fail(key, "empty table; expected at least one of " + ", ".join(AXES.names))
     return {k: tuple(_axis_values(doc, k, v, f"{key}.{k}", wildcards=wildcards)) for k, v in table.items()}
 
 
@@ -492,14 +482,15 @@ def parse_matrix(text: str, path: Path | str = "<matrix>", *,
     meta = doc.table(data.get("matrix", {}), "matrix")
     doc.check_keys(meta, ["name", "description"], "matrix")
     if "axes" not in data:
-        raise doc.fail("axes", "missing; expected a table with the keys " + ", ".join(AXES)
-                       + f" ({', '.join(OPTIONAL_AXES)} optional)")
+        raise doc.fail("axes", "missing; expected a table with the keys " + ", ".join(AXES.names)
+                       + f" ({', '.join(optional_axes())} optional)")
     raw_axes = doc.table(data["axes"], "axes")
-    doc.check_keys(raw_axes, AXES, "axes")
-    axes = {a: _axis_values(doc, a, raw_axes[a], f"axes.{a}", wildcards=True) for a in AXES if a in raw_axes}
-    for axis in AXES:
-        if axis not in axes and axis in OPTIONAL_AXES:
-            axes[axis] = OPTIONAL_AXES[axis]
+    doc.check_keys(raw_axes, AXES.names, "axes")
+    axes = {a: _axis_values(doc, a, raw_axes[a], f"axes.{a}", wildcards=True) for a in AXES.names if a in raw_axes}
+    optional = optional_axes()
+    for axis in AXES.names:
+        if axis not in axes and axis in optional:
+            axes[axis] = optional[axis]
         elif axis not in axes:
             raise doc.fail(f"axes.{axis}", "missing; expected a string or list of strings")
 
@@ -507,7 +498,7 @@ def parse_matrix(text: str, path: Path | str = "<matrix>", *,
     for i, raw in enumerate(_array(doc, data, "include")):
         key = f"include[{i}]"
         sel = _selector(doc, raw, key, wildcards=True)
-        extra = _product({a: list(sel.get(a, axes[a])) for a in AXES}, present_devices)
+        extra = _product({a: list(sel.get(a, axes[a])) for a in AXES.names}, present_devices)
         if not extra:
             raise doc.fail(key, "adds no cell (no engine offers that qtype/load); expected at least one")
         cells.extend(extra)

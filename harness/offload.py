@@ -9,8 +9,9 @@ stack applies them.
 - `balanced`, both stacks: SD.Next's algorithm (BalancedOffload below).
 
 The harness never works around an engine's incompatibility with an offload mode: whatever is raised is the finding.
-`apply_offload` returns a callable to run after each step (model offload's "free the model hooks" at the end of a
-pipeline call; a no-op for the other modes) and a list of notes on what the mode did that is worth recording.
+`offload_module` and `offload_pipeline` (the stacks call them) return a callable to run after each step (model
+offload's "free the model hooks" at the end of a pipeline call; a no-op for the other modes) and a list of notes on
+what the mode did that is worth recording.
 """
 
 from __future__ import annotations
@@ -27,33 +28,18 @@ from harness import devices
 from harness.matrix import Settings
 
 
-def apply_offload(model: nn.Module, mode: str, device: str, *, stack: str = "direct",
-                  components: list[nn.Module] | None = None,
-                  settings: Settings | None = None) -> tuple[Callable[[], None], list[str]]:
+def offload_module(model: nn.Module, mode: str, device: str, *, components: list[nn.Module] | None = None,
+                   settings: Settings | None = None) -> tuple[Callable[[], None], list[str]]:
+    """The direct stack's offload: accelerate's functions on the module itself (diffusers' apply_group_offloading
+    for group), SD.Next's balanced offload."""
     s = settings or Settings()
     execution = devices.torch_device(device)
-    notes: list[str] = []
     if mode == "balanced":
-        offload = BalancedOffload(components or [model], device, s.high_watermark, s.low_watermark)
-        return offload.next_generation, offload.notes
-    if stack == "diffusers":
-        pipe = component_pipeline(model)
-        if mode == "none":
-            pipe.to(execution)
-        elif mode == "model":
-            pipe.enable_model_cpu_offload(device=execution)
-            return pipe.maybe_free_model_hooks, notes
-        elif mode == "sequential":
-            pipe.enable_sequential_cpu_offload(device=execution)
-        elif mode == "group":
-            pipe.enable_group_offload(**group_options(s, execution))
-        else:
-            raise ValueError(f"unknown offload mode {mode!r}")
-        return (lambda: None), notes
+        return _balanced(model, device, components, s)
     if mode == "none":
         model.to(execution)
     elif mode == "model":
-        return _model_offload(model, execution), notes
+        return _model_offload(model, execution), []
     elif mode == "sequential":
         _sequential_offload(model, execution)
     elif mode == "group":
@@ -64,7 +50,36 @@ def apply_offload(model: nn.Module, mode: str, device: str, *, stack: str = "dir
         apply_group_offloading(model, **options)
     else:
         raise ValueError(f"unknown offload mode {mode!r}")
-    return (lambda: None), notes
+    return (lambda: None), []
+
+
+def offload_pipeline(model: nn.Module, mode: str, device: str, *, components: list[nn.Module] | None = None,
+                     settings: Settings | None = None) -> tuple[Callable[[], None], list[str]]:
+    """The diffusers stack's offload: the model as a pipeline's component, the pipeline's own methods; SD.Next's
+    balanced offload."""
+    s = settings or Settings()
+    execution = devices.torch_device(device)
+    if mode == "balanced":
+        return _balanced(model, device, components, s)
+    pipe = component_pipeline(model)
+    if mode == "none":
+        pipe.to(execution)
+    elif mode == "model":
+        pipe.enable_model_cpu_offload(device=execution)
+        return pipe.maybe_free_model_hooks, []
+    elif mode == "sequential":
+        pipe.enable_sequential_cpu_offload(device=execution)
+    elif mode == "group":
+        pipe.enable_group_offload(**group_options(s, execution))
+    else:
+        raise ValueError(f"unknown offload mode {mode!r}")
+    return (lambda: None), []
+
+
+def _balanced(model: nn.Module, device: str, components: list[nn.Module] | None,
+              s: Settings) -> tuple[Callable[[], None], list[str]]:
+    offload = BalancedOffload(components or [model], device, s.high_watermark, s.low_watermark)
+    return offload.next_generation, offload.notes
 
 
 def group_options(s: Settings, execution: torch.device) -> dict:

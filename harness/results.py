@@ -17,6 +17,7 @@ from typing import Any
 
 from harness.cell import Cell
 from harness.matrix import Expectation
+from harness.stacks.catalog import STACK_CATALOG
 from harness.verdict import Absence, ClaimResult, Outcome, Verdict
 
 log = logging.getLogger(__name__)
@@ -110,11 +111,16 @@ def make_record(run: str, cell: Cell, expect: Expectation, verdict: Verdict, not
 
 
 @functools.lru_cache(maxsize=4096)
-def _cell_and_ids(fields: tuple) -> tuple[Cell, tuple[str, str]]:
-    """A record's cell and the ids its record may carry: today's, and the one written before the stack axis (it
-    ends at the dtype; those cells were direct). Cached: a results file repeats its cells night after night."""
+def _cell_and_ids(fields: tuple) -> tuple[Cell, tuple[str, ...]]:
+    """A record's cell and the ids its record may carry: today's, and those written before its trailing axes
+    existed (Cell.ids). Cached: a results file repeats its cells night after night."""
     cell = Cell(**dict(fields))
-    return cell, (cell.id, cell.id.removesuffix("/direct"))
+    return cell, cell.ids
+
+
+def _quantizes_in_load(cell: Cell) -> bool:
+    stack = STACK_CATALOG.get(cell.stack)
+    return stack is not None and cell.load in stack.quantizes_in_load
 
 
 def validate_record(record: Any) -> list[str]:
@@ -150,7 +156,7 @@ def validate_record(record: Any) -> list[str]:
             if key not in metrics:
                 problems.append(f"metrics.{key} missing")
             elif metrics[key] is None and not (key == "sqnr_db" and metrics.get("max_abs_error") == 0) \
-                    and not (key == "quantize_s" and (cell.stack, cell.load) == ("diffusers", "on-the-fly")):
+                    and not (key == "quantize_s" and _quantizes_in_load(cell)):
                 problems.append(f"metrics.{key} is null")  # quantize_s null: quantized inside diffusers' load call
         lat = metrics.get("latency_ms") or {}
         if not all(isinstance(lat.get(k), (int, float)) for k in ("median", "p10", "p90", "n")):

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 ALL_ENGINES = "bnb,gguf,nncf,none,quanto,sdnq,torchao"
 
@@ -40,6 +42,7 @@ def run_one_cell(env: dict[str, str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_with_every_engine_preloaded_on_a_fresh_machine_the_server_forks_with_no_other_thread(tmp_path):
     outcome = run_one_cell(fresh_machine_env(tmp_path, QUANTMATRIX_PRELOAD=ALL_ENGINES))
     assert outcome["status"] == "ran", outcome["error"]  # the fork check found no thread besides the main one
@@ -53,6 +56,7 @@ def test_a_server_holding_another_thread_refuses_to_fork_cells_and_names_the_thr
     assert "'fault-import-thread' (Python thread" in outcome["error"]["message"]
 
 
+@pytest.mark.slow
 def test_sdnq_cells_after_the_server_compiled_sdnqs_import_test_all_run_well_inside_the_timeout(tmp_path):
     """The cells that hung until the timeout on a fresh machine: SDNQ on the fly, with sdnq preloaded by the
     server (3 or more of its cells in the run) and an empty inductor cache."""

@@ -1,5 +1,6 @@
 """The command line: clear errors with exit status 2, listing, validating and detecting files."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -40,22 +41,42 @@ def test_run_help_shows_the_harness_options_first_and_all_of_them(capsys):
     assert out.startswith("usage: quantmatrix run") and len(out.splitlines()) < 40
     options = set(re.findall(r'addoption\("(--[a-z-]+)"', open(plugin.__file__).read()))
     assert options >= {"--matrix", "--results", "--resume", "--drift", "--cell-timeout", "--memory-limit"}
-    for option in options | {f"--{axis}" for axis in AXES}:
+    for option in options | {f"--{axis.name}" for axis in AXES}:
         assert option in out, option
 
 
-def test_engine_import_messages_stay_out_of_the_terminal(tmp_path):
-    """`detect` imports every engine's package; what they print on import goes to the import log."""
-    import subprocess
-    import sys
+# Run in a fresh interpreter: `quantmatrix detect FILE...`, then the modules it had imported, written to a file.
+DETECT_PROBE = """
+import json, sys
+from harness.cli import main
+code = main(["detect", *sys.argv[2:]])
+with open(sys.argv[1], "w") as f:
+    json.dump(sorted(sys.modules), f)
+sys.exit(code)
+"""
 
+
+def test_detecting_an_unquantized_file_imports_no_engine_and_prints_only_its_finding(tmp_path):
+    """`detect` of a plain safetensors file is recognised by the baseline's reader before any engine's: no engine
+    package is imported (nothing is written to the import log), and the terminal shows only the finding."""
+    import os
+
+    from harness.engines.catalog import CATALOG
+
+    packages = sorted(e.import_name or e.package for e in CATALOG.values() if e.package)
+    assert {"bitsandbytes", "optimum.quanto", "gguf", "nncf", "sdnq", "torchao"} <= set(packages)
     path = ENGINES["none"].save(build_model("dit-xs"), "-", tmp_path / "model.safetensors")
-    log = tmp_path / "imports.log"
-    proc = subprocess.run([sys.executable, "-m", "harness.cli", "detect", str(path)], capture_output=True, text=True,
-                          env={**__import__("os").environ, "QUANTMATRIX_IMPORT_LOG": str(log)}, timeout=300)
+    log, modules = tmp_path / "imports.log", tmp_path / "modules.json"
+    proc = subprocess.run([sys.executable, "-c", DETECT_PROBE, str(modules), str(path)], capture_output=True,
+                          text=True, cwd=REPO, timeout=300,
+                          env={**os.environ, "QUANTMATRIX_IMPORT_LOG": str(log), "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"{path}: engine=none qtype=-"
     assert proc.stderr == ""
+    imported = json.loads(modules.read_text())
+    assert "harness.cli" in imported and "safetensors" in imported  # the probe saw the detection's modules
+    assert [m for m in imported if any(m == p or m.startswith(p + ".") for p in packages)] == []
+    assert not log.exists() or log.read_text() == ""
 
 
 def test_detect_reads_the_contents_and_reports_a_name_that_disagrees(tmp_path, capsys):

@@ -5,9 +5,12 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_the_device_script_plans_its_phases_without_running_a_cell(tmp_path):
     proc = subprocess.run(["bash", "scripts/device-matrix.sh", "plan"], cwd=REPO, capture_output=True, text=True,
                           timeout=600, env={**os.environ, "OUT": str(tmp_path)})

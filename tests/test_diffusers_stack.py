@@ -12,8 +12,9 @@ from harness.cell import Cell
 from harness.errors import QuantMatrixError
 from harness.matrix import Settings
 from harness.models.build import build_skeleton
-from harness.run import diffusers_stack
 from harness.run.execute import CellTask, execute_cell, layer_of
+from harness.stacks import diffusers as diffusers_stack
+from harness.stacks import loading
 
 FAST = Settings(warmup=0, min_steps=1, min_time_s=0.0)
 
@@ -66,7 +67,7 @@ def implied_bits_per_weight(engine: str, qtype: str, quantized: set[str]) -> flo
 
 def quantized_layers(engine: str, qtype: str, load: str, workdir) -> set[str]:
     """The Linear layers the engine quantized when diffusers loaded the model this way."""
-    src = diffusers_stack.float_dir(workdir, "flux-tiny", 0)
+    src = loading.float_dir(workdir, "flux-tiny", 0)
     from harness.engines.registry import ENGINES
 
     if load == "on-the-fly":
@@ -137,10 +138,26 @@ def test_post_load_on_diffusers_applies_the_engine_to_the_loaded_class(workdir):
 
 @pytest.mark.parametrize("stack", ["direct", "diffusers"])
 @pytest.mark.parametrize("offload", ["group", "balanced"])
-def test_group_and_sdnext_balanced_offload_keep_the_float_output_bit_identical(offload, stack, workdir):
+def test_group_and_sdnext_balanced_offload_keep_the_float_output_bit_identical(offload, stack, workdir,
+                                                                                 monkeypatch):
+    from harness import offload as offloads
+    from tests.test_offload import assert_offload_installed
+
     plain = run(cell("none", "-", offload="none", stack=stack), workdir)
+    installed = []  # (mode, model, after step) of each offload the stack applied: the hooks are checked below
+    function = "offload_module" if stack == "direct" else "offload_pipeline"
+    real = getattr(offloads, function)
+
+    def recording(model, mode, device, **kwargs):
+        after_step, notes = real(model, mode, device, **kwargs)
+        installed.append((mode, model, after_step))
+        return after_step, notes
+
+    monkeypatch.setattr(offloads, function, recording)
     offloaded = run(cell("none", "-", offload=offload, stack=stack), workdir)
     assert offloaded.status == "ran", offloaded.error
+    assert [mode for mode, _, _ in installed] == [offload]  # the stack offloaded through harness.offload
+    assert_offload_installed(*installed[0])  # the mode's hooks were really on the model that ran
     assert offloaded.metrics["max_abs_error"] == 0.0
     assert offloaded.metrics["output_sha256"] == plain.metrics["output_sha256"]
 
@@ -158,7 +175,7 @@ def test_a_saved_model_directory_is_recognised_from_its_quantization_config(work
 
     path = diffusers_stack.prequantized(workdir, ENGINES["sdnq"], "int8", "flux-tiny", torch.float32, 0)
     assert diffusers_stack.detect_saved(path) == ("sdnq", "int8")
-    assert diffusers_stack.detect_saved(diffusers_stack.float_dir(workdir, "flux-tiny", 0)) == ("none", "-")
+    assert diffusers_stack.detect_saved(loading.float_dir(workdir, "flux-tiny", 0)) == ("none", "-")
 
 
 def test_a_malformed_quantization_config_names_the_file_and_field(tmp_path):
@@ -175,24 +192,23 @@ def test_a_model_with_shared_weights_is_drawn_once_per_run_and_loaded_by_every_c
 
     from harness.models import build
     from harness.models.specs import MODELS
-    from harness.run import loading
+    from harness.stacks import loading
 
     monkeypatch.setitem(MODELS, "flux-tiny", dataclasses.replace(MODELS["flux-tiny"], shared_weights=True))
     bf16 = Settings(warmup=0, min_steps=1, min_time_s=0.0)
     cells = [Cell(engine, qtype, "post-load", "none", "cpu", "flux-tiny", "bfloat16", stack)
              for engine, qtype, stack in [("none", "-", "direct"), ("quanto", "qint8", "direct"),
                                           ("none", "-", "diffusers"), ("gguf", "Q8_0", "diffusers")]]
-    cells[3] = dataclasses.replace(cells[3], load="prequantized")
+    cells[3] = cells[3].replace(load="prequantized")
     drawn = []
     real_build = build.build_model
     monkeypatch.setattr(build, "build_model", lambda *a, **k: (drawn.append(a), real_build(*a, **k))[1])
-    monkeypatch.setattr(diffusers_stack, "build_model", build.build_model)
     monkeypatch.setattr(loading, "build_model", build.build_model)
-    directory = diffusers_stack.float_dir(tmp_path, "flux-tiny", 0, torch.bfloat16)
+    directory = loading.float_dir(tmp_path, "flux-tiny", 0, torch.bfloat16)
     assert directory.name == "flux-tiny-seed0-bfloat16" and len(drawn) == 1
     config = json.loads((directory / "config.json").read_text())
     assert config["_class_name"] == "FluxTransformer2DModel"
-    stored = {t.dtype for t in diffusers_stack.float_model(tmp_path, "flux-tiny", 0, torch.bfloat16).parameters()}
+    stored = {t.dtype for t in loading.float_model(tmp_path, "flux-tiny", 0, torch.bfloat16).parameters()}
     assert stored == {torch.bfloat16}
     outcomes = [execute_cell(CellTask(c, bf16, tmp_path)) for c in cells]
     assert [o.status for o in outcomes] == ["ran"] * 4, [o.error for o in outcomes]

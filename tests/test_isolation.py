@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -26,7 +27,7 @@ def fault_cell(qtype: str) -> Cell:
     return Cell("fault", qtype, "post-load", "none", "cpu", "dit-xs", "float32")
 
 
-@pytest.fixture(params=["fork", "pool"])
+@pytest.fixture(params=["fork", pytest.param("pool", marks=pytest.mark.slow)])
 def runner(request, monkeypatch):
     """Which cell runner the test's cells use (in this process, and in a pytest run it starts)."""
     from harness.run import pool
@@ -37,62 +38,10 @@ def runner(request, monkeypatch):
     pool.close()  # no waiting worker outlives the test
 
 
-@pytest.mark.parametrize("qtype, status, reason", [
-    ("abort", "crash", "SIGABRT"),
-    ("segfault", "crash", "SIGSEGV"),
-    ("exit", "crash", "exited with code 3"),
-    ("hang", "hang", "cell timeout of 4 s, and no CPU progress"),
-    ("spin", "timeout", "cell timeout of 4 s, still computing"),
-    ("oom", "oom", "MemoryError"),
-    ("raise", "error", "ValueError during load"),
-])
-def test_each_fault_gets_its_status(runner, tmp_path, qtype, status, reason):
-    timeout_s = 4 if qtype in ("hang", "spin") else 120
-    outcome = run_isolated(CellTask(fault_cell(qtype), QUICK, tmp_path), timeout_s=timeout_s, memory_limit_mb=768)
-    assert outcome.status == status
-    assert reason in outcome.reason
-
-
-@pytest.mark.parametrize("qtype, hung", [("hang", True), ("spin", False)])
-def test_a_cell_killed_at_its_timeout_carries_its_threads_stacks_and_cpu_time(runner, tmp_path, qtype, hung):
-    outcome = run_isolated(CellTask(fault_cell(qtype), QUICK, tmp_path), timeout_s=4)
-    process = outcome.process
-    assert process["hung"] is hung
-    assert process["cpu_s"] is not None and (process["cpu_s"] < 1.5 if hung else process["cpu_s"] > 1.0)
-    # the Python stack of the thread that hung, down to the engine's frame, from faulthandler before the kill
-    assert "Current thread" in process["stacks"] and "fault.py" in process["stacks"]
-    assert "in quantize" in process["stacks"] and "execute.py" in process["stacks"]
-    assert outcome.error.type == ("Hang" if hung else "Timeout")
-    assert "fault.py" in outcome.error.where.split(" <- ")[0]  # innermost frame first
-
-
-def test_a_flood_of_output_is_kept_as_a_bounded_tail(runner, tmp_path):
-    outcome = run_isolated(CellTask(fault_cell("flood"), QUICK, tmp_path), timeout_s=60)
-    assert outcome.status == "ran"
-    assert outcome.output_tail.startswith("[... ") and "earlier bytes cut" in outcome.output_tail
-    assert len(outcome.output_tail) < OUTPUT_TAIL_BYTES + 100
-
-
-def _sleepers() -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        if p.info["cmdline"] and "import time; time.sleep(600)" in " ".join(p.info["cmdline"]):
-            found.append(p)
-    return found
-
-
-def test_processes_a_cell_leaves_behind_are_killed(runner, tmp_path):
-    before = {p.pid for p in _sleepers()}
-    outcome = run_isolated(CellTask(fault_cell("orphan"), QUICK, tmp_path), timeout_s=60)
-    assert outcome.status == "ran"
-    psutil.wait_procs([p for p in _sleepers() if p.pid not in before], timeout=5)
-    assert {p.pid for p in _sleepers()} - before == set()
-
-
 FAULT_MATRIX = """
 [axes]
 engine = ["fault", "none"]
-qtype = ["abort", "segfault", "exit", "raise", "hang", "oom", "flood", "orphan"]
+qtype = ["abort", "segfault", "exit", "raise", "hang", "spin", "oom", "flood", "orphan"]
 load = ["post-load"]
 offload = ["none"]
 device = ["cpu"]
@@ -103,50 +52,121 @@ dtype = ["float32"]
 warmup = 0
 min_steps = 1
 min_time_s = 0.0
-cell_timeout_s = 10
+cell_timeout_s = 6
 memory_limit_mb = 768
 """
 
 
-def test_a_run_goes_on_after_every_kind_of_fault_and_records_every_cell(runner, tmp_path):
+def _sleepers() -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        if p.info["cmdline"] and "import time; time.sleep(600)" in " ".join(p.info["cmdline"]):
+            found.append(p)
+    return found
+
+
+@dataclass
+class FaultRun:
+    runner: str
+    records: dict[str, dict]  # by qtype ("-": the baseline)
+    returncode: int
+    stdout: str
+    orphans_left: set[int]  # the orphan fault's sleeping child, if it outlived its cell
+
+
+@pytest.fixture(scope="module", params=["fork", pytest.param("pool", marks=pytest.mark.slow)])
+def fault_run(request, tmp_path_factory) -> FaultRun:
+    """Every fault of the fault engine, one cell each, in one `pytest -m matrix` run per cell runner: each fault
+    test reads its cell's record from it."""
     before = {p.pid for p in _sleepers()}
-    matrix, results = tmp_path / "faults.toml", tmp_path / "results.jsonl"
+    where = tmp_path_factory.mktemp(f"faults-{request.param}")
+    matrix, results = where / "faults.toml", where / "results.jsonl"
     matrix.write_text(FAULT_MATRIX)
+    env = {**os.environ, "QUANTMATRIX_CELL_RUNNER": request.param, "QUANTMATRIX_POOL_REFILL": "during"}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "matrix", "--matrix", str(matrix),
                            "--results", str(results), "-p", "no:cacheprovider", "-q",
                            str(REPO / "tests" / "test_matrix.py")], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 1, proc.stdout[-3000:]  # the faults fail; the run itself completes
+                          timeout=600, env=env)
     records = [json.loads(line) for line in results.read_text().splitlines()]  # every line whole
-    verdicts = {r["id"]: r["verdict"] for r in records}
-    assert len(records) == len(verdicts) == 9  # none lost, none duplicated
-    assert verdicts == {
-        "none/post-load/none/cpu/dit-xs/float32/direct": "ok",  # baselines run first
-        "fault-abort/post-load/none/cpu/dit-xs/float32/direct": "crash",
-        "fault-segfault/post-load/none/cpu/dit-xs/float32/direct": "crash",
-        "fault-exit/post-load/none/cpu/dit-xs/float32/direct": "crash",
-        "fault-raise/post-load/none/cpu/dit-xs/float32/direct": "fail",
-        "fault-hang/post-load/none/cpu/dit-xs/float32/direct": "hang",
-        "fault-oom/post-load/none/cpu/dit-xs/float32/direct": "oom",
-        "fault-flood/post-load/none/cpu/dit-xs/float32/direct": "ok",
-        "fault-orphan/post-load/none/cpu/dit-xs/float32/direct": "ok",
-    }
-    hang = next(r for r in records if r["cell"]["qtype"] == "hang")
-    assert "fault.py" in hang["process"]["stacks"] and hang["error"]["type"] == "Hang"  # the record says why
-    flood = next(r for r in records if r["cell"]["qtype"] == "flood")
-    assert len(flood["output_tail"]) < OUTPUT_TAIL_BYTES + 100  # 8 MiB of output, a bounded excerpt kept
-    assert all(r["output_tail"] is None or len(r["output_tail"]) < OUTPUT_TAIL_BYTES + 100 for r in records)
-    assert "6 failed, 3 passed" in proc.stdout
     psutil.wait_procs([p for p in _sleepers() if p.pid not in before], timeout=5)
-    assert {p.pid for p in _sleepers()} - before == set()  # the orphan's child was killed with its cell
+    return FaultRun(request.param, {r["cell"]["qtype"]: r for r in records}, proc.returncode, proc.stdout,
+                    {p.pid for p in _sleepers()} - before)
 
 
-FAULT_QTYPES = 'qtype = ["abort", "segfault", "exit", "raise", "hang", "oom", "flood", "orphan"]'
+@pytest.mark.parametrize("qtype, verdict, reason", [
+    ("abort", "crash", "SIGABRT"),
+    ("segfault", "crash", "SIGSEGV"),
+    ("exit", "crash", "exited with code 3"),
+    ("hang", "hang", "cell timeout of 6 s, and no CPU progress"),
+    ("spin", "timeout", "cell timeout of 6 s, still computing"),
+    ("oom", "oom", "MemoryError"),
+    ("raise", "fail", "ValueError during load"),
+])
+def test_each_fault_gets_its_verdict(fault_run, qtype, verdict, reason):
+    record = fault_run.records[qtype]
+    assert record["verdict"] == verdict and reason in record["reason"], record["reason"]
+
+
+@pytest.mark.parametrize("qtype, hung", [("hang", True), ("spin", False)])
+def test_a_cell_killed_at_its_timeout_carries_its_threads_stacks_and_cpu_time(fault_run, qtype, hung):
+    record = fault_run.records[qtype]
+    process = record["process"]
+    assert process["hung"] is hung
+    assert process["cpu_s"] is not None and (process["cpu_s"] < 1.5 if hung else process["cpu_s"] > 1.0)
+    # the Python stack of the thread that hung, down to the engine's frame, from faulthandler before the kill
+    assert "Current thread" in process["stacks"] and "fault.py" in process["stacks"]
+    assert "in quantize" in process["stacks"] and "execute.py" in process["stacks"]
+    assert record["error"]["type"] == ("Hang" if hung else "Timeout")
+    assert "fault.py" in record["error"]["where"].split(" <- ")[0]  # innermost frame first
+
+
+def test_a_flood_of_output_is_kept_as_a_bounded_tail(fault_run):
+    tail = fault_run.records["flood"]["output_tail"]
+    assert fault_run.records["flood"]["verdict"] == "ok"
+    assert tail.startswith("[... ") and "earlier bytes cut" in tail  # 8 MiB of output, a bounded excerpt kept
+    assert all(r["output_tail"] is None or len(r["output_tail"]) < OUTPUT_TAIL_BYTES + 100
+               for r in fault_run.records.values())
+
+
+def test_processes_a_cell_leaves_behind_are_killed(fault_run):
+    assert fault_run.records["orphan"]["verdict"] == "ok"
+    assert fault_run.orphans_left == set()  # the orphan's child was killed with its cell
+
+
+def test_a_run_goes_on_after_every_kind_of_fault_and_records_every_cell(fault_run):
+    assert fault_run.returncode == 1, fault_run.stdout[-3000:]  # the faults fail; the run itself completes
+    assert sorted(fault_run.records) == sorted(["-", "abort", "segfault", "exit", "raise", "hang", "spin", "oom",
+                                                "flood", "orphan"])  # none lost, none duplicated
+    assert fault_run.records["-"]["verdict"] == "ok"
+    assert "7 failed, 3 passed" in fault_run.stdout
+
+
+def test_run_isolated_contains_a_crash_and_an_error_in_this_process(tmp_path):
+    """The runner's own entry point, without the plugin: a segfault is the cell's crash, not the caller's."""
+    crash = run_isolated(CellTask(fault_cell("segfault"), QUICK, tmp_path), timeout_s=120)
+    assert crash.status == "crash" and "SIGSEGV" in crash.reason
+    raised = run_isolated(CellTask(fault_cell("raise"), QUICK, tmp_path), timeout_s=120)
+    assert raised.status == "error" and "ValueError during load" in raised.reason
+
+
+def test_a_warm_pool_worker_runs_one_cell_and_reports_its_error(monkeypatch, tmp_path):
+    """The pool runner (accelerator builds) at small scale: one spawned, pre-imported worker, one cell."""
+    from harness.run import pool
+
+    monkeypatch.setenv("QUANTMATRIX_CELL_RUNNER", "pool")
+    try:
+        outcome = run_isolated(CellTask(fault_cell("raise"), QUICK, tmp_path), timeout_s=300)
+    finally:
+        pool.close()
+    assert outcome.status == "error" and "ValueError during load" in outcome.reason
+
+
+FAULT_QTYPES = 'qtype = ["abort", "segfault", "exit", "raise", "hang", "spin", "oom", "flood", "orphan"]'
 INTERRUPT_MATRIX = FAULT_MATRIX.replace(FAULT_QTYPES, 'qtype = ["hang"]').replace(
-    'cell_timeout_s = 10', 'cell_timeout_s = 600')
+    'cell_timeout_s = 6', 'cell_timeout_s = 600')
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)])
 def test_an_interrupt_stops_the_run_within_seconds_and_records_the_running_cell(runner, tmp_path, sig):
     matrix, results = tmp_path / "hang.toml", tmp_path / "results.jsonl"
     matrix.write_text(INTERRUPT_MATRIX)

@@ -94,3 +94,30 @@ def test_the_parts_a_cell_is_built_from_do_not_import_the_runner():
              *(HARNESS / "models").glob("*.py")]
     for path in parts:
         assert not {m for m in imports_of(path) if m.startswith("harness.run")}, path.name
+
+
+def module_of(path: Path) -> str:
+    parts = path.relative_to(HARNESS.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_no_import_cycle_among_the_harness_modules():
+    """Imports at any level, inside functions too: a lazy import that closes a cycle is a cycle all the same
+    (isolation and pool imported each other so)."""
+    modules = {module_of(p): p for p in HARNESS.rglob("*.py")}
+    graph = {m: {i for i in imports_of(p) if i in modules and i != m} for m, p in modules.items()}
+
+    def cycle_from(start: str) -> list[str] | None:
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in graph[node]:
+                if nxt == start:
+                    return [*path, start]
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, [*path, nxt]))
+        return None
+
+    cycles = [c for m in sorted(modules) if (c := cycle_from(m))]
+    assert not cycles, " ; ".join(" -> ".join(c) for c in cycles[:5])

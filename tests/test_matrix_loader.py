@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from harness.cell import DEVICES, DTYPES, LOAD_MODES, OFFLOAD_MODES, Cell
+from harness.cell import AXES, Cell
 from harness.engines.registry import ENGINES
 from harness.errors import QuantMatrixError
 from harness.matrix import parse_matrix
@@ -25,9 +25,9 @@ def subset(values):
 def valid_documents(draw):
     engines = draw(subset(["none", "fault"]))
     faults = draw(subset(FAULTS)) if "fault" in engines else []
-    axes = {"engine": engines, "qtype": faults or ["-"], "load": draw(subset(LOAD_MODES)),
-            "offload": draw(subset(OFFLOAD_MODES)), "device": draw(subset(DEVICES)),
-            "model": draw(subset(list(MODELS))), "dtype": draw(subset(DTYPES))}
+    axes = {"engine": engines, "qtype": faults or ["-"], "load": draw(subset(AXES["load"].known())),
+            "offload": draw(subset(AXES["offload"].known())), "device": draw(subset(AXES["device"].known())),
+            "model": draw(subset(list(MODELS))), "dtype": draw(subset(AXES["dtype"].known()))}
     others = 1
     for axis in ("load", "offload", "device", "model", "dtype"):
         others *= len(axes[axis])

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SMOKE_DURATIONS
 from harness.devices import pin_worker
+from harness.matrix import load_matrix
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = ["-m", "matrix", "--matrix", "matrices/smoke.toml", "-q", "-p", "no:cacheprovider"]
@@ -35,13 +37,45 @@ def verdicts(path: Path) -> dict[str, str]:
     return out
 
 
-def test_three_shards_run_each_cell_once_like_an_unsharded_run(tmp_path):
-    durations = tmp_path / "durations.json"
-    whole = tmp_path / "whole.jsonl"
-    # An unsharded run that stores its durations: later shards are balanced by them (pytest-split).
-    subprocess.run(pytest_cmd("--results", str(whole), "--store-durations", "--durations-path", str(durations)),
-                   cwd=REPO, check=True, capture_output=True, timeout=600)
-    assert len(json.loads(durations.read_text())) == len(records(whole))
+def same_results(run: list[dict], smoke_run) -> None:
+    """A second run of the smoke matrix agrees with the session's: the same cells, verdicts, stored bytes, bits per
+    weight and output hashes (seeded models, deterministic kernels on the CPU)."""
+    first = smoke_run.by_id()
+    again = {r["id"]: r for r in run}
+    assert again.keys() == first.keys() and len(first) == 12
+    for cell_id, r in again.items():
+        assert r["verdict"] == first[cell_id]["verdict"], cell_id
+        a, b = r["metrics"], first[cell_id]["metrics"]
+        assert (a["param_bytes"], a["bits_per_weight"], a["output_sha256"]) == \
+            (b["param_bytes"], b["bits_per_weight"], b["output_sha256"]), cell_id
+
+
+@pytest.mark.slow
+def test_the_smoke_baseline_reproduces_its_reference_bit_for_bit(smoke_run):
+    """The post-load baseline is the separately computed reference output: error exactly 0."""
+    baseline = [r for r in smoke_run.records if r["cell"]["engine"] == "none" and r["cell"]["load"] == "post-load"]
+    assert baseline and all(r["metrics"]["max_abs_error"] == 0 for r in baseline)
+    assert smoke_run.returncode == 0, smoke_run.stdout[-3000:]
+
+
+def test_three_shards_collect_each_cell_once(tmp_path):
+    """Sharding (pytest-split) partitions the matrix's cells: each in exactly one shard (collection only)."""
+    collected = []
+    for group in (1, 2, 3):
+        out = subprocess.run(pytest_cmd("--collect-only", "--splits", "3", "--group", str(group)), cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout[-2000:]
+        ids = [line for line in out.stdout.splitlines() if line.startswith("tests/test_matrix.py::")]
+        assert ids, out.stdout[-2000:]
+        collected.append(ids)
+    every = [c.id for c in load_matrix(REPO / "matrices" / "smoke.toml").cells]
+    assert sorted(i.split("[", 1)[1].rstrip("]") for i in sum(collected, [])) == sorted(every) and len(every) == 12
+
+
+@pytest.mark.slow
+def test_three_shards_run_each_cell_once_like_an_unsharded_run(tmp_path, smoke_run):
+    durations = smoke_run.results.parent / SMOKE_DURATIONS  # the unsharded run stored its durations
+    assert len(json.loads(durations.read_text())) == len(smoke_run.records)
     shards = tmp_path / "shards.jsonl"
     runs = Counter()
     for group in (1, 2, 3):
@@ -52,10 +86,11 @@ def test_three_shards_run_each_cell_once_like_an_unsharded_run(tmp_path):
         runs[group] = len(records(shards)) - sum(runs.values())
         assert "passed" in out.stdout
     assert all(n > 0 for n in runs.values())  # every shard ran some cells
-    assert verdicts(shards) == verdicts(whole)  # the same cells, each once, with the same verdicts
+    same_results(records(shards), smoke_run)  # the same cells, each once, with the same verdicts and figures
 
 
-def test_interrupted_run_resumes_where_it_stopped(tmp_path):
+@pytest.mark.slow
+def test_interrupted_run_resumes_where_it_stopped(tmp_path, smoke_run):
     results = tmp_path / "results.jsonl"
     proc = subprocess.Popen(pytest_cmd("--results", str(results)), cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.STDOUT)
@@ -80,25 +115,24 @@ def test_interrupted_run_resumes_where_it_stopped(tmp_path):
     after = records(results)
     assert after[:len(first)] == first  # earlier records intact
     final = [r for r in after if r["verdict"] != "interrupted"]
-    ids = [r["id"] for r in final]
-    assert len(ids) == len(set(ids)) == 12  # every cell recorded exactly once (an interrupted record is superseded)
     assert {r["run"] for r in after} == {first[0]["run"]}  # the resumed run goes on under the same run id
     resumed = [r for r in after[len(first):]]
     assert {r["id"] for r in resumed}.isdisjoint({r["id"] for r in first if r["verdict"] != "interrupted"})
+    same_results(final, smoke_run)  # every cell recorded exactly once, as an uninterrupted run records it
 
 
-def test_xdist_workers_write_one_intact_record_per_cell(tmp_path):
+@pytest.mark.slow
+def test_xdist_workers_write_one_intact_record_per_cell(tmp_path, smoke_run):
     results = tmp_path / "results.jsonl"
     out = subprocess.run(pytest_cmd("--results", str(results), "-n", "2", "-p", "no:benchmark"), cwd=REPO,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:]
     lines = results.read_text().splitlines()
     parsed = [json.loads(line) for line in lines]  # every line whole
-    assert len(parsed) == len({r["id"] for r in parsed}) == 12
     assert len({r["run"] for r in parsed}) == 1  # the workers share the controller's run id
     cores = os.cpu_count() or 1
     assert {r["env"]["threads"] for r in parsed} == {max(1, cores // 2)}  # a fair share of the cores each
-    assert "records               12" in out.stdout  # the controller's summary reads the workers' records
+    same_results(parsed, smoke_run)  # one record per cell, the same figures as one process gives
 
 
 @pytest.mark.parametrize("kind, ids, expected", [

@@ -3,12 +3,43 @@ balanced algorithm) and do not change the output."""
 
 import pytest
 import torch
+from torch import nn
 
 from harness.matrix import Settings
 from harness.models.build import build_model, components, make_inputs, run
-from harness.offload import SDNEXT_REVISION, BalancedOffload, apply_offload
+from harness.offload import SDNEXT_REVISION, BalancedOffload, offload_module, offload_pipeline
 
 MODES = ["none", "model", "sequential", "balanced", "group"]
+
+
+def assert_offload_installed(mode: str, model: nn.Module, after_step) -> None:
+    """The hooks `mode` installs are on `model` (an offload that did nothing gives the same output too): for none
+    no hook and the weights on the device; for model accelerate's CpuOffload on the model alone; for sequential an
+    AlignDevicesHook on every module holding weights and every weight a placeholder on the meta device; for group
+    diffusers' group-offloading hook on every Linear (leaf level, the default); for balanced the BalancedOffload's
+    own hook on the model, the one whose next_generation runs after each step."""
+    hf = {n: type(m._hf_hook).__name__ for n, m in model.named_modules() if hasattr(m, "_hf_hook")}
+    grouped = {n for n, m in model.named_modules()
+               if "group_offloading" in getattr(getattr(m, "_diffusers_hook", None), "hooks", {})}
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    holders = {n for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))}
+    devices = {p.device.type for p in model.parameters()}
+    assert linears and holders
+    if mode == "none":
+        assert hf == {} and grouped == set() and devices == {"cpu"}, (hf, grouped, devices)
+    elif mode == "model":
+        assert hf == {"": "CpuOffload"} and grouped == set(), (hf, grouped)
+    elif mode == "sequential":
+        assert {n: hf.get(n) for n in holders} == dict.fromkeys(holders, "AlignDevicesHook"), hf
+        assert devices == {"meta"}, devices
+    elif mode == "group":
+        assert hf == {} and linears <= grouped, (hf, sorted(linears - grouped))
+    elif mode == "balanced":
+        offload = getattr(after_step, "__self__", None)
+        assert isinstance(offload, BalancedOffload) and after_step == offload.next_generation, after_step
+        assert hf == {"": "OffloadHook"} and model._hf_hook is offload.hook, hf
+    else:
+        raise AssertionError(f"no check for offload mode {mode!r}")
 
 
 @pytest.fixture(scope="module")
@@ -25,44 +56,52 @@ def reference():
 def test_every_offload_mode_gives_the_same_output_on_the_direct_stack(mode, reference):
     inputs, expected = reference["unet-xs"]
     model = build_model("unet-xs")
-    after_step, _ = apply_offload(model, mode, "cpu", components=components("unet-xs", model))
+    after_step, _ = offload_module(model, mode, "cpu", components=components("unet-xs", model))
+    assert_offload_installed(mode, model, after_step)
     with torch.no_grad():
         out = run(model, inputs)
+    if mode == "balanced":  # its hook ran when the forward started
+        assert after_step.__self__.last_pre == id(model)
     after_step()
     assert torch.equal(out, expected)
+    assert_offload_installed(mode, model, after_step)  # and stay installed for the next step
 
 
 @pytest.mark.parametrize("mode", [m for m in MODES if m != "sequential"])
 def test_diffusers_pipeline_offload_gives_the_same_output(mode, reference):
     inputs, expected = reference["flux-tiny"]
     model = build_model("flux-tiny")
-    after_step, _ = apply_offload(model, mode, "cpu", stack="diffusers")
+    after_step, _ = offload_pipeline(model, mode, "cpu")
+    assert_offload_installed(mode, model, after_step)
     for _ in range(2):
         with torch.no_grad():
             out = run(model, inputs)
+        if mode == "balanced":
+            assert after_step.__self__.last_pre == id(model)
         after_step()
         assert torch.equal(out, expected)
+        assert_offload_installed(mode, model, after_step)
 
 
 def test_diffusers_stack_offload_runs_the_pipelines_own_methods():
     model = build_model("flux-tiny")
-    apply_offload(model, "model", "cpu", stack="diffusers")
+    offload_pipeline(model, "model", "cpu")
     assert type(model._hf_hook).__name__ == "CpuOffload"  # enable_model_cpu_offload's hook
     grouped = build_model("flux-tiny")
-    apply_offload(grouped, "group", "cpu", stack="diffusers", settings=Settings(group_type="block_level"))
+    offload_pipeline(grouped, "group", "cpu", settings=Settings(group_type="block_level"))
     registry = grouped.transformer_blocks[0]._diffusers_hook  # diffusers' own hook registry
     assert any("group_offloading" in name for name in registry.hooks)
 
 
 def test_model_offload_uses_accelerates_user_hook():
     model = build_model("dit-xs")
-    apply_offload(model, "model", "cpu")
+    offload_module(model, "model", "cpu")
     assert type(model._hf_hook).__name__ == "CpuOffload"
 
 
 def test_sequential_offload_keeps_weights_off_device_between_forwards():
     model = build_model("dit-xs")
-    apply_offload(model, "sequential", "cpu")
+    offload_module(model, "sequential", "cpu")
     # accelerate's cpu_offload leaves placeholders on the meta device; the weights live in the hooks' map.
     assert model.blocks[0].attn.to_q.weight.device.type == "meta"
     assert type(model.blocks[0].attn.to_q._hf_hook).__name__ == "AlignDevicesHook"

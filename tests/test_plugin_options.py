@@ -46,7 +46,7 @@ def test_a_matrix_file_outside_the_checkout_is_found_with_the_option_and_its_val
     mine = elsewhere / "mine.toml"
     mine.write_text((REPO / "matrices" / "smoke.toml").read_text())
     results = tmp_path / "results.jsonl"
-    proc = pytest_matrix("--matrix", str(mine), "--engine", "none", "--results", str(results))
+    proc = pytest_matrix("--matrix", str(mine), "--engine", "none", "--model", "dit-xs", "--results", str(results))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     records = [json.loads(line) for line in results.read_text().splitlines()]
     assert records and {r["verdict"] for r in records} == {"ok"}

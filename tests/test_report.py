@@ -4,8 +4,6 @@ import copy
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,15 +22,12 @@ REFERENCE = sorted((REPO / "results" / "reference").glob("h200-*.jsonl"))  # fix
 HOSTILE = '<script>alert(1)</script>"\'><img src=x onerror=alert(2)>&amp;{{7*7}} $\\frac{$ </script>'
 
 
-@pytest.fixture(scope="module")
-def cpu_results(tmp_path_factory) -> Path:
-    """The default matrix, run for real on this machine (490 cells on both stacks; about eight minutes on two cores)."""
-    results = tmp_path_factory.mktemp("cpu") / "default.jsonl"
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "matrix", "--results", str(results), "-q",
-                           "-p", "no:cacheprovider"],
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert results.exists() and proc.returncode in (0, 1), proc.stdout[-3000:]
-    return results
+@pytest.fixture
+def cpu_results(reference_records) -> Path:
+    """This host's default matrix: the committed reference records (490 cells on both stacks, measured by
+    `pytest -m matrix` here; conftest.py). tests/test_end_to_end.py checks that a fresh run still gives records
+    of the same shape."""
+    return reference_records
 
 
 def synthetic_machine(records: list[dict], *, host="gpu-box", speed=0.1) -> list[dict]:
@@ -58,6 +53,31 @@ def write(path: Path, records: list[dict], tail: str = "") -> Path:
 
 def records_of(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def element(html: str, tag: str, id_: str) -> str:
+    """The inner HTML of the page's element <tag id="id_"> (not nested in one of its own tag)."""
+    import re
+
+    found = re.search(rf'<{tag}\b[^>]*\bid="{id_}"[^>]*>(.*?)</{tag}>', html, re.S)
+    assert found, f"no <{tag} id={id_!r}> in the page"
+    return found.group(1)
+
+
+def text_of(fragment: str) -> str:
+    import html as html_mod
+    import re
+
+    return html_mod.unescape(re.sub(r"<[^>]+>", "", fragment)).strip()
+
+
+def table_rows(html: str, id_: str) -> list[list[str]]:
+    """The text of each body cell of the table <table id="id_">, row by row."""
+    import re
+
+    body = element(html, "table", id_).split("<tbody>", 1)[1]
+    return [[text_of(td) for td in re.findall(r"<td\b[^>]*>(.*?)</td>", tr, re.S)]
+            for tr in re.findall(r"<tr\b[^>]*>(.*?)</tr>", body, re.S)]
 
 
 def browser():
@@ -113,19 +133,28 @@ def test_report_of_two_machines_in_a_real_browser(cpu_results, tmp_path):
         for grid in page.query_selector_all("table.grid"):
             key = (grid.get_attribute("data-machine"), grid.get_attribute("data-device"))
             counts[key] = len(grid.query_selector_all("td.cell"))
-        page.click("table.grid[data-device=cuda] td.cell")
-        detail = page.inner_text("#detail")
+        clicked = page.query_selector("table.grid[data-device=cuda] td.cell")
+        title = clicked.get_attribute("title")
+        clicked.click()
+        shown = page.is_visible("#detail")
+        detail = page.eval_on_selector_all("#detail-list dt",
+                                           "dts => dts.map(dt => [dt.textContent, dt.nextElementSibling.textContent])")
         page.click("#cells-table th:nth-child(9)")  # sort by latency ratio
-        return counts, detail
+        return counts, (title, shown, detail)
 
-    (counts, detail), errors, dialogs = open_report(index, tmp_path, visit)
+    (counts, (title, shown, detail)), errors, dialogs = open_report(index, tmp_path, visit)
     assert errors == [] and dialogs == []
     expected = latest.groupby(["machine", "device"]).size()
     cpu_machine = latest[latest["device"] == "cpu"]["machine"].iloc[0]
     assert counts[(cpu_machine, "cpu")] == expected[(cpu_machine, "cpu")] == len(cpu)
     gpu_machine = "gpu-box · Synthetic GPU 80GB"
     assert counts[(gpu_machine, "cuda")] == len(cpu)  # side by side: one grid per machine and device
-    assert "verdict" in detail and "run" in detail
+    # the detail panel shows the clicked cell's own figures: its verdict and run, the GPU machine's
+    clicked = {r["id"]: r for r in records_of(gpu)}[title.split(": ", 1)[0]]
+    figures = dict(detail)
+    assert shown and len(figures) == len(detail) and list(figures)[0] == "verdict", detail
+    assert figures["verdict"] == clicked["verdict"], (clicked["id"], detail)
+    assert figures["run"].startswith(f"{clicked['run']} ("), (clicked["id"], detail)
     import pandas as pd
 
     assert len(pd.read_csv(tmp_path / "site" / "cells.csv")) == 2 * len(cpu)
@@ -196,11 +225,44 @@ def test_bad_lines_and_unknown_schema_are_skipped_and_counted(cpu_results, tmp_p
     assert "2 records skipped" in html and "schema is 99" in html
 
 
+def markdown_cells(text: str) -> dict[tuple, str]:
+    """(table heading, engine, type, how it ran, offload) -> the cell's text, from every table of the markdown."""
+    cells, heading, columns = {}, None, []
+    for line in text.splitlines():
+        if line.startswith("## "):
+            heading, columns = line[3:], []
+        elif line.startswith("| engine | type | run |"):
+            columns = [c.strip() for c in line.strip("|").split("|")]
+        elif line.startswith("| ") and columns:
+            values = [c.strip() for c in line.strip("|").split("|")]
+            engine, qtype, how = values[:3]
+            for column, value in zip(columns[3:], values[3:], strict=True):
+                key = heading, engine, qtype, how, column.removeprefix("offload ")
+                assert key not in cells, f"{key} shown twice"
+                cells[key] = value
+    return cells
+
+
 def test_markdown_table_has_measured_figures_and_documented_errors(cpu_results):
-    text = render(report_data.load([cpu_results]))
-    assert "| engine | type | load | offload none |" in text
-    assert "b/w" in text and "x time" in text
-    assert "## Documented errors that still hold" in text and "InvalidGroupSizeError" in text  # default.toml's rule
+    records = report_data.load([cpu_results])
+    text = render(records)
+    assert "| engine | type | run | offload none |" in text
+    cells = markdown_cells(text)
+    latest = records.latest()
+    # cells that ran, each on its own line per stack: their own figures (both stacks of one combination too)
+    ran = latest[(latest["verdict"] == "ok") & (latest["cast"] == "-")]
+    checked = 0
+    for engine in ("none", "bnb", "gguf", "quanto"):
+        for stack in ("direct", "diffusers"):
+            r = ran[(ran["engine"] == engine) & (ran["stack"] == stack) & ran["latency_ratio"].notna()].iloc[0]
+            cell = cells[f"{r['machine']}: {r['device']}, {r['model']}, {r['dtype']}", engine, r["qtype"],
+                         f"{r['load']} · {stack}", r["offload"]]
+            assert cell.startswith("✓ ") and f"{r['bits_per_weight']:.1f} b/w" in cell, (r["id"], cell)
+            assert f"{r['latency_ratio']:.2f}x time" in cell, (r["id"], cell)
+            checked += 1
+    assert checked == 8
+    held = text.split("## Documented errors that still hold\n", 1)[1].split("\n## ", 1)[0]
+    assert "InvalidGroupSizeError" in held  # default.toml's rule, in its section
 
 
 def test_compare_flags_exactly_the_cell_made_slower(cpu_results, tmp_path, capsys):
@@ -247,11 +309,12 @@ def test_a_cell_broken_only_on_the_diffusers_stack_is_blamed_on_the_integration(
             and by_id.get(r["id"].replace("/diffusers", "/direct"), {}).get("verdict") == "fail"]
     frame = report_data.load([write(tmp_path / "r.jsonl", records)]).latest()
     blamed = set(frame[frame["integration_broke"]]["id"])
-    assert target["id"] in blamed
+    assert both and blamed == {target["id"]}  # the only cell broken here that works on the direct stack
     assert not blamed & {r["id"] for r in both}  # failing on the direct stack too: the engine's (or accelerate's)
     html = build(report_data.load([tmp_path / "r.jsonl"]), tmp_path / "site").read_text()
-    section = html[html.index('id="integration"'):html.index('id="grids"')]
-    assert target["id"] in section and "diffusers.quantizers.gguf" in section and "KeyError: None" in section
+    assert text_of(element(html, "h2", "integration")) == "Broken by diffusers' integration (1)"
+    [row] = table_rows(html, "integration-table")  # one row: the target's
+    assert row[1:] == [target["id"], "✗fail", "diffusers.quantizers.gguf", "KeyError: None"], row
 
 
 def drifted(records: list[dict]) -> tuple[list[dict], dict]:
@@ -389,11 +452,19 @@ def test_peak_memory_must_order_by_offload_mode_as_diffusers_tests_expect(cpu_re
         cells.append(r)
     [held] = memory_order(report_data.load([write(tmp_path / "a.jsonl", cells)]).latest())
     assert held.broken == [] and set(held.peaks) == {"none", "model", "group", "balanced", "sequential"}
+    assert held.device == "cuda" and held.cell.startswith("none · ")  # the combination names its engine
+    html = build(report_data.load([tmp_path / "a.jsonl"]), tmp_path / "held").read_text()
+    heading = "Peak memory by offload mode: {} of 1 combinations order as diffusers' tests expect"
+    assert text_of(element(html, "h3", "memory-order")) == heading.format(1) and 'id="memory-order-broken"' not in html
     cells[4]["metrics"]["peak_mem_bytes"] = 7 * 2**30  # sequential above model, group and balanced
     [broken] = memory_order(report_data.load([write(tmp_path / "b.jsonl", cells)]).latest())
-    assert len(broken.broken) == 3 and all(b.startswith("sequential (7.00 GiB) above") for b in broken.broken)
+    assert broken.broken == ["sequential (7.00 GiB) above model (6.00 GiB)",
+                             "sequential (7.00 GiB) above group (3.00 GiB)",
+                             "sequential (7.00 GiB) above balanced (4.00 GiB)"]
     html = build(report_data.load([tmp_path / "b.jsonl"]), tmp_path / "site").read_text()
-    assert "0 of 1 combinations order as diffusers" in html and "sequential (7.00 GiB) above model" in html
+    assert text_of(element(html, "h3", "memory-order")) == heading.format(0)
+    [item] = [text_of(li) for li in element(html, "ul", "memory-order-broken").split("<li>")[1:]]
+    assert item == f"{broken.cell} on {broken.device} ({broken.machine}): " + "; ".join(broken.broken)
 
 
 def test_the_same_records_build_the_same_site(tmp_path):

@@ -135,14 +135,3 @@ class Engine:
     def recognise(self, path: Path) -> str | None:
         """The quant type stored in `path` if this engine wrote it (judged from contents), else None."""
         return None
-
-    # -- the diffusers stack: diffusers' quantizer integration for this engine.
-    def diffusers_config(self, qtype: str, *, dtype: torch.dtype) -> object:
-        """The quantization config diffusers' `from_pretrained` takes to quantize to `qtype` while loading."""
-        raise NotOffered(f"{self.name} has no quantizer integration in diffusers")
-
-    def diffusers_type(self, config: dict) -> str | None:
-        """The quant type a saved diffusers model's `quantization_config` (its config.json) names, if it is this
-        engine's, else None."""
-        return None
-

@@ -100,21 +100,3 @@ class BitsAndBytesEngine(Engine):
             if scb and f.get_slice(scb[0].removesuffix("SCB") + "weight").get_dtype() == "I8":
                 return "int8"
         return None
-
-    def diffusers_config(self, qtype: str, *, dtype: torch.dtype) -> object:
-        from diffusers import BitsAndBytesConfig
-
-        if qtype == "int8":
-            return BitsAndBytesConfig(load_in_8bit=True)
-        quant_type, double = FOUR_BIT[qtype]
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
-                                  bnb_4bit_use_double_quant=double, bnb_4bit_compute_dtype=dtype)
-
-    def diffusers_type(self, config: dict) -> str | None:
-        if config.get("quant_method") != "bitsandbytes":
-            return None
-        if config.get("load_in_8bit"):
-            return "int8"
-        qtype = config.get("bnb_4bit_quant_type", "fp4") + ("-dq" if config.get("bnb_4bit_use_double_quant") else "")
-        return qtype if qtype in self.qtypes else None
-

@@ -209,11 +209,3 @@ class GGUFEngine(Engine):
         kinds = [gguf.GGMLQuantizationType(t.tensor_type).name for t in reader.tensors if len(t.shape) == 2]
         quantized = [k for k in kinds if k in BLOCK]
         return max(set(quantized), key=quantized.count) if quantized else None
-
-    def diffusers_config(self, qtype: str, *, dtype: torch.dtype) -> object:
-        """diffusers reads GGUF only from a .gguf file (`from_single_file`), the pre-quantized load mode; it has no
-        way to quantize to GGUF while loading a float checkpoint."""
-        from diffusers import GGUFQuantizationConfig
-
-        return GGUFQuantizationConfig(compute_dtype=dtype)
-

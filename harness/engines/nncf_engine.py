@@ -12,7 +12,7 @@ import os
 import torch
 from torch import nn
 
-from harness.engines.base import Engine, NotOffered
+from harness.engines.base import Engine
 from harness.models.build import example_inputs
 
 DEFAULT_GROUP_SIZE = 64
@@ -45,8 +45,3 @@ class NNCFEngine(Engine):
         options = {} if mode.startswith("int8") else {"group_size": int(group or DEFAULT_GROUP_SIZE), "ratio": 1.0}
         return nncf.compress_weights(model, mode=nncf.CompressWeightsMode[mode.upper()],
                                      dataset=nncf.Dataset([example_inputs(model, dtype)]), **options)
-
-    def diffusers_config(self, qtype: str, *, dtype: torch.dtype) -> object:
-        raise NotOffered("NNCF has no quantizer integration in diffusers (no NNCF config among diffusers' "
-                         "quantization backends); run it on the direct stack")
-

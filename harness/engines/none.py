@@ -19,9 +19,6 @@ class NoneEngine(Engine):
     def quantize(self, model: nn.Module, qtype: str, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
         return model
 
-    def diffusers_config(self, qtype: str, *, dtype: torch.dtype) -> object:
-        return None  # diffusers loads the float model
-
     def quantize_layer(self, layer: nn.Linear, qtype: str, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
         return layer
 

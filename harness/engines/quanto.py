@@ -72,13 +72,3 @@ class QuantoEngine(Engine):
             return None
         kind = kinds.pop()
         return "qfloat8" if kind and kind.startswith("qfloat8") else kind if kind in self.qtypes else None
-
-    def diffusers_config(self, qtype: str, *, dtype: torch.dtype) -> object:
-        from diffusers import QuantoConfig
-
-        return QuantoConfig(weights_dtype=DIFFUSERS_WEIGHTS[qtype])
-
-    def diffusers_type(self, config: dict) -> str | None:
-        if config.get("quant_method") != "quanto":
-            return None
-        return {v: k for k, v in DIFFUSERS_WEIGHTS.items()}.get(config.get("weights_dtype"))

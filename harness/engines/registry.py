@@ -1,18 +1,17 @@
-"""The engine registry: adding an engine means its module, its entry in catalog.py and one line here."""
+"""The engine registry: one instance of each engine the catalog names (its `implementation`). Adding an engine is
+its module and its entry in catalog.py; nothing here changes."""
 
 from __future__ import annotations
 
-from harness.engines.base import Engine
-from harness.engines.bnb import BitsAndBytesEngine
-from harness.engines.fault import FaultEngine
-from harness.engines.gguf_engine import GGUFEngine
-from harness.engines.nncf_engine import NNCFEngine
-from harness.engines.none import NoneEngine
-from harness.engines.quanto import QuantoEngine
-from harness.engines.sdnq import SDNQEngine
-from harness.engines.torchao_engine import TorchAOEngine
+import importlib
 
-ENGINES: dict[str, Engine] = {e.name: e for e in (
-    NoneEngine(), BitsAndBytesEngine(), QuantoEngine(), GGUFEngine(), NNCFEngine(), SDNQEngine(), TorchAOEngine(),
-    FaultEngine(),
-)}
+from harness.engines.base import Engine
+from harness.engines.catalog import CATALOG
+
+
+def _instance(where: str) -> Engine:
+    module, _, cls = where.partition(":")
+    return getattr(importlib.import_module(module), cls)()
+
+
+ENGINES: dict[str, Engine] = {name: _instance(info.implementation) for name, info in CATALOG.items()}

@@ -61,15 +61,3 @@ class SDNQEngine(Engine):
             return None
         qtype = json.loads(meta[CONFIG_KEY]).get("weights_dtype")
         return qtype if qtype in self.qtypes else None
-
-    def diffusers_config(self, qtype: str, *, dtype: torch.dtype) -> object:
-        from sdnq import SDNQConfig
-
-        return SDNQConfig(weights_dtype=qtype)
-
-    def diffusers_type(self, config: dict) -> str | None:
-        if config.get("quant_method") != "sdnq":
-            return None
-        qtype = config.get("weights_dtype")
-        return qtype if qtype in self.qtypes else None
-

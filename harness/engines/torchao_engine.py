@@ -34,18 +34,3 @@ class TorchAOEngine(Engine):
 
     def quantize_layer(self, layer: nn.Linear, qtype: str, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
         return self.quantize(layer, qtype, dtype=dtype, device=device)
-
-    def diffusers_config(self, qtype: str, *, dtype: torch.dtype) -> object:
-        import torchao.quantization as tq
-        from diffusers import TorchAoConfig
-
-        return TorchAoConfig(getattr(tq, CONFIGS[qtype])())
-
-    def diffusers_type(self, config: dict) -> str | None:
-        """diffusers serializes a torchao config object as {"default": {"_type": "<ConfigClass>", ...}}."""
-        if config.get("quant_method") != "torchao":
-            return None
-        quant = config.get("quant_type")
-        name = quant.get("default", {}).get("_type") if isinstance(quant, dict) else quant
-        return {v: k for k, v in CONFIGS.items()}.get(name)
-

@@ -23,7 +23,7 @@ class ModelSpec:
     levels: int = 2  # unet resolution levels
     pooled_dim: int = 0  # pooled text embedding (real classes)
     # Too big to draw per cell (flux-dev: 11.9 B weights): built once per run, in the cell's dtype, into a
-    # diffusers model directory that every cell of the run loads (diffusers_stack.float_model).
+    # diffusers model directory that every cell of the run loads (stacks.loading.float_model).
     shared_weights: bool = False
 
     @property
@@ -85,3 +85,5 @@ DIFFUSERS_CONFIGS: dict[str, dict] = {
                  addition_time_embed_dim=256, transformer_layers_per_block=(1, 2, 10),
                  projection_class_embeddings_input_dim=2816, cross_attention_dim=2048),
 }
+
+MODEL_NAMES = tuple(MODELS)

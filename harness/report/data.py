@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.cell import BASELINE, OFFLOAD_MODES
+from harness.cell import AXES, Cell
 from harness.results import VERSIONED, device_was_absent, read_records, rule_versions
 from harness.verdict import Verdict
 
@@ -56,7 +56,8 @@ def _row(record: dict) -> dict:
     peak, base = m.get("peak_mem_bytes"), m.get("mem_base_bytes")
     return {
         "machine": None, "cpu_name": env.get("cpu"), "run": record["run"], "id": record["id"],
-        "stack": "direct", "cast": "-", **cell,  # records from before the stack axis are direct
+        **AXES.defaults, **cell,  # records from before an axis existed: its default
+        **_related_ids(tuple(cell.items())),
         "verdict": record["verdict"], "note": record.get("note") or "", "reason": record.get("reason") or "",
         "error_type": err.get("type") or "", "error_message": err.get("message") or "",
         "error_layer": err.get("layer") or "", "warnings": "\n".join(record.get("warnings") or []),
@@ -113,9 +114,43 @@ def version_set(env: dict) -> str:
     return "; ".join([f"torch {env.get('torch')}", *engines, *stack])
 
 
-COLUMNS = list(_row({"run": "", "id": "", "cell": {k: "" for k in ("engine", "qtype", "load", "offload", "device",
-                                                                  "model", "dtype", "stack", "cast")},
-                     "verdict": ""}))
+@functools.lru_cache(maxsize=4096)
+def _related_ids(fields: tuple) -> dict[str, str]:
+    """The ids a row joins on, from its cell: its own (today's form, whatever id the record carries), its
+    baseline's (same run: the unquantized model in the same modes), the no-offload baseline's, its control's."""
+    try:
+        cell = Cell(**dict(fields))
+    except TypeError:  # a cell this version cannot read (an axis it does not know): joins nothing
+        return {"cell_id": "", "baseline_id": "-", "none_id": "-", "control_id": "-"}
+    base = cell.baseline
+    return {"cell_id": cell.id, "baseline_id": base.id, "none_id": base.replace(offload="none").id,
+            "control_id": cell.control.id}
+
+
+def _example_cell() -> dict[str, str]:
+    return {a.name: a.omit or a.default or (a.known() or ("x",))[0] for a in AXES}
+
+
+def columns() -> list[str]:
+    """The table's columns (one per axis among them, from the axis registry)."""
+    return list(_row({"run": "", "id": "", "cell": _example_cell(), "verdict": ""}))
+
+
+# A report's grid is per machine, device and version set, a section per model and dtype, a column per offload mode;
+# a line is every other axis's value (engine and type as its label, the rest as how it was run).
+GRID_AXES = ("offload", "device", "model", "dtype")
+
+
+def line_axes() -> list[str]:
+    return [a for a in AXES.names if a not in GRID_AXES]
+
+
+def how_run(line: dict[str, str]) -> str:
+    """How a grid line's cells were run, from its axes other than engine and type: "post-load · diffusers +
+    float8_e4m3fn layerwise casting" (axes at their default or omitted value left out, but load and stack)."""
+    rest = {a: v for a, v in line.items() if a not in ("engine", "qtype", "load", "stack")}
+    return " · ".join(line[a] for a in ("load", "stack")) + "".join(
+        f" + {AXES[a].phrase.format(v)}" for a, v in rest.items() if v not in (AXES[a].omit, AXES[a].default))
 
 
 def row_dicts(frame: pd.DataFrame, columns) -> list[dict]:
@@ -144,8 +179,8 @@ def all_device_absent(rows: pd.DataFrame) -> bool:
 
 def offload_order(values) -> list[str]:
     """The offload modes present, in the usual order; names this version does not know (newer records) last."""
-    present = set(values)
-    return [o for o in OFFLOAD_MODES if o in present] + sorted(present - set(OFFLOAD_MODES))
+    present, known = set(values), AXES["offload"].known()
+    return [o for o in known if o in present] + sorted(present - set(known))
 
 
 def load(paths: list[Path | str]) -> Records:
@@ -155,7 +190,7 @@ def load(paths: list[Path | str]) -> Records:
         records, bad = read_records(Path(path))
         skipped.extend(bad)
         rows.extend(_row(r) for r in records)
-    frame = pd.DataFrame(rows, columns=COLUMNS)
+    frame = pd.DataFrame(rows, columns=columns())
     frame["machine"] = machines(frame)
     return Records(with_integration(with_ratios(frame)), skipped, [str(p) for p in paths])
 
@@ -191,15 +226,16 @@ def with_ratios(frame: pd.DataFrame) -> pd.DataFrame:
         for col in RATIOS + ("baseline_latency_ms", "baseline_mem_bytes"):
             frame[col] = pd.Series(dtype=float)
         return frame
-    keys = ["run", "machine", "load", "offload", "device", "model", "dtype", "stack"]
-    base = frame[(frame["engine"] == BASELINE) & frame["verdict"].isin(RAN) & (frame["cast"] == "-")]
-    base = base.sort_values("started").drop_duplicates(keys, keep="last")
-    figures = base[keys + ["param_bytes", "own_mem_bytes", "latency_ms"]]
-    out = frame.merge(figures.rename(columns={"param_bytes": "_b_bytes", "own_mem_bytes": "_b_mem",
-                                              "latency_ms": "_b_lat"}), on=keys, how="left")
-    flat = figures[figures["offload"] == "none"].drop(columns=["offload", "param_bytes"])
-    out = out.merge(flat.rename(columns={"own_mem_bytes": "_n_mem", "latency_ms": "_n_lat"}),
-                    on=[k for k in keys if k != "offload"], how="left")
+    keys = ["run", "machine"]
+    base = frame[(frame["cell_id"] == frame["baseline_id"]) & frame["verdict"].isin(RAN)]
+    base = base.sort_values("started").drop_duplicates([*keys, "cell_id"], keep="last")
+    figures = base[[*keys, "cell_id", "param_bytes", "own_mem_bytes", "latency_ms"]]
+    out = frame.merge(figures.rename(columns={"cell_id": "baseline_id", "param_bytes": "_b_bytes",
+                                              "own_mem_bytes": "_b_mem", "latency_ms": "_b_lat"}),
+                      on=[*keys, "baseline_id"], how="left")
+    flat = figures.drop(columns=["param_bytes"])
+    out = out.merge(flat.rename(columns={"cell_id": "none_id", "own_mem_bytes": "_n_mem", "latency_ms": "_n_lat"}),
+                    on=[*keys, "none_id"], how="left")
     out["bytes_ratio"] = out["param_bytes"] / out["_b_bytes"]
     out["mem_ratio"] = out["own_mem_bytes"] / out["_b_mem"]
     out["latency_ratio"] = out["latency_ms"] / out["_b_lat"]
@@ -216,10 +252,10 @@ def with_integration(frame: pd.DataFrame) -> pd.DataFrame:
     frame["integration_broke"] = False
     if frame.empty:
         return frame
-    keys = ["run", "machine", "engine", "qtype", "load", "offload", "device", "model", "dtype", "cast"]
-    control = frame[(frame["stack"] == "direct") & frame["verdict"].isin(PASSED + ("drift-claim",))]
-    control = control[keys].drop_duplicates().assign(_control_works=True)
-    out = frame.merge(control, on=keys, how="left")
-    out["integration_broke"] = (out["stack"] == "diffusers") & out["verdict"].isin(BROKEN) \
+    keys = ["run", "machine"]
+    control = frame[frame["verdict"].isin(PASSED + ("drift-claim",))]
+    control = control[[*keys, "cell_id"]].drop_duplicates().rename(columns={"cell_id": "control_id"})
+    out = frame.merge(control.assign(_control_works=True), on=[*keys, "control_id"], how="left")
+    out["integration_broke"] = (out["control_id"] != out["cell_id"]) & out["verdict"].isin(BROKEN) \
         & out["_control_works"].fillna(False).astype(bool)
     return out.drop(columns=["_control_works"])

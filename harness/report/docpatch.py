@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pandas as pd
 
-from harness.cell import Cell
+from harness.cell import AXES, Cell
 from harness.matrix import ExpectKind, Matrix, Rule
 from harness.report import data as report_data
 from harness.report.statements import FINDING_FIELDS, HAPPENED_FIELDS, Finding, finding, what_happened
@@ -26,13 +26,6 @@ from harness.verdict import ErrorInfo, Outcome, Status, check_claims, judge
 
 PROCESS_STATUS = {"crash": Status.CRASH, "timeout": Status.TIMEOUT, "hang": Status.HANG, "oom": Status.OOM,
                   "interrupted": Status.INTERRUPTED}
-CELL_FIELDS = ("engine", "qtype", "load", "offload", "device", "model", "dtype", "stack", "cast")
-
-ENGINE_NAMES = {"none": "the unquantized model", "bnb": "BitsAndBytes", "quanto": "Optimum-Quanto", "gguf": "GGUF",
-                "nncf": "NNCF", "sdnq": "SDNQ", "torchao": "torchao"}
-LOAD_PHRASES = {"on-the-fly": "quantized on the fly during load", "post-load": "quantized right after load",
-                "prequantized": "loaded pre-quantized"}
-STACK_PHRASES = {"diffusers": "through diffusers", "direct": "through the engine's own API"}
 MARK = {Finding.HOLDS: "✓ holds", Finding.DRIFTED: "⚠ drifted", Finding.BROKE: "✗ broke",
         Finding.UNCHECKED: "– not checked"}
 
@@ -40,25 +33,8 @@ MARK = {Finding.HOLDS: "✓ holds", Finding.DRIFTED: "⚠ drifted", Finding.BROK
 def describe(rule: Rule) -> str:
     """The combination a rule matches, in words: "BitsAndBytes nf4/nf4-dq with sequential offload"."""
     m = rule.match
-    words = []
-    engines = m.get("engine")
-    words.append(" or ".join(ENGINE_NAMES.get(e, e) for e in engines) if engines else "every engine")
-    if "qtype" in m:
-        words.append("/".join(m["qtype"]))
-    if "load" in m:
-        words.append(" or ".join(LOAD_PHRASES.get(v, v) for v in m["load"]))
-    if "offload" in m:
-        words.append("with " + " or ".join(m["offload"]) + " offload")
-    if "device" in m:
-        words.append("on " + " or ".join(m["device"]))
-    if "model" in m:
-        words.append("for " + " or ".join(m["model"]))
-    if "stack" in m:
-        words.append(" or ".join(STACK_PHRASES.get(v, v) for v in m["stack"]))
-    if "cast" in m:
-        words.append("with " + " or ".join(m["cast"]) + " layerwise casting")
-    if "dtype" in m:
-        words.append("in " + " or ".join(m["dtype"]))
+    words = [] if "engine" in m else ["every engine"]
+    words += [axis.describe(m[axis.name]) for axis in AXES if axis.name in m]
     return " ".join(words)
 
 
@@ -110,13 +86,13 @@ def judged(matrix: Matrix, records: report_data.Records) -> pd.DataFrame:
     if newest.empty:
         return newest.assign(rule=pd.Series(dtype=int), recorded_verdict=pd.Series(dtype=str))
     # the baselines' records only, for claims
-    bases = records.frame[(records.frame["engine"] == "none") & (records.frame["cast"] == "-")]
+    bases = records.frame[records.frame["cell_id"] == records.frame["baseline_id"]]
     by_id = {(row["run"], row["id"]): row for row in report_data.row_dicts(bases, ("run", "id", "verdict",
                                                                                  *METRIC_FIELDS))}
     rules, verdicts, contradicted = [], [], []
-    for row in report_data.row_dicts(newest, (*CELL_FIELDS, *HAPPENED_FIELDS, *METRIC_FIELDS, "run",
+    for row in report_data.row_dicts(newest, (*AXES.names, *HAPPENED_FIELDS, *METRIC_FIELDS, "run",
                                               "package_versions")):
-        cell = SimpleNamespace(**{k: row[k] for k in CELL_FIELDS})
+        cell = SimpleNamespace(**{k: row[k] for k in AXES.names})
         known = row["package_versions"]  # a rule on a version the record did not note (older records) is skipped
         index = next((i for i, r in enumerate(matrix.rules) if r.matches(cell) and set(r.versions) <= set(known)
                       and r.holds_for(known)), -1)
@@ -141,7 +117,7 @@ def judged(matrix: Matrix, records: report_data.Records) -> pd.DataFrame:
 
 
 def _baseline_id(row: dict) -> str:
-    return Cell(**{k: row[k] for k in CELL_FIELDS}).baseline.id
+    return Cell(**{k: row[k] for k in AXES.names}).baseline.id
 
 
 def check(rule: Rule, index: int, newest: pd.DataFrame) -> tuple[Finding, list[str], str | None]:
@@ -178,11 +154,10 @@ def check(rule: Rule, index: int, newest: pd.DataFrame) -> tuple[Finding, list[s
 def _narrow(frame: pd.DataFrame, checked: pd.DataFrame) -> str:
     """What a group of cells has in common that the rest of the rule's cells do not: "sequential offload"."""
     words = []
-    for axis, label in (("engine", ""), ("qtype", ""), ("load", ""), ("offload", " offload"), ("stack", " stack"),
-                        ("model", ""), ("cast", " casting")):
-        mine, every = set(frame[axis]), set(checked[axis])
-        if mine != every:
-            words.append("/".join(sorted(mine)) + label)
+    for axis in AXES:
+        mine, every = set(frame[axis.name]), set(checked[axis.name])
+        if axis.narrows and mine != every:
+            words.append(axis.phrase.format("/".join(sorted(mine))))
     return ", ".join(words)
 
 

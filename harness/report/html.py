@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import jinja2
 import pandas as pd
 
+from harness.cell import AXES
 from harness.matrix import Matrix
 from harness.report import data as report_data
 from harness.report import overview as report_overview
 from harness.report import plots as report_plots
 from harness.report import statements as report_statements
 from harness.report.statements import Finding
+from harness.stacks.catalog import packages_needed
 
 # verdict -> (symbol, short label, css class): colour *and* symbol, for grey print and colour-blind readers; every
 # symbol is in DejaVu Sans, the default font of Debian and Ubuntu desktops (tests/test_report.py checks in chromium)
@@ -84,7 +87,7 @@ def figures(row) -> list[tuple[str, str]]:
     if row["stacks"]:  # a cell killed at its timeout: what every thread was doing
         out.append(("threads' stacks at the timeout", row["stacks"]))
     versions = f"torch {row['torch']}, {row['engine']} {row['engine_version'] or '-'}"
-    if row["stack"] == "diffusers" or row["offload"] == "group":
+    if "diffusers" in packages_needed(SimpleNamespace(**{a: row[a] for a in AXES.names})):
         versions += f", diffusers {row['diffusers'] or '-'}"
     out.append(("versions", versions + f", accelerate {row['accelerate'] or '-'}"))
     out.append(("run", f"{row['run']} ({row['started']})"))
@@ -127,15 +130,17 @@ def grids(latest: pd.DataFrame) -> list[dict]:
         offloads = report_data.offload_order(rows["offload"])
         # plain dicts: reading a field of a pandas row costs microseconds, and a 10,000-record site reads 400,000
         tree: dict[tuple, dict[tuple, dict]] = {}
+        line_axes = report_data.line_axes()
         for row in report_data.row_dicts(rows, rows.columns):
             line = tree.setdefault((row["model"], row["dtype"]), {}).setdefault(
-                (row["engine"], row["qtype"], row["load"], row["stack"], row["cast"]), {})
+                tuple(row[a] for a in line_axes), {})
             line[row["offload"]] = row
         body = []
         for (model, dtype) in sorted(tree):
             lines = []
-            for (engine, qtype, load, stack, cast), by_offload in tree[(model, dtype)].items():
-                how = f"{load} · {stack}" + ("" if cast == "-" else f" + {cast} casting")
+            for values, by_offload in tree[(model, dtype)].items():
+                line = dict(zip(line_axes, values, strict=True))
+                engine, qtype, how = line["engine"], line["qtype"], report_data.how_run(line)
                 lines.append({"label": engine if qtype == "-" else f"{engine} {qtype}", "load": how,
                               "cells": [_grid_cell(by_offload.get(o)) for o in offloads]})
             lines.sort(key=lambda line: (line["label"] != "none", line["label"], line["load"]))
@@ -177,11 +182,16 @@ def environments(frame: pd.DataFrame) -> list[dict]:
     return out
 
 
+
 # cells.csv: the cells shown (the newest record of each), their identity, verdict, figures and environment (not the
 # long texts: output tails, threads'
 # stacks, warnings; they are in the records)
-CSV_COLUMNS = ["machine", "run", "id", "engine", "qtype", "load", "offload", "device", "model", "dtype", "stack",
-               "cast", "verdict", "note", "reason", "error_type", "error_message", "error_layer", "expect", "source",
+def csv_columns() -> list[str]:
+    return ["machine", "run", "id", *AXES.names, *CSV_FIGURES]
+
+
+CSV_FIGURES = ["verdict", "note", "reason", "error_type", "error_message",
+               "error_layer", "expect", "source",
                "claims", "param_bytes", "disk_bytes", "bits_per_weight", "peak_mem_bytes", "own_mem_bytes",
                "mem_kind", "latency_ms", "latency_p10_ms", "latency_p90_ms", "sqnr_db", "cosine", "quantize_s",
                "load_s", "bytes_ratio", "mem_ratio", "latency_ratio", "mem_vs_none", "latency_vs_none",
@@ -211,7 +221,7 @@ def build(records: report_data.Records, out_dir: Path, *, previous: report_data.
     broke = latest[latest["integration_broke"]]
     plots = report_plots.write_all(latest, out_dir / "plots")
     csv = out_dir / "cells.csv"
-    latest[CSV_COLUMNS].to_csv(csv, index=False)
+    latest[csv_columns()].to_csv(csv, index=False)
     changes = compare_mod.compare(previous, records) if previous is not None else None
     patch = None
     if rules is not None and rules.document is not None:

@@ -39,12 +39,14 @@ def render(records: report_data.Records) -> str:
         offloads = report_data.offload_order(rows["offload"])
         for (model, dtype), group in rows.groupby(["model", "dtype"], sort=True):
             lines += [f"## {machine}: {device}, {model}, {dtype}", "", f"Versions: {versions}.", "",
-                      "| engine | type | load | " + " | ".join(f"offload {o}" for o in offloads) + " |",
+                      "| engine | type | run | " + " | ".join(f"offload {o}" for o in offloads) + " |",
                       "|---|---|---|" + "---|" * len(offloads)]
-            for (engine, qtype, load), cells in group.groupby(["engine", "qtype", "load"], sort=True):
+            axes = report_data.line_axes()
+            for values, cells in group.groupby(axes, sort=True):
+                line = dict(zip(axes, values, strict=True))
                 by = {r["offload"]: r for _, r in cells.iterrows()}
-                lines.append(f"| {engine} | {qtype} | {load} | " + " | ".join(_cell(by.get(o)) for o in offloads)
-                             + " |")
+                lines.append(f"| {line['engine']} | {line['qtype']} | {report_data.how_run(line)} | "
+                             + " | ".join(_cell(by.get(o)) for o in offloads) + " |")
             lines.append("")
     held = latest[latest["verdict"] == "documented-error"]
     if len(held):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from harness.cell import AXES
 from harness.report import data as report_data
 
 # worst first: what a user must see before anything else
@@ -59,10 +60,24 @@ class Table:
     grid: str  # the anchor of the detail grid
 
 
+# The overview has a table per machine, device and stack.
+GROUPED = ("device", "stack")
+
+
+def _plain(rows: pd.DataFrame) -> pd.Series:
+    """Rows with every other axis that has a default at it (no layerwise casting, and so on): the plain cells the
+    best type is chosen among."""
+    plain = pd.Series(True, index=rows.index)
+    for axis in AXES:
+        if axis.default is not None and axis.name not in GROUPED:
+            plain &= rows[axis.name] == axis.default
+    return plain
+
+
 def _best(rows: pd.DataFrame, model: str) -> dict[str, Best]:
     """Per engine, its type that stores the fewest bytes (ties: the faster) at `model` with no offload."""
     ran = rows[(rows["offload"] == "none") & (rows["model"] == model) & rows["verdict"].isin(report_data.RAN)
-               & (rows["cast"] == "-") & (rows["engine"] != "none")].dropna(subset=["bytes_ratio"])
+               & _plain(rows) & (rows["engine"] != "none")].dropna(subset=["bytes_ratio"])
     top = ran.sort_values(["bytes_ratio", "latency_ratio"]).drop_duplicates("engine")
     return {e: Best(str(q), 1 - float(b), float(lat) if report_data.finite(lat) else None, model)
             for e, q, b, lat in zip(top["engine"], top["qtype"], top["bytes_ratio"], top["latency_ratio"],
@@ -73,10 +88,10 @@ def tables(latest: pd.DataFrame, grid_anchor) -> list[Table]:
     """One table per machine, device and stack (devices absent on their machine left out). `grid_anchor(machine,
     versions, device)` names the detail grid a table links to."""
     out = []
-    latest = latest[["machine", "device", "stack", "device_absent", "engine", "qtype", "offload", "model", "cast",
-                     "verdict", "param_bytes", "bytes_ratio", "latency_ratio", "started", "versions"]]  # slices of
-    # only what is read: a groupby copies every column of each group
-    for (machine, device, stack), rows in latest.groupby(["machine", "device", "stack"], sort=True):
+    # slices of only what is read: a groupby copies every column of each group
+    latest = latest[["machine", "device_absent", *AXES.names, "verdict", "param_bytes", "bytes_ratio",
+                     "latency_ratio", "started", "versions"]]
+    for (machine, device, stack), rows in latest.groupby(["machine", *GROUPED], sort=True):
         if report_data.all_device_absent(rows):
             continue
         offloads = report_data.offload_order(rows["offload"])
@@ -117,7 +132,7 @@ def memory_order(latest: pd.DataFrame, tolerance: float = 0.05, slack_bytes: int
     allocator's and kernels' workspaces, which decide the order of a model of a few MiB)."""
     ran = latest[latest["verdict"].isin(report_data.RAN)].dropna(subset=["own_mem_bytes"])
     out = []
-    keys = ["machine", "device", "engine", "qtype", "load", "model", "dtype", "stack", "cast"]
+    keys = ["machine", "device", *(a for a in AXES.names if a not in ("offload", "device"))]
     combos: dict[tuple, dict[str, float]] = {}  # plain dicts: a groupby's slices cost ~0.5 s at 10,000 records
     for *key, offload, mem in zip(*(ran[c] for c in [*keys, "offload", "own_mem_bytes"]), strict=True):
         combos.setdefault(tuple(key), {})[offload] = float(mem)

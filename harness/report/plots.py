@@ -21,7 +21,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from harness.cell import AXES  # noqa: E402
 from harness.report import data as report_data  # noqa: E402
+from harness.stacks.catalog import integration_stack  # noqa: E402
 
 MARKERS = "o^sDvP*Xh<>"
 
@@ -46,8 +48,7 @@ def write_all(latest: pd.DataFrame, out_dir: Path) -> dict[tuple[str, str], Path
         path = out_dir / f"{i:02d}-{slug}.svg"
         machines, versions = rows["machine"].nunique(), rows["versions"].unique()
         if machines > 1 or len(versions) > 1:  # one point per cell: the median over the machines and versions
-            rows = rows.groupby(["engine", "qtype", "load", "offload", "model", "dtype", "stack", "cast"],
-                                as_index=False)[PLOTTED].median()
+            rows = rows.groupby([a for a in AXES.names if a != "device"], as_index=False)[PLOTTED].median()
         title = (f"{device}, {name}: {machines} machine(s)" + (", medians" if machines > 1 else "") + "\n"
                  + (versions[0] if len(versions) == 1 else f"{len(versions)} version sets"))
         _figure(rows, title, path)
@@ -77,9 +78,10 @@ def _draw(rows: pd.DataFrame, title: str, path: Path) -> None:
                                                                                         "bytes_ratio"])
     for (engine, stack), g in flat.groupby(["engine", "stack"]):
         color, marker = style[engine]
-        hollow = stack == "diffusers"
+        hollow = integration_stack(stack)  # drawn hollow beside its control
+        controls = set(flat[~flat["stack"].map(integration_stack)]["engine"])
         ax.scatter(g["latency_ratio"], 1 - g["bytes_ratio"], marker=marker, alpha=0.8,
-                   label=engine if not hollow or engine not in set(flat[flat["stack"] != "diffusers"]["engine"])
+                   label=engine if not hollow or engine not in controls
                    else None, facecolors="none" if hollow else color, edgecolors=color)
         for _, r in g.drop_duplicates("qtype").iterrows():
             ax.annotate(r["qtype"], (r["latency_ratio"], 1 - r["bytes_ratio"]), fontsize=7, alpha=0.7)

@@ -48,6 +48,7 @@ import torch.fx.experimental.symbolic_shapes  # noqa: E402, F401
 
 import harness.offload  # noqa: E402, F401
 import harness.run.execute  # noqa: E402, F401
+from harness.devices import accelerator_build  # noqa: E402
 from harness.engines.registry import ENGINES  # noqa: E402
 
 
@@ -86,12 +87,6 @@ def _before_fork() -> None:
               flush=True, file=sys.stderr)
 
 
-def _accelerator_build() -> bool:
-    """Whether this torch can drive an accelerator; answered from the build, without touching a driver."""
-    return bool(torch.version.cuda or getattr(torch.version, "hip", None) or torch.backends.mps.is_built()
-                or (hasattr(torch, "xpu") and torch.xpu._is_compiled()))
-
-
 def _cuda_driver_loaded() -> bool:
     """Whether the CUDA driver library is mapped into this process (something initialized CUDA)."""
     try:
@@ -107,7 +102,7 @@ def import_engines(*, force: bool = False) -> None:
     import importlib.util
     import logging
 
-    if _accelerator_build() and not force:
+    if accelerator_build() and not force:
         return
     wanted = os.environ.get("QUANTMATRIX_PRELOAD")  # the engines of the run's cells (set by the pytest plugin)
     for name, engine in ENGINES.items():
@@ -141,7 +136,7 @@ def _import_diffusers() -> None:
     for name in ("FluxTransformer2DModel", "SD3Transformer2DModel", "UNet2DConditionModel", "DiffusionPipeline",
                  "BitsAndBytesConfig", "QuantoConfig", "GGUFQuantizationConfig", "TorchAoConfig"):
         getattr(diffusers, name)
-    import harness.run.diffusers_stack  # noqa: F401
+    import harness.stacks.diffusers  # noqa: F401
 
 
 def release_threads() -> None:

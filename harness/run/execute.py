@@ -6,28 +6,29 @@ happened in. This module runs inside the cell's isolated process (see isolation.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import traceback
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from harness import devices
 from harness.cell import Cell
-from harness.engines.base import Engine, NotOffered
+from harness.engines.base import NotOffered
+from harness.engines.catalog import CATALOG
 from harness.engines.registry import ENGINES
 from harness.matrix import Settings
 from harness.models.build import build_skeleton, components, make_inputs, run
-from harness.models.specs import MODELS
-from harness.offload import apply_offload
 from harness.results import absent_device_reason
-from harness.run import diffusers_stack, loading, measure
+from harness.run import measure
+from harness.stacks import loading
+from harness.stacks.base import SharedFile
+from harness.stacks.catalog import not_offered, packages_needed
+from harness.stacks.registry import stack_of
 from harness.verdict import Absence, ErrorInfo, Outcome, Stage, Status
 
 
@@ -40,25 +41,26 @@ class CellTask:
 
 def unavailable(cell: Cell) -> Outcome | None:
     """The harness's own knowledge that the cell cannot run on this host, or None (cheap: no accelerator is
-    initialized). Only this and an engine's NotOffered make a cell unavailable."""
+    initialized, no file is made). Only this and an engine's NotOffered make a cell unavailable."""
     reason = devices.unavailable_reason(cell.device)
     if reason:
         return Outcome.unavailable(Absence.DEVICE, absent_device_reason(cell.device, reason))
-    engine = ENGINES[cell.engine]
-    if cell.stack == "direct" and cell.load not in engine.loads:
-        return Outcome.unavailable(Absence.NOT_OFFERED, f"engine {engine.name} does not offer the {cell.load} "
-                                                        "load mode")
-    if (cell.stack == "diffusers" or cell.offload == "group") and importlib.util.find_spec("diffusers") is None:
-        return Outcome.unavailable(Absence.PACKAGE, "package 'diffusers' is not installed (the diffusers stack "
-                                                    "and group offload run on it)")
-    reason = engine.unavailable_reason(cell.qtype, cell.device)
+    reason = not_offered(cell)
+    if reason:
+        return Outcome.unavailable(Absence.NOT_OFFERED, reason)
+    for package in packages_needed(cell):
+        if importlib.util.find_spec(package) is None:
+            return Outcome.unavailable(Absence.PACKAGE, f"package {package!r} is not installed (the {cell.stack} "
+                                                        f"stack, diffusers' model classes and group offload run on "
+                                                        f"it)")
+    reason = ENGINES[cell.engine].unavailable_reason(cell.qtype, cell.device)
     return None if reason is None else Outcome.unavailable(Absence.PACKAGE, reason)
 
 
-# The packages a stack is made of, and how many components of a module name say which layer of it raised:
-# diffusers.quantizers.gguf, accelerate.hooks, optimum.quanto, bitsandbytes, harness.engines.gguf_engine.
-LAYER_DEPTH = {"diffusers": 3, "accelerate": 2, "optimum": 2, "transformers": 2, "harness": 3, "bitsandbytes": 1,
-               "gguf": 1, "nncf": 1, "sdnq": 1, "torchao": 1}
+# How many components of a module name say which layer raised, for the packages a stack is made of (the engines'
+# depths are catalog data): diffusers.quantizers.gguf, accelerate.hooks, optimum.quanto, harness.engines.gguf_engine.
+STACK_LAYER_DEPTH = {"diffusers": 3, "accelerate": 2, "transformers": 2, "harness": 3}
+LAYER_DEPTH = {**STACK_LAYER_DEPTH, **{e.module: e.layer_depth for e in CATALOG.values() if e.module}}
 
 
 def layer_of(modules: list[str]) -> str:
@@ -101,68 +103,48 @@ def reference_path(task: CellTask) -> Path:
     return task.workdir / "references" / f"{cell.model}-{cell.dtype}-{cell.device}-seed{s.seed}-b{s.batch}.safetensors"
 
 
-def reference_output(task: CellTask, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+def _reference_file(task: CellTask, inputs: dict[str, torch.Tensor] | None) -> SharedFile:
     """The unquantized model's output for this model, dtype, device and seed, computed once per run."""
-    from safetensors.torch import load_file, save_file
-
     cell, s = task.cell, task.settings
 
     def make(tmp: Path) -> None:
-        model = diffusers_stack.float_model(task.workdir, cell.model, s.seed, getattr(torch, cell.dtype))
+        from safetensors.torch import save_file
+
+        model = loading.float_model(task.workdir, cell.model, s.seed, getattr(torch, cell.dtype))
         model = model.to(devices.torch_device(cell.device))
         with torch.no_grad():
             save_file({"output": run(model, inputs).cpu().contiguous()}, str(tmp))
 
-    return load_file(str(loading.shared_file(reference_path(task), make)))["output"]
+    return SharedFile(reference_path(task), make, source=False)
 
 
-def _float_model(task: CellTask, dtype: torch.dtype) -> Callable[[], nn.Module]:
-    """The cell's float model in `dtype`, when called: drawn from its seed, or loaded from the run's float directory
-    for a model with shared weights (diffusers_stack.float_model)."""
-    return functools.partial(diffusers_stack.float_model, task.workdir, task.cell.model, task.settings.seed, dtype)
+def shared_files(task: CellTask, inputs: dict[str, torch.Tensor] | None = None) -> list[SharedFile]:
+    """Every shared file the cell needs: its stack's (float model, checkpoint, pre-quantized file), then the float
+    model's reference output. The one place their keys are worked out."""
+    return [*stack_of(task.cell).files(task), _reference_file(task, inputs)]
 
 
 def files_to_prepare(task: CellTask) -> list[Path]:
     """The shared files this cell needs that do not exist yet."""
-    cell, s = task.cell, task.settings
-    dtype = getattr(torch, cell.dtype)
-    needed = [reference_path(task)]
-    if cell.stack == "diffusers" or MODELS[cell.model].shared_weights:  # the float model's shared directory
-        needed.append(diffusers_stack.float_dir_path(task.workdir, cell.model, s.seed, dtype))
-    if cell.stack == "diffusers":
-        if cell.load == "prequantized":
-            needed.append(diffusers_stack.prequantized_path(task.workdir, ENGINES[cell.engine], cell.qtype,
-                                                            cell.model, dtype, s.seed))
-    elif cell.load == "on-the-fly":
-        needed.append(loading.float_checkpoint_path(task.workdir, cell.model, s.seed,
-                                                    diffusers_stack.stored_dtype(cell.model, dtype)))
-    elif cell.load == "prequantized":
-        needed.append(loading.prequantized_path(task.workdir, ENGINES[cell.engine], cell.qtype, cell.model,
-                                                getattr(torch, cell.dtype), s.seed))
-    return [p for p in needed if not p.exists()]
+    return [f.path for f in shared_files(task) if not f.path.exists()]
 
 
 def prepare_cell(task: CellTask) -> tuple[dict[str, torch.Tensor], torch.Tensor, Path | None]:
     """The cell's inputs, reference output and source file (float checkpoint or pre-quantized file), made once
     per run. The runner calls this in a process of its own first, so that building the float model for them
     leaves nothing behind (freed heap, imports) in the process whose memory is measured."""
+    from safetensors.torch import load_file
+
     cell, s = task.cell, task.settings
     dtype, device = getattr(torch, cell.dtype), devices.torch_device(cell.device)
     torch.manual_seed(s.seed)
     inputs = make_inputs(cell.model, s.seed, s.batch, dtype, device)
-    reference = reference_output(task, inputs)
+    *files, reference = shared_files(task, inputs)
     source = None
-    if cell.stack == "diffusers":
-        source = diffusers_stack.float_dir(task.workdir, cell.model, s.seed, dtype)
-        if cell.load == "prequantized":
-            source = diffusers_stack.prequantized(task.workdir, ENGINES[cell.engine], cell.qtype, cell.model, dtype,
-                                                  s.seed)
-    elif cell.load == "on-the-fly":
-        stored = diffusers_stack.stored_dtype(cell.model, dtype)
-        source = loading.float_checkpoint(task.workdir, cell.model, s.seed, stored, _float_model(task, stored))
-    elif cell.load == "prequantized":
-        source = loading.prequantized_file(task.workdir, ENGINES[cell.engine], cell.qtype, cell.model, dtype, s.seed,
-                                           _float_model(task, dtype))
+    for file in files:
+        path = loading.shared_file(file.path, file.make)
+        source = path if file.source else source
+    reference = load_file(str(loading.shared_file(reference.path, reference.make)))["output"]
     return inputs, reference, source
 
 
@@ -197,7 +179,7 @@ def execute_cell(task: CellTask) -> Outcome:
 def _measure(task: CellTask, progress: _Progress) -> dict:
     """Load (and quantize), count storage, offload, run and time the steps; the figures of the record."""
     cell, s = task.cell, task.settings
-    engine = ENGINES[cell.engine]
+    engine, stack = ENGINES[cell.engine], stack_of(cell)
     dtype = getattr(torch, cell.dtype)
     progress.device = devices.device_info(cell.device)
     inputs, reference, source = prepare_cell(task)
@@ -208,7 +190,7 @@ def _measure(task: CellTask, progress: _Progress) -> dict:
     mem_base = tracker.current()
 
     progress.stage = Stage.LOAD
-    loaded = _load(task, engine, source)
+    loaded = stack.load(task, engine, source)
     model = loaded.model.eval()
     if cell.cast != "-":  # as SD.Next applies it: on the loaded (quantized) model
         model.enable_layerwise_casting(storage_dtype=getattr(torch, cell.cast), compute_dtype=dtype)
@@ -217,7 +199,7 @@ def _measure(task: CellTask, progress: _Progress) -> dict:
     param_bytes, bpw = measure.stored_bytes(model), measure.bits_per_weight(model, layout)
 
     progress.stage = Stage.OFFLOAD
-    after_step, offload_notes = apply_offload(model, cell.offload, cell.device, stack=cell.stack,
+    after_step, offload_notes = stack.offload(model, cell.offload, cell.device,
                                               components=components(cell.model, model), settings=s)
     progress.stage = Stage.FORWARD
     output, error, latency = _run_steps(task, model, inputs, reference, after_step, tracker)
@@ -240,24 +222,6 @@ def _measure(task: CellTask, progress: _Progress) -> dict:
     if loaded.name_hint is not None:
         metrics["name_hint"], metrics["name_hint_detail"] = loaded.name_hint, loaded.name_hint_detail
     return metrics
-
-
-def _load(task: CellTask, engine: Engine, source: Path | None) -> loading.Loaded:
-    cell, s = task.cell, task.settings
-    dtype, device = getattr(torch, cell.dtype), devices.torch_device(cell.device)
-    if cell.stack == "diffusers":
-        if cell.load == "post-load":
-            return diffusers_stack.load_post(engine, cell.qtype, cell.model, source, dtype, device)
-        if cell.load == "on-the-fly":
-            return diffusers_stack.load_on_the_fly(engine, cell.qtype, cell.model, source, dtype)
-        return diffusers_stack.load_prequantized(engine, cell.qtype, cell.model, source,
-                                                 diffusers_stack.float_dir(task.workdir, cell.model, s.seed, dtype),
-                                                 dtype)
-    if cell.load == "post-load":
-        return loading.load_post(engine, cell.qtype, _float_model(task, dtype), dtype, device)
-    if cell.load == "on-the-fly":
-        return loading.load_on_the_fly(engine, cell.qtype, cell.model, source, dtype, device)
-    return loading.load_prequantized(engine, cell.qtype, cell.model, source, dtype, device)
 
 
 def _run_steps(task: CellTask, model, inputs: dict, reference: torch.Tensor, after_step, tracker):

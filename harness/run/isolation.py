@@ -23,14 +23,11 @@ Whatever the cell leaves running (its process group) is killed when it ends.
 from __future__ import annotations
 
 import contextlib
-import faulthandler
 import functools
 import json
 import multiprocessing
 import os
-import resource
 import signal
-import sys
 import tempfile
 import time
 from collections import deque
@@ -39,6 +36,7 @@ from pathlib import Path
 
 import psutil
 
+from harness.run import child, pool
 from harness.run.execute import CellTask
 from harness.verdict import ErrorInfo, Outcome, Stage, Status
 
@@ -54,71 +52,6 @@ def _forkserver():
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["harness.run.cell_server"])
     return ctx
-
-
-@contextlib.contextmanager
-def _without_main_reimport():
-    """A forkserver child re-runs the parent's __main__ script before the target (for the `pytest` console script
-    that is an import of pytest, about 0.2 s a cell); cells need nothing from it, so hide it while starting one."""
-    main = sys.modules.get("__main__")
-    path = getattr(main, "__file__", None) if getattr(main, "__spec__", None) is None else None
-    if path is not None:
-        del main.__file__
-    try:
-        yield
-    finally:
-        if path is not None:
-            main.__file__ = path
-
-
-# A cell that overruns its timeout is asked for every thread's Python stack with this signal before it is killed.
-STACKS_SIGNAL = signal.SIGUSR1
-_stacks_file = None  # kept open for faulthandler for the life of the cell's process
-
-
-def _child_main(task: CellTask, result_path: str, log_path: str, memory_limit_mb: int,
-                stacks_path: str | None = None) -> None:
-    global _stacks_file
-    with contextlib.suppress(PermissionError):  # a pool worker leads its own session already
-        os.setsid()  # its own process group, so everything it starts can be killed with it
-    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(log, 1)
-    os.dup2(log, 2)
-    if stacks_path is not None:  # faulthandler writes from its C signal handler: it works in a deadlocked process
-        _stacks_file = open(stacks_path, "w")
-        faulthandler.register(STACKS_SIGNAL, file=_stacks_file, all_threads=True)
-    if memory_limit_mb and task.cell.device == "cpu":
-        vm = _vm_size()
-        resource.setrlimit(resource.RLIMIT_AS, (vm + (memory_limit_mb << 20), resource.RLIM_INFINITY))
-    from harness.run.execute import execute_cell
-
-    server = sys.modules.get("harness.run.cell_server")
-    if server is not None and server.threads_at_fork:
-        # What those threads held (a lock, a pool's worker) is held forever here: the cell could deadlock.
-        outcome = Outcome(Status.ERROR, error=ErrorInfo(
-            "HarnessError", "the cell server held other threads than its main one when it forked this cell ("
-            + ", ".join(server.threads_at_fork) + "); a forked cell inherits whatever they held, so it was not run",
-            "", Stage.PROCESS), reason="the cell server was not thread-free at the fork")
-    else:
-        outcome = execute_cell(task)
-    tmp = result_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(outcome.as_dict(), f)
-    os.replace(tmp, result_path)
-
-
-def _vm_size() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmSize:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def _kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _tail(path: Path, limit: int = OUTPUT_TAIL_BYTES) -> str | None:
@@ -210,7 +143,7 @@ def _overrun(process, samples: deque, stacks_path: Path | None, cpu_before: floa
     stacks = None
     if stacks_path is not None:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, STACKS_SIGNAL)
+            os.kill(process.pid, child.STACKS_SIGNAL)
             deadline = time.monotonic() + 3.0
             size = -1
             while time.monotonic() < deadline:  # until the dump stops growing
@@ -233,7 +166,7 @@ def _run_process(ctx, target, args: tuple, name: str, timeout_s: float,
     overran, what it was doing (stacks from `stacks_path`, where the process registered faulthandler)."""
     process = ctx.Process(target=target, args=args, name=name)
     started = time.monotonic()
-    with _without_main_reimport():
+    with child.without_main_reimport():
         process.start()
     return _watch(process, started, timeout_s, stacks_path)
 
@@ -248,11 +181,11 @@ def _watch(process, started: float, timeout_s: float, stacks_path: Path | None,
         if process.exitcode is None:
             overrun = _overrun(process, samples, stacks_path, cpu_before)
     except BaseException:  # Ctrl-C / SIGTERM: stop it now, then let the run stop
-        _kill_group(process.pid)
+        child.kill_group(process.pid)
         process.join()
         raise
     exitcode = process.exitcode
-    _kill_group(process.pid)
+    child.kill_group(process.pid)
     process.join()
     return exitcode, time.monotonic() - started, overrun
 
@@ -261,15 +194,52 @@ def _noop() -> None:
     pass
 
 
+class ForkRunner:
+    """Each cell a fork of the thread-free cell server (CPU builds of torch: milliseconds a cell)."""
+
+    name = "fork"
+
+    def warm_up(self) -> None:
+        _run_process(_forkserver(), _noop, (), "warm-up", 600)
+
+    def run(self, task: CellTask, args: tuple, timeout_s: float, stacks: Path):
+        return _run_process(_forkserver(), child.child_main, args, f"cell {task.cell.id}", timeout_s,
+                            stacks_path=stacks)
+
+
+class PoolRunner:
+    """Each cell in a spawned, pre-imported warm pool worker (accelerator builds: pool.py)."""
+
+    name = "pool"
+
+    def warm_up(self) -> None:
+        _run_process(_forkserver(), _noop, (), "warm-up", 600)  # files are still prepared by forks
+        pool.pool()  # its first worker starts importing now
+
+    def run(self, task: CellTask, args: tuple, timeout_s: float, stacks: Path):
+        process, conn, _ = pool.pool().take(pool.READY_TIMEOUT_S)  # imports are not the cell's time
+        cpu_before, started = _cpu_seconds(process.pid) or 0.0, time.monotonic()
+        conn.send(args)
+        conn.close()
+        try:
+            return _watch(process, started, timeout_s, stacks, cpu_before)
+        finally:
+            pool.pool().fill()  # refill="after": the next worker starts importing now
+
+
+RUNNERS = {r.name: r for r in (ForkRunner(), PoolRunner())}
+
+
+def runner() -> ForkRunner | PoolRunner:
+    """The runner QUANTMATRIX_CELL_RUNNER names ('auto': by the torch build, pool.runner_kind)."""
+    return RUNNERS[pool.runner_kind()]
+
+
 def warm_up() -> float:
     """Start the cell server now (it imports torch and the engines: seconds), so that this cost is not counted in
     the first cell's duration (durations balance shards). Returns the seconds it took."""
-    from harness.run import pool
-
     started = time.monotonic()
-    _run_process(_forkserver(), _noop, (), "warm-up", 600)
-    if pool.runner_kind() == "pool":
-        pool.pool()  # its first worker starts importing now
+    runner().warm_up()
     return time.monotonic() - started
 
 
@@ -279,30 +249,19 @@ def run_isolated(task: CellTask, *, timeout_s: float, memory_limit_mb: int = 0) 
     The files the cell needs (reference output, checkpoint, pre-quantized file) are made first in a process of
     their own, so the measured process starts clean. If that fails, the cell makes them itself and reports the
     failure as its own outcome."""
-    from harness.run import pool
     from harness.run.execute import files_to_prepare
 
-    ctx = _forkserver()
     pool.share_compile_caches(task.workdir)
     if files_to_prepare(task):
-        _run_process(ctx, _prepare_main, (task,), f"prepare {task.cell.id}", timeout_s)
+        _run_process(_forkserver(), _prepare_main, (task,), f"prepare {task.cell.id}", timeout_s)
     with tempfile.TemporaryDirectory(prefix="quantmatrix-cell-") as tmp:
         result, log, stacks = Path(tmp, "outcome.json"), Path(tmp, "output.log"), Path(tmp, "stacks.txt")
         args = (task, str(result), str(log), memory_limit_mb, str(stacks))
-        if pool.runner_kind() == "pool":
-            try:
-                process, conn, _ = pool.pool().take(pool.READY_TIMEOUT_S)  # imports are not the cell's time
-            except RuntimeError as exc:
-                return Outcome(Status.CRASH, error=ErrorInfo("HarnessError", str(exc), "", Stage.PROCESS),
-                               reason="the pool worker for this cell died while importing")
-            cpu_before, started = _cpu_seconds(process.pid) or 0.0, time.monotonic()
-            conn.send(args)
-            conn.close()
-            exitcode, elapsed, overrun = _watch(process, started, timeout_s, stacks, cpu_before)
-            pool.pool().fill()  # refill="after": the next worker starts importing now
-        else:
-            exitcode, elapsed, overrun = _run_process(ctx, _child_main, args, f"cell {task.cell.id}", timeout_s,
-                                                      stacks_path=stacks)
+        try:
+            exitcode, elapsed, overrun = runner().run(task, args, timeout_s, stacks)
+        except RuntimeError as exc:  # a pool worker died importing
+            return Outcome(Status.CRASH, error=ErrorInfo("HarnessError", str(exc), "", Stage.PROCESS),
+                           reason="the pool worker for this cell died while importing")
         outcome = _outcome(exitcode, result, overrun, timeout_s, elapsed)
         outcome.output_tail = _tail(log)
     return outcome

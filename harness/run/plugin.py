@@ -24,9 +24,9 @@ import pytest
 from harness.cell import AXES
 from harness.errors import QuantMatrixError
 from harness.matrix import Matrix, load_matrix, select
-from harness.models.specs import MODELS
 from harness.run.session import IDS_KEY, MatrixRun, environment
 from harness.run.workers import pytest_configure_node  # noqa: F401  (a hook: pluggy finds it here)
+from harness.stacks.catalog import packages_needed
 from harness.verdict import Verdict
 
 DEFAULT_MATRIX = "matrices/default.toml"
@@ -39,8 +39,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--matrix", default=None, metavar="FILE",
                     help=f"matrix file to expand into cells (default: {DEFAULT_MATRIX})")
     for axis in AXES:
-        group.addoption(f"--{axis}", action="append", default=None, metavar="NAME[,NAME]",
-                        help=f"only cells with this {axis} (repeatable, comma-separated)")
+        if axis.option:
+            group.addoption(f"--{axis.name}", action="append", default=None, metavar="NAME[,NAME]",
+                            help=f"only cells with this {axis.help} (repeatable, comma-separated)")
     group.addoption("--results", default=None, metavar="FILE",
                     help="results file to append records to (default: results/<run>.jsonl, or the --resume file)")
     group.addoption("--resume", default=None, metavar="FILE",
@@ -132,7 +133,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     config = metafunc.config
     matrix = _matrix(config)
-    cells = matrix.with_baselines(select(matrix.cells, **{a: _wanted(config, a) for a in AXES}))
+    cells = matrix.with_baselines(select(matrix.cells, **{a.name: _wanted(config, a.name) for a in AXES if a.option}))
     metafunc.parametrize("cell", cells, ids=[c.id for c in cells])
 
 
@@ -148,7 +149,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
              if hasattr(item, "callspec") and "cell" in item.callspec.params]
     engines = Counter(c.engine for c in cells)
     # diffusers, for its stack, its model classes and group offload
-    engines["diffusers"] = sum(c.stack == "diffusers" or c.offload == "group" or MODELS[c.model].real for c in cells)
+    engines["diffusers"] = sum("diffusers" in packages_needed(c) for c in cells)
     if cells:
         os.environ["QUANTMATRIX_PRELOAD"] = ",".join(sorted(e for e, n in engines.items() if n >= PRELOAD_FROM_CELLS))
         if not session.config.option.collectonly:

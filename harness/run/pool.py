@@ -31,6 +31,8 @@ import threading
 from collections import deque
 from pathlib import Path
 
+from harness.run import child
+
 RUNNERS = ("auto", "pool", "fork")
 READY = "ready"
 READY_TIMEOUT_S = 600.0  # how long a worker may take to import everything (not counted in its cell's timeout)
@@ -44,11 +46,9 @@ def runner_kind() -> str:
         raise ValueError(f"QUANTMATRIX_CELL_RUNNER={wanted!r}; expected one of {list(RUNNERS)}")
     if wanted != "auto":
         return wanted
-    import torch
+    from harness.devices import accelerator_build
 
-    accelerator = bool(torch.version.cuda or getattr(torch.version, "hip", None)
-                       or (hasattr(torch, "xpu") and torch.xpu._is_compiled()))
-    return "pool" if accelerator else "fork"
+    return "pool" if accelerator_build() else "fork"
 
 
 def share_compile_caches(workdir: Path) -> None:
@@ -59,7 +59,7 @@ def share_compile_caches(workdir: Path) -> None:
 
 
 def _worker_main(conn, log_path: str) -> None:
-    """A pool worker: its own session, the imports, 'ready', then one cell (isolation._child_main) and exit."""
+    """A pool worker: its own session, the imports, 'ready', then one cell (child.child_main) and exit."""
     os.setsid()
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(log, 1)
@@ -73,9 +73,7 @@ def _worker_main(conn, log_path: str) -> None:
         args = conn.recv()
     except EOFError:  # the pool was closed: no cell for this worker
         return
-    from harness.run.isolation import _child_main
-
-    _child_main(*args)
+    child.child_main(*args)
     # Leave as a forked cell does, without the interpreter's teardown: finalizing torch and every engine took
     # 1.7 s per cell here. The outcome is written (and renamed into place) already.
     sys.stdout.flush()
@@ -98,15 +96,13 @@ class WarmPool:
         self.started = 0
 
     def _spawn(self):
-        from harness.run.isolation import _without_main_reimport
-
-        parent, child = self.ctx.Pipe()
+        parent, end = self.ctx.Pipe()
         self.started += 1
         log = self.log_dir / f"quantmatrix-worker-{os.getpid()}-{self.started}.log"
-        process = self.ctx.Process(target=_worker_main, args=(child, str(log)), name="quantmatrix pool worker")
-        with _without_main_reimport():
+        process = self.ctx.Process(target=_worker_main, args=(end, str(log)), name="quantmatrix pool worker")
+        with child.without_main_reimport():
             process.start()
-        child.close()
+        end.close()
         return process, parent, log
 
     def fill(self) -> None:
@@ -150,10 +146,8 @@ class WarmPool:
 
 
 def _stop(process) -> None:
-    from harness.run.isolation import _kill_group
-
     if process.is_alive():
-        _kill_group(process.pid)
+        child.kill_group(process.pid)
         process.kill()
     process.join(5)
 

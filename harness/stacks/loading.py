@@ -30,6 +30,7 @@ from harness.engines.containers import check_container
 from harness.engines.registry import ENGINES
 from harness.errors import QuantMatrixError
 from harness.models.build import build_model, build_skeleton
+from harness.models.specs import MODELS
 
 
 @dataclass
@@ -56,6 +57,44 @@ def shared_file(path: Path, make: Callable[[Path], object]) -> Path:
     return path
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def stored_dtype(model: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a model's float directory and checkpoint: float32, or the cell's own for a model with shared
+    weights (flux-dev in float32 would be 48 GB on disk)."""
+    return dtype if MODELS[model].shared_weights else torch.float32
+
+
+def float_dir_path(workdir: Path, model: str, seed: int, dtype: torch.dtype = torch.float32) -> Path:
+    stored = stored_dtype(model, dtype)
+    return workdir / "diffusers" / (f"{model}-seed{seed}" + ("" if stored == torch.float32
+                                                             else f"-{_dtype_name(stored)}"))
+
+
+def make_float_dir(model: str, seed: int, dtype: torch.dtype) -> Callable[[Path], object]:
+    return lambda tmp: build_model(model, seed, stored_dtype(model, dtype)).save_pretrained(str(tmp))
+
+
+def float_dir(workdir: Path, model: str, seed: int, dtype: torch.dtype = torch.float32) -> Path:
+    """A diffusers model class's float model as `save_pretrained` writes it (config.json and safetensors), in
+    float32 (or, for a model with shared weights, in `dtype`), made once per run."""
+    return shared_file(float_dir_path(workdir, model, seed, dtype), make_float_dir(model, seed, dtype))
+
+
+def float_model(workdir: Path, model: str, seed: int, dtype: torch.dtype) -> nn.Module:
+    """The float model on the CPU: drawn from its seed, or, for a model with shared weights, loaded from the run's
+    float directory (drawing 11.9 B weights per cell would cost the cell more than its work)."""
+    if not MODELS[model].shared_weights:
+        return build_model(model, seed, dtype)
+    from harness.models.real import model_class
+
+    loaded = model_class(model).from_pretrained(str(float_dir(workdir, model, seed, dtype)), torch_dtype=dtype)
+    loaded._quantmatrix_name = model
+    return loaded
+
+
 def float_checkpoint_path(workdir: Path, model: str, seed: int, dtype: torch.dtype = torch.float32) -> Path:
     stored = "" if dtype == torch.float32 else "-" + str(dtype).removeprefix("torch.")
     return workdir / "checkpoints" / f"{model}-seed{seed}{stored}.safetensors"
@@ -65,8 +104,11 @@ def float_checkpoint(workdir: Path, model: str, seed: int, dtype: torch.dtype,
                      float_model: Callable[[], nn.Module]) -> Path:
     """The float weights as one safetensors file, stored in `dtype` (what `float_model()` gives): one file per
     dtype, so cells of two dtypes in one run never read each other's."""
-    return shared_file(float_checkpoint_path(workdir, model, seed, dtype),
-                       lambda tmp: ENGINES["none"].save(float_model(), "-", tmp))
+    return shared_file(float_checkpoint_path(workdir, model, seed, dtype), make_float_checkpoint(float_model))
+
+
+def make_float_checkpoint(float_model: Callable[[], nn.Module]) -> Callable[[Path], object]:
+    return lambda tmp: ENGINES["none"].save(float_model(), "-", tmp)
 
 
 def prequantized_path(workdir: Path, engine: Engine, qtype: str, model: str, dtype: torch.dtype, seed: int) -> Path:
@@ -75,14 +117,20 @@ def prequantized_path(workdir: Path, engine: Engine, qtype: str, model: str, dty
     return workdir / "prequantized" / (stem + engine.file_suffix)
 
 
-def prequantized_file(workdir: Path, engine: Engine, qtype: str, model: str, dtype: torch.dtype,
-                      seed: int, float_model: Callable[[], nn.Module] | None = None) -> Path:
+def make_prequantized(engine: Engine, qtype: str, model: str, dtype: torch.dtype, seed: int,
+                      float_model: Callable[[], nn.Module] | None = None) -> Callable[[Path], object]:
     def make(tmp: Path) -> None:
         source = float_model() if float_model else build_model(model, seed, dtype)
         quantized = engine.quantize(source, qtype, dtype=dtype, device=torch.device("cpu"))
         engine.save(quantized, qtype, tmp)
 
-    return shared_file(prequantized_path(workdir, engine, qtype, model, dtype, seed), make)
+    return make
+
+
+def prequantized_file(workdir: Path, engine: Engine, qtype: str, model: str, dtype: torch.dtype,
+                      seed: int, float_model: Callable[[], nn.Module] | None = None) -> Path:
+    return shared_file(prequantized_path(workdir, engine, qtype, model, dtype, seed),
+                       make_prequantized(engine, qtype, model, dtype, seed, float_model))
 
 
 def load_post(engine: Engine, qtype: str, float_model: Callable[[], nn.Module], dtype: torch.dtype,

@@ -1,0 +1,248 @@
+"""The `diffusers` stack: diffusers' model classes through its quantizer integrations, offloaded by a pipeline's own
+methods (the path SD.Next and diffusers users take). Its three load modes:
+
+- on-the-fly: `from_pretrained(float_dir, quantization_config=<the engine's diffusers config>)`, from a float
+  checkpoint written with `save_pretrained`;
+- prequantized: the backend's serialized form loaded back with `from_pretrained` (engine and type detected from the
+  saved `quantization_config`), and GGUF as a `.gguf` file (written with `gguf`, diffusers' tensor names) through
+  `from_single_file(path, config=float_dir, quantization_config=GGUFQuantizationConfig(...))`;
+- post-load: the float model loaded with `from_pretrained`, then the engine's own API, as SD.Next's "post" mode.
+
+Each engine's integration (its config class, how a saved config names its type) is a row of INTEGRATIONS here,
+not a method of the engine. What diffusers refuses or deprecates is the finding: nothing here works around it.
+Files are made once per run in the run's work directory (see loading.shared_file).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from harness import devices, offload
+from harness.engines.base import Engine
+from harness.engines.registry import ENGINES
+from harness.errors import QuantMatrixError
+from harness.models.real import model_class
+from harness.stacks import loading
+from harness.stacks.base import SharedFile, Stack
+from harness.stacks.loading import Loaded, check_name, detect, float_dir, float_model, shared_file
+
+
+def _bnb_config(qtype: str, dtype: torch.dtype) -> object:
+    from diffusers import BitsAndBytesConfig
+
+    from harness.engines.bnb import FOUR_BIT
+
+    if qtype == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    quant_type, double = FOUR_BIT[qtype]
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double,
+                              bnb_4bit_compute_dtype=dtype)
+
+
+def _bnb_type(config: dict) -> str | None:
+    if config.get("load_in_8bit"):
+        return "int8"
+    return config.get("bnb_4bit_quant_type", "fp4") + ("-dq" if config.get("bnb_4bit_use_double_quant") else "")
+
+
+def _quanto_config(qtype: str, dtype: torch.dtype) -> object:
+    from diffusers import QuantoConfig
+
+    from harness.engines.quanto import DIFFUSERS_WEIGHTS
+
+    return QuantoConfig(weights_dtype=DIFFUSERS_WEIGHTS[qtype])
+
+
+def _quanto_type(config: dict) -> str | None:
+    from harness.engines.quanto import DIFFUSERS_WEIGHTS
+
+    return {v: k for k, v in DIFFUSERS_WEIGHTS.items()}.get(config.get("weights_dtype"))
+
+
+def _sdnq_config(qtype: str, dtype: torch.dtype) -> object:
+    from sdnq import SDNQConfig
+
+    return SDNQConfig(weights_dtype=qtype)
+
+
+def _torchao_config(qtype: str, dtype: torch.dtype) -> object:
+    import torchao.quantization as tq
+    from diffusers import TorchAoConfig
+
+    from harness.engines.torchao_engine import CONFIGS
+
+    return TorchAoConfig(getattr(tq, CONFIGS[qtype])())
+
+
+def _torchao_type(config: dict) -> str | None:
+    """diffusers serializes a torchao config object as {"default": {"_type": "<ConfigClass>", ...}}."""
+    from harness.engines.torchao_engine import CONFIGS
+
+    quant = config.get("quant_type")
+    name = quant.get("default", {}).get("_type") if isinstance(quant, dict) else quant
+    return {v: k for k, v in CONFIGS.items()}.get(name)
+
+
+def _gguf_config(qtype: str, dtype: torch.dtype) -> object:
+    """diffusers reads GGUF only from a .gguf file (`from_single_file`), the pre-quantized load mode."""
+    from diffusers import GGUFQuantizationConfig
+
+    return GGUFQuantizationConfig(compute_dtype=dtype)
+
+
+@dataclass(frozen=True)
+class Integration:
+    """One engine's quantizer integration in diffusers."""
+
+    config: Callable[[str, torch.dtype], object]  # (qtype, compute dtype) -> the quantization_config to pass
+    quant_method: str | None = None  # what a saved config.json's quantization_config names it
+    saved_type: Callable[[dict], str | None] = lambda config: None  # that config -> its qtype
+    single_file: bool = False  # pre-quantized as the engine's own file, read with from_single_file (GGUF)
+
+
+INTEGRATIONS: dict[str, Integration] = {
+    "none": Integration(lambda qtype, dtype: None),  # diffusers loads the float model
+    "bnb": Integration(_bnb_config, "bitsandbytes", _bnb_type),
+    "quanto": Integration(_quanto_config, "quanto", _quanto_type),
+    "sdnq": Integration(_sdnq_config, "sdnq", lambda config: config.get("weights_dtype")),
+    "torchao": Integration(_torchao_config, "torchao", _torchao_type),
+    "gguf": Integration(_gguf_config, single_file=True),
+}
+
+
+def quantization_config(engine: Engine, qtype: str, dtype: torch.dtype) -> object:
+    return INTEGRATIONS[engine.name].config(qtype, dtype)
+
+
+def prequantized_path(workdir: Path, engine: Engine, qtype: str, model: str, dtype: torch.dtype, seed: int) -> Path:
+    stem = f"{model}-{loading._dtype_name(dtype)}-seed{seed}-{engine.name}" + ("" if qtype == "-" else f"-{qtype}")
+    single = INTEGRATIONS[engine.name].single_file
+    return workdir / "diffusers-prequantized" / (stem + (engine.file_suffix if single else ""))
+
+
+def make_prequantized(workdir: Path, engine: Engine, qtype: str, model: str, dtype: torch.dtype,
+                      seed: int) -> Callable[[Path], None]:
+    """How the engine's serialized form of the model is written: what `save_pretrained` writes for a model diffusers
+    quantized on the fly, or for a single-file format (GGUF) the engine's own file under diffusers' tensor names."""
+
+    def make(tmp: Path) -> None:
+        if INTEGRATIONS[engine.name].single_file:
+            quantized = engine.quantize(float_model(workdir, model, seed, dtype), qtype, dtype=dtype,
+                                        device=torch.device("cpu"))
+            engine.save(quantized, qtype, tmp)
+            return
+        source = float_dir(workdir, model, seed, dtype)
+        loaded = model_class(model).from_pretrained(str(source), torch_dtype=dtype,
+                                                    quantization_config=quantization_config(engine, qtype, dtype))
+        try:
+            loaded.save_pretrained(str(tmp))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    return make
+
+
+def prequantized(workdir: Path, engine: Engine, qtype: str, model: str, dtype: torch.dtype, seed: int) -> Path:
+    return shared_file(prequantized_path(workdir, engine, qtype, model, dtype, seed),
+                       make_prequantized(workdir, engine, qtype, model, dtype, seed))
+
+
+class DiffusersStack(Stack):
+    name = "diffusers"
+
+    def files(self, task) -> list[SharedFile]:
+        cell, seed = task.cell, task.settings.seed
+        dtype = getattr(torch, cell.dtype)
+        prequantized = cell.load == "prequantized"
+        out = [SharedFile(loading.float_dir_path(task.workdir, cell.model, seed, dtype),
+                          loading.make_float_dir(cell.model, seed, dtype), source=not prequantized)]
+        if prequantized:
+            engine = ENGINES[cell.engine]
+            out.append(SharedFile(prequantized_path(task.workdir, engine, cell.qtype, cell.model, dtype, seed),
+                                  make_prequantized(task.workdir, engine, cell.qtype, cell.model, dtype, seed)))
+        return out
+
+    def load(self, task, engine: Engine, source: Path | None) -> Loaded:
+        cell, seed = task.cell, task.settings.seed
+        dtype, device = getattr(torch, cell.dtype), devices.torch_device(cell.device)
+        if cell.load == "post-load":
+            return load_post(engine, cell.qtype, cell.model, source, dtype, device)
+        if cell.load == "on-the-fly":
+            return load_on_the_fly(engine, cell.qtype, cell.model, source, dtype)
+        return load_prequantized(engine, cell.qtype, cell.model, source,
+                                 float_dir(task.workdir, cell.model, seed, dtype), dtype)
+
+    def offload(self, model, mode, device, *, components, settings):
+        return offload.offload_pipeline(model, mode, device, components=components, settings=settings)
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def load_on_the_fly(engine: Engine, qtype: str, model: str, source: Path, dtype: torch.dtype) -> Loaded:
+    """Quantized by diffusers while loading: load and quantize are one call, so its time is all `load_s`."""
+    config = quantization_config(engine, qtype, dtype)
+    t0 = time.perf_counter()
+    loaded = model_class(model).from_pretrained(str(source), torch_dtype=dtype, quantization_config=config)
+    return Loaded(loaded, time.perf_counter() - t0, None, _size(source))
+
+
+def load_post(engine: Engine, qtype: str, model: str, source: Path, dtype: torch.dtype,
+              device: torch.device) -> Loaded:
+    t0 = time.perf_counter()
+    loaded = model_class(model).from_pretrained(str(source), torch_dtype=dtype)
+    loaded._quantmatrix_name = model  # for engines that trace it with the model's example input (NNCF)
+    t1 = time.perf_counter()
+    quantized = engine.quantize(loaded, qtype, dtype=dtype, device=device)
+    return Loaded(quantized, t1 - t0, time.perf_counter() - t1)
+
+
+def detect_saved(path: Path) -> tuple[str, str]:
+    """(engine, qtype) of a diffusers model directory, from the `quantization_config` its config.json holds; a
+    .gguf file by its contents."""
+    if path.is_file():
+        return detect(path)
+    config_file = path / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise QuantMatrixError(f"not a diffusers model directory: {exc}", path=config_file) from None
+    quant = config.get("quantization_config")
+    if quant is None:
+        return "none", "-"
+    if not isinstance(quant, dict):
+        raise QuantMatrixError(f"field 'quantization_config' is {type(quant).__name__}; expected a table",
+                               path=config_file)
+    for name, integration in INTEGRATIONS.items():
+        if integration.quant_method is not None and quant.get("quant_method") == integration.quant_method:
+            qtype = integration.saved_type(quant)
+            if qtype in ENGINES[name].qtypes:
+                return name, qtype
+    raise QuantMatrixError(f"field 'quantization_config': no engine recognises quant_method "
+                           f"{quant.get('quant_method')!r} with these settings", path=config_file)
+
+
+def load_prequantized(engine: Engine, qtype: str, model: str, path: Path, float_source: Path,
+                      dtype: torch.dtype) -> Loaded:
+    found = detect_saved(path)
+    if found != (engine.name, qtype):
+        raise QuantMatrixError(f"contents say engine {found[0]!r} type {found[1]!r}; expected {engine.name!r} "
+                               f"type {qtype!r}", path=path)
+    cls = model_class(model)
+    t0 = time.perf_counter()
+    if INTEGRATIONS[engine.name].single_file:
+        loaded = cls.from_single_file(str(path), config=str(float_source), torch_dtype=dtype,
+                                      quantization_config=quantization_config(engine, qtype, dtype))
+    else:
+        loaded = cls.from_pretrained(str(path), torch_dtype=dtype)
+    hint, detail = check_name(path, found)
+    return Loaded(loaded, time.perf_counter() - t0, 0.0, _size(path), hint, detail)

@@ -1,0 +1,56 @@
+"""The `direct` stack, the control: the engine's own API on the module (quantize after loading, a layer at a time
+while loading from a float checkpoint, its own file format), offloaded by accelerate's functions on the module."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from harness import devices, offload
+from harness.engines.base import Engine
+from harness.engines.registry import ENGINES
+from harness.models.specs import MODELS
+from harness.stacks import loading
+from harness.stacks.base import SharedFile, Stack
+
+
+class DirectStack(Stack):
+    name = "direct"
+
+    def files(self, task) -> list[SharedFile]:
+        cell, seed = task.cell, task.settings.seed
+        dtype = getattr(torch, cell.dtype)
+        out = []
+        if MODELS[cell.model].shared_weights:  # its float model is loaded from the run's directory
+            out.append(SharedFile(loading.float_dir_path(task.workdir, cell.model, seed, dtype),
+                                  loading.make_float_dir(cell.model, seed, dtype), source=False))
+        if cell.load == "on-the-fly":
+            stored = loading.stored_dtype(cell.model, dtype)
+            out.append(SharedFile(loading.float_checkpoint_path(task.workdir, cell.model, seed, stored),
+                                  loading.make_float_checkpoint(float_model(task, stored))))
+        elif cell.load == "prequantized":
+            engine = ENGINES[cell.engine]
+            out.append(SharedFile(loading.prequantized_path(task.workdir, engine, cell.qtype, cell.model, dtype, seed),
+                                  loading.make_prequantized(engine, cell.qtype, cell.model, dtype, seed,
+                                                            float_model(task, dtype))))
+        return out
+
+    def load(self, task, engine: Engine, source: Path | None) -> loading.Loaded:
+        cell = task.cell
+        dtype, device = getattr(torch, cell.dtype), devices.torch_device(cell.device)
+        if cell.load == "post-load":
+            return loading.load_post(engine, cell.qtype, float_model(task, dtype), dtype, device)
+        if cell.load == "on-the-fly":
+            return loading.load_on_the_fly(engine, cell.qtype, cell.model, source, dtype, device)
+        return loading.load_prequantized(engine, cell.qtype, cell.model, source, dtype, device)
+
+    def offload(self, model, mode, device, *, components, settings):
+        return offload.offload_module(model, mode, device, components=components, settings=settings)
+
+
+def float_model(task, dtype: torch.dtype):
+    """The cell's float model in `dtype`, when called: drawn from its seed, or loaded from the run's float directory
+    for a model with shared weights (loading.float_model)."""
+    return functools.partial(loading.float_model, task.workdir, task.cell.model, task.settings.seed, dtype)
