@@ -67,8 +67,9 @@ def _words(where: str) -> dict[str, str]:
     return dict(getattr(importlib.import_module(module), attribute))
 
 
-@functools.cache
 def _resolve(where: str) -> tuple[str, ...]:
+    """Read each time (a tuple of a dict's keys costs microseconds): a table changed at run time, a model added by
+    a test, is seen."""
     module, _, attribute = where.partition(":")
     return tuple(getattr(importlib.import_module(module), attribute))
 
@@ -131,7 +132,7 @@ AXES = Axes(
          phrase="{} offload", preposition="with"),
     Axis("device", ("cpu", "cuda", "rocm", "xpu", "mps"), "device", wildcards=("*", "present"), preposition="on",
          narrows=False),
-    Axis("model", "harness.models.specs:MODEL_NAMES", "model", preposition="for"),
+    Axis("model", "harness.models.specs:MODELS", "model", preposition="for"),
     Axis("dtype", ("float32", "bfloat16", "float16"), "compute dtype", preposition="in", narrows=False),
     # Whose code loads, quantizes and offloads the model: the engine's own API on the module (`direct`, the
     # control), or diffusers' quantizer integrations and pipeline offload methods (`diffusers`, what SD.Next and
@@ -173,6 +174,15 @@ class Cell:
                 raise TypeError(f"Cell needs a value for axis {axis.name!r}")
             out.append(value)
         object.__setattr__(self, "_values", tuple(out))
+
+    @classmethod
+    def of(cls, values: tuple[str, ...]) -> Cell:
+        """A cell from one value per axis, in AXES order, unchecked (expanding 100,000 cells of a matrix)."""
+        if len(values) != len(AXES):
+            raise TypeError(f"Cell.of takes {len(AXES)} values ({', '.join(AXES.names)}), got {len(values)}")
+        cell = object.__new__(cls)
+        object.__setattr__(cell, "_values", values)
+        return cell
 
     def __getattr__(self, name: str) -> str:
         try:

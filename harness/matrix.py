@@ -331,9 +331,10 @@ def _product(axes: Mapping[str, list[str]], present_devices: tuple[str, ...]) ->
             qtypes = engine.qtypes  # the baseline is a cell whatever types are asked for
         loads = engine.loads if "*" in load_filter else load_filter
         quant.extend((name, q, m) for q in qtypes for m in loads)
-    rest = [a.name for a in AXES if a.name not in QUANT_AXES]
-    cells = [Cell(engine=e, qtype=q, load=m, **dict(zip(rest, combo, strict=True)))
-             for (e, q, m) in quant for combo in itertools.product(*(resolve(a) for a in rest))]
+    if AXES.names[:3] != QUANT_AXES:
+        raise AssertionError(f"the axes {QUANT_AXES} must lead AXES (the id's first parts)")
+    rest = AXES.names[3:]
+    cells = [Cell.of((e, q, m, *combo)) for (e, q, m) in quant for combo in itertools.product(*map(resolve, rest))]
     return [c for c in cells if runs_on_its_stack(c)]
 
 

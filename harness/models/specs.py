@@ -85,5 +85,3 @@ DIFFUSERS_CONFIGS: dict[str, dict] = {
                  addition_time_embed_dim=256, transformer_layers_per_block=(1, 2, 10),
                  projection_class_embeddings_input_dim=2816, cross_attention_dim=2048),
 }
-
-MODEL_NAMES = tuple(MODELS)
