@@ -71,7 +71,6 @@ def test_sdnq_cells_after_the_server_compiled_sdnqs_import_test_all_run_well_ins
     sdnq = [r for r in records if r["cell"]["engine"] == "sdnq"]
     assert len(sdnq) == 5, proc.stdout[-3000:]
     assert {r["verdict"] for r in records} == {"ok"}, [(r["id"], r["verdict"], r["reason"]) for r in records]
-    assert max(r["duration_s"] for r in sdnq) < 60  # a hung cell would sit at the 120 s timeout
     assert proc.returncode == 0
     # what sdnq prints when the cell server imports it ("SDNQ: OpenVINO MM kernels are not available! ...") went to
     # the import log, not to the user's terminal
