@@ -60,7 +60,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 
 @pytest.fixture(scope="session")
 def reference_records() -> Path:
-    """The default matrix as measured on this kind of host (2 CPU cores; 490 cells on both stacks), committed in
+    """The default matrix as measured on this kind of host (2 CPU cores; 891 cells on both stacks), committed in
     results/reference/: what the report tests read."""
     return REFERENCE / "cpu-default.jsonl"
 

@@ -144,6 +144,11 @@ AXES = Axes(
     # weights stored in this dtype, cast to the compute dtype per layer. "-": none.
     Axis("cast", ("-", "float8_e4m3fn", "float8_e5m2"), "layerwise casting storage dtype", default="-", join="+",
          omit="-", baseline="-", phrase="{} layerwise casting", preposition="with"),
+    # Which of a pipeline's components are quantized: the denoiser (what a single-component model has), the
+    # denoiser and the text encoders SD.Next's "TE" option quantizes, or those text encoders only
+    # (models.specs.component_names). The baseline quantizes nothing: its components are the default.
+    Axis("components", "harness.models.specs:COMPONENT_VALUES", "quantized components", default="denoiser",
+         join="+", omit="denoiser", baseline="denoiser", phrase="{} quantized", preposition="with"),
 )
 LOAD_WORDS = {"on-the-fly": "quantized on the fly during load", "post-load": "quantized right after load",
               "prequantized": "loaded pre-quantized"}

@@ -141,6 +141,10 @@ class MemoryTracker:
 
     def current(self) -> int: ...
 
+    def reset_peak(self) -> None:
+        """Start a new peak from now (a pipeline's next phase), without the reset's cache emptying."""
+        self.reset()
+
 
 class CpuTracker(MemoryTracker):
     """High-water RSS of this process (Linux VmHWM, reset through /proc/self/clear_refs)."""
@@ -194,6 +198,9 @@ class AllocatorTracker(MemoryTracker):
         self.backend.synchronize()
         return self.backend.max_memory_allocated()
 
+    def reset_peak(self) -> None:
+        self.backend.reset_peak_memory_stats()
+
     def current(self) -> int:
         return self.backend.memory_allocated()
 
@@ -228,13 +235,33 @@ def memory_tracker(device: str) -> MemoryTracker:
 
 
 def memory_in_use(device: str) -> int:
-    """Bytes in use on the device now (what balanced offload compares with its watermarks)."""
+    """Bytes in use on the device now, as SD.Next's balanced offload reads them (what it compares with its
+    watermarks): total - free from `mem_get_info` (every process's use, not only this one's allocations);
+    used RAM for the CPU."""
     if device == "cpu":
         import psutil
 
         vm = psutil.virtual_memory()
         return vm.total - vm.available
+    backend = torch.xpu if device == "xpu" else torch.cuda if device in ("cuda", "rocm") else None
+    if backend is not None and hasattr(backend, "mem_get_info"):
+        free, total = backend.mem_get_info()
+        return total - free
     return memory_tracker(device).current()
+
+
+def torch_gc(device: str) -> None:
+    """SD.Next's devices.torch_gc(fast=True, force=True) (modules/devices.py:203-260 at sdnext@058a7f0): no
+    Python gc (fast), the accelerator synchronized and its cache emptied."""
+    if device in ("cuda", "rocm"):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.ipc_collect()
+    elif device == "xpu":
+        torch.xpu.synchronize()
+        torch.xpu.empty_cache()
+    elif device == "mps":
+        torch.mps.empty_cache()
 
 
 

@@ -63,6 +63,7 @@ from packaging.version import InvalidVersion, Version
 from harness.cell import AXES, BASELINE, Cell
 from harness.engines.catalog import CATALOG
 from harness.errors import QuantMatrixError, did_you_mean
+from harness.models.specs import MODELS, component_names
 from harness.stacks.catalog import STACK_CATALOG
 
 
@@ -163,8 +164,12 @@ class Settings:
     min_time_s: float = 0.3
     cell_timeout_s: float = 300.0
     memory_limit_mb: int = 0  # per-cell address-space cap on CPU cells; 0: none
-    high_watermark: float = 0.6  # [offload.balanced], SD.Next's defaults
-    low_watermark: float = 0.2
+    # [offload.balanced]: fractions of device memory and class-name lists; None: SD.Next's defaults for the
+    # device's memory class (offload.sdnext_balanced_defaults)
+    high_watermark: float | None = None
+    low_watermark: float | None = None
+    offload_always: tuple[str, ...] | None = None
+    offload_never: tuple[str, ...] | None = None
     group_type: str = "leaf_level"  # [offload.group], SD.Next's defaults: "leaf_level" | "block_level"
     group_blocks: int = 1  # blocks per group (block_level)
     group_stream: bool = False  # CUDA streams (accelerators only: a CPU cell runs without)
@@ -302,8 +307,16 @@ def _axis_values(doc: _Doc, axis: str, raw: Any, key: str, *, wildcards: bool) -
             continue
         if v not in known:
             raise doc.fail(key, f"unknown {axis} {v!r}{did_you_mean(v, known)}; expected one of {list(known)}"
-                           + (f" or {sorted(specials)}" if wildcards else ""))
+                           + (f" or {sorted(specials)}" if wildcards else "") + _explain(axis))
     return values
+
+
+def _explain(axis: str) -> str:
+    """What an axis's values stand for, where a value alone does not say (the pipelines' components)."""
+    if axis != "components":
+        return ""
+    return " (" + "; ".join(f"{m}: " + ", ".join(f"{k} = {'+'.join(v)}" for k, v in component_names(m).items())
+                            for m, spec in MODELS.items() if spec.pipeline and not spec.shared_weights) + ")"
 
 
 def _product(axes: Mapping[str, list[str]], present_devices: tuple[str, ...]) -> list[Cell]:
@@ -335,7 +348,27 @@ def _product(axes: Mapping[str, list[str]], present_devices: tuple[str, ...]) ->
         raise AssertionError(f"the axes {QUANT_AXES} must lead AXES (the id's first parts)")
     rest = AXES.names[3:]
     cells = [Cell.of((e, q, m, *combo)) for (e, q, m) in quant for combo in itertools.product(*map(resolve, rest))]
-    return [c for c in cells if runs_on_its_stack(c)]
+    return [c for c in cells if runs_on_its_stack(c) and has_components(c)]
+
+
+def has_components(cell: Cell) -> bool:
+    """Whether the model has what the cell quantizes (a denoiser alone has no text encoder; the baseline quantizes
+    nothing, so it is a cell of the default components only)."""
+    if cell.engine == BASELINE:
+        return cell.components == AXES["components"].default
+    return cell.components in component_names(cell.model)
+
+
+def _check_components(doc: _Doc, key: str, table: Mapping[str, list[str]]) -> None:
+    """A components value named for a model that lacks it is bad input (a "*" narrows instead)."""
+    wanted = [v for v in table.get("components", ()) if v != "*"]
+    for model in (m for m in table.get("model", ()) if m in MODELS):
+        own = component_names(model)
+        for value in wanted:
+            if value not in own:
+                parts = "; ".join(f"{k} = {'+'.join(v)}" for k, v in own.items())
+                raise doc.fail(f"{key}.components", f"model {model!r} has no component {value!r} (its components: "
+                               f"{parts}); expected one of {list(own)}")
 
 
 def runs_on_its_stack(cell: Cell) -> bool:
@@ -364,8 +397,8 @@ def _settings(doc: _Doc, data: dict) -> Settings:
     doc.check_keys(raw, allowed, "settings")
     offload = doc.table(data.get("offload", {}), "offload")
     doc.check_keys(offload, ["balanced", "group"], "offload")
-    balanced = doc.table(offload.get("balanced", {}), "offload.balanced")
-    doc.check_keys(balanced, ["high_watermark", "low_watermark"], "offload.balanced")
+    balanced = dict(doc.table(offload.get("balanced", {}), "offload.balanced"))
+    doc.check_keys(balanced, ["high_watermark", "low_watermark", "always", "never"], "offload.balanced")
     group = doc.table(offload.get("group", {}), "offload.group")
     doc.check_keys(group, list(_GROUP.values()), "offload.group")
     values: dict[str, Any] = {}
@@ -380,9 +413,12 @@ def _settings(doc: _Doc, data: dict) -> Settings:
         if field_name in ("group_stream", "group_low_cpu_mem") and not isinstance(value, bool):
             raise doc.fail(where, f"expected true or false, got {_kind(value)}")
         values[field_name] = value
+    for key in ("always", "never"):
+        if key in balanced:
+            values[f"offload_{key}"] = tuple(doc.strings(balanced.pop(key), f"offload.balanced.{key}"))
     for key, value in {**raw, **balanced}.items():
         where = f"offload.balanced.{key}" if key in balanced else f"settings.{key}"
-        expected = type(getattr(defaults, key))
+        expected = float if key.endswith("watermark") else type(getattr(defaults, key))
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (expected is int and
                                                                             not isinstance(value, int)):
             raise doc.fail(where, f"expected {'an integer' if expected is int else 'a number'}, got {_kind(value)}")
@@ -390,9 +426,12 @@ def _settings(doc: _Doc, data: dict) -> Settings:
             raise doc.fail(where, f"expected a value >= 0, got {value}")
         values[key] = expected(value)
     settings = Settings(**values)
-    if not 0 < settings.low_watermark < settings.high_watermark <= 1:
-        raise doc.fail("offload.balanced", "expected 0 < low_watermark < high_watermark <= 1, got "
-                       f"{settings.low_watermark} and {settings.high_watermark}")
+    low, high = settings.low_watermark, settings.high_watermark
+    if (low is None) != (high is None):
+        raise doc.fail("offload.balanced", "expected both high_watermark and low_watermark, or neither (SD.Next's "
+                       "defaults for the device's memory class)")
+    if low is not None and not 0 <= low < high <= 1:
+        raise doc.fail("offload.balanced", f"expected 0 <= low_watermark < high_watermark <= 1, got {low} and {high}")
     return settings
 
 
@@ -495,11 +534,14 @@ def parse_matrix(text: str, path: Path | str = "<matrix>", *,
         elif axis not in axes:
             raise doc.fail(f"axes.{axis}", "missing; expected a string or list of strings")
 
+    _check_components(doc, "axes", axes)
     cells = _product(axes, present_devices)
     for i, raw in enumerate(_array(doc, data, "include")):
         key = f"include[{i}]"
         sel = _selector(doc, raw, key, wildcards=True)
-        extra = _product({a: list(sel.get(a, axes[a])) for a in AXES.names}, present_devices)
+        table = {a: list(sel.get(a, axes[a])) for a in AXES.names}
+        _check_components(doc, key, table)
+        extra = _product(table, present_devices)
         if not extra:
             raise doc.fail(key, "adds no cell (no engine offers that qtype/load); expected at least one")
         cells.extend(extra)

@@ -9,9 +9,9 @@ stack applies them.
 - `balanced`, both stacks: SD.Next's algorithm (BalancedOffload below).
 
 The harness never works around an engine's incompatibility with an offload mode: whatever is raised is the finding.
-`offload_module` and `offload_pipeline` (the stacks call them) return a callable to run after each step (model
-offload's "free the model hooks" at the end of a pipeline call; a no-op for the other modes) and a list of notes on
-what the mode did that is worth recording.
+`offload_module` and `offload_pipeline` (the stacks call them) return what they installed (`Installed`): a call to
+make after each generation, notes on what the mode did that is worth recording, and balanced offload's moves.
+A pipeline (models.pipelines.PipelineModel) is offloaded component by component, as its pipeline does.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import functools
 import itertools
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -28,58 +29,136 @@ from harness import devices
 from harness.matrix import Settings
 
 
+@dataclass
+class Installed:
+    """What installing an offload mode leaves: the call to make after each generation (model offload's "free the
+    model hooks"; a no-op for the other modes), notes worth recording (errors SD.Next swallows and goes on
+    after), and the moves balanced offload made, in turn."""
+
+    after_step: Callable[[], None] = lambda: None
+    notes: list[str] = field(default_factory=list)
+    moves: list[str] = field(default_factory=list)
+    options: str = ""  # the options it ran with (balanced: watermarks and class lists, and where they came from)
+
+
+def _parts(model: nn.Module) -> dict[str, nn.Module] | None:
+    """A pipeline's module components (models.pipelines.PipelineModel), or None for a model alone."""
+    parts = getattr(model, "parts", None)
+    return parts() if callable(parts) else None
+
+
 def offload_module(model: nn.Module, mode: str, device: str, *, components: list[nn.Module] | None = None,
-                   settings: Settings | None = None) -> tuple[Callable[[], None], list[str]]:
+                   settings: Settings | None = None) -> Installed:
     """The direct stack's offload: accelerate's functions on the module itself (diffusers' apply_group_offloading
-    for group), SD.Next's balanced offload."""
+    for group), on each component of a pipeline in turn; SD.Next's balanced offload."""
     s = settings or Settings()
     execution = devices.torch_device(device)
     if mode == "balanced":
         return _balanced(model, device, components, s)
+    parts = _parts(model)
+    if parts is not None and mode != "none":
+        return _offload_parts(list(parts.values()), mode, execution, s)
     if mode == "none":
         model.to(execution)
     elif mode == "model":
-        return _model_offload(model, execution), []
+        return Installed(_model_offload(model, execution))
     elif mode == "sequential":
         _sequential_offload(model, execution)
     elif mode == "group":
-        from diffusers.hooks import apply_group_offloading
-
-        options = group_options(s, execution)
-        options.pop("exclude_modules", None)  # a pipeline's option (its components), not a module's
-        apply_group_offloading(model, **options)
+        _group_offload(model, execution, s)
     else:
         raise ValueError(f"unknown offload mode {mode!r}")
-    return (lambda: None), []
+    return Installed()
+
+
+def _offload_parts(parts: list[nn.Module], mode: str, execution: torch.device, s: Settings) -> Installed:
+    """A pipeline's components through accelerate's functions, as the pipeline methods call them: model offload
+    chains one hook per component in the pipeline's offload order (each moves the one before off the device),
+    sequential and group offload hook each component."""
+    if mode == "model":
+        from accelerate import cpu_offload_with_hook
+
+        hooks, hook = [], None
+        for part in parts:
+            part.to("cpu")
+            _, hook = cpu_offload_with_hook(part, execution, prev_module_hook=hook)
+            hooks.append(hook)
+        return Installed(lambda: [h.offload() for h in hooks] and None)
+    for part in parts:
+        if mode == "sequential":
+            _sequential_offload(part, execution)
+        elif mode == "group":
+            _group_offload(part, execution, s)
+        else:
+            raise ValueError(f"unknown offload mode {mode!r}")
+    return Installed()
+
+
+def _group_offload(model: nn.Module, execution: torch.device, s: Settings) -> None:
+    from diffusers.hooks import apply_group_offloading
+
+    options = group_options(s, execution)
+    options.pop("exclude_modules", None)  # a pipeline's option (its components), not a module's
+    apply_group_offloading(model, **options)
 
 
 def offload_pipeline(model: nn.Module, mode: str, device: str, *, components: list[nn.Module] | None = None,
-                     settings: Settings | None = None) -> tuple[Callable[[], None], list[str]]:
-    """The diffusers stack's offload: the model as a pipeline's component, the pipeline's own methods; SD.Next's
-    balanced offload."""
+                     settings: Settings | None = None) -> Installed:
+    """The diffusers stack's offload: the pipeline's own methods (a model alone as the one component of a
+    minimal pipeline); SD.Next's balanced offload."""
     s = settings or Settings()
     execution = devices.torch_device(device)
     if mode == "balanced":
         return _balanced(model, device, components, s)
-    pipe = component_pipeline(model)
+    pipe = getattr(model, "pipe", None) or component_pipeline(model)
     if mode == "none":
         pipe.to(execution)
     elif mode == "model":
         pipe.enable_model_cpu_offload(device=execution)
-        return pipe.maybe_free_model_hooks, []
+        # A real pipeline's call ends with maybe_free_model_hooks itself; the one-component pipeline is not called
+        return Installed() if getattr(model, "pipe", None) else Installed(pipe.maybe_free_model_hooks)
     elif mode == "sequential":
         pipe.enable_sequential_cpu_offload(device=execution)
     elif mode == "group":
         pipe.enable_group_offload(**group_options(s, execution))
     else:
         raise ValueError(f"unknown offload mode {mode!r}")
-    return (lambda: None), []
+    return Installed()
 
 
-def _balanced(model: nn.Module, device: str, components: list[nn.Module] | None,
-              s: Settings) -> tuple[Callable[[], None], list[str]]:
-    offload = BalancedOffload(components or [model], device, s.high_watermark, s.low_watermark)
-    return offload.next_generation, offload.notes
+def _balanced(model: nn.Module, device: str, components: list[nn.Module] | None, s: Settings) -> Installed:
+    parts = _parts(model)
+    offload = BalancedOffload(components or (list(parts.values()) if parts else [model]), device,
+                              **balanced_options(s, devices.total_memory(device)))
+    return Installed(offload.next_generation, offload.notes, offload.moves, offload.options)
+
+
+def sdnext_balanced_defaults(total_bytes: int) -> dict:
+    """SD.Next's balanced offload options for a device of this much memory (modules/shared_defaults.py:7-33 at
+    SDNEXT_REVISION, without --lowvram/--medvram): rounded GiB <= 4: low watermark 0; <= 12: low 0 and T5/UMT5
+    always offloaded; >= 24: high 0.8, T5/UMT5 always, CLIP and the VAE never; otherwise low 0.2, high 0.6."""
+    gib = round(total_bytes / 2**30)
+    t5 = ("T5EncoderModel", "UMT5EncoderModel")
+    if gib <= 4:
+        return dict(low=0.0, high=0.6, always=(), never=(), memory_class="<= 4 GB")
+    if gib <= 12:
+        return dict(low=0.0, high=0.6, always=t5, never=(), memory_class="<= 12 GB")
+    if gib >= 24:
+        return dict(low=0.2, high=0.8, always=t5, never=("CLIPTextModel", "CLIPTextModelWithProjection",
+                                                         "AutoencoderKL"), memory_class=">= 24 GB")
+    return dict(low=0.2, high=0.6, always=(), never=(), memory_class="13-23 GB")
+
+
+def balanced_options(s: Settings, total_bytes: int) -> dict:
+    """[offload.balanced] over SD.Next's defaults for the device's memory class."""
+    options = sdnext_balanced_defaults(total_bytes)
+    if s.high_watermark is not None:
+        options.update(high=s.high_watermark, low=s.low_watermark, memory_class="[offload.balanced]")
+    if s.offload_always is not None:
+        options["always"] = s.offload_always
+    if s.offload_never is not None:
+        options["never"] = s.offload_never
+    return options
 
 
 def group_options(s: Settings, execution: torch.device) -> dict:
@@ -158,28 +237,40 @@ def module_size(module: nn.Module) -> int:
 class BalancedOffload:
     """SD.Next's balanced offload, as `modules/sd_offload.py` has it (SDNEXT_REVISION), for the components given
     (a pipeline's components; a denoiser alone is one), with its default options (offload during pre-forward on,
-    streams off, no always/never lists):
+    streams off) and its watermarks and always/never lists (class names) by the device's memory class
+    (sdnext_balanced_defaults; [offload.balanced] overrides them):
 
     - apply (`apply_balanced_offload`): components largest first; each has every accelerate hook removed, goes to
-      the CPU when device memory in use is above the low watermark, and gets the offload hook (appended), whose
-      execution device is the accelerator;
-    - the hook's pre-forward, when a new component starts: every other component not on the CPU is applied again
-      (down to the CPU while memory in use is above the low watermark); then, when the component is not on the
-      execution device, accelerate's `infer_auto_device_map` under the high watermark (of the device's memory; 90 %
-      of RAM for the CPU) and `dispatch_model(..., force_hooks=True)` place it; when dispatching raises, SD.Next logs
-      a warning, removes the hooks, moves the whole component to the device and adds its hook again (recorded here
-      in `notes`: the cell still runs, as it does for SD.Next's users).
+      the CPU when its class is in `always`, or, unless in `never`, when device memory in use (total - free, as
+      SD.Next's torch_gc reads mem_get_info) is above the low watermark; gets the offload hook (appended), whose
+      execution device is the accelerator; then `torch_gc` (SD.Next's fast one: no Python gc, the accelerator's
+      cache emptied);
+    - the hook's pre-forward, when a new component starts: every other component not on the CPU and not in
+      `never` is applied again; then, when the component is not on the execution device, accelerate's
+      `infer_auto_device_map` under the high watermark (of the device's memory; 90 % of RAM for the CPU) and
+      `dispatch_model(..., force_hooks=True)` place it.
+
+    Errors SD.Next swallows, the cell swallows too and records in `notes` (what the user then gets is judged by
+    the output): a hook that cannot be removed or added, a move to the CPU that raises, and a dispatch that raises
+    (SD.Next then moves the whole component with `move_model`, which, on "Cannot copy out of meta tensor", moves
+    module by module and falls back to `to_empty`: weights left uninitialised). Every move is recorded in
+    `moves`, in turn: "T5EncoderModel cpu -> cpu (always)" (on a CPU-only host a move to the CPU is SD.Next's
+    decision with nothing to move).
 
     Between steps (`next_generation`), what happens when the next generation's text encoder starts: its
-    pre-forward applies the offload to every component not on the CPU again (hooks removed and added back, down
-    to the CPU above the low watermark), so each timed step pays SD.Next's onload.
+    pre-forward applies the offload to every component not on the CPU again, so each timed step pays SD.Next's
+    onload.
     """
 
-    def __init__(self, components: list[nn.Module], device: str, high: float, low: float):
+    MAX_MOVES = 64  # recorded per cell (each generation repeats them)
+
+    def __init__(self, components: list[nn.Module], device: str, high: float, low: float,
+                 always: tuple[str, ...] = (), never: tuple[str, ...] = (), memory_class: str = ""):
         import psutil
         from accelerate.hooks import ModelHook
 
-        self.device, self.low = device, low
+        self.device, self.low, self.high = device, low, high
+        self.always, self.never = set(always), set(never)
         self.execution = devices.torch_device(device)
         self.total = devices.total_memory(device)
         index = self.execution.index if self.execution.index is not None else 0
@@ -187,6 +278,9 @@ class BalancedOffload:
         self.components = [c for c in components if any(True for _ in c.parameters())]
         self.offload_dir = tempfile.mkdtemp(prefix="quantmatrix-offload-")
         self.notes: list[str] = []
+        self.moves: list[str] = []
+        self.options = (f"balanced: {memory_class} watermarks low {low:g} high {high:g}, always "
+                        f"{sorted(self.always) or '-'}, never {sorted(self.never) or '-'}")
         self.last_pre: int | None = None
         owner = self
 
@@ -199,6 +293,14 @@ class BalancedOffload:
         for module in sorted(self.components, key=module_size, reverse=True):
             self.apply_to(module)
 
+    def _move(self, module: nn.Module, device: torch.device, why: str) -> None:
+        if len(self.moves) < self.MAX_MOVES:
+            self.moves.append(f"{type(module).__name__} {_device_of(module)} -> {device} ({why})")
+
+    def _note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
     def next_generation(self) -> None:
         for module in self.components:
             if _device_of(module).type != "cpu":
@@ -206,44 +308,99 @@ class BalancedOffload:
         self.last_pre = None
 
     def apply_to(self, module: nn.Module) -> None:
-        """apply_balanced_offload_to_module: hooks off, down to the CPU above the low watermark, offload hook on."""
+        """apply_balanced_offload_to_module: hooks off, to the CPU by the move rule, offload hook on, torch_gc."""
         from accelerate.hooks import add_hook_to_module, remove_hook_from_module
 
+        name = type(module).__name__
         device_map = getattr(module, "balanced_offload_device_map", None)
         max_memory = getattr(module, "balanced_offload_max_memory", None)
-        remove_hook_from_module(module, recurse=True)
-        if devices.memory_in_use(self.device) > self.low * self.total:
-            module.to("cpu")
-        add_hook_to_module(module, self.hook, append=True)
+        try:
+            remove_hook_from_module(module, recurse=True)
+        except Exception as exc:  # SD.Next: log.warning('Offload remove hook ...') and go on
+            self._note(f"balanced: removing the hooks of {name} raised {type(exc).__name__}: {str(exc)[:200]}; "
+                       "SD.Next warns and goes on")
+        try:
+            used = devices.memory_in_use(self.device) / self.total
+            why = "always" if name in self.always else None if name in self.never else \
+                f"memory in use {used:.2f} > low watermark {self.low:g}" if used > self.low else None
+            if why is not None:
+                self._move(module, torch.device("cpu"), why)
+                module.to("cpu")
+        except Exception as exc:  # SD.Next: gc on OOM, silence on bitsandbytes, log.error otherwise; goes on
+            if "bitsandbytes" not in str(exc):
+                self._note(f"balanced: moving {name} to the CPU raised {type(exc).__name__}: {str(exc)[:200]}; "
+                           "SD.Next logs it and goes on")
+        try:
+            add_hook_to_module(module, self.hook, append=True)
+        except Exception as exc:
+            self._note(f"balanced: adding the offload hook to {name} raised {type(exc).__name__}: "
+                       f"{str(exc)[:200]}; SD.Next warns and goes on")
         module._hf_hook.execution_device = self.execution
         if device_map and max_memory:
             module.balanced_offload_device_map, module.balanced_offload_max_memory = device_map, max_memory
+        devices.torch_gc(self.device)
 
     def pre_forward(self, module: nn.Module) -> None:
         import accelerate
         from accelerate.hooks import add_hook_to_module, remove_hook_from_module
 
         if self.last_pre != id(module):
-            for other in self.components:
-                if other is not module and _device_of(other).type != "cpu":
-                    self.apply_to(other)
+            others = [o for o in self.components if o is not module and type(o).__name__ not in self.never]
+            away = [o for o in others if _device_of(o).type != "cpu"]
+            if len(self.moves) < self.MAX_MOVES:
+                self.moves.append(f"{type(module).__name__} starts: {len(away)} other component(s) off the CPU "
+                                  "to apply the offload to")
+            for other in away:
+                self.apply_to(other)
         if not _same_device(_device_of(module), self.execution):
             device_map = getattr(module, "balanced_offload_device_map", None)
             if device_map is None or self.max_memory != getattr(module, "balanced_offload_max_memory", None):
                 device_map = accelerate.infer_auto_device_map(module, max_memory=self.max_memory,
                                                               no_split_module_classes=NO_SPLIT, clean_result=False)
+            self._move(module, self.execution, "pre-forward dispatch")
             try:
                 module = accelerate.dispatch_model(module, main_device=self.execution, device_map=device_map,
                                                    offload_dir=self.offload_dir,
                                                    skip_keys=getattr(module, "_skip_keys", None), force_hooks=True)
-            except Exception as exc:  # SD.Next: warn, then move the whole component
-                self.notes.append(f"balanced: dispatch of {type(module).__name__} failed ({type(exc).__name__}: "
-                                  f"{str(exc)[:300]}); moved whole to {self.execution} as SD.Next does")
+            except Exception as exc:  # SD.Next: warn, then move the whole component (sd_models.move_model)
+                self._note(f"balanced: dispatch of {type(module).__name__} failed ({type(exc).__name__}: "
+                           f"{str(exc)[:300]}); moved whole to {self.execution} as SD.Next does")
                 remove_hook_from_module(module, recurse=True)
                 module.balanced_offload_device_map = None
-                module.to(self.execution)
+                self.move_model(module)
                 add_hook_to_module(module, self.hook, append=True)
             module._hf_hook.execution_device = self.execution
             module.balanced_offload_device_map = device_map
             module.balanced_offload_max_memory = self.max_memory
         self.last_pre = id(module)
+
+    def move_model(self, module: nn.Module) -> None:
+        """SD.Next's sd_models.move_model(module, device, force=True) (modules/sd_models.py:269-302): on a meta
+        tensor, module by module, falling back to `to_empty` (uninitialised weights); some errors ignored; any
+        other error logged as a warning."""
+        try:
+            try:
+                module.to(self.execution)
+            except Exception as exc:
+                text = str(exc)
+                if "Cannot copy out of meta tensor" in text or "must be Tensor, not NoneType" in text:
+                    for sub in module.modules():
+                        try:
+                            sub.to(self.execution)
+                        except Exception as inner:
+                            if "Cannot copy out of meta tensor" in str(inner):
+                                sub.to_empty(device=self.execution)
+                                self._note(f"balanced: {type(sub).__name__} of {type(module).__name__} held meta "
+                                           "tensors; SD.Next's move_model used to_empty: its weights are "
+                                           "uninitialised")
+                elif not any(k in text for k in ("enable_sequential_cpu_offload", "Params4bit", "Params8bit",
+                                                 "already been set to the correct devices",
+                                                 "Casting a quantized model to")):
+                    raise
+                else:
+                    self._note(f"balanced: moving {type(module).__name__} raised {type(exc).__name__}: "
+                               f"{text[:200]}; SD.Next's move_model ignores it")
+        except Exception as exc:
+            self._note(f"balanced: move_model of {type(module).__name__} raised {type(exc).__name__}: "
+                       f"{str(exc)[:200]}; SD.Next logs a warning and goes on")
+        devices.torch_gc(self.device)

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from harness.engines.catalog import Floor
 from harness.matrix import FACTOR_CLAIMS, Expectation, ExpectKind, parse_claim
 
 
@@ -17,6 +18,7 @@ class Verdict(enum.StrEnum):
     DRIFT_ERROR = "drift-error"
     DRIFT_CLAIM = "drift-claim"  # worked, but a documented claim about its measurements does not hold
     FAIL = "fail"
+    WRONG_OUTPUT = "wrong-output"  # ran, but its output is below its type's floor: not the model's output
     CRASH = "crash"
     TIMEOUT = "timeout"  # still computing at the cell timeout: a slow cell
     HANG = "hang"  # asleep at the cell timeout, no CPU progress: a deadlock
@@ -35,12 +37,12 @@ class Verdict(enum.StrEnum):
     @property
     def broken(self) -> bool:
         """It should have worked (or failed as documented) and did neither: an error, or its process died."""
-        return self in (Verdict.FAIL, Verdict.CRASH, Verdict.TIMEOUT, Verdict.HANG, Verdict.OOM)
+        return self in (Verdict.FAIL, Verdict.WRONG_OUTPUT, Verdict.CRASH, Verdict.TIMEOUT, Verdict.HANG, Verdict.OOM)
 
     @property
     def ran(self) -> bool:
-        """The cell ran to the end and was measured."""
-        return self in (Verdict.OK, Verdict.DRIFT_WORKS, Verdict.DRIFT_CLAIM)
+        """The cell ran to the end and was measured (a wrong output too: its figures say how wrong)."""
+        return self in (Verdict.OK, Verdict.DRIFT_WORKS, Verdict.DRIFT_CLAIM, Verdict.WRONG_OUTPUT)
 
 
 class Status(enum.StrEnum):
@@ -232,8 +234,24 @@ _PROCESS_VERDICTS = {Status.CRASH: Verdict.CRASH, Status.TIMEOUT: Verdict.TIMEOU
                      Status.OOM: Verdict.OOM, Status.INTERRUPTED: Verdict.INTERRUPTED}
 
 
-def judge(expect: Expectation, outcome: Outcome, claims: list[ClaimResult] = ()) -> tuple[Verdict, str]:
-    """The verdict and a one-line explanation. `claims`: the expectation's claims, checked (see check_claims)."""
+def below_floor(metrics: dict[str, Any], floor: Floor | None) -> str | None:
+    """What of the output falls below the type's floor, or None (no floor, or above it; a figure of None is a
+    bit-identical output: infinitely far above)."""
+    if floor is None:
+        return None
+    below = []
+    for key, bound, what in (("sqnr_db", floor.sqnr_db, "SQNR"), ("psnr_db", floor.psnr_db, "image PSNR")):
+        value = metrics.get(key)
+        if bound is not None and value is not None and value < bound:
+            below.append(f"{what} {value:.1f} dB < floor {bound:g} dB")
+    return "; ".join(below) or None
+
+
+def judge(expect: Expectation, outcome: Outcome, claims: list[ClaimResult] = (),
+          floor: Floor | None = None) -> tuple[Verdict, str]:
+    """The verdict and a one-line explanation. `claims`: the expectation's claims, checked (see check_claims);
+    `floor`: the output error bound of the cell's type (engines.catalog), below which a cell that worked is
+    `wrong-output`."""
     if outcome.status is Status.UNAVAILABLE:
         return Verdict.UNAVAILABLE, outcome.reason or "unavailable"
     if outcome.status in _PROCESS_VERDICTS:
@@ -241,6 +259,10 @@ def judge(expect: Expectation, outcome: Outcome, claims: list[ClaimResult] = ())
     error = outcome.error
     source = f" [{expect.source}]" if expect.source else ""
     if expect.kind is ExpectKind.WORKS:
+        wrong = below_floor(outcome.metrics, floor) if outcome.status is Status.RAN else None
+        if wrong:
+            return Verdict.WRONG_OUTPUT, (f"ran, but its output is not the model's: {wrong} "
+                                          f"(the type's floor: {floor.why})")
         if outcome.status is Status.RAN:
             broken = [c for c in claims if c.status is ClaimStatus.CONTRADICTED]
             if broken:

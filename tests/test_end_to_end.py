@@ -32,8 +32,9 @@ def test_default_matrix_baseline_runs_in_every_offload_mode_on_both_stacks(tmp_p
         c = r["cell"]
         if c["load"] == "post-load" and c["cast"] == "-":
             verdicts[c["model"], c["stack"]][c["offload"]] = r["verdict"]
-    assert set(verdicts) == {(m, s) for m in ("flux-tiny", "sd3-tiny", "sdxl-tiny") for s in ("direct", "diffusers")} \
-        | {("dit-xs", "direct")}
+    models = ("flux-tiny", "sd3-tiny", "sdxl-tiny", "flux-tiny-pipe", "sd3-tiny-pipe", "sdxl-tiny-pipe")
+    assert set(verdicts) == {(m, s) for m in models for s in ("direct", "diffusers")} | {("dit-xs", "direct")}
+    assert verdicts["flux-tiny-pipe", "direct"] == dict.fromkeys(AXES["offload"].known(), "ok")
     assert verdicts["flux-tiny", "direct"] == dict.fromkeys(AXES["offload"].known(), "ok")
     # diffusers' enable_sequential_cpu_offload on a CPU-only host: documented in default.toml (runs on cpu:0)
     assert verdicts["flux-tiny", "diffusers"] == {**dict.fromkeys(AXES["offload"].known(), "ok"),
@@ -41,6 +42,26 @@ def test_default_matrix_baseline_runs_in_every_offload_mode_on_both_stacks(tmp_p
     assert all(r["env"]["device_name"] and r["env"]["torch"] and r["env"]["diffusers"] for r in records)
     # the GPU's compute capability (rules may name it) is in every record: None on a host without an NVIDIA GPU
     assert {r["env"]["cuda_capability"] for r in records} == {cuda_capability()}
+
+
+@pytest.mark.slow
+def test_sdnq_int8_on_the_flux_pipeline_with_and_without_its_text_encoder_runs_on_both_stacks(tmp_path):
+    """The issue's command: SDNQ int8 on flux-tiny-pipe in bf16, model/balanced/group offload, the denoiser alone
+    and with the T5 encoder: every cell ok on both stacks, and quantizing the T5 too stores less."""
+    results = tmp_path / "pipe.jsonl"
+    proc = run_matrix(results, "--model", "flux-tiny-pipe", "--dtype", "bfloat16", "--engine", "sdnq", "--qtype",
+                      "int8", "--offload", "model,balanced,group", "--components", "denoiser,denoiser+te")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    records, skipped = read_records(results)
+    assert skipped == [] and len(records) == 12 and {r["verdict"] for r in records} == {"ok"}, \
+        [(r["id"], r["verdict"]) for r in records]
+    by = {(r["cell"]["stack"], r["cell"]["offload"], r["cell"]["components"]): r["metrics"] for r in records}
+    for (stack, offload, components), m in by.items():
+        assert m["components"]["text_encoder_2"]["quantized"] is (components == "denoiser+te")
+        if components == "denoiser+te":
+            assert m["param_bytes"] < by[stack, offload, "denoiser"]["param_bytes"]
+        assert set(m["phases"]) == {"encode", "denoise", "decode"} and m["psnr_db"] > 20
+    assert all("balanced: " not in n for m in by.values() for n in m.get("offload_notes", []))  # nothing swallowed
 
 
 @pytest.mark.slow

@@ -2,8 +2,10 @@
 runners: the fork server (CPU builds of torch) and the warm pool (accelerator builds; forced here with
 QUANTMATRIX_CELL_RUNNER=pool)."""
 
+import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -41,7 +43,7 @@ def runner(request, monkeypatch):
 FAULT_MATRIX = """
 [axes]
 engine = ["fault", "none"]
-qtype = ["abort", "segfault", "exit", "raise", "hang", "spin", "oom", "flood", "orphan"]
+qtype = ["abort", "segfault", "exit", "raise", "hang", "spin", "oom", "flood", "orphan", "nan", "noise"]
 load = ["post-load"]
 offload = ["none"]
 device = ["cpu"]
@@ -72,6 +74,7 @@ class FaultRun:
     returncode: int
     stdout: str
     orphans_left: set[int]  # the orphan fault's sleeping child, if it outlived its cell
+    results: Path
 
 
 @pytest.fixture(scope="module", params=["fork", pytest.param("pool", marks=pytest.mark.slow)])
@@ -90,7 +93,7 @@ def fault_run(request, tmp_path_factory) -> FaultRun:
     records = [json.loads(line) for line in results.read_text().splitlines()]  # every line whole
     psutil.wait_procs([p for p in _sleepers() if p.pid not in before], timeout=5)
     return FaultRun(request.param, {r["cell"]["qtype"]: r for r in records}, proc.returncode, proc.stdout,
-                    {p.pid for p in _sleepers()} - before)
+                    {p.pid for p in _sleepers()} - before, results)
 
 
 @pytest.mark.parametrize("qtype, verdict, reason", [
@@ -136,9 +139,33 @@ def test_processes_a_cell_leaves_behind_are_killed(fault_run):
 def test_a_run_goes_on_after_every_kind_of_fault_and_records_every_cell(fault_run):
     assert fault_run.returncode == 1, fault_run.stdout[-3000:]  # the faults fail; the run itself completes
     assert sorted(fault_run.records) == sorted(["-", "abort", "segfault", "exit", "raise", "hang", "spin", "oom",
-                                                "flood", "orphan"])  # none lost, none duplicated
+                                                "flood", "orphan", "nan", "noise"])  # none lost, none duplicated
     assert fault_run.records["-"]["verdict"] == "ok"
-    assert "7 failed, 3 passed" in fault_run.stdout
+    assert "9 failed, 3 passed" in fault_run.stdout
+
+
+def test_a_nan_output_fails_and_a_replaced_model_is_wrong_output_in_summary_overview_and_csv(fault_run, tmp_path):
+    """NaN weights: the cell ran but its output is not finite (fail, its record and figures kept); weights silently
+    replaced by noise of the same scale: below the type's floor (wrong-output). Both are counted where a user
+    looks: the run's summary, the report's overview and cells.csv."""
+    from harness.report import data as report_data
+    from harness.report import html as report_html
+    from harness.results import validate_record
+
+    nan, noise = fault_run.records["nan"], fault_run.records["noise"]
+    assert nan["verdict"] == "fail" and nan["reason"] == "output not finite", nan["reason"]
+    assert nan["error"]["type"] == "NonFiniteOutput" and nan["metrics"]["output_finite"] is False
+    assert noise["verdict"] == "wrong-output", noise["note"]
+    assert noise["metrics"]["sqnr_db"] < 0 and "< floor 12 dB" in noise["note"], noise["note"]
+    assert validate_record(nan) == [] and validate_record(noise) == []
+    summary = fault_run.stdout[fault_run.stdout.index("= quantmatrix ="):]
+    assert re.search(r"^\s*wrong-output\s+1$", summary, re.M) and re.search(r"^\s*fail\s+2$", summary, re.M), summary
+    page = report_html.build(report_data.load([fault_run.results]), tmp_path / "report").read_text()
+    assert '<td class="fail" data-verdict="wrong-output">1</td>' in page  # the overview's count per verdict
+    assert '<td class="fail" data-verdict="fail">2</td>' in page
+    rows = list(csv.DictReader((tmp_path / "report" / "cells.csv").open()))
+    verdicts = {r["id"].split("/")[0]: r["verdict"] for r in rows}
+    assert verdicts["fault-nan"] == "fail" and verdicts["fault-noise"] == "wrong-output", verdicts
 
 
 def test_run_isolated_contains_a_crash_and_an_error_in_this_process(tmp_path):
@@ -161,7 +188,8 @@ def test_a_warm_pool_worker_runs_one_cell_and_reports_its_error(monkeypatch, tmp
     assert outcome.status == "error" and "ValueError during load" in outcome.reason
 
 
-FAULT_QTYPES = 'qtype = ["abort", "segfault", "exit", "raise", "hang", "spin", "oom", "flood", "orphan"]'
+FAULT_QTYPES = ('qtype = ["abort", "segfault", "exit", "raise", "hang", "spin", "oom", "flood", "orphan", "nan", '
+                '"noise"]')
 INTERRUPT_MATRIX = FAULT_MATRIX.replace(FAULT_QTYPES, 'qtype = ["hang"]').replace(
     'cell_timeout_s = 6', 'cell_timeout_s = 600')
 

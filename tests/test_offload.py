@@ -56,7 +56,7 @@ def reference():
 def test_every_offload_mode_gives_the_same_output_on_the_direct_stack(mode, reference):
     inputs, expected = reference["unet-xs"]
     model = build_model("unet-xs")
-    after_step, _ = offload_module(model, mode, "cpu", components=components("unet-xs", model))
+    after_step = offload_module(model, mode, "cpu", components=components("unet-xs", model)).after_step
     assert_offload_installed(mode, model, after_step)
     with torch.no_grad():
         out = run(model, inputs)
@@ -71,7 +71,7 @@ def test_every_offload_mode_gives_the_same_output_on_the_direct_stack(mode, refe
 def test_diffusers_pipeline_offload_gives_the_same_output(mode, reference):
     inputs, expected = reference["flux-tiny"]
     model = build_model("flux-tiny")
-    after_step, _ = offload_pipeline(model, mode, "cpu")
+    after_step = offload_pipeline(model, mode, "cpu").after_step
     assert_offload_installed(mode, model, after_step)
     for _ in range(2):
         with torch.no_grad():
@@ -133,3 +133,63 @@ def test_balanced_offload_hooks_every_component_of_a_pipeline():
     with torch.no_grad():
         run(model, inputs)
     assert offload.last_pre == id(parts[-1])  # the last component to start
+
+
+@pytest.mark.parametrize("gib, low, high, always, never", [
+    (4, 0.0, 0.6, (), ()),
+    (8, 0.0, 0.6, ("T5EncoderModel", "UMT5EncoderModel"), ()),
+    (12, 0.0, 0.6, ("T5EncoderModel", "UMT5EncoderModel"), ()),
+    (16, 0.2, 0.6, (), ()),
+    (24, 0.2, 0.8, ("T5EncoderModel", "UMT5EncoderModel"), ("CLIPTextModel", "CLIPTextModelWithProjection",
+                                                             "AutoencoderKL")),
+    (141, 0.2, 0.8, ("T5EncoderModel", "UMT5EncoderModel"), ("CLIPTextModel", "CLIPTextModelWithProjection",
+                                                              "AutoencoderKL")),
+])
+def test_balanced_offload_takes_sdnext_defaults_by_device_memory_class(gib, low, high, always, never):
+    from harness.offload import balanced_options
+
+    options = balanced_options(Settings(), int(gib * 2**30))
+    assert (options["low"], options["high"], options["always"], options["never"]) == (low, high, always, never)
+    mine = balanced_options(Settings(high_watermark=0.5, low_watermark=0.0, offload_never=("AutoencoderKL",)),
+                            int(gib * 2**30))
+    assert (mine["low"], mine["high"], mine["always"], mine["never"]) == (0.0, 0.5, always, ("AutoencoderKL",))
+
+
+def test_balanced_offload_over_a_pipeline_moves_its_components_in_turn_and_keeps_its_output(monkeypatch):
+    """Watermarks that force moves (low 0: any memory in use is above it): each component that starts sends every
+    other one to the CPU first, then is dispatched itself; SD.Next's torch_gc runs after each; the image is the
+    float pipeline's, bit for bit."""
+    from harness import devices as harness_devices
+
+    model, inputs = build_model("flux-tiny-pipe", 0, torch.bfloat16), make_inputs("flux-tiny-pipe")
+    with torch.no_grad():
+        expected = run(model, inputs)
+    gc_calls = []
+    real_gc = harness_devices.torch_gc
+    monkeypatch.setattr(harness_devices, "torch_gc", lambda device: gc_calls.append(device) or real_gc(device))
+    offload = BalancedOffload(list(model.parts().values()), "cpu", high=0.6, low=0.0)
+    assert len(gc_calls) == 4  # after each component it applied
+    with torch.no_grad():
+        output = run(model, inputs)
+    assert torch.equal(output["image"], expected["image"]) and offload.notes == []
+    moved = [m.split(" ")[0] for m in offload.moves if "memory in use" in m]
+    starts = [m.split(" ")[0] for m in offload.moves if "starts" in m]
+    # applied largest first, each to the CPU (low watermark 0: any memory in use is above it) ...
+    assert moved == ["FluxTransformer2DModel", "AutoencoderKL", "T5EncoderModel", "CLIPTextModel"], offload.moves
+    assert all("low watermark 0" in m for m in offload.moves if "memory in use" in m)
+    # ... then each component's hook, as it starts in the pipeline's order, applies the offload to the others
+    # (on a CPU-only host they are all on the CPU already: a GPU run shows the moves between devices)
+    assert starts == ["CLIPTextModel", "T5EncoderModel", "FluxTransformer2DModel", "AutoencoderKL"], offload.moves
+
+
+def test_balanced_offload_goes_on_where_sdnext_swallows_an_error_and_records_it():
+    """A component whose weights are still on the meta device: dispatching it raises "Cannot copy out of meta
+    tensor"; SD.Next then moves it with move_model, which falls back to to_empty (uninitialised weights) and goes
+    on. The cell goes on too, and the note says what the user got."""
+    with torch.device("meta"):
+        part = nn.Sequential(nn.Linear(64, 64))
+    offload = BalancedOffload([part], "cpu", high=0.6, low=0.2)
+    part._hf_hook.pre_forward(part)  # what the forward's hook does first
+    assert all(p.device.type == "cpu" for p in part.parameters())
+    assert any("dispatch of Sequential failed" in n for n in offload.notes), offload.notes
+    assert any("to_empty: its weights are uninitialised" in n for n in offload.notes), offload.notes

@@ -8,6 +8,7 @@ tox's pins and the device wheels read (or are checked against) this table.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 ALL_LOADS = ("post-load", "on-the-fly", "prequantized")
@@ -28,6 +29,17 @@ class Bits:
 
 
 @dataclass(frozen=True)
+class Floor:
+    """The least output error a type may show against the float model (as llama.cpp's test-backend-ops bounds
+    each op's error): SQNR of the output (a pipeline's final latents) and PSNR of a pipeline's decoded image, in
+    dB; below either, a cell that ran is `wrong-output`. `why`: its rationale."""
+
+    sqnr_db: float | None
+    psnr_db: float | None
+    why: str
+
+
+@dataclass(frozen=True)
 class EngineInfo:
     name: str
     qtypes: tuple[str, ...]  # the baseline has the single type "-"
@@ -40,6 +52,8 @@ class EngineInfo:
     bits: dict[str, Bits] = field(default_factory=dict)  # expected bits per weight, per type (where fixed)
     hidden: bool = False  # test-only engines are left out of a matrix's "*"
     file_suffix: str = ".safetensors"  # of the files `save` writes
+    traces: bool = False  # quantizing traces the model with an example input (a pipeline's are captured)
+    floors: dict[str, Floor] = field(default_factory=dict)  # per type (FLOORS by bits where not given)
 
     @property
     def module(self) -> str:
@@ -47,38 +61,91 @@ class EngineInfo:
         return (self.import_name or self.package or "").split(".")[0]
 
 
+# Output error floors by the format's class. The arithmetic: a uniform b-bit code with a per-row or per-block
+# absmax scale gives a weight SQNR of about 6.02 b + 4.8 - 20 log10(peak / rms) dB (Gaussian weights, peak/rms about
+# 3.5 over 32-3072 inputs: -10.9 dB), so about 42 dB at 8 bits, 30 at 6, 18 at 4 and 6 at 2; fp8 e4m3's 3 mantissa
+# bits about 31 dB. Outputs lose more through depth, denoising steps and text encoders: measured over the tiny
+# models (flux/sd3/sdxl-tiny denoisers in float32, their pipelines in bf16 with the denoiser or the text encoders
+# quantized, CPU, 2026-12-02) the outputs' SQNR ran 25-51 dB at 8 bits, 19-38 at fp8, 15-38 at 5-6 bits, 8-28 at
+# 4 and -5.5-16 at 2; image PSNR 24.6-49 at 8 bits, 18.8-37.8 at 4, 10.8-25.4 at 2. Weights replaced by noise of
+# the same scale (the fault engine's `noise`) give an SQNR of -3.2 to -0.9 dB and an image PSNR of 8.7-10.9 dB. Each
+# SQNR floor sits above noise and under the lowest its class measured: by 5.2-8.6 dB, and by 3.6 dB at 8 bits, where
+# GGUF Q8_0 quantizing SD3's T5 measured 15.6 dB against 25-39 dB for every other 8-bit case (a lead, not yet
+# explained). Each PSNR floor lies between noise and the lowest measured (a tiny VAE's clamped image tells less
+# apart). Below a floor the output is not the model's. 2-bit's SQNR floor is 0 dB: an output no closer to the
+# model's than silence (quanto qint2 measures below it on some models).
+def _floor(sqnr: float, psnr: float, cls: str) -> Floor:
+    return Floor(sqnr, psnr, f"{cls}: SQNR {sqnr:g} dB, image PSNR {psnr:g} dB")
+
+
+FLOOR_8BIT = _floor(12, 20, "8-bit integer codes (about 42 dB by arithmetic, 25-51 dB measured)")
+FLOOR_FP8 = _floor(10, 18, "fp8 (about 31 dB by arithmetic, 19-38 dB measured)")
+FLOOR_6BIT = _floor(8, 16, "5- and 6-bit codes (about 28-34 dB by arithmetic, 15-38 dB measured)")
+FLOOR_4BIT = _floor(3, 14, "4-bit codes (about 18 dB by arithmetic, 8-28 dB measured)")
+FLOOR_2BIT = _floor(0, 12, "2-bit codes (about 6 dB by arithmetic, -5.5-16 dB measured)")
+FLOOR_FLOAT = _floor(10, 18, "the float model (exact without casting; fp8 layerwise casting of it measured 27 dB)")
+CAST_FLOORS = {"float8_e4m3fn": FLOOR_FP8, "float8_e5m2": _floor(6, 15, "fp8 e5m2 storage (2 mantissa bits)")}
+
 _BNB4 = Bits(4 + 32 / 64)  # 4-bit codes, one fp32 absmax per block of 64
 _BNB4_DQ = Bits(4 + 8 / 64 + 32 / (64 * 256))  # absmax as uint8, one fp32 per 256 absmax
 _PER_ROW8 = Bits(8, 32)  # int8 codes, one fp32 scale per output row
 
 CATALOG: dict[str, EngineInfo] = {e.name: e for e in (
-    EngineInfo("none", ("-",), "harness.engines.none:NoneEngine", ALL_LOADS, title="the unquantized model"),
+    EngineInfo("none", ("-",), "harness.engines.none:NoneEngine", ALL_LOADS, title="the unquantized model",
+               floors={"-": FLOOR_FLOAT}),
     EngineInfo("bnb", ("nf4", "nf4-dq", "fp4", "fp4-dq", "int8"), "harness.engines.bnb:BitsAndBytesEngine",
                ALL_LOADS, "bitsandbytes", title="BitsAndBytes",
                bits={"nf4": _BNB4, "fp4": _BNB4, "nf4-dq": _BNB4_DQ, "fp4-dq": _BNB4_DQ,
-                     "int8": _PER_ROW8}),  # LLM.int8: fp32 scale per row (SCB)
+                     "int8": _PER_ROW8},  # LLM.int8: fp32 scale per row (SCB)
+               floors={"int8": FLOOR_8BIT, **dict.fromkeys(("nf4", "nf4-dq", "fp4", "fp4-dq"), FLOOR_4BIT)}),
     EngineInfo("quanto", ("qint8", "qint4", "qint2", "qfloat8"), "harness.engines.quanto:QuantoEngine",
                ALL_LOADS, "optimum-quanto", "optimum.quanto", title="Optimum-Quanto", layer_depth=2,
                bits={"qint8": _PER_ROW8, "qfloat8": _PER_ROW8,
                      "qint4": Bits(4 + 2 * 32 / 128),  # groups of 128 with fp32 scale and shift
-                     "qint2": Bits(2 + 2 * 32 / 128)}),
+                     "qint2": Bits(2 + 2 * 32 / 128)},
+               floors={"qint8": FLOOR_8BIT, "qfloat8": FLOOR_FP8, "qint4": FLOOR_4BIT, "qint2": FLOOR_2BIT}),
     EngineInfo("gguf", ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0"), "harness.engines.gguf_engine:GGUFEngine",
                ALL_LOADS, "gguf", title="GGUF", file_suffix=".gguf",
                bits={"Q8_0": Bits(8.5),  # blocks of 32: 32 x int8 + fp16 scale
-                     "Q5_1": Bits(6.0), "Q5_0": Bits(5.5), "Q4_1": Bits(5.0), "Q4_0": Bits(4.5)}),
+                     "Q5_1": Bits(6.0), "Q5_0": Bits(5.5), "Q4_1": Bits(5.0), "Q4_0": Bits(4.5)},
+               floors={"Q8_0": FLOOR_8BIT, "Q5_1": FLOOR_6BIT, "Q5_0": FLOOR_6BIT, "Q4_1": FLOOR_4BIT,
+                       "Q4_0": FLOOR_4BIT}),
     EngineInfo("nncf", ("int8_sym", "int8_asym", "int4_sym", "int4_asym", "int4_sym-g128", "int4_asym-g128"),
-               "harness.engines.nncf_engine:NNCFEngine", package="nncf", title="NNCF",
+               "harness.engines.nncf_engine:NNCFEngine", package="nncf", title="NNCF", traces=True,
                bits={"int8_sym": Bits(8, 16),  # fp16 scale per row
-                     "int8_asym": Bits(8, 16 + 8)}),  # and a uint8 zero point
+                     "int8_asym": Bits(8, 16 + 8)},  # and a uint8 zero point
+               floors={"int8_sym": FLOOR_8BIT, "int8_asym": FLOOR_8BIT, **dict.fromkeys(
+                   ("int4_sym", "int4_asym", "int4_sym-g128", "int4_asym-g128"), FLOOR_4BIT)}),
     EngineInfo("sdnq", ("int8", "int6", "int4", "uint4", "float8_e4m3fn"), "harness.engines.sdnq:SDNQEngine",
-               ALL_LOADS, "sdnq", title="SDNQ"),
+               ALL_LOADS, "sdnq", title="SDNQ",
+               floors={"int8": FLOOR_8BIT, "int6": FLOOR_6BIT, "int4": FLOOR_4BIT, "uint4": FLOOR_4BIT,
+                       "float8_e4m3fn": FLOOR_FP8}),
     EngineInfo("torchao", ("int8_weight_only", "int8_dynamic", "float8_weight_only", "int4_weight_only"),
                "harness.engines.torchao_engine:TorchAOEngine", ("post-load", "on-the-fly"), "torchao",
-               title="torchao"),
-    EngineInfo("fault", ("abort", "segfault", "hang", "spin", "oom", "exit", "raise", "flood", "orphan"),
-               "harness.engines.fault:FaultEngine", hidden=True, title="fault (test-only)"),
+               title="torchao",
+               floors={"int8_weight_only": FLOOR_8BIT, "int8_dynamic": FLOOR_8BIT, "float8_weight_only": FLOOR_FP8,
+                       "int4_weight_only": FLOOR_4BIT}),
+    EngineInfo("fault", ("abort", "segfault", "hang", "spin", "oom", "exit", "raise", "flood", "orphan", "nan",
+                         "noise"),
+               "harness.engines.fault:FaultEngine", hidden=True, title="fault (test-only)",
+               floors=dict.fromkeys(("flood", "orphan", "nan", "noise"), FLOOR_8BIT)),  # the float model otherwise
 )}
 
 ENGINE_NAMES = tuple(CATALOG)
+
+
+def output_floor(engine: str, qtype: str, cast: str = "-") -> Floor | None:
+    """The output error floor of a cell's type and of its layerwise casting; None where no floor is known. With
+    both, the two formats' errors are independent, so their noise powers add: 10^(-floor/10) each."""
+    floor = CATALOG[engine].floors.get(qtype) if engine in CATALOG else None
+    cast_floor = CAST_FLOORS.get(cast)
+    if floor is None or cast_floor is None:
+        return floor or cast_floor
+
+    def added(a: float, b: float) -> float:
+        return round(-10 * math.log10(10 ** (-a / 10) + 10 ** (-b / 10)), 1)
+
+    return Floor(added(floor.sqnr_db, cast_floor.sqnr_db), added(floor.psnr_db, cast_floor.psnr_db),
+                 f"{floor.why}, with {cast_floor.why} (their noise powers added)")
 ENGINE_TITLES = {name: e.title for name, e in CATALOG.items()}
 QTYPE_NAMES = tuple(sorted({q for e in CATALOG.values() for q in e.qtypes}))

@@ -54,6 +54,19 @@ class FaultEngine(Engine):
                 sys.stdout.write(chunk)
             sys.stdout.flush()
             return model
+        if qtype == "nan":  # a numeric blow-up: every weight NaN
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.is_floating_point():
+                        p.fill_(float("nan"))
+            return model
+        if qtype == "noise":  # weights silently replaced: random, of the same shape and scale (std) as each one
+            gen = torch.Generator().manual_seed(1234)
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.is_floating_point() and p.dim() >= 2:
+                        p.copy_(torch.randn(p.shape, generator=gen) * p.float().std())
+            return model
         if qtype == "orphan":
             subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=False)
             return model

@@ -30,20 +30,29 @@ def build_skeleton(name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     return nn.Module.to(model, dtype).eval()  # ModelMixin.to would warn about keep-in-fp32 modules
 
 
-def build_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+def seed_weights(module: nn.Module, seed: int) -> nn.Module:
     """Seeded weights, drawn parameter by parameter in name order (bit-identical for a seed, whatever torch's
-    default initialisers do): fan-in scaled normals, norm scales near 1, small biases."""
-    model = build_skeleton(name, torch.float32)
+    default initialisers do): fan-in scaled normals, norm scales near 1, small biases. Tied parameters (T5's
+    shared embedding) are drawn once and stay tied."""
     gen = torch.Generator().manual_seed(seed)
-    for pname, p in sorted(model.named_parameters()):
-        if pname.endswith("bias"):
-            value = torch.randn(p.shape, generator=gen) * 0.02
-        elif p.dim() == 1:
-            value = 1 + 0.1 * torch.randn(p.shape, generator=gen)
-        else:
-            value = torch.randn(p.shape, generator=gen) / math.sqrt(p[0].numel())
+    drawn: dict[int, nn.Parameter] = {}
+    for pname, p in sorted(module.named_parameters(remove_duplicate=False)):
+        if id(p) not in drawn:
+            if pname.endswith("bias"):
+                value = torch.randn(p.shape, generator=gen) * 0.02
+            elif p.dim() == 1:
+                value = 1 + 0.1 * torch.randn(p.shape, generator=gen)
+            else:
+                value = torch.randn(p.shape, generator=gen) / math.sqrt(p[0].numel())
+            drawn[id(p)] = nn.Parameter(value.to(p.dtype), requires_grad=False)
         owner, _, leaf = pname.rpartition(".")
-        (model.get_submodule(owner) if owner else model)._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+        (module.get_submodule(owner) if owner else module)._parameters[leaf] = drawn[id(p)]
+    return module
+
+
+def build_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model from its skeleton with seeded weights (seed_weights)."""
+    model = seed_weights(build_skeleton(name, torch.float32), seed)
     return nn.Module.to(model, dtype).eval()  # ModelMixin.to would warn about keep-in-fp32 modules
 
 

@@ -25,10 +25,11 @@ class ModelSpec:
     # Too big to draw per cell (flux-dev: 11.9 B weights): built once per run, in the cell's dtype, into a
     # diffusers model directory that every cell of the run loads (stacks.loading.float_model).
     shared_weights: bool = False
+    pipeline: bool = False  # a whole diffusers pipeline (PIPELINES has its components), not a denoiser alone
 
     @property
     def real(self) -> bool:
-        """A diffusers model class (runs on both stacks), not one of the harness's own imitations."""
+        """A diffusers model class or pipeline (runs on both stacks), not one of the harness's own imitations."""
         return self.kind in REAL_CLASSES
 
 
@@ -58,6 +59,17 @@ MODELS: dict[str, ModelSpec] = {
                           context_dim=4096, pooled_dim=768, shared_weights=True),
     "sdxl": ModelSpec("sdxl", width=320, depth=2, heads=10, latent=128, channels=4, context_tokens=77,
                       context_dim=2048, pooled_dim=1280, shared_weights=True),
+
+    # Whole pipelines (PIPELINES): text encoders, denoiser, VAE, scheduler and tokenizers made in code
+    "flux-tiny-pipe": ModelSpec("flux", width=128, depth=2, heads=4, latent=16, channels=16, pipeline=True),
+    "sd3-tiny-pipe": ModelSpec("sd3", width=128, depth=2, heads=4, latent=16, channels=16, pipeline=True),
+    "sdxl-tiny-pipe": ModelSpec("sdxl", width=64, depth=1, heads=2, latent=16, channels=4, pipeline=True),
+    # Real configurations (Flux-dev with CLIP-L and T5-XXL; SDXL-base with CLIP-L and OpenCLIP bigG), for GPU
+    # boxes: their float pipeline is written once per run and loaded by every cell.
+    "flux-dev-pipe": ModelSpec("flux", width=3072, depth=19, heads=24, latent=128, channels=16, pipeline=True,
+                               shared_weights=True),
+    "sdxl-pipe": ModelSpec("sdxl", width=320, depth=2, heads=10, latent=128, channels=4, pipeline=True,
+                           shared_weights=True),
 }
 
 REAL_CLASSES = {"flux": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel", "sdxl": "UNet2DConditionModel"}
@@ -85,3 +97,106 @@ DIFFUSERS_CONFIGS: dict[str, dict] = {
                  addition_time_embed_dim=256, transformer_layers_per_block=(1, 2, 10),
                  projection_class_embeddings_input_dim=2816, cross_attention_dim=2048),
 }
+
+
+# ------------------------------------------------------------------------------------------------ pipelines
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """A diffusers pipeline as data: its class, its components' classes and constructor arguments, the
+    components SD.Next's "TE" option quantizes, and the generation a cell runs (a fixed prompt, size, steps)."""
+
+    pipeline: str  # diffusers class
+    denoiser: str  # the component attribute: "transformer" | "unet"
+    denoiser_config: dict  # REAL_CLASSES[kind] arguments
+    text_encoders: dict  # attribute -> (transformers class, config arguments)
+    tokenizers: dict  # attribute -> max length (made in code with `tokenizers`: a word-level vocabulary)
+    vae: dict  # AutoencoderKL arguments
+    scheduler: str  # diffusers class, default arguments
+    # What SD.Next quantizes with "TE" in its quantization module list (vladmandic/sdnext@058a7f0,
+    # pipelines/model_flux.py:53 and model_sd3.py:23: only T5 goes through generic.load_text_encoder, whose
+    # get_dit_args(module='TE') creates the SDNQConfig (modules/model_quant.py:99), the CLIPs load with
+    # allow_quant=False; SDXL loads through the generic loader with allow_post_quant (sd_models.py:886) and
+    # post-quantizes text_encoder and text_encoder_2 (sd_models_utils.py:251-266)).
+    quantized_te: tuple[str, ...]
+    call: dict  # the pipeline call's arguments besides prompt and generator
+    vocab: int = 1000
+
+
+def _clip(hidden: int, *, projection: int = 0, layers: int = 2, heads: int = 2, vocab: int = 1000,
+          positions: int = 32, intermediate: int | None = None) -> tuple[str, dict]:
+    config = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+                  num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=positions,
+                  bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    if projection:
+        return "CLIPTextModelWithProjection", {**config, "projection_dim": projection}
+    return "CLIPTextModel", config
+
+
+def _t5(d_model: int, *, layers: int = 2, heads: int = 4, d_kv: int = 32, d_ff: int | None = None,
+        vocab: int = 1000) -> tuple[str, dict]:
+    return "T5EncoderModel", dict(vocab_size=vocab, d_model=d_model, d_kv=d_kv, d_ff=d_ff or 2 * d_model,
+                                  num_layers=layers, num_heads=heads, feed_forward_proj="gated-gelu",
+                                  relative_attention_num_buckets=32, pad_token_id=0, eos_token_id=1,
+                                  decoder_start_token_id=0)
+
+
+def _vae(latent_channels: int, blocks: tuple[int, ...] = (32, 64), **extra) -> dict:
+    n = len(blocks)
+    return dict(in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=blocks,
+                down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                layers_per_block=1, norm_num_groups=32, sample_size=32, force_upcast=False, **extra)
+
+
+_TINY_CALL = dict(height=32, width=32, num_inference_steps=2)
+_SDXL_TINY_UNET = {**DIFFUSERS_CONFIGS["sdxl-tiny"], "cross_attention_dim": 128}  # two 64-wide CLIPs, joined
+
+PIPELINES: dict[str, PipelineSpec] = {
+    "flux-tiny-pipe": PipelineSpec(
+        "FluxPipeline", "transformer", DIFFUSERS_CONFIGS["flux-tiny"],
+        {"text_encoder": _clip(128, heads=4), "text_encoder_2": _t5(128)},
+        {"tokenizer": 16, "tokenizer_2": 16}, _vae(16, shift_factor=0.1159, scaling_factor=0.3611),
+        "FlowMatchEulerDiscreteScheduler", ("text_encoder_2",), {**_TINY_CALL, "max_sequence_length": 16}),
+    "sd3-tiny-pipe": PipelineSpec(
+        "StableDiffusion3Pipeline", "transformer", DIFFUSERS_CONFIGS["sd3-tiny"],
+        {"text_encoder": _clip(64, projection=64), "text_encoder_2": _clip(64, projection=64),
+         "text_encoder_3": _t5(128)},
+        {"tokenizer": 16, "tokenizer_2": 16, "tokenizer_3": 16}, _vae(16, shift_factor=0.0609, scaling_factor=1.5305),
+        "FlowMatchEulerDiscreteScheduler", ("text_encoder_3",), {**_TINY_CALL, "max_sequence_length": 16}),
+    "sdxl-tiny-pipe": PipelineSpec(
+        "StableDiffusionXLPipeline", "unet", _SDXL_TINY_UNET,
+        {"text_encoder": _clip(64), "text_encoder_2": _clip(64, projection=64)},
+        {"tokenizer": 16, "tokenizer_2": 16}, _vae(4, scaling_factor=0.13025), "EulerDiscreteScheduler",
+        ("text_encoder", "text_encoder_2"), _TINY_CALL),
+    "flux-dev-pipe": PipelineSpec(
+        "FluxPipeline", "transformer", DIFFUSERS_CONFIGS["flux-dev"],
+        {"text_encoder": _clip(768, layers=12, heads=12, vocab=49408, positions=77, intermediate=3072),
+         "text_encoder_2": _t5(4096, layers=24, heads=64, d_kv=64, d_ff=10240, vocab=32128)},
+        {"tokenizer": 77, "tokenizer_2": 512},
+        _vae(16, (128, 256, 512, 512), shift_factor=0.1159, scaling_factor=0.3611) | {"layers_per_block": 2,
+                                                                                     "sample_size": 1024},
+        "FlowMatchEulerDiscreteScheduler", ("text_encoder_2",),
+        dict(height=1024, width=1024, num_inference_steps=4, max_sequence_length=512), vocab=49408),
+    "sdxl-pipe": PipelineSpec(
+        "StableDiffusionXLPipeline", "unet", DIFFUSERS_CONFIGS["sdxl"],
+        {"text_encoder": _clip(768, layers=12, heads=12, vocab=49408, positions=77, intermediate=3072),
+         "text_encoder_2": _clip(1280, projection=1280, layers=32, heads=20, vocab=49408, positions=77,
+                                 intermediate=5120)},
+        {"tokenizer": 77, "tokenizer_2": 77},
+        _vae(4, (128, 256, 512, 512), scaling_factor=0.13025) | {"layers_per_block": 2, "sample_size": 1024},
+        "EulerDiscreteScheduler", ("text_encoder", "text_encoder_2"),
+        dict(height=1024, width=1024, num_inference_steps=4), vocab=49408),
+}
+
+# The `components` axis: which of a model's components a cell quantizes.
+COMPONENT_VALUES = ("denoiser", "denoiser+te", "te")
+
+
+def component_names(model: str) -> dict[str, tuple[str, ...]]:
+    """What each `components` value quantizes in a model, as component attributes (a denoiser alone is the
+    component "denoiser"; it has no text encoder)."""
+    pipe = PIPELINES.get(model)
+    if pipe is None:
+        return {"denoiser": ("denoiser",)}
+    return {"denoiser": (pipe.denoiser,), "denoiser+te": (*pipe.quantized_te, pipe.denoiser),
+            "te": pipe.quantized_te}

@@ -73,6 +73,10 @@ def _row(record: dict) -> dict:
         "mem_kind": m.get("mem_kind"),
         "latency_ms": lat.get("median"), "latency_p10_ms": lat.get("p10"), "latency_p90_ms": lat.get("p90"),
         "sqnr_db": m.get("sqnr_db"), "cosine": m.get("cosine"), "max_abs_error": m.get("max_abs_error"),
+        "psnr_db": m.get("psnr_db"),
+        "phases": "; ".join(f"{k} {v.get('latency_ms', 0):.1f} ms" for k, v in (m.get("phases") or {}).items()),
+        "quantized_components": ", ".join(f"{k} {v.get('bits_per_weight') or 0:.2f} b/w"
+                                          for k, v in (m.get("components") or {}).items() if v.get("quantized")),
         "quantize_s": m.get("quantize_s"), "load_s": m.get("load_s"),
         "mem_base_bytes": base, "name_hint": m.get("name_hint"), "name_hint_detail": m.get("name_hint_detail"),
         "host": env.get("host"), "device_name": env.get("device_name"), "driver": env.get("driver"),

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import pandas as pd
 
 from harness.cell import AXES, Cell
+from harness.engines.catalog import output_floor
 from harness.matrix import ExpectKind, Matrix, Rule
 from harness.report import data as report_data
 from harness.report.statements import FINDING_FIELDS, HAPPENED_FIELDS, Finding, finding, what_happened
@@ -56,13 +57,15 @@ def _unchecked_reason(rule: Rule, rows: pd.DataFrame, newest: pd.DataFrame) -> s
     return "no record of a cell it matches (run its matrix file to check it)"
 
 
-METRIC_FIELDS = ("param_bytes", "peak_mem_bytes", "mem_base_bytes", "latency_ms", "name_hint", "name_hint_detail")
+METRIC_FIELDS = ("param_bytes", "peak_mem_bytes", "mem_base_bytes", "latency_ms", "name_hint", "name_hint_detail",
+                 "sqnr_db", "psnr_db")
 
 
 def _metrics(row: dict) -> dict:
     return {"param_bytes": row["param_bytes"], "peak_mem_bytes": row["peak_mem_bytes"],
             "mem_base_bytes": row["mem_base_bytes"], "latency_ms": {"median": row["latency_ms"]},
-            "name_hint": row["name_hint"], "name_hint_detail": row["name_hint_detail"]}
+            "name_hint": row["name_hint"], "name_hint_detail": row["name_hint_detail"],
+            "sqnr_db": row["sqnr_db"], "psnr_db": row["psnr_db"]}
 
 
 def _outcome(row: dict) -> Outcome:
@@ -108,7 +111,7 @@ def judged(matrix: Matrix, records: report_data.Records) -> pd.DataFrame:
             base = by_id.get((row["run"], _baseline_id(row)))
             claims = check_claims(expect, outcome.metrics, None if base is None or base["verdict"] not in
                                   report_data.RAN else _metrics(base))
-        verdict, _ = judge(expect, outcome, claims)
+        verdict, _ = judge(expect, outcome, claims, output_floor(row["engine"], row["qtype"], row["cast"]))
         verdicts.append(verdict.value)
         contradicted.append("; ".join(f"{c.claim} ({c.detail})" for c in claims if c.status == "contradicted"))
     kinds = [matrix.rules[i].expect.kind.value if i >= 0 else e for i, e in zip(rules, newest["expect"], strict=True)]

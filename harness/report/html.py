@@ -37,6 +37,7 @@ VERDICTS = {
     "drift-error": ("⚠", "drift: other error", "drift"),
     "drift-claim": ("⚠", "drift: claim does not hold", "drift"),
     "fail": ("✗", "fails", "fail"),
+    "wrong-output": ("≠", "runs, wrong output", "fail"),
     "crash": ("✗", "crashed", "fail"),
     "timeout": ("◷", "timed out", "fail"),
     "hang": ("✗", "hung (no CPU progress)", "fail"),
@@ -69,8 +70,14 @@ def figures(row) -> list[tuple[str, str]]:
                             f"{_num(row['mem_ratio'], '.2f')}x baseline"),
             ("latency", f"{_num(row['latency_ms'], '.2f')} ms median (p10 {_num(row['latency_p10_ms'], '.2f')}, "
                         f"p90 {_num(row['latency_p90_ms'], '.2f')}), {_num(row['latency_ratio'], '.2f')}x baseline"),
-            ("output error", f"SQNR {_num(row['sqnr_db'], '.1f') or 'exact'} dB, cosine {_num(row['cosine'], '.5f')}"),
+            ("output error", f"SQNR {_num(row['sqnr_db'], '.1f') or 'exact'} dB, cosine {_num(row['cosine'], '.5f')}"
+                             + (f", image PSNR {_num(row['psnr_db'], '.1f') or 'exact'} dB"
+                                if report_data.finite(row["psnr_db"]) or row["psnr_db"] is None and
+                                str(row["model"]).endswith("-pipe") else "")),
         ]
+        if row["phases"]:  # a pipeline: its generation's phases and the components it quantized
+            out.append(("phases", row["phases"]))
+            out.append(("quantized", row["quantized_components"] or "nothing"))
         if row["claims"]:
             out.append(("claims", row["claims"]))
     if row["error_type"]:
@@ -193,7 +200,8 @@ def csv_columns() -> list[str]:
 CSV_FIGURES = ["verdict", "note", "reason", "error_type", "error_message",
                "error_layer", "expect", "source",
                "claims", "param_bytes", "disk_bytes", "bits_per_weight", "peak_mem_bytes", "own_mem_bytes",
-               "mem_kind", "latency_ms", "latency_p10_ms", "latency_p90_ms", "sqnr_db", "cosine", "quantize_s",
+               "mem_kind", "latency_ms", "latency_p10_ms", "latency_p90_ms", "sqnr_db", "cosine", "psnr_db",
+               "quantize_s",
                "load_s", "bytes_ratio", "mem_ratio", "latency_ratio", "mem_vs_none", "latency_vs_none",
                "integration_broke", "host", "device_name", "versions", "started", "duration_s"]
 

@@ -12,7 +12,8 @@ from harness.cell import AXES
 from harness.report import data as report_data
 
 # worst first: what a user must see before anything else
-SEVERITY = ("crash", "oom", "hang", "timeout", "fail", "drift-error", "drift-works", "drift-claim", "interrupted",
+SEVERITY = ("crash", "oom", "hang", "timeout", "fail", "wrong-output",
+            "drift-error", "drift-works", "drift-claim", "interrupted",
             "documented-error", "ok", "unavailable")
 
 

@@ -31,7 +31,7 @@ class Finding(enum.StrEnum):
 
 
 FINDING_FIELDS = ("verdict", "expect", "device_absent")  # what finding() reads
-HAPPENED_FIELDS = ("verdict", "claims_contradicted", "error_type", "error_message", "reason")  # what_happened()
+HAPPENED_FIELDS = ("verdict", "claims_contradicted", "error_type", "error_message", "reason", "note")  # what_happened()
 
 
 def finding(row: dict) -> Finding:
@@ -52,6 +52,9 @@ def what_happened(row: dict) -> str:
     verdict = row["verdict"]
     if verdict == "drift-claim":
         return f"works, but {row['claims_contradicted'] or 'a documented claim does not hold'}"
+    if verdict == "wrong-output":
+        note = row.get("note") or ""
+        return "runs, but its output is wrong" + (f" ({_first_line(note.split(': ', 1)[-1])})" if note else "")
     if verdict in report_data.RAN:
         return "works"
     if row["error_type"]:

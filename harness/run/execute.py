@@ -7,6 +7,7 @@ happened in. This module runs inside the cell's isolated process (see isolation.
 from __future__ import annotations
 
 import importlib.util
+import statistics
 import traceback
 import warnings
 from collections.abc import Iterator
@@ -23,6 +24,8 @@ from harness.engines.catalog import CATALOG
 from harness.engines.registry import ENGINES
 from harness.matrix import Settings
 from harness.models.build import build_skeleton, components, make_inputs, run
+from harness.models.pipelines import PipelineModel
+from harness.models.specs import component_names
 from harness.results import absent_device_reason
 from harness.run import measure
 from harness.stacks import loading
@@ -113,7 +116,9 @@ def _reference_file(task: CellTask, inputs: dict[str, torch.Tensor] | None) -> S
         model = loading.float_model(task.workdir, cell.model, s.seed, getattr(torch, cell.dtype))
         model = model.to(devices.torch_device(cell.device))
         with torch.no_grad():
-            save_file({"output": run(model, inputs).cpu().contiguous()}, str(tmp))
+            output = run(model, inputs)
+        outputs = output if isinstance(output, dict) else {"output": output}
+        save_file({k: v.cpu().contiguous() for k, v in outputs.items()}, str(tmp))
 
     return SharedFile(reference_path(task), make, source=False)
 
@@ -129,7 +134,7 @@ def files_to_prepare(task: CellTask) -> list[Path]:
     return [f.path for f in shared_files(task) if not f.path.exists()]
 
 
-def prepare_cell(task: CellTask) -> tuple[dict[str, torch.Tensor], torch.Tensor, Path | None]:
+def prepare_cell(task: CellTask) -> tuple[dict, torch.Tensor | dict[str, torch.Tensor], Path | None]:
     """The cell's inputs, reference output and source file (float checkpoint or pre-quantized file), made once
     per run. The runner calls this in a process of its own first, so that building the float model for them
     leaves nothing behind (freed heap, imports) in the process whose memory is measured."""
@@ -144,8 +149,8 @@ def prepare_cell(task: CellTask) -> tuple[dict[str, torch.Tensor], torch.Tensor,
     for file in files:
         path = loading.shared_file(file.path, file.make)
         source = path if file.source else source
-    reference = load_file(str(loading.shared_file(reference.path, reference.make)))["output"]
-    return inputs, reference, source
+    saved = load_file(str(loading.shared_file(reference.path, reference.make)))
+    return inputs, saved.get("output", saved), source
 
 
 class _Progress:
@@ -173,6 +178,11 @@ def execute_cell(task: CellTask) -> Outcome:
         return Outcome(status, error=error_info(exc, progress.stage),
                        reason=f"{type(exc).__name__} during {progress.stage}", device=progress.device,
                        warnings=raised)
+    if not metrics["output_finite"]:  # it ran, but what it made is not an image: a failure, its figures kept
+        return Outcome(Status.ERROR, metrics=metrics, error=ErrorInfo(
+            "NonFiniteOutput", "output not finite: NaN or infinity in " + ("the latents or the image" if
+                                                                          "psnr_db" in metrics else "the output"),
+            "", Stage.FORWARD), reason="output not finite", device=progress.device, warnings=raised)
     return Outcome(Status.RAN, metrics=metrics, device=progress.device, warnings=raised)
 
 
@@ -183,7 +193,7 @@ def _measure(task: CellTask, progress: _Progress) -> dict:
     dtype = getattr(torch, cell.dtype)
     progress.device = devices.device_info(cell.device)
     inputs, reference, source = prepare_cell(task)
-    layout = measure.float_layout(build_skeleton(cell.model, dtype))
+    skeleton = build_skeleton(cell.model, dtype)
     engine.import_package()  # before memory is tracked (a no-op when the cell server preloaded it)
     tracker = devices.memory_tracker(cell.device)
     tracker.reset()
@@ -192,51 +202,99 @@ def _measure(task: CellTask, progress: _Progress) -> dict:
     progress.stage = Stage.LOAD
     loaded = stack.load(task, engine, source)
     model = loaded.model.eval()
-    if cell.cast != "-":  # as SD.Next applies it: on the loaded (quantized) model
-        model.enable_layerwise_casting(storage_dtype=getattr(torch, cell.cast), compute_dtype=dtype)
+    if cell.cast != "-":  # as SD.Next applies it: on the loaded (quantized) model (a pipeline's denoiser)
+        target = model.denoiser if isinstance(model, PipelineModel) else model
+        target.enable_layerwise_casting(storage_dtype=getattr(torch, cell.cast), compute_dtype=dtype)
     tracker.sample()
     # Storage is counted before offload: offload hooks replace weights with placeholders.
-    param_bytes, bpw = measure.stored_bytes(model), measure.bits_per_weight(model, layout)
+    param_bytes = measure.stored_bytes(model)
+    if isinstance(model, PipelineModel):
+        named = component_names(cell.model)[cell.components]
+        parts = measure.component_storage(model.parts(), skeleton.parts(), () if engine.name == "none" else named)
+        bpw = measure.bits_of([parts[name] for name in named])
+    else:
+        parts, bpw = None, measure.bits_per_weight(model, measure.float_layout(skeleton))
 
     progress.stage = Stage.OFFLOAD
-    after_step, offload_notes = stack.offload(model, cell.offload, cell.device,
-                                              components=components(cell.model, model), settings=s)
+    installed = stack.offload(model, cell.offload, cell.device, components=components(cell.model, model),
+                              settings=s)
     progress.stage = Stage.FORWARD
-    output, error, latency = _run_steps(task, model, inputs, reference, after_step, tracker)
+    peak_before = tracker.peak()
+    output, figures, latency, phases = _run_steps(task, model, inputs, reference, installed.after_step, tracker)
     metrics = {
         "param_bytes": param_bytes,
         "disk_bytes": loaded.disk_bytes if loaded.disk_bytes is not None else param_bytes,
         "disk_is_file": loaded.disk_bytes is not None,
         "bits_per_weight": bpw,
-        "peak_mem_bytes": tracker.peak(),
+        "peak_mem_bytes": max(peak_before, tracker.peak(), *(p["peak_mem_bytes"] for p in phases.values())),
         "mem_base_bytes": mem_base,
         "mem_kind": tracker.kind,
         "latency_ms": latency.as_dict(),
         "quantize_s": loaded.quantize_s,
         "load_s": loaded.load_s,
-        **error.as_dict(),
-        "output_sha256": measure.digest(output),
+        **figures,
+        "output_sha256": measure.digest_all(output),
+        "output_finite": measure.finite(output),
     }
-    if offload_notes:
-        metrics["offload_notes"] = offload_notes
+    if parts is not None:
+        metrics["components"], metrics["phases"] = parts, phases
+    if installed.notes:
+        metrics["offload_notes"] = installed.notes
+    if installed.moves:
+        metrics["offload_moves"] = installed.moves
+    if installed.options:
+        metrics["offload_options"] = installed.options
     if loaded.name_hint is not None:
         metrics["name_hint"], metrics["name_hint_detail"] = loaded.name_hint, loaded.name_hint_detail
     return metrics
 
 
-def _run_steps(task: CellTask, model, inputs: dict, reference: torch.Tensor, after_step, tracker):
-    """The first step's output and its error against the float model's, then the timed steps."""
+def _run_steps(task: CellTask, model, inputs: dict, reference, after_step, tracker):
+    """The first step's (generation's) output and its error against the float model's, then the timed steps. A
+    pipeline's first generation is also measured per phase (latency and peak memory); its timed generations
+    give each phase's median latency."""
     cell, s = task.cell, task.settings
+    pipeline = isinstance(model, PipelineModel)
+    phase_peaks: dict[str, int] = {}
+    if pipeline:
+        model.phase_mark = _PhasePeaks(tracker, phase_peaks)
     with torch.no_grad():
         output = run(model, inputs)
         after_step()
         tracker.sample()
-        error = measure.output_error(output, reference)
+        figures = measure.output_figures(output, reference)
+        timed: list[dict[str, float]] = []
+        if pipeline:
+            model.phase_mark = lambda phase: None
 
         def step() -> None:
             run(model, inputs)
             tracker.sample()
+            if pipeline:
+                timed.append(dict(model.phases))
 
         latency = measure.time_steps(step, cell.device, warmup=s.warmup, min_steps=s.min_steps,
                                      max_steps=s.max_steps, min_time_s=s.min_time_s, after_step=after_step)
-    return output, error, latency
+    phases = {}
+    if pipeline:
+        steps = inputs["num_inference_steps"]
+        timed = timed[s.warmup:] or timed
+        for name, peak in phase_peaks.items():
+            median = statistics.median(t[name] for t in timed if name in t)
+            phases[name] = {"latency_ms": median, "peak_mem_bytes": peak}
+            if name == "denoise":
+                phases[name]["per_step_ms"] = median / steps
+    return output, figures, latency, phases
+
+
+class _PhasePeaks:
+    """At each phase boundary of a pipeline's generation: the ended phase's peak memory, then a new peak."""
+
+    def __init__(self, tracker, into: dict[str, int]):
+        self.tracker, self.into, self.current = tracker, into, None
+
+    def __call__(self, phase: str | None) -> None:
+        if self.current is not None:
+            self.into[self.current] = self.tracker.peak()
+        self.tracker.reset_peak()
+        self.current = phase

@@ -50,10 +50,18 @@ class FloatLayout:
 
 
 def float_layout(skeleton: nn.Module) -> FloatLayout:
+    """Tied parameters (T5's shared embedding, under two names in the state dict) count once, as stored_bytes
+    counts a storage once."""
     linear_weights = {f"{name}.weight" for name, m in skeleton.named_modules() if isinstance(m, nn.Linear)}
-    state = skeleton.state_dict()
-    return FloatLayout(sum(state[k].numel() for k in linear_weights),
-                       sum(t.numel() * t.element_size() for k, t in state.items() if k not in linear_weights))
+    state = skeleton.state_dict(keep_vars=True)
+    seen: set[int] = set()
+    unique = {}
+    for k, t in state.items():
+        if id(t) not in seen:
+            seen.add(id(t))
+            unique[k] = t
+    return FloatLayout(sum(unique[k].numel() for k in linear_weights if k in unique),
+                       sum(t.numel() * t.element_size() for k, t in unique.items() if k not in linear_weights))
 
 
 def bits_per_weight(model: nn.Module, layout: FloatLayout) -> float:
@@ -123,3 +131,56 @@ def output_error(output: torch.Tensor, reference: torch.Tensor) -> OutputError:
     sqnr = None if noise == 0 else (10 * math.log10(signal / noise) if signal > 0 else float("-inf"))
     cosine = torch.nn.functional.cosine_similarity(out, ref, dim=0).item()
     return OutputError(sqnr, cosine, (out - ref).abs().max().item())
+
+
+def _tensors(output: torch.Tensor | dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    return [output[k] for k in sorted(output)] if isinstance(output, dict) else [output]
+
+
+def finite(output: torch.Tensor | dict[str, torch.Tensor]) -> bool:
+    """Whether every value of the output (a pipeline's latents and image) is finite."""
+    return all(bool(torch.isfinite(t).all()) for t in _tensors(output))
+
+
+def psnr_db(image: torch.Tensor, reference: torch.Tensor) -> float | None:
+    """PSNR of an image in [0, 1] against the reference image; None when they are identical (infinite)."""
+    mse = (image.detach().double().cpu() - reference.detach().double().cpu()).pow(2).mean().item()
+    return None if mse == 0 else 10 * math.log10(1 / mse)
+
+
+def output_figures(output: torch.Tensor | dict[str, torch.Tensor],
+                   reference: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, float | None]:
+    """The output's error against the float model's: SQNR, cosine and max error of the output (a pipeline's
+    final latents), and for a pipeline the decoded image's PSNR."""
+    if not isinstance(output, dict):
+        return output_error(output, reference).as_dict()
+    return {**output_error(output["latents"], reference["latents"]).as_dict(),
+            "psnr_db": psnr_db(output["image"], reference["image"])}
+
+
+def digest_all(output: torch.Tensor | dict[str, torch.Tensor]) -> str:
+    import hashlib
+
+    return hashlib.sha256("".join(digest(t) for t in _tensors(output)).encode()).hexdigest() \
+        if isinstance(output, dict) else digest(output)
+
+
+def component_storage(parts: dict[str, nn.Module], skeletons: dict[str, nn.Module],
+                      quantized: tuple[str, ...]) -> dict[str, dict]:
+    """Per component of a pipeline: bytes stored, bits per Linear weight (as bits_per_weight counts them), whether
+    the cell quantized it, and its float layout (to total the quantized ones: bits_of)."""
+    out = {}
+    for name, part in parts.items():
+        layout = float_layout(skeletons[name])
+        stored = stored_bytes(part)
+        out[name] = {"bytes": stored, "quantized": name in quantized,
+                     "bits_per_weight": 8 * (stored - layout.other_bytes) / layout.linear_weights
+                     if layout.linear_weights else None,
+                     "linear_weights": layout.linear_weights, "other_bytes": layout.other_bytes}
+    return out
+
+
+def bits_of(parts: list[dict]) -> float | None:
+    """Bits per Linear weight over several components (component_storage's entries)."""
+    weights = sum(p["linear_weights"] for p in parts)
+    return 8 * sum(p["bytes"] - p["other_bytes"] for p in parts) / weights if weights else None

@@ -59,6 +59,7 @@ class MatrixRun:
                         self.measured[Cell(**r["cell"])] = r["metrics"]
 
     def run(self, cell: Cell) -> tuple[Verdict, str, dict]:
+        from harness.engines.catalog import output_floor
         from harness.results import make_record, now_iso
         from harness.verdict import check_claims, judge
 
@@ -76,7 +77,7 @@ class MatrixRun:
             self.measured[cell] = outcome.metrics
             if expect.claims:
                 claims = check_claims(expect, outcome.metrics, self._baseline(cell))
-        verdict, note = judge(expect, outcome, claims)
+        verdict, note = judge(expect, outcome, claims, output_floor(cell.engine, cell.qtype, cell.cast))
         record = make_record(self.id, cell, expect, verdict, note, outcome, self.env, started,
                              time.perf_counter() - t0, claims)
         self.writer.append(record)

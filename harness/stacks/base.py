@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
     from harness.engines.base import Engine
     from harness.matrix import Settings
+    from harness.offload import Installed
     from harness.stacks.loading import Loaded
 
 
@@ -47,6 +48,7 @@ class Stack:
         raise NotImplementedError
 
     def offload(self, model: nn.Module, mode: str, device: str, *, components: list[nn.Module],
-                settings: Settings) -> tuple[Callable[[], None], list[str]]:
-        """Install the offload mode's hooks as this stack's users do; (run after each step, notes)."""
+                settings: Settings) -> Installed:
+        """Install the offload mode's hooks as this stack's users do (offload.Installed: what to run after each
+        generation, notes, balanced offload's moves)."""
         raise NotImplementedError

@@ -27,13 +27,34 @@ class StackInfo:
     loads: Mapping[str, tuple[str, ...]] | None = None
     why_not: Mapping[str, str] = field(default_factory=dict)  # "engine" or "engine/load" -> why it is not offered
     quantizes_in_load: tuple[str, ...] = ()  # load modes whose quantization happens inside the load call (untimed)
+    # Whole pipelines: the load modes the stack offers for them, and the engines whose text-encoder integration
+    # (transformers' quantizer configs) it passes in a load that quantizes (on-the-fly).
+    pipeline_loads: tuple[str, ...] = ("post-load",)
+    text_encoder_engines: tuple[str, ...] = ()
+    why_not_pipeline: str = ""
 
     def accepts(self, model: str, cast: str) -> bool:
         """Whether a matrix naming this stack has the combination at all (a real model class, a casting)."""
         return (MODELS[model].real or not self.real_models_only) and (cast == "-" or self.casts)
 
-    def offers(self, engine: EngineInfo, load: str) -> str | None:
-        """None when the stack runs this engine in this load mode, else why not (the cell is `unavailable`)."""
+    def offers(self, engine: EngineInfo, load: str, model: str | None = None,
+               components: str = "denoiser") -> str | None:
+        """None when the stack runs this engine in this load mode (for this model and components), else why not
+        (the cell is `unavailable`)."""
+        spec = MODELS.get(model) if model else None
+        reason = self._offers(engine, load)
+        if reason is not None or spec is None or not spec.pipeline:
+            return reason
+        if load not in self.pipeline_loads:
+            return f"the {self.name} stack loads whole pipelines {' or '.join(self.pipeline_loads)} only" + \
+                (f" ({self.why_not_pipeline})" if self.why_not_pipeline else "")
+        if load != "post-load" and components != "denoiser" and engine.name not in self.text_encoder_engines:
+            return (f"transformers has no quantizer integration for engine {engine.name} that quantizes a text "
+                    f"encoder {LOAD_PHRASES.get(load, load)} (its configs: "
+                    f"{', '.join(e for e in self.text_encoder_engines if e != 'none')})")
+        return None
+
+    def _offers(self, engine: EngineInfo, load: str) -> str | None:
         if self.loads is None or load == "post-load":  # the engine's own API
             return None if load in engine.loads else f"engine {engine.name} does not offer the {load} load mode"
         if load in self.loads.get(engine.name, ()):
@@ -42,8 +63,12 @@ class StackInfo:
             f"the {self.name} stack has no {load} load for engine {engine.name}"
 
 
+LOAD_PHRASES = {"on-the-fly": "while loading", "prequantized": "from a pre-quantized file"}
+
 STACK_CATALOG: dict[str, StackInfo] = {s.name: s for s in (
-    StackInfo("direct", "harness.stacks.direct:DirectStack", "through the engine's own API"),
+    StackInfo("direct", "harness.stacks.direct:DirectStack", "through the engine's own API",
+              why_not_pipeline="the engine's API per component on the float pipeline; on-the-fly and pre-quantized "
+                               "files are single components on this stack"),
     StackInfo("diffusers", "harness.stacks.diffusers:DiffusersStack", "through diffusers", control="direct",
               packages=("diffusers",), real_models_only=True, casts=True,
               # diffusers' quantizer integrations (diffusers.quantizers): from_pretrained(quantization_config=...)
@@ -54,7 +79,13 @@ STACK_CATALOG: dict[str, StackInfo] = {s.name: s for s in (
                                           "diffusers stack is the prequantized load mode",
                        "nncf": "NNCF has no quantizer integration in diffusers (no NNCF config among diffusers' "
                                "quantization backends); run it on the direct stack"},
-              quantizes_in_load=("on-the-fly",)),  # from_pretrained(quantization_config=...)
+              quantizes_in_load=("on-the-fly",),  # from_pretrained(quantization_config=...)
+              # PipelineQuantizationConfig(quant_mapping=...) in the pipeline's from_pretrained; its text encoders
+              # through transformers' BitsAndBytesConfig, QuantoConfig, TorchAoConfig, and sdnq's SDNQConfig
+              # (sdnq registers it in transformers' AUTO_QUANTIZER_MAPPING)
+              pipeline_loads=("post-load", "on-the-fly"),
+              text_encoder_engines=("none", "bnb", "quanto", "sdnq", "torchao"),
+              why_not_pipeline="a pre-quantized pipeline directory is not written by the harness yet"),
 )}
 STACK_NAMES = tuple(STACK_CATALOG)
 STACK_PHRASES = {name: s.phrase for name, s in STACK_CATALOG.items()}
@@ -77,5 +108,6 @@ def packages_needed(cell) -> tuple[str, ...]:
 
 
 def not_offered(cell) -> str | None:
-    """Why the cell's stack does not offer its engine in its load mode, or None (decided before it runs)."""
-    return STACK_CATALOG[cell.stack].offers(CATALOG[cell.engine], cell.load)
+    """Why the cell's stack does not offer its engine in its load mode (for its model and components), or None
+    (decided before it runs)."""
+    return STACK_CATALOG[cell.stack].offers(CATALOG[cell.engine], cell.load, cell.model, cell.components)

@@ -8,6 +8,9 @@ methods (the path SD.Next and diffusers users take). Its three load modes:
   `from_single_file(path, config=float_dir, quantization_config=GGUFQuantizationConfig(...))`;
 - post-load: the float model loaded with `from_pretrained`, then the engine's own API, as SD.Next's "post" mode.
 
+A whole pipeline loads with the pipeline's `from_pretrained`: on the fly with a `PipelineQuantizationConfig`
+(transformers' config classes for its text encoders), or post-load with the engine's API per component.
+
 Each engine's integration (its config class, how a saved config names its type) is a row of INTEGRATIONS here,
 not a method of the engine. What diffusers refuses or deprecates is the finding: nothing here works around it.
 Files are made once per run in the run's work directory (see loading.shared_file).
@@ -28,28 +31,58 @@ from harness import devices, offload
 from harness.engines.base import Engine
 from harness.engines.registry import ENGINES
 from harness.errors import QuantMatrixError
+from harness.models.pipelines import load_pipeline
 from harness.models.real import model_class
+from harness.models.specs import MODELS, PIPELINES, component_names
 from harness.stacks import loading
 from harness.stacks.base import SharedFile, Stack
 from harness.stacks.loading import Loaded, check_name, detect, float_dir, float_model, shared_file
 
 
-def _bnb_config(qtype: str, dtype: torch.dtype) -> object:
-    from diffusers import BitsAndBytesConfig
-
+def _bnb_options(qtype: str, dtype: torch.dtype) -> dict:
+    """The arguments of a BitsAndBytesConfig (diffusers' and transformers' take the same)."""
     from harness.engines.bnb import FOUR_BIT
 
     if qtype == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return {"load_in_8bit": True}
     quant_type, double = FOUR_BIT[qtype]
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double,
-                              bnb_4bit_compute_dtype=dtype)
+    return {"load_in_4bit": True, "bnb_4bit_quant_type": quant_type, "bnb_4bit_use_double_quant": double,
+            "bnb_4bit_compute_dtype": dtype}
+
+
+def _bnb_config(qtype: str, dtype: torch.dtype) -> object:
+    from diffusers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(**_bnb_options(qtype, dtype))
 
 
 def _bnb_type(config: dict) -> str | None:
     if config.get("load_in_8bit"):
         return "int8"
     return config.get("bnb_4bit_quant_type", "fp4") + ("-dq" if config.get("bnb_4bit_use_double_quant") else "")
+
+
+def _bnb_te_config(qtype: str, dtype: torch.dtype) -> object:
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(**_bnb_options(qtype, dtype))
+
+
+def _quanto_te_config(qtype: str, dtype: torch.dtype) -> object:
+    from transformers import QuantoConfig
+
+    from harness.engines.quanto import DIFFUSERS_WEIGHTS
+
+    return QuantoConfig(weights=DIFFUSERS_WEIGHTS[qtype])
+
+
+def _torchao_te_config(qtype: str, dtype: torch.dtype) -> object:
+    import torchao.quantization as tq
+    from transformers import TorchAoConfig
+
+    from harness.engines.torchao_engine import CONFIGS
+
+    return TorchAoConfig(getattr(tq, CONFIGS[qtype])())
 
 
 def _quanto_config(qtype: str, dtype: torch.dtype) -> object:
@@ -105,14 +138,17 @@ class Integration:
     quant_method: str | None = None  # what a saved config.json's quantization_config names it
     saved_type: Callable[[dict], str | None] = lambda config: None  # that config -> its qtype
     single_file: bool = False  # pre-quantized as the engine's own file, read with from_single_file (GGUF)
+    # A text encoder's quantization_config: transformers' config class (sdnq's one class serves both libraries);
+    # None: transformers has none for the engine (stacks.catalog: text_encoder_engines)
+    te_config: Callable[[str, torch.dtype], object] | None = None
 
 
 INTEGRATIONS: dict[str, Integration] = {
-    "none": Integration(lambda qtype, dtype: None),  # diffusers loads the float model
-    "bnb": Integration(_bnb_config, "bitsandbytes", _bnb_type),
-    "quanto": Integration(_quanto_config, "quanto", _quanto_type),
-    "sdnq": Integration(_sdnq_config, "sdnq", lambda config: config.get("weights_dtype")),
-    "torchao": Integration(_torchao_config, "torchao", _torchao_type),
+    "none": Integration(lambda qtype, dtype: None, te_config=lambda qtype, dtype: None),  # the float model
+    "bnb": Integration(_bnb_config, "bitsandbytes", _bnb_type, te_config=_bnb_te_config),
+    "quanto": Integration(_quanto_config, "quanto", _quanto_type, te_config=_quanto_te_config),
+    "sdnq": Integration(_sdnq_config, "sdnq", lambda config: config.get("weights_dtype"), te_config=_sdnq_config),
+    "torchao": Integration(_torchao_config, "torchao", _torchao_type, te_config=_torchao_te_config),
     "gguf": Integration(_gguf_config, single_file=True),
 }
 
@@ -173,6 +209,8 @@ class DiffusersStack(Stack):
     def load(self, task, engine: Engine, source: Path | None) -> Loaded:
         cell, seed = task.cell, task.settings.seed
         dtype, device = getattr(torch, cell.dtype), devices.torch_device(cell.device)
+        if MODELS[cell.model].pipeline:
+            return load_pipeline_cell(engine, cell, source, dtype, device)
         if cell.load == "post-load":
             return load_post(engine, cell.qtype, cell.model, source, dtype, device)
         if cell.load == "on-the-fly":
@@ -182,6 +220,32 @@ class DiffusersStack(Stack):
 
     def offload(self, model, mode, device, *, components, settings):
         return offload.offload_pipeline(model, mode, device, components=components, settings=settings)
+
+
+def pipeline_quantization_config(engine: Engine, qtype: str, model: str, components: str, dtype: torch.dtype):
+    """diffusers' PipelineQuantizationConfig(quant_mapping=...): the denoiser's diffusers config, each text
+    encoder's transformers config (None for the unquantized pipeline)."""
+    from diffusers.quantizers import PipelineQuantizationConfig
+
+    integration = INTEGRATIONS[engine.name]
+    denoiser = PIPELINES[model].denoiser
+    mapping = {attr: (integration.config if attr == denoiser else integration.te_config)(qtype, dtype)
+               for attr in component_names(model)[components]}
+    mapping = {k: v for k, v in mapping.items() if v is not None}
+    return PipelineQuantizationConfig(quant_mapping=mapping) if mapping else None
+
+
+def load_pipeline_cell(engine: Engine, cell, source: Path, dtype: torch.dtype, device: torch.device) -> Loaded:
+    """A whole pipeline from its float directory: post-load (the pipeline's from_pretrained, then the engine's
+    own API on each component the cell quantizes), or on the fly (from_pretrained with a
+    PipelineQuantizationConfig: quantized inside the load call)."""
+    if cell.load == "post-load":
+        return loading.load_post_pipeline(engine, cell.qtype, cell.model, cell.components,
+                                          lambda: load_pipeline(cell.model, source, dtype), dtype, device)
+    config = pipeline_quantization_config(engine, cell.qtype, cell.model, cell.components, dtype)
+    t0 = time.perf_counter()
+    loaded = load_pipeline(cell.model, source, dtype, **({"quantization_config": config} if config else {}))
+    return Loaded(loaded, time.perf_counter() - t0, None, _size(source))
 
 
 def _size(path: Path) -> int:

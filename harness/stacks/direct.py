@@ -1,5 +1,6 @@
 """The `direct` stack, the control: the engine's own API on the module (quantize after loading, a layer at a time
-while loading from a float checkpoint, its own file format), offloaded by accelerate's functions on the module."""
+while loading from a float checkpoint, its own file format), offloaded by accelerate's functions on the module.
+A pipeline: the engine's API on each component it quantizes, accelerate's functions on each component."""
 
 from __future__ import annotations
 
@@ -40,6 +41,9 @@ class DirectStack(Stack):
     def load(self, task, engine: Engine, source: Path | None) -> loading.Loaded:
         cell = task.cell
         dtype, device = getattr(torch, cell.dtype), devices.torch_device(cell.device)
+        if cell.load == "post-load" and MODELS[cell.model].pipeline:
+            return loading.load_post_pipeline(engine, cell.qtype, cell.model, cell.components,
+                                              float_model(task, dtype), dtype, device)
         if cell.load == "post-load":
             return loading.load_post(engine, cell.qtype, float_model(task, dtype), dtype, device)
         if cell.load == "on-the-fly":

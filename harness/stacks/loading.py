@@ -88,6 +88,10 @@ def float_model(workdir: Path, model: str, seed: int, dtype: torch.dtype) -> nn.
     float directory (drawing 11.9 B weights per cell would cost the cell more than its work)."""
     if not MODELS[model].shared_weights:
         return build_model(model, seed, dtype)
+    if MODELS[model].pipeline:
+        from harness.models.pipelines import load_pipeline
+
+        return load_pipeline(model, float_dir(workdir, model, seed, dtype), dtype)
     from harness.models.real import model_class
 
     loaded = model_class(model).from_pretrained(str(float_dir(workdir, model, seed, dtype)), torch_dtype=dtype)
@@ -141,6 +145,27 @@ def load_post(engine: Engine, qtype: str, float_model: Callable[[], nn.Module], 
     t1 = time.perf_counter()
     quantized = engine.quantize(float_model, qtype, dtype=dtype, device=device)
     return Loaded(quantized, t1 - t0, time.perf_counter() - t1)
+
+
+def load_post_pipeline(engine: Engine, qtype: str, model: str, components: str,
+                       float_model: Callable[[], nn.Module], dtype: torch.dtype, device: torch.device) -> Loaded:
+    """The float pipeline (`float_model()`, a PipelineModel), then the engine's own API on each component the
+    `components` value names; for an engine that traces (NNCF), each with the inputs it got in a real call."""
+    from harness.engines.catalog import CATALOG
+    from harness.models.pipelines import PipelineModel, capture_inputs, quantize_components
+
+    t0 = time.perf_counter()
+    pipe = float_model().pipe
+    t1 = time.perf_counter()
+    examples = capture_inputs(pipe, model) if CATALOG[engine.name].traces else {}
+
+    def quantize(attr: str, module: nn.Module) -> nn.Module:
+        if attr in examples:
+            module._quantmatrix_example = examples[attr]
+        return engine.quantize(module, qtype, dtype=dtype, device=device)
+
+    quantize_components(pipe, model, components, quantize)
+    return Loaded(PipelineModel(pipe, model), t1 - t0, time.perf_counter() - t1)
 
 
 def load_on_the_fly(engine: Engine, qtype: str, model: str, checkpoint: Path, dtype: torch.dtype,

@@ -1,0 +1,141 @@
+"""Whole pipelines: built offline, run through their own __call__, quantized per component on both stacks, with the
+output judged; SD.Next's balanced offload over their components; the `components` axis as bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from harness.cell import Cell
+from harness.matrix import Settings, parse_matrix
+from harness.models.build import build_model, build_skeleton, make_inputs, run
+from harness.models.specs import PIPELINES, component_names
+from harness.run.execute import CellTask, execute_cell
+
+TINY = ("flux-tiny-pipe", "sd3-tiny-pipe", "sdxl-tiny-pipe")
+FAST = Settings(warmup=0, min_steps=1, max_steps=1, min_time_s=0.0)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_a_tiny_pipeline_is_built_offline_and_generates_the_same_image_for_a_seed(name, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing comes from a hub
+    model = build_model(name, 0, torch.bfloat16)
+    inputs = make_inputs(name)
+    with torch.no_grad():
+        first, again = run(model, inputs), run(model, inputs)
+        other = run(model, {**inputs, "seed": 1})
+    assert set(first) == {"latents", "image"} and first["image"].shape[-2:] == (32, 32)
+    assert all(torch.isfinite(t).all() for t in first.values())
+    assert torch.equal(first["latents"], again["latents"]) and torch.equal(first["image"], again["image"])
+    assert not torch.equal(first["latents"], other["latents"])  # the generator's seed is what a cell fixes
+    assert set(model.phases) == {"encode", "denoise", "decode"} and all(v > 0 for v in model.phases.values())
+    # every Linear of a component a cell may quantize has at least 64 inputs (group sizes 32 and 64 apply)
+    quantizable = set(component_names(name)["denoiser+te"])
+    narrow = [(attr, n) for attr, part in model.parts().items() if attr in quantizable
+              for n, m in part.named_modules() if isinstance(m, nn.Linear) and m.in_features < 64]
+    assert narrow == []
+    from harness.models.pipelines import PROMPT
+
+    for attr in PIPELINES[name].tokenizers:  # made in code: the prompt's words are in its vocabulary
+        tokenizer = getattr(model.pipe, attr)
+        ids = tokenizer(PROMPT)["input_ids"]
+        assert len(ids) == len(PROMPT.split()) and tokenizer.unk_token_id not in ids, ids
+
+
+def test_the_real_configurations_have_the_published_sizes():
+    """flux-dev-pipe and sdxl-pipe on the meta device (never run here): parameter counts of the released models'
+    components (CLIP-L, T5-XXL's encoder, Flux-dev's transformer; SDXL-base's UNet and OpenCLIP bigG)."""
+    flux = {a: sum(p.numel() for p in m.parameters()) for a, m in build_skeleton("flux-dev-pipe").parts().items()}
+    sdxl = {a: sum(p.numel() for p in m.parameters()) for a, m in build_skeleton("sdxl-pipe").parts().items()}
+    assert flux["text_encoder"] == 123_060_480 and flux["text_encoder_2"] == 4_762_310_656
+    assert flux["transformer"] == 11_901_408_320
+    assert sdxl["unet"] == 2_567_463_684 and sdxl["text_encoder_2"] == 694_659_840
+    assert sdxl["vae"] == 83_653_863
+
+
+def test_the_text_encoders_quantized_are_those_sdnext_te_option_quantizes():
+    classes = {name: {attr: cls for attr, (cls, _) in PIPELINES[name].text_encoders.items()} for name in TINY}
+    assert [classes["flux-tiny-pipe"][a] for a in component_names("flux-tiny-pipe")["te"]] == ["T5EncoderModel"]
+    assert [classes["sd3-tiny-pipe"][a] for a in component_names("sd3-tiny-pipe")["te"]] == ["T5EncoderModel"]
+    assert component_names("sdxl-tiny-pipe")["te"] == ("text_encoder", "text_encoder_2")  # both CLIPs, post-load
+    assert component_names("flux-tiny") == {"denoiser": ("denoiser",)}
+
+
+@pytest.mark.parametrize("stack, load", [("direct", "post-load"), ("diffusers", "on-the-fly")])
+def test_denoiser_and_te_quantizes_the_text_encoder_too_and_stores_less(stack, load, tmp_path):
+    """SDNQ int8 on flux-tiny-pipe: with the text encoder (diffusers: a PipelineQuantizationConfig with sdnq's
+    config for T5 through transformers) the T5 is quantized and the pipeline is smaller; outputs above the floor."""
+    outcomes = {}
+    for components in ("denoiser", "denoiser+te"):
+        cell = Cell("sdnq", "int8", load, "none", "cpu", "flux-tiny-pipe", "bfloat16", stack, components=components)
+        outcomes[components] = execute_cell(CellTask(cell, FAST, tmp_path))
+        assert outcomes[components].status == "ran", outcomes[components].error
+    alone, with_te = (outcomes[c].metrics for c in ("denoiser", "denoiser+te"))
+    assert with_te["param_bytes"] < alone["param_bytes"]
+    assert alone["components"]["text_encoder_2"]["quantized"] is False
+    assert with_te["components"]["text_encoder_2"]["quantized"] is True
+    assert with_te["components"]["text_encoder_2"]["bits_per_weight"] < 12 < \
+        alone["components"]["text_encoder_2"]["bits_per_weight"]
+    assert with_te["components"]["text_encoder"]["bits_per_weight"] == 16  # CLIP stays bf16, as SD.Next leaves it
+    assert with_te["param_bytes"] == sum(c["bytes"] for c in with_te["components"].values())
+    for m in (alone, with_te):
+        assert m["sqnr_db"] > 12 and m["psnr_db"] > 20  # the 8-bit floor
+        assert set(m["phases"]) == {"encode", "denoise", "decode"}
+        assert m["phases"]["denoise"]["per_step_ms"] * 2 == pytest.approx(m["phases"]["denoise"]["latency_ms"])
+
+
+def test_what_a_stack_does_not_offer_a_pipeline_is_declared_unavailable_before_it_runs(tmp_path):
+    from dataclasses import replace
+
+    from harness.engines.catalog import CATALOG
+    from harness.run.execute import unavailable
+    from harness.stacks.catalog import STACK_CATALOG
+
+    gguf = Cell("gguf", "Q8_0", "on-the-fly", "none", "cpu", "flux-tiny-pipe", "bfloat16", "diffusers",
+                components="te")
+    assert unavailable(gguf).absence == "not-offered" and "GGUF" in unavailable(gguf).reason
+    prequantized = Cell("sdnq", "int8", "prequantized", "none", "cpu", "flux-tiny-pipe", "bfloat16", "direct")
+    assert unavailable(prequantized).absence == "not-offered"
+    assert "loads whole pipelines post-load only" in unavailable(prequantized).reason
+    # an engine with a diffusers integration but no transformers one: its text encoders are not offered on the fly
+    without = replace(STACK_CATALOG["diffusers"], text_encoder_engines=("none",))
+    assert without.offers(CATALOG["sdnq"], "on-the-fly", "flux-tiny-pipe", "denoiser") is None
+    assert "transformers has no quantizer integration for engine sdnq" in without.offers(
+        CATALOG["sdnq"], "on-the-fly", "flux-tiny-pipe", "denoiser+te")
+
+
+MATRIX = """
+[axes]
+engine = ["sdnq"]
+qtype = ["int8"]
+load = ["post-load"]
+offload = ["none"]
+device = ["cpu"]
+model = ["{model}"]
+dtype = ["bfloat16"]
+components = ["{components}"]
+"""
+
+
+@pytest.mark.parametrize("model, components, says", [
+    ("flux-tiny-pipe", "vae", "unknown components 'vae'; expected one of ['denoiser', 'denoiser+te', 'te']"),
+    ("flux-tiny", "te", "model 'flux-tiny' has no component 'te' (its components: denoiser = denoiser)"),
+])
+def test_a_component_value_the_model_lacks_is_one_line_naming_file_field_and_components(model, components, says):
+    with pytest.raises(Exception) as raised:
+        parse_matrix(MATRIX.format(model=model, components=components), "m.toml")
+    text = str(raised.value)
+    assert "\n" not in text and text.startswith("m.toml:") and "[axes.components]" in text and says in text, text
+    if components == "vae":  # the pipelines' components are named
+        assert "flux-tiny-pipe: denoiser = transformer" in text and "te = text_encoder_2" in text
+
+
+def test_the_baseline_is_a_cell_of_the_default_components_only():
+    text = MATRIX.format(model="flux-tiny-pipe", components="denoiser+te").replace('["sdnq"]', '["none", "sdnq"]')
+    matrix = parse_matrix(text, "m.toml")
+    assert [c.id for c in matrix.cells] == ["sdnq-int8/post-load/none/cpu/flux-tiny-pipe/bfloat16/direct+denoiser+te"]
+    cell = Cell.from_id(matrix.cells[0].id)
+    assert cell.components == "denoiser+te"
+    assert cell.baseline.id == "none/post-load/none/cpu/flux-tiny-pipe/bfloat16/direct"
+    # (the output is judged against the float pipeline's, computed once per run; no baseline cell is needed)
