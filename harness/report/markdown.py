@@ -31,7 +31,8 @@ def _escape(text: str) -> str:
 def render(records: report_data.Records) -> str:
     latest = records.latest()
     lines = ["# Quantization compatibility (measured by quantmatrix)", "",
-             "Cells: ✓ works, ⊘ fails as documented, ⚠ documentation drift, ✗ fails, – unavailable. Figures: bits "
+             "Cells: ✓ works, ⊘ fails as documented, ⚠ documentation drift, ✗ fails, ≠ runs with a wrong output, "
+             "– unavailable. Figures: bits "
              "per weight, latency and peak memory as multiples of the unquantized baseline in the same mode.", ""]
     for (machine, versions, device), rows in latest.groupby(["machine", "versions", "device"], sort=True):
         if report_data.all_device_absent(rows):
