@@ -225,6 +225,9 @@ class MpsTracker(MemoryTracker):
     def current(self) -> int:
         return torch.mps.current_allocated_memory()
 
+    def reset_peak(self) -> None:
+        self._max = self.current()
+
 
 def memory_tracker(device: str) -> MemoryTracker:
     if device in ("cuda", "rocm"):

@@ -348,14 +348,14 @@ def _product(axes: Mapping[str, list[str]], present_devices: tuple[str, ...]) ->
         raise AssertionError(f"the axes {QUANT_AXES} must lead AXES (the id's first parts)")
     rest = AXES.names[3:]
     cells = [Cell.of((e, q, m, *combo)) for (e, q, m) in quant for combo in itertools.product(*map(resolve, rest))]
-    return [c for c in cells if runs_on_its_stack(c) and has_components(c)]
+    default = AXES["components"].default
+    # The baseline quantizes nothing: it is the cell of the default components, whichever were asked for
+    cells = [c.replace(components=default) if c.engine == BASELINE and c.components != default else c for c in cells]
+    return list(dict.fromkeys(c for c in cells if runs_on_its_stack(c) and has_components(c)))
 
 
 def has_components(cell: Cell) -> bool:
-    """Whether the model has what the cell quantizes (a denoiser alone has no text encoder; the baseline quantizes
-    nothing, so it is a cell of the default components only)."""
-    if cell.engine == BASELINE:
-        return cell.components == AXES["components"].default
+    """Whether the model has what the cell quantizes (a denoiser alone has no text encoder)."""
     return cell.components in component_names(cell.model)
 
 
@@ -540,7 +540,8 @@ def parse_matrix(text: str, path: Path | str = "<matrix>", *,
         key = f"include[{i}]"
         sel = _selector(doc, raw, key, wildcards=True)
         table = {a: list(sel.get(a, axes[a])) for a in AXES.names}
-        _check_components(doc, key, table)
+        if "components" in sel:  # inherited from [axes], a value the model lacks narrows instead
+            _check_components(doc, key, table)
         extra = _product(table, present_devices)
         if not extra:
             raise doc.fail(key, "adds no cell (no engine offers that qtype/load); expected at least one")

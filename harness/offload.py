@@ -129,16 +129,19 @@ def offload_pipeline(model: nn.Module, mode: str, device: str, *, components: li
 def _balanced(model: nn.Module, device: str, components: list[nn.Module] | None, s: Settings) -> Installed:
     parts = _parts(model)
     offload = BalancedOffload(components or (list(parts.values()) if parts else [model]), device,
-                              **balanced_options(s, devices.total_memory(device)))
+                              **balanced_options(s, None if device == "cpu" else devices.total_memory(device)))
     return Installed(offload.next_generation, offload.notes, offload.moves, offload.options)
 
 
-def sdnext_balanced_defaults(total_bytes: int) -> dict:
-    """SD.Next's balanced offload options for a device of this much memory (modules/shared_defaults.py:7-33 at
+def sdnext_balanced_defaults(total_bytes: int | None) -> dict:
+    """SD.Next's balanced offload options for a GPU of this much memory (modules/shared_defaults.py:5-33 at
     SDNEXT_REVISION, without --lowvram/--medvram): rounded GiB <= 4: low watermark 0; <= 12: low 0 and T5/UMT5
-    always offloaded; >= 24: high 0.8, T5/UMT5 always, CLIP and the VAE never; otherwise low 0.2, high 0.6."""
-    gib = round(total_bytes / 2**30)
+    always offloaded; >= 24: high 0.8, T5/UMT5 always, CLIP and the VAE never; otherwise, and without a GPU
+    (None: a CPU cell), low 0.2, high 0.6, no lists."""
     t5 = ("T5EncoderModel", "UMT5EncoderModel")
+    if not total_bytes:
+        return dict(low=0.2, high=0.6, always=(), never=(), memory_class="no GPU")
+    gib = round(total_bytes / 2**30)
     if gib <= 4:
         return dict(low=0.0, high=0.6, always=(), never=(), memory_class="<= 4 GB")
     if gib <= 12:
@@ -149,8 +152,8 @@ def sdnext_balanced_defaults(total_bytes: int) -> dict:
     return dict(low=0.2, high=0.6, always=(), never=(), memory_class="13-23 GB")
 
 
-def balanced_options(s: Settings, total_bytes: int) -> dict:
-    """[offload.balanced] over SD.Next's defaults for the device's memory class."""
+def balanced_options(s: Settings, total_bytes: int | None) -> dict:
+    """[offload.balanced] over SD.Next's defaults for the device's memory class (None: no GPU)."""
     options = sdnext_balanced_defaults(total_bytes)
     if s.high_watermark is not None:
         options.update(high=s.high_watermark, low=s.low_watermark, memory_class="[offload.balanced]")
@@ -321,7 +324,8 @@ class BalancedOffload:
                        "SD.Next warns and goes on")
         try:
             used = devices.memory_in_use(self.device) / self.total
-            why = "always" if name in self.always else None if name in self.never else \
+            # SD.Next's move_module_to_cpu: never, then always, then the low watermark
+            why = None if name in self.never else "always" if name in self.always else \
                 f"memory in use {used:.2f} > low watermark {self.low:g}" if used > self.low else None
             if why is not None:
                 self._move(module, torch.device("cpu"), why)

@@ -258,11 +258,10 @@ def judge(expect: Expectation, outcome: Outcome, claims: list[ClaimResult] = (),
         return _PROCESS_VERDICTS[outcome.status], outcome.reason or outcome.status
     error = outcome.error
     source = f" [{expect.source}]" if expect.source else ""
+    wrong = below_floor(outcome.metrics, floor) if outcome.status is Status.RAN else None
+    if wrong:  # whatever was documented: it did not work, and it did not fail either
+        return Verdict.WRONG_OUTPUT, f"ran, but its output is not the model's: {wrong} (the type's floor: {floor.why})"
     if expect.kind is ExpectKind.WORKS:
-        wrong = below_floor(outcome.metrics, floor) if outcome.status is Status.RAN else None
-        if wrong:
-            return Verdict.WRONG_OUTPUT, (f"ran, but its output is not the model's: {wrong} "
-                                          f"(the type's floor: {floor.why})")
         if outcome.status is Status.RAN:
             broken = [c for c in claims if c.status is ClaimStatus.CONTRADICTED]
             if broken:

@@ -136,6 +136,7 @@ def test_balanced_offload_hooks_every_component_of_a_pipeline():
 
 
 @pytest.mark.parametrize("gib, low, high, always, never", [
+    (None, 0.2, 0.6, (), ()),  # no GPU (a CPU cell): SD.Next's base defaults
     (4, 0.0, 0.6, (), ()),
     (8, 0.0, 0.6, ("T5EncoderModel", "UMT5EncoderModel"), ()),
     (12, 0.0, 0.6, ("T5EncoderModel", "UMT5EncoderModel"), ()),
@@ -148,10 +149,10 @@ def test_balanced_offload_hooks_every_component_of_a_pipeline():
 def test_balanced_offload_takes_sdnext_defaults_by_device_memory_class(gib, low, high, always, never):
     from harness.offload import balanced_options
 
-    options = balanced_options(Settings(), int(gib * 2**30))
+    total = None if gib is None else int(gib * 2**30)
+    options = balanced_options(Settings(), total)
     assert (options["low"], options["high"], options["always"], options["never"]) == (low, high, always, never)
-    mine = balanced_options(Settings(high_watermark=0.5, low_watermark=0.0, offload_never=("AutoencoderKL",)),
-                            int(gib * 2**30))
+    mine = balanced_options(Settings(high_watermark=0.5, low_watermark=0.0, offload_never=("AutoencoderKL",)), total)
     assert (mine["low"], mine["high"], mine["always"], mine["never"]) == (0.0, 0.5, always, ("AutoencoderKL",))
 
 
@@ -167,15 +168,19 @@ def test_balanced_offload_over_a_pipeline_moves_its_components_in_turn_and_keeps
     gc_calls = []
     real_gc = harness_devices.torch_gc
     monkeypatch.setattr(harness_devices, "torch_gc", lambda device: gc_calls.append(device) or real_gc(device))
-    offload = BalancedOffload(list(model.parts().values()), "cpu", high=0.6, low=0.0)
+    offload = BalancedOffload(list(model.parts().values()), "cpu", high=0.6, low=0.0, always=("T5EncoderModel",),
+                              never=("AutoencoderKL",))
     assert len(gc_calls) == 4  # after each component it applied
     with torch.no_grad():
         output = run(model, inputs)
     assert torch.equal(output["image"], expected["image"]) and offload.notes == []
     moved = [m.split(" ")[0] for m in offload.moves if "memory in use" in m]
     starts = [m.split(" ")[0] for m in offload.moves if "starts" in m]
-    # applied largest first, each to the CPU (low watermark 0: any memory in use is above it) ...
-    assert moved == ["FluxTransformer2DModel", "AutoencoderKL", "T5EncoderModel", "CLIPTextModel"], offload.moves
+    # applied largest first, each to the CPU (low watermark 0: any memory in use is above it), the `always` class
+    # whatever the memory, the `never` class not at all ...
+    assert moved == ["FluxTransformer2DModel", "CLIPTextModel"], offload.moves
+    assert [m.split(" ")[0] for m in offload.moves if m.endswith("(always)")] == ["T5EncoderModel"]
+    assert not any(m.startswith("AutoencoderKL") and "->" in m for m in offload.moves), offload.moves
     assert all("low watermark 0" in m for m in offload.moves if "memory in use" in m)
     # ... then each component's hook, as it starts in the pipeline's order, applies the offload to the others
     # (on a CPU-only host they are all on the CPU already: a GPU run shows the moves between devices)

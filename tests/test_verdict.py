@@ -165,3 +165,25 @@ def test_name_claim_reads_the_files_name_check():
     assert check_claims(expect, {"name_hint": "disagrees"}, None)[0].status == "contradicted"
     assert check_claims(expect, {"name_hint": "no hint"}, None)[0].status == "unchecked"
     assert check_claims(expect, {}, None)[0].status == "unchecked"
+
+
+def test_an_output_below_its_floor_is_wrong_output_whatever_the_documentation_said():
+    from harness.engines.catalog import FLOOR_FP8, output_floor
+    from harness.matrix import ExpectKind
+    from harness.verdict import Status
+
+    floor = output_floor("sdnq", "int8")
+    garbage = Outcome(Status.RAN, metrics={"sqnr_db": -3.0, "psnr_db": 9.0})
+    close = Outcome(Status.RAN, metrics={"sqnr_db": 30.0, "psnr_db": 40.0})
+    exact = Outcome(Status.RAN, metrics={"sqnr_db": None, "psnr_db": None})  # bit-identical: infinitely above
+    for kind in (ExpectKind.WORKS, ExpectKind.ERROR, ExpectKind.UNAVAILABLE):
+        expect = Expectation(kind, pattern="x" if kind is ExpectKind.ERROR else None,
+                             reason="r" if kind is ExpectKind.UNAVAILABLE else None)
+        verdict, note = judge(expect, garbage, floor=floor)
+        assert verdict is Verdict.WRONG_OUTPUT and "SQNR -3.0 dB < floor 12 dB" in note and "PSNR 9.0" in note
+        assert judge(expect, close, floor=floor)[0] is not Verdict.WRONG_OUTPUT
+        assert judge(expect, exact, floor=floor)[0] is not Verdict.WRONG_OUTPUT
+    assert judge(Expectation(ExpectKind.WORKS), garbage)[0] is Verdict.OK  # no floor known: not judged by it
+    # the float model's only error under fp8 casting is the casting's; a quantized one's adds to it
+    assert output_floor("none", "-", "float8_e4m3fn") == FLOOR_FP8
+    assert output_floor("sdnq", "int8", "float8_e4m3fn").sqnr_db < min(output_floor("sdnq", "int8").sqnr_db, 10)

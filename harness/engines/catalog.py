@@ -69,11 +69,12 @@ class EngineInfo:
 # quantized, CPU, 2026-12-02) the outputs' SQNR ran 25-51 dB at 8 bits, 19-38 at fp8, 15-38 at 5-6 bits, 8-28 at
 # 4 and -5.5-16 at 2; image PSNR 24.6-49 at 8 bits, 18.8-37.8 at 4, 10.8-25.4 at 2. Weights replaced by noise of
 # the same scale (the fault engine's `noise`) give an SQNR of -3.2 to -0.9 dB and an image PSNR of 8.7-10.9 dB. Each
-# SQNR floor sits above noise and under the lowest its class measured: by 5.2-8.6 dB, and by 3.6 dB at 8 bits, where
-# GGUF Q8_0 quantizing SD3's T5 measured 15.6 dB against 25-39 dB for every other 8-bit case (a lead, not yet
-# explained). Each PSNR floor lies between noise and the lowest measured (a tiny VAE's clamped image tells less
-# apart). Below a floor the output is not the model's. 2-bit's SQNR floor is 0 dB: an output no closer to the
-# model's than silence (quanto qint2 measures below it on some models).
+# SQNR floor sits above noise and under the lowest its class measured (4-bit 5.2 dB under, 5-6 bit 7.5, fp8 8.6,
+# 8-bit 3.6, where GGUF Q8_0 quantizing SD3's T5 measured 15.6 dB against 25-39 dB for every other 8-bit case: a
+# lead, not yet explained), except where a type measured as noise: quanto qint2 (-5.5 dB on a pipeline, -2.0 on
+# flux-tiny) and bnb nf4 on sdxl-tiny in float32 (0.0 dB) are the wrong outputs this is meant to catch. Each PSNR
+# floor lies between noise and the lowest measured (a tiny VAE's clamped image tells less apart). Below a floor the
+# output is not the model's. 2-bit's SQNR floor is 0 dB: an output no closer to the model's than silence.
 def _floor(sqnr: float, psnr: float, cls: str) -> Floor:
     return Floor(sqnr, psnr, f"{cls}: SQNR {sqnr:g} dB, image PSNR {psnr:g} dB")
 
@@ -139,6 +140,8 @@ def output_floor(engine: str, qtype: str, cast: str = "-") -> Floor | None:
     both, the two formats' errors are independent, so their noise powers add: 10^(-floor/10) each."""
     floor = CATALOG[engine].floors.get(qtype) if engine in CATALOG else None
     cast_floor = CAST_FLOORS.get(cast)
+    if engine == "none" and cast_floor is not None:  # the float model's only error is the casting's
+        return cast_floor
     if floor is None or cast_floor is None:
         return floor or cast_floor
 

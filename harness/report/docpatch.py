@@ -92,7 +92,7 @@ def judged(matrix: Matrix, records: report_data.Records) -> pd.DataFrame:
     bases = records.frame[records.frame["cell_id"] == records.frame["baseline_id"]]
     by_id = {(row["run"], row["id"]): row for row in report_data.row_dicts(bases, ("run", "id", "verdict",
                                                                                  *METRIC_FIELDS))}
-    rules, verdicts, contradicted = [], [], []
+    rules, verdicts, contradicted, notes = [], [], [], []
     for row in report_data.row_dicts(newest, (*AXES.names, *HAPPENED_FIELDS, *METRIC_FIELDS, "run",
                                               "package_versions")):
         cell = SimpleNamespace(**{k: row[k] for k in AXES.names})
@@ -103,6 +103,7 @@ def judged(matrix: Matrix, records: report_data.Records) -> pd.DataFrame:
         if index < 0:
             verdicts.append(row["verdict"])
             contradicted.append(row["claims_contradicted"])
+            notes.append(row["note"])
             continue
         expect = matrix.rules[index].expect
         outcome = _outcome(row)
@@ -111,12 +112,13 @@ def judged(matrix: Matrix, records: report_data.Records) -> pd.DataFrame:
             base = by_id.get((row["run"], _baseline_id(row)))
             claims = check_claims(expect, outcome.metrics, None if base is None or base["verdict"] not in
                                   report_data.RAN else _metrics(base))
-        verdict, _ = judge(expect, outcome, claims, output_floor(row["engine"], row["qtype"], row["cast"]))
+        verdict, note = judge(expect, outcome, claims, output_floor(row["engine"], row["qtype"], row["cast"]))
         verdicts.append(verdict.value)
+        notes.append(note)  # what the re-judged verdict says (a wrong output's figures against its floor)
         contradicted.append("; ".join(f"{c.claim} ({c.detail})" for c in claims if c.status == "contradicted"))
     kinds = [matrix.rules[i].expect.kind.value if i >= 0 else e for i, e in zip(rules, newest["expect"], strict=True)]
     return newest.assign(recorded_verdict=newest["verdict"], verdict=verdicts, rule=rules,
-                         claims_contradicted=contradicted, expect=kinds)
+                         claims_contradicted=contradicted, expect=kinds, note=notes)
 
 
 def _baseline_id(row: dict) -> str:

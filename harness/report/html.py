@@ -72,8 +72,7 @@ def figures(row) -> list[tuple[str, str]]:
                         f"p90 {_num(row['latency_p90_ms'], '.2f')}), {_num(row['latency_ratio'], '.2f')}x baseline"),
             ("output error", f"SQNR {_num(row['sqnr_db'], '.1f') or 'exact'} dB, cosine {_num(row['cosine'], '.5f')}"
                              + (f", image PSNR {_num(row['psnr_db'], '.1f') or 'exact'} dB"
-                                if report_data.finite(row["psnr_db"]) or row["psnr_db"] is None and
-                                str(row["model"]).endswith("-pipe") else "")),
+                                if report_data.finite(row["psnr_db"]) or row["phases"] else "")),
         ]
         if row["phases"]:  # a pipeline: its generation's phases and the components it quantized
             out.append(("phases", row["phases"]))

@@ -54,7 +54,8 @@ class RuleTally:
                 self.unchecked[reason] += 1
         else:
             self.counts["broken"] += 1
-            self.broken[f"{verdict.value} on {where}: {(error_text or record.get('reason') or '')[:200]}"] += 1
+            why = error_text or record.get("reason") or record.get("note") or ""
+            self.broken[f"{verdict.value} on {where}: {why[:200]}"] += 1
 
 
 def verdict_counts(records: Iterable[dict]) -> Counter[str]:

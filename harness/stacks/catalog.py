@@ -104,6 +104,8 @@ def packages_needed(cell) -> tuple[str, ...]:
     needed = list(stack.packages if stack else ())
     if (spec is not None and spec.real) or cell.offload == "group":
         needed.append("diffusers")
+    if spec is not None and spec.pipeline:  # text encoders and tokenizers
+        needed += ["transformers", "tokenizers"]
     return tuple(dict.fromkeys(needed))
 
 

@@ -210,7 +210,7 @@ class DiffusersStack(Stack):
         cell, seed = task.cell, task.settings.seed
         dtype, device = getattr(torch, cell.dtype), devices.torch_device(cell.device)
         if MODELS[cell.model].pipeline:
-            return load_pipeline_cell(engine, cell, source, dtype, device)
+            return load_pipeline_cell(engine, cell, source, dtype, device, seed)
         if cell.load == "post-load":
             return load_post(engine, cell.qtype, cell.model, source, dtype, device)
         if cell.load == "on-the-fly":
@@ -235,13 +235,14 @@ def pipeline_quantization_config(engine: Engine, qtype: str, model: str, compone
     return PipelineQuantizationConfig(quant_mapping=mapping) if mapping else None
 
 
-def load_pipeline_cell(engine: Engine, cell, source: Path, dtype: torch.dtype, device: torch.device) -> Loaded:
+def load_pipeline_cell(engine: Engine, cell, source: Path, dtype: torch.dtype, device: torch.device,
+                       seed: int = 0) -> Loaded:
     """A whole pipeline from its float directory: post-load (the pipeline's from_pretrained, then the engine's
     own API on each component the cell quantizes), or on the fly (from_pretrained with a
     PipelineQuantizationConfig: quantized inside the load call)."""
     if cell.load == "post-load":
         return loading.load_post_pipeline(engine, cell.qtype, cell.model, cell.components,
-                                          lambda: load_pipeline(cell.model, source, dtype), dtype, device)
+                                          lambda: load_pipeline(cell.model, source, dtype), dtype, device, seed)
     config = pipeline_quantization_config(engine, cell.qtype, cell.model, cell.components, dtype)
     t0 = time.perf_counter()
     loaded = load_pipeline(cell.model, source, dtype, **({"quantization_config": config} if config else {}))

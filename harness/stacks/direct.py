@@ -43,7 +43,7 @@ class DirectStack(Stack):
         dtype, device = getattr(torch, cell.dtype), devices.torch_device(cell.device)
         if cell.load == "post-load" and MODELS[cell.model].pipeline:
             return loading.load_post_pipeline(engine, cell.qtype, cell.model, cell.components,
-                                              float_model(task, dtype), dtype, device)
+                                              float_model(task, dtype), dtype, device, task.settings.seed)
         if cell.load == "post-load":
             return loading.load_post(engine, cell.qtype, float_model(task, dtype), dtype, device)
         if cell.load == "on-the-fly":

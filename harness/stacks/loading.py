@@ -148,7 +148,8 @@ def load_post(engine: Engine, qtype: str, float_model: Callable[[], nn.Module], 
 
 
 def load_post_pipeline(engine: Engine, qtype: str, model: str, components: str,
-                       float_model: Callable[[], nn.Module], dtype: torch.dtype, device: torch.device) -> Loaded:
+                       float_model: Callable[[], nn.Module], dtype: torch.dtype, device: torch.device,
+                       seed: int = 0) -> Loaded:
     """The float pipeline (`float_model()`, a PipelineModel), then the engine's own API on each component the
     `components` value names; for an engine that traces (NNCF), each with the inputs it got in a real call."""
     from harness.engines.catalog import CATALOG
@@ -156,8 +157,8 @@ def load_post_pipeline(engine: Engine, qtype: str, model: str, components: str,
 
     t0 = time.perf_counter()
     pipe = float_model().pipe
+    examples = capture_inputs(pipe, model, seed) if CATALOG[engine.name].traces else {}  # not quantizing: load
     t1 = time.perf_counter()
-    examples = capture_inputs(pipe, model) if CATALOG[engine.name].traces else {}
 
     def quantize(attr: str, module: nn.Module) -> nn.Module:
         if attr in examples:
