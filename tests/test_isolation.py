@@ -198,9 +198,12 @@ INTERRUPT_MATRIX = FAULT_MATRIX.replace(FAULT_QTYPES, 'qtype = ["hang"]').replac
 def test_an_interrupt_stops_the_run_within_seconds_and_records_the_running_cell(runner, tmp_path, sig):
     matrix, results = tmp_path / "hang.toml", tmp_path / "results.jsonl"
     matrix.write_text(INTERRUPT_MATRIX)
+    # A background job without job control inherits SIGINT ignored (bash), and Python then installs no
+    # KeyboardInterrupt handler: the run is given SIGINT's default, as a terminal gives it.
     proc = subprocess.Popen([sys.executable, "-m", "pytest", "-m", "matrix", "--matrix", str(matrix), "--results",
                              str(results), "-p", "no:cacheprovider", "-q", str(REPO / "tests" / "test_matrix.py")],
-                            cwd=REPO, stdout=open(tmp_path / "pytest.log", "w"), stderr=subprocess.STDOUT)
+                            cwd=REPO, stdout=open(tmp_path / "pytest.log", "w"), stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and not (results.exists() and results.read_text().count("\n") >= 1):
         time.sleep(0.2)  # the baseline is recorded: the hanging cell starts

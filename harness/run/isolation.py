@@ -182,6 +182,9 @@ def _watch(process, started: float, timeout_s: float, stacks_path: Path | None,
             overrun = _overrun(process, samples, stacks_path, cpu_before)
     except BaseException:  # Ctrl-C / SIGTERM: stop it now, then let the run stop
         child.kill_group(process.pid)
+        if process.is_alive():  # interrupted before the cell's setsid: it leads no group of its own yet
+            with contextlib.suppress(OSError):
+                process.kill()
         process.join()
         raise
     exitcode = process.exitcode
