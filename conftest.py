@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -63,6 +64,12 @@ def reference_records() -> Path:
     """The default matrix as measured on this kind of host (2 CPU cores; 891 cells on both stacks), committed in
     results/reference/: what the report tests read."""
     return REFERENCE / "cpu-default.jsonl"
+
+
+def sigint_default() -> None:
+    """For a run a test interrupts: SIGINT's default. A background job without job control inherits SIGINT
+    ignored (bash), and Python then installs no KeyboardInterrupt handler; a terminal gives the default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_matrix(results: Path, *args: str, timeout: float = 900, env: dict | None = None,

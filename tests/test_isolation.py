@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from conftest import sigint_default
 from harness.cell import Cell
 from harness.matrix import Settings
 from harness.run.execute import CellTask
@@ -203,7 +204,7 @@ def test_an_interrupt_stops_the_run_within_seconds_and_records_the_running_cell(
     proc = subprocess.Popen([sys.executable, "-m", "pytest", "-m", "matrix", "--matrix", str(matrix), "--results",
                              str(results), "-p", "no:cacheprovider", "-q", str(REPO / "tests" / "test_matrix.py")],
                             cwd=REPO, stdout=open(tmp_path / "pytest.log", "w"), stderr=subprocess.STDOUT,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=sigint_default)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and not (results.exists() and results.read_text().count("\n") >= 1):
         time.sleep(0.2)  # the baseline is recorded: the hanging cell starts

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SMOKE_DURATIONS
+from conftest import SMOKE_DURATIONS, sigint_default
 from harness.devices import pin_worker
 from harness.matrix import load_matrix
 
@@ -93,7 +93,7 @@ def test_three_shards_run_each_cell_once_like_an_unsharded_run(tmp_path, smoke_r
 def test_interrupted_run_resumes_where_it_stopped(tmp_path, smoke_run):
     results = tmp_path / "results.jsonl"
     proc = subprocess.Popen(pytest_cmd("--results", str(results)), cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.STDOUT)
+                            stderr=subprocess.STDOUT, preexec_fn=sigint_default)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and (not results.exists() or len(records(results)) < 4):
         time.sleep(0.1)
