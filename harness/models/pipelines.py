@@ -10,6 +10,8 @@ it goes.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import time
 from collections.abc import Callable
 
@@ -46,7 +48,7 @@ def _components(name: str, empty: bool) -> dict:
     spec = PIPELINES[name]
     parts: dict = {}
     # Empty: every tensor on the meta device (accelerate's init_empty_weights would untie T5's shared embedding)
-    with torch.device("meta") if empty else _no_context():
+    with torch.device("meta") if empty else contextlib.nullcontext():
         for attr, (cls, config) in spec.text_encoders.items():
             config_cls = getattr(transformers, cls.replace("ModelWithProjection", "Config").replace(
                 "EncoderModel", "Config").replace("Model", "Config"))
@@ -59,14 +61,6 @@ def _components(name: str, empty: bool) -> dict:
     return parts
 
 
-class _no_context:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def pipeline_class(name: str) -> type:
     import diffusers
 
@@ -75,8 +69,6 @@ def pipeline_class(name: str) -> type:
 
 def _assemble(name: str, parts: dict):
     cls = pipeline_class(name)
-    import inspect
-
     accepted = inspect.signature(cls.__init__).parameters
     optional = {k: None for k in ("image_encoder", "feature_extractor") if k in accepted}
     return cls(**parts, **optional)
@@ -198,7 +190,7 @@ def capture_inputs(pipe, name: str, seed: int = 0) -> dict[str, dict]:
     for attr, module in module_components(pipe).items():
         def hook(module, args, kwargs, attr=attr):
             if attr not in captured:
-                names = list(__import__("inspect").signature(module.forward).parameters)
+                names = list(inspect.signature(module.forward).parameters)
                 captured[attr] = {**dict(zip(names, args, strict=False)), **kwargs}
         handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
     try:
