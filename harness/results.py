@@ -161,11 +161,60 @@ def validate_record(record: Any) -> list[str]:
         lat = metrics.get("latency_ms") or {}
         if not all(isinstance(lat.get(k), (int, float)) for k in ("median", "p10", "p90", "n")):
             problems.append("metrics.latency_ms lacks median/p10/p90/n")
+        problems += impossible_figures(metrics, cell.dtype)
     elif verdict is not Verdict.UNAVAILABLE and not record.get("error") and not record.get("reason"):
         problems.append(f"verdict {verdict.value} without an error or reason")
     for key in ("torch", "python", "host", "engines"):
         if key not in record["env"]:
             problems.append(f"env.{key} missing")
+    return problems
+
+
+DTYPE_BITS = {"float32": 32, "bfloat16": 16, "float16": 16}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def impossible_figures(metrics: dict[str, Any], dtype: str) -> list[str]:
+    """Figures no measurement can give: negative bytes or times, bits per weight not above 0 or above the
+    compute dtype's width (a quantized model storing more than its float weights), a non-finite number, a cosine
+    outside [-1, 1], a paired latency interval that does not hold its ratio. Each problem names the field."""
+    problems = []
+
+    def need(key: str, value: Any, low: float | None = 0, high: float | None = None, *, strict=False) -> None:
+        if value is None:
+            return
+        if not _number(value):
+            problems.append(f"metrics.{key} is {value!r}, expected a finite number")
+        elif low is not None and (value <= low if strict else value < low - 1e-9 * abs(low)):
+            problems.append(f"metrics.{key} is {value!r}, expected {'above' if strict else 'at least'} {low}")
+        elif high is not None and value > high + 1e-9 * abs(high):  # rounding: a float model's exact width
+            problems.append(f"metrics.{key} is {value!r}, expected at most {high}")
+
+    for key in ("param_bytes", "disk_bytes", "peak_mem_bytes", "mem_base_bytes", "quantize_s", "load_s",
+                "max_abs_error"):
+        need(key, metrics.get(key))
+    bits = DTYPE_BITS.get(dtype, 32)
+    need("bits_per_weight", metrics.get("bits_per_weight"), 0, bits, strict=True)
+    for name, part in (metrics.get("components") or {}).items():
+        if isinstance(part, dict):
+            need(f"components.{name}.bits_per_weight", part.get("bits_per_weight"), 0, bits, strict=True)
+            need(f"components.{name}.bytes", part.get("bytes"))
+    for key in ("median", "p10", "p90"):
+        need(f"latency_ms.{key}", (metrics.get("latency_ms") or {}).get(key))
+    need("cosine", metrics.get("cosine"), -1, 1)
+    for key in ("sqnr_db", "psnr_db"):
+        need(key, metrics.get(key), None)
+    paired = metrics.get("latency_vs_float")
+    if isinstance(paired, dict) and "ratio" in paired:
+        for key in ("ratio", "lo", "hi", "float_ms"):
+            need(f"latency_vs_float.{key}", paired.get(key), 0, strict=True)
+        if all(_number(paired.get(k)) for k in ("ratio", "lo", "hi")) and \
+                not paired["lo"] <= paired["ratio"] <= paired["hi"]:
+            problems.append(f"metrics.latency_vs_float: ratio {paired['ratio']} outside its interval "
+                            f"{paired['lo']}-{paired['hi']}")
     return problems
 
 

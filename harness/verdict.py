@@ -170,12 +170,51 @@ _RATIO_CLAIMS = {
 }
 
 
+LATENCY_CLAIMS = ("slower", "faster", "not-slower")
+
+
+def paired_latency(metrics: dict[str, Any]) -> tuple[dict | None, str]:
+    """The cell's paired latency ratio to the float model (metrics.latency_vs_float), or None and why there is
+    none. Latency claims are judged on it only: a ratio to a baseline timed at another moment is the machine's
+    load as much as the engine's."""
+    paired = metrics.get("latency_vs_float")
+    if isinstance(paired, dict) and "ratio" in paired:
+        return paired, ""
+    why = paired.get("unpaired") if isinstance(paired, dict) else None
+    return None, f"no paired latency against the float model ({why or 'not measured: a record from before pairing'})"
+
+
+def _interval_status(lo: float, hi: float, side: int, tol: float) -> ClaimStatus:
+    """A latency claim against the paired interval: held when the whole interval lies beyond the tolerance on the
+    claimed side of 1, contradicted when it lies beyond it on the other side, inconclusive when it overlaps."""
+    if side == 0:  # not above 1 + tolerance
+        return ClaimStatus.HELD if hi <= 1 + tol else ClaimStatus.CONTRADICTED if lo > 1 + tol \
+            else ClaimStatus.INCONCLUSIVE
+    near, far = (lo, hi) if side > 0 else (1 / hi, 1 / lo)  # how many times slower, or faster
+    if near > 1 + tol:
+        return ClaimStatus.HELD
+    if far < 1 - tol:
+        return ClaimStatus.CONTRADICTED
+    return ClaimStatus.INCONCLUSIVE
+
+
+def _paired_claim(claim: str, side: int, tol: float, metrics: dict[str, Any]) -> ClaimResult:
+    paired, why = paired_latency(metrics)
+    if paired is None:
+        return ClaimResult(claim, ClaimStatus.UNCHECKED, detail=why)
+    status = _interval_status(paired["lo"], paired["hi"], side, tol)
+    return ClaimResult(claim, status, paired["ratio"], f"median latency {paired['ratio']:.3g}x the float model's "
+                                                       f"(paired, 90% interval {paired['lo']:.3g}-"
+                                                       f"{paired['hi']:.3g}, n={int(paired['n'])})")
+
+
 def check_claims(expect: Expectation, metrics: dict[str, Any], baseline: dict[str, Any] | None) -> list[ClaimResult]:
     """Each claim of `expect` against the baseline's metrics (None: the baseline did not run in this run).
 
     A ratio claim holds when the ratio lies beyond the tolerance on the claimed side of 1, is contradicted beyond
-    it on the other side, and is inconclusive in between ("not-slower" has no middle: above 1 + tolerance
-    contradicts it)."""
+    it on the other side, and is inconclusive in between ("not-slower" has no middle when exact: above 1 +
+    tolerance contradicts it). Latency claims read the cell's paired ratio to the float model and its interval
+    (paired_latency), never the baseline cell's own timing."""
     results = []
     tol = expect.tolerance
     for claim in expect.claims:
@@ -191,6 +230,9 @@ def check_claims(expect: Expectation, metrics: dict[str, Any], baseline: dict[st
                                        "no pre-quantized file was read"))
             continue
         what, read, side = _RATIO_CLAIMS[claim]
+        if claim in LATENCY_CLAIMS:
+            results.append(_paired_claim(claim, side, tol, metrics))
+            continue
         if baseline is None:
             results.append(ClaimResult(claim, ClaimStatus.UNCHECKED,
                                        detail="the baseline cell did not run in this run"))
@@ -215,8 +257,19 @@ def check_claims(expect: Expectation, metrics: dict[str, Any], baseline: dict[st
 def _factor_claim(claim: str, kind: str, factor: float, tol: float, metrics: dict[str, Any],
                   baseline: dict[str, Any] | None) -> ClaimResult:
     """A published factor ("smaller-by:3.0"): held when the measured factor is at least `factor` less the
-    tolerance, contradicted otherwise."""
+    tolerance, contradicted otherwise; for latency, on the paired interval (held when all of it reaches the
+    factor, contradicted when none of it does, inconclusive between)."""
     what, read, side = _RATIO_CLAIMS[kind]
+    if kind in LATENCY_CLAIMS:
+        paired, why = paired_latency(metrics)
+        if paired is None:
+            return ClaimResult(claim, ClaimStatus.UNCHECKED, detail=why)
+        bound = factor * (1 - tol)
+        status = ClaimStatus.HELD if paired["lo"] >= bound else ClaimStatus.CONTRADICTED if paired["hi"] < bound \
+            else ClaimStatus.INCONCLUSIVE
+        return ClaimResult(claim, status, paired["ratio"],
+                           f"median latency {paired['ratio']:.3g}x the float model's (paired, 90% interval "
+                           f"{paired['lo']:.3g}-{paired['hi']:.3g}; claimed {factor:g}x slower)")
     if baseline is None:
         return ClaimResult(claim, ClaimStatus.UNCHECKED, detail="the baseline cell did not run in this run")
     value, base = read(metrics), read(baseline)

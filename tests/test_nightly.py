@@ -211,3 +211,52 @@ def test_nightly_matrix_steps_let_findings_through_and_fail_on_the_harness_own_f
                 ". () { :; }\n")
         proc = subprocess.run(["bash", "-e", "-c", fake + script], capture_output=True, text=True, timeout=30)
         assert (proc.returncode == 0) is passes, (status, script, proc.stderr)
+
+
+SLOWDOWN_MATRIX = """
+[axes]
+engine = ["none", "quanto", "fault"]
+qtype = ["qint8", "slow"]
+load = ["post-load"]
+offload = ["none"]
+device = ["cpu"]
+model = ["dit-s"]
+dtype = ["float32"]
+
+[settings]
+warmup = 1
+min_steps = 8
+min_time_s = 0.2
+"""
+
+
+@pytest.mark.slow
+def test_compare_of_two_real_runs_flags_exactly_the_cells_made_3x_slower_with_a_cpu_hog_beside_one(tmp_path):
+    """Two runs of the same cells; in the second, the fault engine's `slow` cells really compute every step three
+    times (QUANTMATRIX_FAULT_SLOWDOWN=3) and a busy loop holds one of the host's cores (here it makes every step
+    about 12x slower: torch's two threads wait for each other). Paired timings cancel the hog; compare flags the
+    slowed cell and nothing else. dit-s, not dit-xs: under the hog a 7 ms step's pairs spread too wide to tell
+    (their interval is then inconclusive, not a regression)."""
+    from harness.report import data as report_data
+    from harness.report.compare import compare
+
+    matrix = tmp_path / "slowdown.toml"
+    matrix.write_text(SLOWDOWN_MATRIX)
+    old, new = tmp_path / "old.jsonl", tmp_path / "new.jsonl"
+    run_matrix_file = [sys.executable, "-m", "pytest", *SMOKE[:2], "--matrix", str(matrix), "-q",
+                       "-p", "no:cacheprovider"]
+    subprocess.run([*run_matrix_file, "--results", str(old)], cwd=REPO, capture_output=True, timeout=600)
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        subprocess.run([*run_matrix_file, "--results", str(new)], cwd=REPO, capture_output=True, timeout=600,
+                       env={**os.environ, "QUANTMATRIX_FAULT_SLOWDOWN": "3"})
+    finally:
+        hog.kill()
+    slowed = {r["id"] for r in records(new) if r["cell"]["engine"] == "fault"}
+    assert len(slowed) == 1 and all(r["verdict"] == "ok" for r in records(new)), verdicts(new)
+    changes = compare(report_data.load([old]), report_data.load([new]))
+    # quanto's and the fault engine's cells; the float model without offload is its own reference, not compared
+    assert changes.latency_compared == 2
+    assert {c.id for c in changes.regressed} == slowed, [(c.kind, c.id, c.old, c.new) for c in changes.items]
+    loads = [r["metrics"]["host_load"] for r in records(new)]
+    assert all(h["cpus"] >= 1 and h["wall_s"] > 0 for h in loads)

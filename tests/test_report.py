@@ -51,6 +51,15 @@ def write(path: Path, records: list[dict], tail: str = "") -> Path:
     return path
 
 
+def slow_down(record: dict, factor: float) -> None:
+    """The record as if the cell's steps took `factor` times as long beside the same float model."""
+    paired = record["metrics"]["latency_vs_float"]
+    for key in ("ratio", "lo", "hi"):
+        paired[key] *= factor
+    record["metrics"]["latency_ms"] = {k: v * factor if k != "n" else v
+                                       for k, v in record["metrics"]["latency_ms"].items()}
+
+
 def records_of(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -273,10 +282,11 @@ def test_compare_flags_exactly_the_cell_made_slower(cpu_results, tmp_path, capsy
     new = copy.deepcopy(old)
     for r in new:
         r["run"] = "tonight"
-        if r.get("metrics"):  # a uniformly slower night is no regression: ratios to each run's own baseline
+        if r.get("metrics"):  # a slower night is no regression: compare reads the cells' pairs with their float model
             r["metrics"]["latency_ms"]["median"] *= 1.7
-    target = next(r for r in new if r["verdict"] == "ok" and r["cell"]["engine"] == "gguf")
-    target["metrics"]["latency_ms"]["median"] *= 3
+    target = next(r for r in new if r["verdict"] == "ok" and r["cell"]["engine"] == "gguf"
+                  and "ratio" in r["metrics"]["latency_vs_float"])
+    slow_down(target, 3)
     a, b = write(tmp_path / "old.jsonl", old), write(tmp_path / "new.jsonl", new)
     changes = compare(report_data.load([a]), report_data.load([b]))
     assert [(c.kind, c.id) for c in changes.items] == [("slower", target["id"])]
@@ -439,11 +449,14 @@ def test_compare_flags_an_offload_mode_made_slower_by_its_baseline(cpu_results, 
         r["run"] = "tonight"
     target = next(r for r in new if r["cell"]["engine"] == "none" and r["cell"]["offload"] == "model"
                   and r["verdict"] == "ok" and r["cell"]["load"] == "post-load")
-    target["metrics"]["latency_ms"]["median"] *= 3  # e.g. an accelerate release makes model offload 3x slower
+    # e.g. an accelerate release makes model offload 3x slower: the baseline's pair with the float model without
+    # offload shows it
+    assert target["metrics"]["latency_vs_float"]["against"] == target["id"].replace("/model/", "/none/")
+    slow_down(target, 3)
     a, b = write(tmp_path / "old.jsonl", old), write(tmp_path / "new.jsonl", new)
     changes = compare(report_data.load([a]), report_data.load([b]))
     assert [(c.kind, c.id) for c in changes.items] == [("slower", target["id"])]
-    assert "no-offload baseline" in changes.items[0].new
+    assert "above the old interval" in changes.items[0].new
     assert main(["compare", str(a), str(b)]) == 1
 
 

@@ -3,6 +3,8 @@
 import json
 import multiprocessing
 
+import pytest
+
 from harness.cell import Cell
 from harness.matrix import Expectation
 from harness.results import ResultsWriter, environment, environment_key, make_record, read_records, validate_record
@@ -32,6 +34,47 @@ def test_a_complete_record_validates_and_a_broken_one_does_not():
     assert validate_record({**record(), "id": "none/x"}) == [f"id 'none/x' does not match cell {CELL.id!r}"]
     failed = record(verdict=Verdict.FAIL, outcome=Outcome("error", error=ErrorInfo("E", "m")))
     assert validate_record(failed) == []
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"bits_per_weight": -21.428}, "metrics.bits_per_weight is -21.428, expected above 0"),  # the old Conv2d bug
+    ({"bits_per_weight": 33.0}, "metrics.bits_per_weight is 33.0, expected at most 32"),  # above float32's width
+    ({"param_bytes": -4}, "metrics.param_bytes is -4, expected at least 0"),
+    ({"latency_ms": {"median": float("nan"), "p10": 0.9, "p90": 1.2, "n": 5}},
+     "metrics.latency_ms.median is nan, expected a finite number"),
+    ({"cosine": 1.5}, "metrics.cosine is 1.5, expected at most 1"),
+    ({"sqnr_db": float("inf")}, "metrics.sqnr_db is inf, expected a finite number"),
+    ({"components": {"unet": {"bits_per_weight": -3.0, "bytes": 10}}},
+     "metrics.components.unet.bits_per_weight is -3.0, expected above 0"),
+    ({"latency_vs_float": {"ratio": 2.0, "lo": 2.5, "hi": 3.0, "n": 5, "float_ms": 1.0}},
+     "metrics.latency_vs_float: ratio 2.0 outside its interval 2.5-3.0"),
+])
+def test_validate_record_rejects_impossible_figures(change, problem):
+    """What was read back from a file as written (json keeps NaN and infinity): each impossible figure named."""
+    bad = json.loads(json.dumps(record()))
+    bad["metrics"].update(change)
+    assert validate_record(bad) == [problem]
+
+
+def test_a_record_with_an_impossible_figure_is_a_harness_failure_and_is_not_written():
+    from harness.run.session import HarnessFailure, publishable
+
+    bad = record()
+    bad["metrics"]["bits_per_weight"] = -21.428
+    with pytest.raises(HarnessFailure, match=r"harness failure, record not written: metrics.bits_per_weight is -21"):
+        publishable(bad)
+    good = record()
+    assert publishable(good) is good
+
+
+def test_no_committed_record_holds_an_impossible_figure():
+    from conftest import REFERENCE
+
+    for path in sorted(REFERENCE.glob("*.jsonl")):
+        records, skipped = read_records(path)
+        assert not skipped, path
+        for r in records:
+            assert validate_record(r) == [], (path.name, r["id"])
 
 
 def test_only_a_load_that_quantizes_inside_diffusers_may_leave_quantize_s_null():

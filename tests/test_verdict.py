@@ -112,30 +112,43 @@ from harness.verdict import check_claims  # noqa: E402
 BASE = {"param_bytes": 1000, "latency_ms": {"median": 10.0}, "peak_mem_bytes": 500, "mem_base_bytes": 100}
 
 
-def metrics(bytes_=1000, latency=10.0, peak=500):
-    return {"param_bytes": bytes_, "latency_ms": {"median": latency}, "peak_mem_bytes": peak, "mem_base_bytes": 100}
+def metrics(bytes_=1000, latency=1.0, peak=500, interval=(0.0, 0.0)):
+    """A cell's metrics; `latency`: its paired ratio to the float model, `interval` how far below and above it
+    the ratio's interval reaches (fractions of it)."""
+    paired = {"ratio": latency, "lo": latency * (1 - interval[0]), "hi": latency * (1 + interval[1]), "n": 10,
+              "float_ms": 10.0}
+    return {"param_bytes": bytes_, "latency_ms": {"median": 10.0 * latency}, "peak_mem_bytes": peak,
+            "mem_base_bytes": 100, "latency_vs_float": paired}
 
 
 @pytest.mark.parametrize("claim, measured, status", [
     ("smaller", metrics(bytes_=300), "held"),
     ("smaller", metrics(bytes_=1000), "inconclusive"),
     ("smaller", metrics(bytes_=2000), "contradicted"),
-    ("slower", metrics(latency=30.0), "held"),
-    ("slower", metrics(latency=10.5), "inconclusive"),
-    ("slower", metrics(latency=5.0), "contradicted"),
-    ("faster", metrics(latency=5.0), "held"),
-    ("faster", metrics(latency=30.0), "contradicted"),
-    ("not-slower", metrics(latency=10.9), "held"),
-    ("not-slower", metrics(latency=5.0), "held"),
-    ("not-slower", metrics(latency=11.5), "contradicted"),
+    ("slower", metrics(latency=3.0), "held"),
+    ("slower", metrics(latency=1.05), "inconclusive"),
+    ("slower", metrics(latency=0.5), "contradicted"),
+    ("faster", metrics(latency=0.5), "held"),
+    ("faster", metrics(latency=3.0), "contradicted"),
+    ("not-slower", metrics(latency=1.09), "held"),
+    ("not-slower", metrics(latency=0.5), "held"),
+    ("not-slower", metrics(latency=1.15), "contradicted"),
+    # the paired interval decides: one that overlaps the tolerance is inconclusive, whatever its median says
+    ("slower", metrics(latency=1.3, interval=(0.2, 0.2)), "inconclusive"),  # 1.04-1.56
+    ("slower", metrics(latency=1.3, interval=(0.1, 0.2)), "held"),  # 1.17-1.56
+    ("slower", metrics(latency=0.7, interval=(0.1, 0.5)), "inconclusive"),  # 0.63-1.05
+    ("faster", metrics(latency=0.8, interval=(0.1, 0.2)), "inconclusive"),  # 0.72-0.96: not 1.1x faster
+    ("faster", metrics(latency=2.0, interval=(0.5, 0.1)), "inconclusive"),  # 1.0-2.2
+    ("not-slower", metrics(latency=1.05, interval=(0.1, 0.2)), "inconclusive"),  # 0.95-1.26
     ("less-memory", metrics(peak=300), "held"),  # 200 above its start vs the baseline's 400
     ("less-memory", metrics(peak=900), "contradicted"),
-    # published factors (matrices/published.toml): against the baseline's 1000 bytes, 10 ms, 400 bytes of memory
+    # published factors (matrices/published.toml): against the baseline's 1000 bytes, 400 bytes of memory
     ("smaller-by:3.0", metrics(bytes_=300), "held"),  # 3.33x smaller
     ("smaller-by:3.0", metrics(bytes_=340), "held"),  # 2.94x: within the tolerance of 10 %
     ("smaller-by:3.0", metrics(bytes_=400), "contradicted"),  # 2.5x
-    ("slower-by:1.5", metrics(latency=16.0), "held"),
-    ("slower-by:1.5", metrics(latency=12.0), "contradicted"),
+    ("slower-by:1.5", metrics(latency=1.6), "held"),
+    ("slower-by:1.5", metrics(latency=1.2), "contradicted"),
+    ("slower-by:1.5", metrics(latency=1.5, interval=(0.2, 0.2)), "inconclusive"),  # 1.2-1.8 around 1.35
     ("less-memory-by:2.5", metrics(peak=250), "held"),  # 150 above its start: 2.67x less
     ("less-memory-by:2.5", metrics(peak=400), "contradicted"),  # 300: 1.33x
 ])
@@ -144,16 +157,28 @@ def test_claims_against_the_baseline(claim, measured, status):
     assert result.status == status, result
 
 
+@pytest.mark.parametrize("claim", ["slower", "faster", "not-slower", "slower-by:1.5"])
+def test_a_latency_claim_without_a_paired_timing_is_unchecked_never_judged_on_two_cells_timed_apart(claim):
+    """The baseline cell's own timing is never read: it ran at another moment, under another load."""
+    unpaired = {**metrics(latency=5.0), "latency_vs_float": {"unpaired": "the float model does not fit"}}
+    [result] = check_claims(Expectation(claims=(claim,)), unpaired, BASE)
+    assert result.status == "unchecked" and "the float model does not fit" in result.detail
+    old = {k: v for k, v in metrics(latency=5.0).items() if k != "latency_vs_float"}  # a record from before
+    [result] = check_claims(Expectation(claims=(claim,)), old, BASE)
+    assert result.status == "unchecked" and "before pairing" in result.detail
+
+
 def test_claims_without_a_baseline_are_unchecked_and_do_not_drift():
     expect = Expectation(claims=("smaller", "slower"))
     results = check_claims(expect, metrics(), None)
-    assert [r.status for r in results] == ["unchecked", "unchecked"]
+    # latency needs no baseline cell: the cell timed its float model beside it (a ratio of 1: not slower)
+    assert [r.status for r in results] == ["unchecked", "inconclusive"]
     assert judge(expect, RAN, results)[0] is Verdict.OK
 
 
 def test_contradicted_claim_is_drift_with_the_measured_ratio():
     expect = Expectation(claims=("smaller", "slower"), source="seed: GGUF")
-    results = check_claims(expect, metrics(bytes_=300, latency=4.0), BASE)
+    results = check_claims(expect, metrics(bytes_=300, latency=0.4), BASE)
     verdict, note = judge(expect, RAN, results)
     assert verdict is Verdict.DRIFT_CLAIM and verdict.is_drift and not verdict.passed
     assert "slower" in note and "0.4x" in note and "seed: GGUF" in note

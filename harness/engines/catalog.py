@@ -127,9 +127,10 @@ CATALOG: dict[str, EngineInfo] = {e.name: e for e in (
                floors={"int8_weight_only": FLOOR_8BIT, "int8_dynamic": FLOOR_8BIT, "float8_weight_only": FLOOR_FP8,
                        "int4_weight_only": FLOOR_4BIT}),
     EngineInfo("fault", ("abort", "segfault", "hang", "spin", "oom", "exit", "raise", "flood", "orphan", "nan",
-                         "noise"),
+                         "noise", "slow"),
                "harness.engines.fault:FaultEngine", hidden=True, title="fault (test-only)",
-               floors=dict.fromkeys(("flood", "orphan", "nan", "noise"), FLOOR_8BIT)),  # the float model otherwise
+               # the float model otherwise
+               floors=dict.fromkeys(("flood", "orphan", "nan", "noise", "slow"), FLOOR_8BIT)),
 )}
 
 ENGINE_NAMES = tuple(CATALOG)

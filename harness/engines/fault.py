@@ -67,9 +67,20 @@ class FaultEngine(Engine):
                     if p.is_floating_point() and p.dim() >= 2:
                         p.copy_(torch.randn(p.shape, generator=gen) * p.float().std())
             return model
+        if qtype == "slow":  # a real slowdown: each forward computed QUANTMATRIX_FAULT_SLOWDOWN times (default 1)
+            times, forward = max(1, int(os.environ.get("QUANTMATRIX_FAULT_SLOWDOWN", "1"))), model.forward
+
+            def slowed(*args, **kwargs):
+                for _ in range(times - 1):
+                    forward(*args, **kwargs)
+                return forward(*args, **kwargs)
+
+            model.forward = slowed
+            return model
         if qtype == "orphan":
             subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=False)
             return model
         raise AssertionError(f"unknown fault {qtype}")
+
 
 

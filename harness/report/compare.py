@@ -2,13 +2,14 @@
 
     quantmatrix compare OLD.jsonl NEW.jsonl [--threshold 0.25]
 
-Lists cells newly broken, newly fixed and newly drifted, and latency or peak-memory regressions. Figures are
-compared as ratios to each run's own unquantized baseline with no offload (same device, model, dtype, load and
-stack), so a faster or slower machine, or a noisy night that slows everything alike, is not a regression, while
-both costs a user pays are: a quantized cell that got slower, and an offload mode that got slower (its baseline
-cell, and the cells in that mode, against the no-offload baseline). Where a run has no no-offload baseline, the
-baseline in the cell's own offload mode is used. Exits 1 when something regressed (newly broken, slower or bigger
-beyond the threshold), so CI can gate on it.
+Lists cells newly broken, newly fixed and newly drifted, and latency or peak-memory regressions. Latency is the
+cell's paired ratio to its float model (timed beside it in the cell's own process, so a busy machine slows both
+alike) with its 90% interval: a cell is slower only when tonight's whole interval lies above last night's by more
+than the threshold (new lo > old hi x (1 + threshold)); records without paired timings are not compared on
+latency, and the count says so. Peak memory is compared as a ratio to each run's own unquantized baseline with no
+offload (same device, model, dtype, load and stack), or in the cell's own offload mode where a run has no
+no-offload baseline. Exits 1 when something regressed (newly broken, slower or bigger beyond the threshold), so
+CI can gate on it.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class Change:
 class Changes:
     items: list[Change] = field(default_factory=list)
     compared: int = 0
+    latency_compared: int = 0  # cells both runs timed in pairs with their float model
     threshold: float = 0.25
 
     @property
@@ -79,17 +81,38 @@ def compare(old: report_data.Records, new: report_data.Records, threshold: float
             changes.items.append(Change(**where, kind=ChangeKind.NEWLY_FIXED, old=f"{vo}: {_why(r, 'old')}", new=vn))
         if vn in report_data.DRIFT and vo not in report_data.DRIFT:
             changes.items.append(Change(**where, kind=ChangeKind.NEWLY_DRIFTED, old=vo, new=f"{vn}: {r['note_new']}"))
-        for figure, kind in (("latency", ChangeKind.SLOWER), ("mem", ChangeKind.MORE_MEMORY)):
-            ratio = _ratios(r, figure)
-            if ratio is None:
-                continue
+        slower = _slower(r, threshold)
+        if slower is not None:
+            changes.latency_compared += 1
+            if slower:
+                above = r["latency_lo_new"] / r["latency_hi_old"]
+                changes.items.append(Change(**where, kind=ChangeKind.SLOWER, old=_interval(r, "old"),
+                                            new=f"{_interval(r, 'new')} ({above:.2f}x above the old interval)"))
+        ratio = _ratios(r, "mem")
+        if ratio is not None:
             ro, rn, against = ratio
             if ro > 0 and rn / ro > 1 + threshold:
-                changes.items.append(Change(**where, kind=kind, old=f"{ro:.3g}x {against}",
+                changes.items.append(Change(**where, kind=ChangeKind.MORE_MEMORY, old=f"{ro:.3g}x {against}",
                                             new=f"{rn:.3g}x {against} ({rn / ro:.2f}x worse)"))
     order = list(ChangeKind)
     changes.items.sort(key=lambda c: (order.index(c.kind), c.machine, c.id))
     return changes
+
+
+def _slower(row: pd.Series, threshold: float) -> bool | None:
+    """Whether the new paired interval lies wholly above the old one by more than the threshold; None where either
+    record has no paired timing (or either is the float model itself, 1 by definition)."""
+    if row["latency_pairing_old"] != "paired" or row["latency_pairing_new"] != "paired":
+        return None
+    lo, hi = row["latency_lo_new"], row["latency_hi_old"]
+    if not (report_data.finite(lo) and report_data.finite(hi)) or hi <= 0:
+        return None
+    return lo / hi > 1 + threshold
+
+
+def _interval(row: pd.Series, side: str) -> str:
+    return (f"{row[f'latency_paired_{side}']:.3g}x float ({row[f'latency_lo_{side}']:.3g}-"
+            f"{row[f'latency_hi_{side}']:.3g})")
 
 
 def _ratios(row: pd.Series, figure: str) -> tuple[float, float, str] | None:
@@ -107,7 +130,8 @@ def _why(row: pd.Series, side: str) -> str:
 
 
 def render(changes: Changes) -> str:
-    lines = [f"compared {changes.compared} cells present in both (threshold {changes.threshold:g})"]
+    lines = [f"compared {changes.compared} cells present in both (threshold {changes.threshold:g}); latency on the "
+             f"{changes.latency_compared} timed in pairs with their float model in both"]
     for kind in ChangeKind:
         items = changes.of(kind)
         lines.append(f"{kind}: {len(items)}")

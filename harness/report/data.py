@@ -72,9 +72,11 @@ def _row(record: dict) -> dict:
         "peak_mem_bytes": peak, "own_mem_bytes": None if peak is None else peak - (base or 0),
         "mem_kind": m.get("mem_kind"),
         "latency_ms": lat.get("median"), "latency_p10_ms": lat.get("p10"), "latency_p90_ms": lat.get("p90"),
+        **_paired(m),
         "sqnr_db": m.get("sqnr_db"), "cosine": m.get("cosine"), "max_abs_error": m.get("max_abs_error"),
         "psnr_db": m.get("psnr_db"),
         "phases": "; ".join(f"{k} {v.get('latency_ms', 0):.1f} ms" for k, v in (m.get("phases") or {}).items()),
+        "quantized_layers": ", ".join(f"{k} {v}" for k, v in (m.get("quantized_layers") or {}).items()),
         "quantized_components": ", ".join(f"{k} {v.get('bits_per_weight') or 0:.2f} b/w"
                                           for k, v in (m.get("components") or {}).items() if v.get("quantized")),
         "quantize_s": m.get("quantize_s"), "load_s": m.get("load_s"),
@@ -90,6 +92,22 @@ def _row(record: dict) -> dict:
         "cpu_s": (record.get("process") or {}).get("cpu_s"),
         "stacks": (record.get("process") or {}).get("stacks") or "",
     }
+
+
+def _paired(m: dict) -> dict:
+    """The paired latency ratio to the float model (its interval, pairs, or why it was not paired) and the host's
+    load while the cell was timed. `latency_pairing`: "paired", "unpaired" or "" (a record from before pairing)."""
+    paired, load = m.get("latency_vs_float"), m.get("host_load") or {}
+    out = {"latency_pairing": "", "latency_paired": None, "latency_lo": None, "latency_hi": None,
+           "latency_pairs": None, "latency_against": "", "latency_unpaired": "",
+           "loadavg": load.get("loadavg_after"), "cpu_per_wall": load.get("cpu_per_wall")}
+    if isinstance(paired, dict) and "ratio" in paired:
+        out.update(latency_pairing="paired", latency_paired=paired["ratio"], latency_lo=paired.get("lo"),
+                   latency_hi=paired.get("hi"), latency_pairs=paired.get("n"),
+                   latency_against=paired.get("against") or "")
+    elif isinstance(paired, dict):
+        out.update(latency_pairing="unpaired", latency_unpaired=paired.get("unpaired") or "")
+    return out
 
 
 def _versions_of(env: dict) -> dict:
@@ -220,11 +238,13 @@ def with_ratios(frame: pd.DataFrame) -> pd.DataFrame:
     """Add each figure's ratio to a baseline cell (the unquantized, uncast model) of the same run, NaN where that
     baseline did not run:
 
-    - `bytes_ratio`, `mem_ratio`, `latency_ratio`: to the baseline in the same load and offload mode (what the
-      quantization costs or saves);
+    - `bytes_ratio`, `mem_ratio`: to the baseline in the same load and offload mode (what the quantization costs
+      or saves); `latency_ratio`: the cell's paired ratio to that float model (`_paired`), with `latency_lo`,
+      `latency_hi` its interval;
     - `mem_vs_none`, `latency_vs_none`: to the baseline with no offload (same load, device, model, dtype, stack),
       so an offload mode's own cost counts too: a baseline cell in model offload has latency_vs_none 1.4 where
-      model offload makes a step 1.4x slower.
+      model offload makes a step 1.4x slower. From paired timings, latency_vs_none is a baseline's own pair (timed
+      beside the float model without offload) and, for a quantized cell, its pair times its baseline's.
     """
     if frame.empty:
         for col in RATIOS + ("baseline_latency_ms", "baseline_mem_bytes"):
@@ -242,12 +262,24 @@ def with_ratios(frame: pd.DataFrame) -> pd.DataFrame:
                     on=[*keys, "none_id"], how="left")
     out["bytes_ratio"] = out["param_bytes"] / out["_b_bytes"]
     out["mem_ratio"] = out["own_mem_bytes"] / out["_b_mem"]
-    out["latency_ratio"] = out["latency_ms"] / out["_b_lat"]
+    # Latency against the float model is the paired ratio (timed beside it, in the cell's own process) wherever a
+    # record has one; a baseline cell is the float model (1, exactly). Records from before pairing keep the ratio
+    # of two cells timed apart; a record that could not pair (the float model did not fit) has none.
+    # A baseline in an offload mode is timed beside the float model without offload: that pair is its
+    # latency_vs_none (the offload mode's own cost), and its latency_ratio is 1, exactly.
+    before = out["latency_pairing"] == ""
+    paired = out["latency_paired"].astype(float)
+    is_base = (out["cell_id"] == out["baseline_id"]) & out["verdict"].isin(RAN)
+    out["latency_ratio"] = (out["latency_ms"] / out["_b_lat"]).where(before, paired.where(~is_base, 1.0))
+    base_vs_none = paired.where(out["offload"] != "none", 1.0).where(is_base & ~before)
+    of_base = out.assign(_v=base_vs_none)[is_base & ~before][[*keys, "cell_id", "_v"]].drop_duplicates(
+        [*keys, "cell_id"], keep="last").rename(columns={"cell_id": "baseline_id"})
+    out = out.merge(of_base, on=[*keys, "baseline_id"], how="left")  # a quantized cell: its pair x its baseline's
+    out["latency_vs_none"] = (out["latency_ms"] / out["_n_lat"]).where(before, out["latency_ratio"] * out["_v"])
     out["mem_vs_none"] = out["own_mem_bytes"] / out["_n_mem"]
-    out["latency_vs_none"] = out["latency_ms"] / out["_n_lat"]
     out["baseline_latency_ms"] = out["_b_lat"]
     out["baseline_mem_bytes"] = out["_b_mem"]
-    return out.drop(columns=["_b_bytes", "_b_mem", "_b_lat", "_n_mem", "_n_lat"])
+    return out.drop(columns=["_b_bytes", "_b_mem", "_b_lat", "_n_mem", "_n_lat", "_v"])
 
 
 def with_integration(frame: pd.DataFrame) -> pd.DataFrame:

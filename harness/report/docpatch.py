@@ -58,14 +58,25 @@ def _unchecked_reason(rule: Rule, rows: pd.DataFrame, newest: pd.DataFrame) -> s
 
 
 METRIC_FIELDS = ("param_bytes", "peak_mem_bytes", "mem_base_bytes", "latency_ms", "name_hint", "name_hint_detail",
-                 "sqnr_db", "psnr_db")
+                 "sqnr_db", "psnr_db", "latency_pairing", "latency_paired", "latency_lo", "latency_hi",
+                 "latency_pairs", "latency_unpaired")
 
 
 def _metrics(row: dict) -> dict:
     return {"param_bytes": row["param_bytes"], "peak_mem_bytes": row["peak_mem_bytes"],
             "mem_base_bytes": row["mem_base_bytes"], "latency_ms": {"median": row["latency_ms"]},
             "name_hint": row["name_hint"], "name_hint_detail": row["name_hint_detail"],
-            "sqnr_db": row["sqnr_db"], "psnr_db": row["psnr_db"]}
+            "sqnr_db": row["sqnr_db"], "psnr_db": row["psnr_db"], **_paired(row)}
+
+
+def _paired(row: dict) -> dict:
+    """The record's paired latency (metrics.latency_vs_float) from its row; nothing for a record from before."""
+    if row["latency_pairing"] == "paired":
+        return {"latency_vs_float": {"ratio": row["latency_paired"], "lo": row["latency_lo"],
+                                     "hi": row["latency_hi"], "n": row["latency_pairs"]}}
+    if row["latency_pairing"] == "unpaired":
+        return {"latency_vs_float": {"unpaired": row["latency_unpaired"]}}
+    return {}
 
 
 def _outcome(row: dict) -> Outcome:

@@ -145,12 +145,17 @@ def prepare_cell(task: CellTask) -> tuple[dict, torch.Tensor | dict[str, torch.T
     torch.manual_seed(s.seed)
     inputs = make_inputs(cell.model, s.seed, s.batch, dtype, device)
     *files, reference = shared_files(task, inputs)
+    saved = load_file(str(loading.shared_file(reference.path, reference.make)))
+    return inputs, saved.get("output", saved), _source(files)
+
+
+def _source(files: list[SharedFile]) -> Path | None:
+    """Make the stack's shared files (once per run); the path of the one the cell loads."""
     source = None
     for file in files:
         path = loading.shared_file(file.path, file.make)
         source = path if file.source else source
-    saved = load_file(str(loading.shared_file(reference.path, reference.make)))
-    return inputs, saved.get("output", saved), source
+    return source
 
 
 class _Progress:
@@ -211,33 +216,39 @@ def _measure(task: CellTask, progress: _Progress) -> dict:
     if isinstance(model, PipelineModel):
         named = component_names(cell.model)[cell.components]
         parts = measure.component_storage(model.parts(), skeleton.parts(), () if engine.name == "none" else named)
-        bpw = measure.bits_of([parts[name] for name in named])
+        counted = [parts[name] for name in named]
+        bpw, kinds = measure.bits_of(counted), measure.kinds_of(counted)
     else:
-        parts, bpw = None, measure.bits_per_weight(model, measure.float_layout(skeleton))
+        stored = measure.storage(model, measure.float_layout(skeleton))
+        parts, bpw, kinds = None, stored.bits_per_weight, stored.quantized_layers
 
     progress.stage = Stage.OFFLOAD
     installed = stack.offload(model, cell.offload, cell.device, components=components(cell.model, model),
                               settings=s)
     progress.stage = Stage.FORWARD
     peak_before = tracker.peak()
-    output, figures, latency, phases = _run_steps(task, model, inputs, reference, installed.after_step, tracker)
+    steps = _run_steps(task, model, inputs, reference, installed.after_step, tracker,
+                       _FloatReference(task, measure.stored_bytes(skeleton)))
     metrics = {
         "param_bytes": param_bytes,
         "disk_bytes": loaded.disk_bytes if loaded.disk_bytes is not None else param_bytes,
         "disk_is_file": loaded.disk_bytes is not None,
         "bits_per_weight": bpw,
-        "peak_mem_bytes": max(peak_before, tracker.peak(), *(p["peak_mem_bytes"] for p in phases.values())),
+        "quantized_layers": kinds,
+        "peak_mem_bytes": max(peak_before, steps.peak, *(p["peak_mem_bytes"] for p in steps.phases.values())),
         "mem_base_bytes": mem_base,
         "mem_kind": tracker.kind,
-        "latency_ms": latency.as_dict(),
+        "latency_ms": steps.latency.as_dict(),
+        "latency_vs_float": steps.paired,
+        "host_load": steps.host_load,
         "quantize_s": loaded.quantize_s,
         "load_s": loaded.load_s,
-        **figures,
-        "output_sha256": measure.digest_all(output),
-        "output_finite": measure.finite(output),
+        **steps.figures,
+        "output_sha256": measure.digest_all(steps.output),
+        "output_finite": measure.finite(steps.output),
     }
     if parts is not None:
-        metrics["components"], metrics["phases"] = parts, phases
+        metrics["components"], metrics["phases"] = parts, steps.phases
     if installed.notes:
         metrics["offload_notes"] = installed.notes
     if installed.moves:
@@ -249,42 +260,138 @@ def _measure(task: CellTask, progress: _Progress) -> dict:
     return metrics
 
 
-def _run_steps(task: CellTask, model, inputs: dict, reference, after_step, tracker):
-    """The first step's (generation's) output and its error against the float model's, then the timed steps. A
-    pipeline's first generation is also measured per phase (latency and peak memory); its timed generations
-    give each phase's median latency."""
+def float_reference(cell: Cell) -> Cell | None:
+    """The cell a cell's steps are timed beside: its baseline (the unquantized model in the same stack, load and
+    offload mode: what quantizing costs); for a baseline in an offload mode, the same float model without offload
+    (what the offload mode costs); None for the float model without offload itself."""
+    if cell.baseline != cell:
+        return cell.baseline
+    return cell.replace(offload="none") if cell.offload != "none" else None
+
+
+class _FloatReference:
+    """The cell's float reference for paired timing (float_reference), loaded and offloaded in this process after
+    the cell's memory was measured. `start()` returns (model, after_step), or None with `why` set: the cell is the
+    float model, the reference would not fit in memory beside the cell, or it failed (its error is that cell's own
+    finding, not this one's)."""
+
+    MARGIN = 1.5  # room for the reference's activations beside its weights
+
+    def __init__(self, task: CellTask, float_bytes: int):
+        self.task, self.float_bytes, self.why = task, float_bytes, ""
+        self.cell = float_reference(task.cell)
+
+    def start(self):
+        task, base = self.task, self.cell
+        if base is None:
+            self.why = "the cell is the float model itself, without offload"
+            return None
+        where = task.cell.device if task.cell.offload == "none" else "cpu"  # offloaded weights live in RAM
+        free = _free_memory(where, task.settings.memory_limit_mb)
+        if self.float_bytes * self.MARGIN > free:
+            self.why = (f"the float model ({self.float_bytes / 2**30:.2f} GiB) does not fit beside the cell in the "
+                        f"{where} memory left ({free / 2**30:.2f} GiB)")
+            return None
+        btask = CellTask(base, task.settings, task.workdir)
+        stack = stack_of(base)
+        try:
+            with warnings.catch_warnings():  # the reference's warnings are the baseline cell's, not this one's
+                warnings.simplefilter("ignore")
+                model = stack.load(btask, ENGINES[base.engine], _source(stack.files(btask))).model.eval()
+                installed = stack.offload(model, base.offload, base.device,
+                                          components=components(base.model, model), settings=task.settings)
+        except Exception as exc:  # noqa: BLE001 - the baseline cell records it as its own finding
+            self.why = f"the float reference failed: {type(exc).__name__}: {str(exc)[:200]}"
+            return None
+        return model, installed.after_step
+
+
+def _free_memory(device: str, memory_limit_mb: int) -> int:
+    """Bytes the device has free now; on the CPU under the per-cell address-space cap, what the cap leaves too."""
+    free = devices.total_memory(device) - devices.memory_in_use(device)
+    if device == "cpu" and memory_limit_mb:
+        import resource
+
+        import psutil
+
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if limit != resource.RLIM_INFINITY:
+            free = min(free, limit - psutil.Process().memory_info().vms)
+    return free
+
+
+@dataclass
+class _Steps:
+    output: torch.Tensor | dict[str, torch.Tensor]
+    figures: dict
+    latency: measure.Latency
+    paired: dict  # PairedRatio's figures, or {"unpaired": why}
+    host_load: dict
+    peak: int  # the cell's peak memory up to its timed steps (before the float reference is loaded)
+    phases: dict
+
+
+def _run_steps(task: CellTask, model, inputs: dict, reference, after_step, tracker,
+               float_reference: _FloatReference) -> _Steps:
+    """The first step's (generation's) output and its error against the float model's, the warm-up steps, then
+    the timed steps, paired with the float reference's where it can run beside the cell. A pipeline's first
+    generation is also measured per phase (latency and peak memory); its timed generations give each phase's
+    median latency."""
     cell, s = task.cell, task.settings
     pipeline = isinstance(model, PipelineModel)
     phase_peaks: dict[str, int] = {}
     if pipeline:
         model.phase_mark = _PhasePeaks(tracker, phase_peaks)
+    timed: list[dict[str, float]] = []
+
+    def step() -> None:
+        run(model, inputs)
+        tracker.sample()
+        if pipeline:
+            timed.append(dict(model.phases))
+
     with torch.no_grad():
         output = run(model, inputs)
         after_step()
         tracker.sample()
         figures = measure.output_figures(output, reference)
-        timed: list[dict[str, float]] = []
         if pipeline:
             model.phase_mark = lambda phase: None
-
-        def step() -> None:
-            run(model, inputs)
-            tracker.sample()
-            if pipeline:
-                timed.append(dict(model.phases))
-
-        latency = measure.time_steps(step, cell.device, warmup=s.warmup, min_steps=s.min_steps,
-                                     max_steps=s.max_steps, min_time_s=s.min_time_s, after_step=after_step)
+        for _ in range(s.warmup):
+            step()
+            after_step()
+        peak = tracker.peak()
+        started = float_reference.start()
+        paired: dict = {"unpaired": float_reference.why}
+        timing = dict(warmup=s.warmup, min_steps=s.min_steps, max_steps=s.max_steps, min_time_s=s.min_time_s)
+        with measure.HostLoad() as load:
+            if started is not None:
+                float_model, float_after = started
+                try:
+                    for _ in range(s.warmup):
+                        run(float_model, inputs)
+                        float_after()
+                    latency, ratio = measure.time_paired(step, lambda: run(float_model, inputs), cell.device,
+                                                         after_step=after_step, after_reference=float_after,
+                                                         **timing)
+                    paired = {**ratio.as_dict(), "against": float_reference.cell.id}
+                except Exception as exc:  # noqa: BLE001 - the baseline cell's finding; time the cell alone
+                    paired = {"unpaired": f"the float reference failed: {type(exc).__name__}: {str(exc)[:200]}"}
+                    started = None
+                del float_model
+            if started is None:
+                latency = measure.time_steps(step, cell.device, after_step=after_step, **{**timing, "warmup": 0})
+                latency = measure.Latency(latency.median, latency.p10, latency.p90, latency.n, s.warmup)
     phases = {}
     if pipeline:
         steps = inputs["num_inference_steps"]
         timed = timed[s.warmup:] or timed
-        for name, peak in phase_peaks.items():
+        for name, p in phase_peaks.items():
             median = statistics.median(t[name] for t in timed if name in t)
-            phases[name] = {"latency_ms": median, "peak_mem_bytes": peak}
+            phases[name] = {"latency_ms": median, "peak_mem_bytes": p}
             if name == "denoise":
                 phases[name]["per_step_ms"] = median / steps
-    return output, figures, latency, phases
+    return _Steps(output, figures, latency, paired, load.figures, peak, phases)
 
 
 class _PhasePeaks:

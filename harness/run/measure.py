@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -40,36 +41,89 @@ def stored_bytes(model: nn.Module) -> int:
     return sum(tensor_bytes(t, seen) for t in _state_tensors(model).values())
 
 
+# The layer kinds an engine quantizes (their `weight`): Linear everywhere, and convolutions where an engine takes
+# them too (quanto and NNCF quantize a UNet's Conv2d layers).
+WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _kind(module: nn.Module) -> str:
+    return next(k.__name__ for k in WEIGHTED if isinstance(module, k))
+
+
 @dataclass(frozen=True)
 class FloatLayout:
-    """What the float model stores, from its skeleton: the elements of its nn.Linear weights (the layers every
-    engine targets) and the bytes of everything else (norms, convs, embeddings, biases)."""
+    """What the float model stores, from its skeleton: each Linear and Conv layer's weight (kind, elements, bytes)
+    and the bytes of its whole state. Tied parameters (T5's shared embedding, under two names in the state dict)
+    count once, as stored_bytes counts a storage once."""
 
-    linear_weights: int
-    other_bytes: int
+    weights: dict[str, tuple[str, int, int]]  # layer name -> (kind, weight elements, weight bytes)
+    total_bytes: int
+
+    @property
+    def dtype_bits(self) -> float | None:
+        """Bits per weight of the float model itself (its dtype's width)."""
+        elements = sum(n for _, n, _ in self.weights.values())
+        return 8 * sum(b for _, _, b in self.weights.values()) / elements if elements else None
 
 
 def float_layout(skeleton: nn.Module) -> FloatLayout:
-    """Tied parameters (T5's shared embedding, under two names in the state dict) count once, as stored_bytes
-    counts a storage once."""
-    linear_weights = {f"{name}.weight" for name, m in skeleton.named_modules() if isinstance(m, nn.Linear)}
     state = skeleton.state_dict(keep_vars=True)
     seen: set[int] = set()
-    unique = {}
-    for k, t in state.items():
+    total = 0
+    for t in state.values():
         if id(t) not in seen:
             seen.add(id(t))
-            unique[k] = t
-    return FloatLayout(sum(unique[k].numel() for k in linear_weights if k in unique),
-                       sum(t.numel() * t.element_size() for k, t in unique.items() if k not in linear_weights))
+            total += t.numel() * t.element_size()
+    weights = {}
+    for name, m in skeleton.named_modules():
+        w = state.get(f"{name}.weight")
+        if isinstance(m, WEIGHTED) and w is not None:
+            weights[name] = (_kind(m), w.numel(), w.numel() * w.element_size())
+    return FloatLayout(weights, total)
 
 
-def bits_per_weight(model: nn.Module, layout: FloatLayout) -> float:
-    """8 x (bytes the quantized model stores - bytes of its float remainder) / Linear weight elements.
+@dataclass(frozen=True)
+class Storage:
+    """What a (quantized) model stores against its float layout: bytes in all, and bits per weight over the layers
+    the engine actually quantized (Linear and Conv alike), with how many of each kind it quantized."""
 
-    Subtracting the untouched remainder rather than picking the Linear layers' own keys counts a weight's scales
-    wherever an engine keeps them (NNCF stores them under hook modules, not under the layer)."""
-    return 8 * (stored_bytes(model) - layout.other_bytes) / layout.linear_weights
+    bytes: int
+    bits_per_weight: float | None
+    quantized_layers: dict[str, int]  # kind -> layers
+    weights: int  # the weight elements bits_per_weight is over
+    rest_bytes: int  # the float bytes of everything else (what is subtracted)
+
+    def as_dict(self) -> dict:
+        return vars(self).copy()
+
+
+def storage(model: nn.Module, layout: FloatLayout) -> Storage:
+    """A layer counts as quantized when what it stores under its weight's name (`w.weight`, `w.weight._data`,
+    `w.weight.absmax`, ...) differs from its float weight's bytes. Bits per weight: 8 x (bytes the model stores -
+    the float bytes of everything but those weights) / their elements, so a weight's scales count wherever an
+    engine keeps them (NNCF stores them under hook modules, not under the layer). Where no layer is quantized (the
+    float model, an unquantized component), over all Linear and Conv weights: the dtype's width."""
+    seen: set = set()
+    per_key = {k: tensor_bytes(t, seen) for k, t in _state_tensors(model).items()}
+    stored = sum(per_key.values())
+    under: dict[str, int] = {}
+    for key, n in per_key.items():
+        layer, sep, rest = key.partition(".weight")
+        if sep and (not rest or rest[0] in "._"):
+            under[layer] = under.get(layer, 0) + n
+    quantized = {name: v for name, v in layout.weights.items() if under.get(name, 0) != v[2]}
+    counted = quantized or layout.weights
+    weights = sum(n for _, n, _ in counted.values())
+    rest = layout.total_bytes - sum(b for _, _, b in counted.values())
+    kinds: dict[str, int] = {}
+    for kind, _, _ in quantized.values():
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return Storage(stored, 8 * (stored - rest) / weights if weights else None, kinds, weights, rest)
+
+
+def bits_per_weight(model: nn.Module, layout: FloatLayout) -> float | None:
+    """Bits per weight over the layers the engine quantized (storage)."""
+    return storage(model, layout).bits_per_weight
 
 
 @dataclass(frozen=True)
@@ -101,10 +155,92 @@ def time_steps(step: Callable[[], object], device: str, *, warmup: int, min_step
         devices.synchronize(device)
         times.append((time.perf_counter() - t0) * 1e3)
         after_step()
+    return _latency(times, warmup)
+
+
+def median_interval(values: list[float], confidence: float = 0.9) -> tuple[float, float]:
+    """A distribution-free interval for the median (order statistics of the binomial): the k-th smallest and k-th
+    largest values, k the largest for which P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2. With fewer than 5
+    values no k qualifies and the interval is the whole range."""
+    xs, n = sorted(values), len(values)
+    tail, k, below = (1 - confidence) / 2, 1, 0.0
+    while k < n - k + 1:
+        below += math.comb(n, k - 1) / 2 ** n  # P(B <= k - 1)
+        if below + math.comb(n, k) / 2 ** n > tail:
+            break
+        k += 1
+    return xs[k - 1], xs[n - k]
+
+
+@dataclass(frozen=True)
+class PairedRatio:
+    """The cell's step latency over its float reference's (execute.float_reference), timed in pairs (A B A B) in
+    the same process on the same inputs: a load that slows both alike cancels in each pair's ratio. `ratio` is the
+    median pair ratio, lo-hi its 90% interval (median_interval), `float_ms` the float model's median."""
+
+    ratio: float
+    lo: float
+    hi: float
+    n: int
+    float_ms: float
+
+    def as_dict(self) -> dict[str, float | int]:
+        return vars(self).copy()
+
+
+def time_paired(step: Callable[[], object], reference: Callable[[], object], device: str, *, warmup: int,
+                min_steps: int, max_steps: int, min_time_s: float, after_step: Callable[[], None] = lambda: None,
+                after_reference: Callable[[], None] = lambda: None) -> tuple[Latency, PairedRatio]:
+    """Pairs of timed steps, the cell's then the reference's, until both `min_steps` pairs and `min_time_s` are
+    reached (at most `max_steps`); `warmup`: the cell's warm-up steps already taken (the reference's are too).
+    Milliseconds."""
+    def timed(fn: Callable[[], object], after: Callable[[], None]) -> float:
+        devices.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        devices.synchronize(device)
+        ms = (time.perf_counter() - t0) * 1e3
+        after()
+        return ms
+
+    own: list[float] = []
+    ref: list[float] = []
+    started = time.perf_counter()
+    while len(own) < max_steps and (len(own) < min_steps or time.perf_counter() - started < min_time_s):
+        own.append(timed(step, after_step))
+        ref.append(timed(reference, after_reference))
+    ratios = [a / b for a, b in zip(own, ref, strict=True)]
+    lo, hi = median_interval(ratios)
+    return _latency(own, warmup), PairedRatio(statistics.median(ratios), lo, hi, len(ratios), statistics.median(ref))
+
+
+def _latency(times: list[float], warmup: int) -> Latency:
     if len(times) == 1:
         return Latency(times[0], times[0], times[0], 1, warmup)
     deciles = statistics.quantiles(times, n=10, method="inclusive")
     return Latency(statistics.median(times), deciles[0], deciles[-1], len(times), warmup)
+
+
+class HostLoad:
+    """The machine's load around the timed steps: the 1-minute load average before and after, the CPUs this
+    process may use, and the CPU time it got against the wall time (a step that waits for a CPU gets less)."""
+
+    def __enter__(self) -> HostLoad:
+        import psutil
+
+        self._process = psutil.Process()
+        self._load = os.getloadavg()[0]
+        self._cpu = sum(self._process.cpu_times()[:2])
+        self._wall = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall = time.perf_counter() - self._wall
+        cpu = sum(self._process.cpu_times()[:2]) - self._cpu
+        self.figures = {"loadavg_before": round(self._load, 2), "loadavg_after": round(os.getloadavg()[0], 2),
+                        "cpus": len(os.sched_getaffinity(0)), "threads": torch.get_num_threads(),
+                        "wall_s": round(wall, 4), "cpu_s": round(cpu, 4),
+                        "cpu_per_wall": round(cpu / wall, 3) if wall > 0 else None}
 
 
 @dataclass(frozen=True)
@@ -167,20 +303,22 @@ def digest_all(output: torch.Tensor | dict[str, torch.Tensor]) -> str:
 
 def component_storage(parts: dict[str, nn.Module], skeletons: dict[str, nn.Module],
                       quantized: tuple[str, ...]) -> dict[str, dict]:
-    """Per component of a pipeline: bytes stored, bits per Linear weight (as bits_per_weight counts them), whether
-    the cell quantized it, and its float layout (to total the quantized ones: bits_of)."""
-    out = {}
-    for name, part in parts.items():
-        layout = float_layout(skeletons[name])
-        stored = stored_bytes(part)
-        out[name] = {"bytes": stored, "quantized": name in quantized,
-                     "bits_per_weight": 8 * (stored - layout.other_bytes) / layout.linear_weights
-                     if layout.linear_weights else None,
-                     "linear_weights": layout.linear_weights, "other_bytes": layout.other_bytes}
-    return out
+    """Per component of a pipeline: its storage (bytes, bits per weight over its quantized layers, their kinds)
+    and whether the cell quantized it."""
+    return {name: {**storage(part, float_layout(skeletons[name])).as_dict(), "quantized": name in quantized}
+            for name, part in parts.items()}
 
 
 def bits_of(parts: list[dict]) -> float | None:
-    """Bits per Linear weight over several components (component_storage's entries)."""
-    weights = sum(p["linear_weights"] for p in parts)
-    return 8 * sum(p["bytes"] - p["other_bytes"] for p in parts) / weights if weights else None
+    """Bits per weight over several components (component_storage's entries)."""
+    weights = sum(p["weights"] for p in parts)
+    return 8 * sum(p["bytes"] - p["rest_bytes"] for p in parts) / weights if weights else None
+
+
+def kinds_of(parts: list[dict]) -> dict[str, int]:
+    """The quantized layers of several components, by kind."""
+    out: dict[str, int] = {}
+    for p in parts:
+        for kind, n in p["quantized_layers"].items():
+            out[kind] = out.get(kind, 0) + n
+    return out

@@ -17,6 +17,21 @@ IDS_KEY = pytest.StashKey[tuple]()  # (run id, results file), shared by xdist wo
 ENV_KEY = pytest.StashKey[tuple]()  # (environment, versions) of this process
 
 
+class HarnessFailure(Exception):
+    """The harness itself went wrong on a cell (an impossible figure): the cell fails, and nothing is recorded."""
+
+
+def publishable(record: dict) -> dict:
+    """The record, when it follows the schema and holds no impossible figure (results.validate_record); otherwise
+    the harness measured wrong, and the cell fails as a harness failure with nothing written."""
+    from harness.results import validate_record
+
+    problems = validate_record(record)
+    if problems:
+        raise HarnessFailure(f"{record.get('id')}: harness failure, record not written: {'; '.join(problems)}")
+    return record
+
+
 class DriftWarning(UserWarning):
     """Documented behaviour no longer holds (reported, not failed, under --drift=warn)."""
 
@@ -80,7 +95,7 @@ class MatrixRun:
         verdict, note = judge(expect, outcome, claims, output_floor(cell.engine, cell.qtype, cell.cast))
         record = make_record(self.id, cell, expect, verdict, note, outcome, self.env, started,
                              time.perf_counter() - t0, claims)
-        self.writer.append(record)
+        self.writer.append(publishable(record))
         return verdict, note, record
 
     def _execute(self, cell: Cell) -> Outcome:
@@ -109,7 +124,10 @@ def check_cell(run: MatrixRun, cell: Cell, request: pytest.FixtureRequest) -> st
     """Run the cell and record it; skip it when unavailable. Returns why it failed, or None when it passed."""
     if cell.id in run.done:
         pytest.skip(f"already recorded by run {run.done[cell.id]} (--resume)")
-    verdict, note, record = run.run(cell)
+    try:
+        verdict, note, record = run.run(cell)
+    except HarnessFailure as exc:
+        return str(exc)
     request.node.user_properties.append(("verdict", verdict.value))
     if verdict is Verdict.UNAVAILABLE:
         pytest.skip(f"unavailable: {note}")
