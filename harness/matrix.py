@@ -301,7 +301,10 @@ def optional_axes() -> dict[str, list[str]]:
     return {name: [default] for name, default in AXES.defaults.items()}
 
 
-def _axis_values(doc: _Doc, axis: str, raw: Any, key: str, *, wildcards: bool) -> list[str]:
+def _axis_values(doc: _Doc, axis: str, raw: Any, key: str, *, wildcards: bool, table: Mapping | None = None
+                 ) -> list[str]:
+    """The axis's values, each checked against what it may be. `table`: the table they were read from, whose
+    engines narrow the types a mistake is told about."""
     values = doc.strings(raw, key)
     known = AXES[axis].known()
     specials = set(AXES[axis].wildcards)
@@ -309,9 +312,25 @@ def _axis_values(doc: _Doc, axis: str, raw: Any, key: str, *, wildcards: bool) -
         if wildcards and v in specials:
             continue
         if v not in known:
+            if axis == "qtype":
+                raise doc.fail(key, _unknown_qtype(v, (table or {}).get("engine")))
             raise doc.fail(key, f"unknown {axis} {v!r}{did_you_mean(v, known)}; expected one of {list(known)}"
                            + (f" or {sorted(specials)}" if wildcards else "") + _explain(axis))
     return values
+
+
+def _unknown_qtype(value: str, engines: Any) -> str:
+    """An unknown type, with the types of the engines the table names (every engine's but the test-only ones
+    when it names none): "unknown qtype 'nf5'; quanto offers qint2, qint4, qint8, qfloat8"."""
+    from harness.engines.catalog import CATALOG
+
+    named = [e for e in ([engines] if isinstance(engines, str) else engines or []) if e in CATALOG]
+    shown = named or [e for e, info in CATALOG.items() if not info.hidden]
+    offered = sorted({q for e in shown for q in CATALOG[e].qtypes})
+    if named:
+        return (f"unknown qtype {value!r}{did_you_mean(value, offered)}; expected a type of "
+                + "; ".join(f"{e}: {', '.join(CATALOG[e].qtypes)}" for e in named) + " (or '*')")
+    return f"unknown qtype {value!r}{did_you_mean(value, offered)}; expected one of {offered} or ['*']"
 
 
 def _explain(axis: str) -> str:
@@ -385,7 +404,8 @@ def _selector(doc: _Doc, raw: Any, key: str, *, wildcards: bool = False) -> dict
     doc.check_keys(table, AXES.names, key)
     if not table:
         raise doc.fail(key, "empty table; expected at least one of " + ", ".join(AXES.names))
-    return {k: tuple(_axis_values(doc, k, v, f"{key}.{k}", wildcards=wildcards)) for k, v in table.items()}
+    return {k: tuple(_axis_values(doc, k, v, f"{key}.{k}", wildcards=wildcards, table=table))
+            for k, v in table.items()}
 
 
 # Settings field -> key of [offload.group] (SD.Next's group offload options)
@@ -529,7 +549,8 @@ def parse_matrix(text: str, path: Path | str = "<matrix>", *,
                        + f" ({', '.join(optional_axes())} optional)")
     raw_axes = doc.table(data["axes"], "axes")
     doc.check_keys(raw_axes, AXES.names, "axes")
-    axes = {a: _axis_values(doc, a, raw_axes[a], f"axes.{a}", wildcards=True) for a in AXES.names if a in raw_axes}
+    axes = {a: _axis_values(doc, a, raw_axes[a], f"axes.{a}", wildcards=True, table=raw_axes)
+            for a in AXES.names if a in raw_axes}
     optional = optional_axes()
     for axis in AXES.names:
         if axis not in axes and axis in optional:

@@ -54,6 +54,7 @@ def test_a_server_holding_another_thread_refuses_to_fork_cells_and_names_the_thr
     assert outcome["status"] == "error"
     assert outcome["error"]["type"] == "HarnessError"
     assert "'fault-import-thread' (Python thread" in outcome["error"]["message"]
+    assert "forked cell none/post-load/none/cpu/dit-xs/float32/direct (" in outcome["error"]["message"]  # which cell
 
 
 @pytest.mark.slow

@@ -143,6 +143,9 @@ def test_a_run_goes_on_after_every_kind_of_fault_and_records_every_cell(fault_ru
                                                 "flood", "orphan", "nan", "noise"])  # none lost, none duplicated
     assert fault_run.records["-"]["verdict"] == "ok"
     assert "9 failed, 3 passed" in fault_run.stdout
+    short = fault_run.stdout[fault_run.stdout.index("short test summary info"):]  # -rfEs: failures, not only skips
+    listed = re.findall(r"^([A-Z-]+) tests/test_matrix\.py::test_cell\[fault-", short, re.M)
+    assert len(listed) == 9 and "PASSED" not in listed, short[:3000]  # each under its verdict: CRASH, HANG, FAIL...
 
 
 def test_a_nan_output_fails_and_a_replaced_model_is_wrong_output_in_summary_overview_and_csv(fault_run, tmp_path):

@@ -157,6 +157,19 @@ def test_unknown_offload_name_suggests_the_nearest():
         parse_matrix(dumps(doc), "m.toml")
 
 
+def test_an_unknown_qtype_names_the_types_of_the_engines_given_and_never_the_test_only_engines():
+    doc = _set(["axes", "engine"], ["quanto"])(_set(["axes", "qtype"], ["qint5"])(copy.deepcopy(BASE)))
+    with pytest.raises(QuantMatrixError) as err:
+        parse_matrix(dumps(doc), "m.toml")
+    assert "unknown qtype 'qint5' (did you mean 'qint8'?); expected a type of quanto: qint8, qint4, qint2, qfloat8" \
+        in str(err.value)
+    anyone = _set(["axes", "engine"], ["*"])(doc)
+    with pytest.raises(QuantMatrixError) as err:
+        parse_matrix(dumps(anyone), "m.toml")
+    named = set(re.findall(r"'(\w+)'", str(err.value)))
+    assert "nf4" in named and not {"segfault", "orphan", "slow"} & named
+
+
 def test_toml_syntax_error_names_the_line():
     with pytest.raises(QuantMatrixError, match=r"m\.toml:3: TOML syntax error"):
         parse_matrix('[axes]\nengine = ["none"]\nqtype = [\n', "m.toml")

@@ -81,10 +81,8 @@ threads_at_fork: list[str] = []
 
 def _before_fork() -> None:
     global threads_at_fork
-    threads_at_fork = other_threads()
-    if threads_at_fork:
-        print(f"quantmatrix cell server: forking a cell while holding other threads: {', '.join(threads_at_fork)}",
-              flush=True, file=sys.stderr)
+    threads_at_fork = other_threads()  # a forked cell refuses to run and says so (child.py); nothing printed here:
+    # the server's warm-up and preparation forks are no cells
 
 
 def _cuda_driver_loaded() -> bool:

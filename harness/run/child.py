@@ -58,9 +58,11 @@ def child_main(task: CellTask, result_path: str, log_path: str, memory_limit_mb:
     if server is not None and server.threads_at_fork:
         # What those threads held (a lock, a pool's worker) is held forever here: the cell could deadlock.
         outcome = Outcome(Status.ERROR, error=ErrorInfo(
-            "HarnessError", "the cell server held other threads than its main one when it forked this cell ("
-            + ", ".join(server.threads_at_fork) + "); a forked cell inherits whatever they held, so it was not run",
-            "", Stage.PROCESS), reason="the cell server was not thread-free at the fork")
+            "HarnessError", f"the cell server held other threads than its main one when it forked cell "
+            f"{task.cell.id} (" + ", ".join(server.threads_at_fork) + "); a forked cell inherits whatever they held, "
+            "so it was not run", "", Stage.PROCESS), reason="the cell server was not thread-free at the fork")
+        print(f"quantmatrix: cell {task.cell.id} not run: the cell server held other threads when it forked it "
+              f"({', '.join(server.threads_at_fork)})", file=sys.stderr, flush=True)
     else:
         outcome = execute_cell(task)
     tmp = result_path + ".tmp"
