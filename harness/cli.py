@@ -8,8 +8,11 @@
     quantmatrix report RESULTS... -o DIR  write the HTML report (index.html, cells.csv, plots/) from records
     quantmatrix report RESULTS... --markdown [-o FILE]   the compatibility table as markdown
     quantmatrix report RESULTS... --doc-patch [--rules FILE] [-o FILE]   a patch for the page the rules state
+    quantmatrix report RESULTS... --upstream DIR   one markdown draft per failure no cited report covers
     quantmatrix compare OLD NEW           cells newly broken/fixed/drifted, latency and memory regressions;
                                           exit 1 when something regressed
+    quantmatrix repro CELL_ID --results FILE [--matrix FILE] [-o OUT.py]   a standalone script (torch, diffusers,
+                                          accelerate and the engine only) that reproduces the cell's record
 
 Mistakes in input exit with status 2 and one message naming the file, the key and what was expected.
 """
@@ -17,6 +20,7 @@ Mistakes in input exit with status 2 and one message naming the file, the key an
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -129,6 +133,11 @@ def _report(args: argparse.Namespace, rest: list[str]) -> int:
                   f"{args.rules or 'none given'} has none", file=sys.stderr)
             return 2
         return _emit(docpatch.render(rules, records), args.output, "doc patch")
+    if args.upstream:
+        from harness.report import upstream
+
+        print(upstream.summary(upstream.write_drafts(records, Path(args.upstream)), Path(args.upstream)))
+        return 0
     if args.markdown:
         from harness.report.markdown import render
 
@@ -138,6 +147,19 @@ def _report(args: argparse.Namespace, rest: list[str]) -> int:
     previous = report_data.load(args.previous) if args.previous else None
     index = build(records, Path(args.output or CHECKOUT / "reports" / "latest"), previous=previous, rules=rules)
     print(f"report: {index} ({len(records.frame)} records, {len(records.skipped)} skipped)")
+    return 0
+
+
+def _repro(args: argparse.Namespace, rest: list[str]) -> int:
+    from harness import repro
+
+    record = repro.find_record(args.cell, args.results)
+    text = repro.script(record, repro.settings_of(args.matrix), settings_from=args.matrix or "")
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+        print(f"repro of {record['id']} ({record['verdict']}, run {record['run']}): {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
     return 0
 
 
@@ -178,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", action="store_true", help="write the compatibility table as markdown")
     p.add_argument("--previous", nargs="+", type=_existing, metavar="RESULTS",
                    help="earlier results: add a section of what changed since")
+    p.add_argument("--upstream", metavar="DIR",
+                   help="write one markdown draft of an upstream report per failure that no rule citing a report "
+                        "covers (identical failures across cells: one draft), with its standalone reproduction")
     p.add_argument("--doc-patch", action="store_true",
                    help="write a markdown patch for the page the rules file's [document] describes")
     sdnext = CHECKOUT / "matrices" / "sdnext.toml"
@@ -191,6 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threshold", type=float, default=0.25,
                    help="latency/memory ratio growth counted as a regression (default 0.25 = 25%%)")
     p.set_defaults(func=_compare)
+    p = sub.add_parser("repro", help="write a standalone script that reproduces a cell's record (stdout without -o)")
+    p.add_argument("cell", metavar="CELL_ID")
+    p.add_argument("--results", action="append", required=True, type=_existing, metavar="FILE",
+                   help="results file holding the cell's record (repeatable; the latest record is used)")
+    p.add_argument("--matrix", metavar="FILE", help="the matrix file the run used: its seed, batch and "
+                                                     "[offload.group] (default: the harness's default settings)")
+    p.add_argument("-o", "--output", metavar="OUT.py", help="write the script here (default: stdout)")
+    p.set_defaults(func=_repro)
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "run":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -199,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     except QuantMatrixError as exc:
         print(f"quantmatrix: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `quantmatrix list ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 0
 
 
 if __name__ == "__main__":

@@ -117,3 +117,12 @@ def test_console_script_is_installed():
     script = Path(sys.executable).parent / "quantmatrix"
     out = subprocess.run([str(script), "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "validate" in out.stdout
+
+
+def test_a_closed_pipe_ends_the_listing_quietly():
+    """`quantmatrix list matrices/sdnext.toml | head -3`: exit 0, no BrokenPipeError traceback."""
+    proc = subprocess.run(f"{sys.executable} -m harness.cli list matrices/sdnext.toml | head -3; "
+                          "exit ${PIPESTATUS[0]}", shell=True, executable="/bin/bash", cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert len(proc.stdout.splitlines()) == 3

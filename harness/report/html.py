@@ -25,6 +25,7 @@ from harness.report import data as report_data
 from harness.report import overview as report_overview
 from harness.report import plots as report_plots
 from harness.report import statements as report_statements
+from harness.report import upstream as report_upstream
 from harness.report.statements import Finding
 from harness.stacks.catalog import packages_needed
 
@@ -51,12 +52,23 @@ def _num(value, fmt: str) -> str:
     return format(value, fmt) if report_data.finite(value) else ""
 
 
+def _paired(row) -> str:
+    """The cell's latency against its float model: the paired ratio and its interval, or why there is none."""
+    if row["latency_pairing"] == "paired":
+        return (f"{_num(row['latency_paired'], '.2f')}x its float model timed beside it (90% interval "
+                f"{_num(row['latency_lo'], '.2f')}-{_num(row['latency_hi'], '.2f')}, {row['latency_pairs']:.0f} pairs)")
+    if row["latency_pairing"] == "unpaired":
+        return f"not paired: {row['latency_unpaired']}"
+    return f"{_num(row['latency_ratio'], '.2f')}x baseline (timed apart: a record from before pairing)"
+
+
 def _mib(value) -> str:
     return f"{value / 2**20:.1f} MiB" if report_data.finite(value) else ""
 
 
-def figures(row) -> list[tuple[str, str]]:
-    """The figures of one cell, as (label, text) pairs, for its hover and detail panel."""
+def figures(row, script: report_upstream.Script | None = None) -> list[tuple[str, str]]:
+    """The figures of one cell, as (label, text) pairs, for its hover and detail panel; `script`: its standalone
+    reproduction (a failing, drifting or erroring cell), linked from the panel, or why it has none."""
     pattern = row["pattern"] if isinstance(row["pattern"], str) else None
     out = [("verdict", row["verdict"]), ("expected", row["expect"] + (f" /{pattern}/" if pattern else "")),
            ("note", row["note"])]
@@ -69,7 +81,7 @@ def figures(row) -> list[tuple[str, str]]:
             ("peak memory", f"{_mib(row['own_mem_bytes'])} above start ({row['mem_kind']}), "
                             f"{_num(row['mem_ratio'], '.2f')}x baseline"),
             ("latency", f"{_num(row['latency_ms'], '.2f')} ms median (p10 {_num(row['latency_p10_ms'], '.2f')}, "
-                        f"p90 {_num(row['latency_p90_ms'], '.2f')}), {_num(row['latency_ratio'], '.2f')}x baseline"),
+                        f"p90 {_num(row['latency_p90_ms'], '.2f')}), " + _paired(row)),
             ("output error", f"SQNR {_num(row['sqnr_db'], '.1f') or 'exact'} dB, cosine {_num(row['cosine'], '.5f')}"
                              + (f", image PSNR {_num(row['psnr_db'], '.1f') or 'exact'} dB"
                                 if report_data.finite(row["psnr_db"]) or row["phases"] else "")),
@@ -97,6 +109,8 @@ def figures(row) -> list[tuple[str, str]]:
         versions += f", diffusers {row['diffusers'] or '-'}"
     out.append(("versions", versions + f", accelerate {row['accelerate'] or '-'}"))
     out.append(("run", f"{row['run']} ({row['started']})"))
+    if script is not None:
+        out.append(("reproduce", script.path or f"no standalone script: {script.why_not}"))
     return out
 
 
@@ -124,9 +138,10 @@ def grid_anchor(machine: str, versions: str, device: str) -> str:
     return "grid-" + _slug(f"{machine}-{versions}-{device}")
 
 
-def grids(latest: pd.DataFrame) -> list[dict]:
+def grids(latest: pd.DataFrame, scripts: dict | None = None) -> list[dict]:
     """One grid per machine and device: rows model/dtype, engine-qtype, load; columns the offload modes; one cell
-    per record. Devices a machine lacks (all its cells 'device ...: absent') are listed, not drawn."""
+    per record. Devices a machine lacks (all its cells 'device ...: absent') are listed, not drawn. `scripts`:
+    the cells' reproductions by (machine, versions, id) (upstream.write_scripts)."""
     out = []
     several = latest.groupby("machine")["versions"].nunique()
     for (machine, versions, device), rows in latest.groupby(["machine", "versions", "device"], sort=True):
@@ -148,7 +163,7 @@ def grids(latest: pd.DataFrame) -> list[dict]:
                 line = dict(zip(line_axes, values, strict=True))
                 engine, qtype, how = line["engine"], line["qtype"], report_data.how_run(line)
                 lines.append({"label": engine if qtype == "-" else f"{engine} {qtype}", "load": how,
-                              "cells": [_grid_cell(by_offload.get(o)) for o in offloads]})
+                              "cells": [_grid_cell(by_offload.get(o), scripts) for o in offloads]})
             lines.sort(key=lambda line: (line["label"] != "none", line["label"], line["load"]))
             body.append({"model": model, "dtype": dtype, "lines": lines})
         out.append({"machine": machine, "device": device, "device_name": names.iloc[0] if len(names) else device,
@@ -158,12 +173,13 @@ def grids(latest: pd.DataFrame) -> list[dict]:
     return out
 
 
-def _grid_cell(row) -> dict | None:
+def _grid_cell(row, scripts: dict | None = None) -> dict | None:
     if row is None:
         return None
     symbol, label, css = VERDICTS.get(row["verdict"], ("?", row["verdict"], "na"))
+    script = (scripts or {}).get((row["machine"], row["versions"], row["id"]))
     return {"symbol": symbol, "label": label, "css": css, "short": _short(row), "verdict": row["verdict"],
-            "id": row["id"], "figures": figures(row)}
+            "id": row["id"], "figures": figures(row, script)}
 
 
 def environments(frame: pd.DataFrame) -> list[dict]:
@@ -227,6 +243,7 @@ def build(records: report_data.Records, out_dir: Path, *, previous: report_data.
     latest = records.latest()
     broke = latest[latest["integration_broke"]]
     plots = report_plots.write_all(latest, out_dir / "plots")
+    scripts = report_upstream.write_scripts(latest, out_dir, records.files)  # repro/*.py, linked from the panel
     csv = out_dir / "cells.csv"
     latest[csv_columns()].to_csv(csv, index=False)
     changes = compare_mod.compare(previous, records) if previous is not None else None
@@ -248,11 +265,11 @@ def build(records: report_data.Records, out_dir: Path, *, previous: report_data.
         counts=[(v, n, *VERDICTS.get(v, ("?", v, "na"))) for v, n in report_overview.counts(latest)],
         overview=_overview(latest, plots, out_dir),
         memory_order=report_overview.memory_order(latest[latest["device"] != "cpu"]),  # on a CPU nothing moves
-        grids=grids(latest),
+        grids=grids(latest, scripts),
         drifted=[s for s in said if s.finding in (Finding.DRIFTED, Finding.BROKE)],
         held=[s for s in said if s.finding not in (Finding.DRIFTED, Finding.BROKE)],
         upstream=report_statements.upstream(records.frame),
-        integration=[_grid_cell(r) | {"machine": r["machine"], "layer": r["error_layer"],
+        integration=[_grid_cell(r, scripts) | {"machine": r["machine"], "layer": r["error_layer"],
                                       "error": f"{r['error_type']}: {r['error_message']}" if r["error_type"]
                                       else r["reason"]} for _, r in broke.iterrows()],
         verdicts=VERDICTS,

@@ -1,0 +1,274 @@
+"""Standalone reproductions (`quantmatrix repro`), the report's links to them, and the upstream drafts
+(`quantmatrix report --upstream`). The fast tests generate text only (no model is built); the slow ones run the
+scripts alone and check they end with the recorded error, and that their weights are the harness's."""
+
+import ast
+import contextlib
+import io
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness import repro
+from harness.cell import Cell
+from harness.cli import main
+from harness.matrix import Settings
+from harness.report import data as report_data
+from harness.report import upstream as report_upstream
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = REPO / "results" / "reference"
+UPSTREAM = REFERENCE / "cpu-upstream.jsonl"
+DEFAULT = REFERENCE / "cpu-default.jsonl"
+GGUF_SEQUENTIAL = "gguf-Q8_0/prequantized/sequential/cpu/flux-tiny/float32/diffusers"  # diffusers#14691
+CPU0_FLOAT = "none/post-load/sequential/cpu/flux-tiny/float32/diffusers"  # the cpu:0 finding, on the float model
+MUST_SHOW = [(GGUF_SEQUENTIAL, UPSTREAM), (CPU0_FLOAT, DEFAULT)]
+# What a generated script may import: the standard library it uses, torch, diffusers, accelerate, the engines
+ALLOWED = {"__future__", "math", "os", "tempfile", "types", "pathlib", "torch", "diffusers", "accelerate", "numpy",
+           "bitsandbytes", "optimum", "gguf", "nncf", "sdnq", "torchao"}
+
+
+def imported(text: str | ast.Module) -> set[str]:
+    """The top-level modules a script imports, anywhere in it."""
+    out = set()
+    for node in ast.walk(ast.parse(text) if isinstance(text, str) else text):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            out.add((node.module or "").split(".")[0])
+    return out
+
+
+def record_of(cell_id: str, path: Path) -> dict:
+    return repro.find_record(cell_id, [path])
+
+
+@pytest.mark.parametrize(("cell_id", "results"), MUST_SHOW)
+def test_repro_script_imports_no_harness_and_states_versions_and_error(cell_id, results, tmp_path, capsys):
+    out = tmp_path / "repro_script.py"
+    assert main(["repro", cell_id, "--results", str(results), "-o", str(out)]) == 0
+    text = out.read_text()
+    modules = imported(text)
+    assert "harness" not in modules and modules <= ALLOWED, modules
+    record = record_of(cell_id, results)
+    env, err = record["env"], record["error"]
+    header = text.split("\nfrom __future__", 1)[0]
+    for version in (f"python {env['python']}", f"torch {env['torch']}", f"diffusers {env['diffusers']}",
+                    f"accelerate {env['accelerate']}", *(f"{k} {v}" for k, v in env["engines"].items())):
+        assert version in header, version
+    assert f"{err['type']}: {err['message'].splitlines()[0]}" in header
+    assert f"raised in: {err['layer']}" in header and f"stage:     {err['stage']}" in header
+    assert "python this_file.py" in header
+    # the model: its constructor arguments inlined, the seeded weights' code copied from harness/models/real.py
+    assert "DIFFUSERS_CONFIGS = {'flux-tiny': dict(" in text
+    assert repro.copied_code("models/real.py", ("seed_weights",)) in text
+    # stdout without -o: the same script
+    assert main(["repro", cell_id, "--results", str(results)]) == 0
+    assert capsys.readouterr().out == text
+
+
+def test_the_gguf_script_writes_the_file_and_loads_it_through_from_single_file():
+    text = repro.script(record_of(GGUF_SEQUENTIAL, UPSTREAM))
+    assert "gguf.GGUFWriter(" in text and "gguf.quants.quantize(" in text
+    assert ".from_single_file(str(source), config=str(tmp / 'float'), torch_dtype=DTYPE," in text
+    assert "quantization_config=diffusers.GGUFQuantizationConfig(compute_dtype=DTYPE)" in text
+    assert "pipe.enable_sequential_cpu_offload(device=DEVICE)" in text
+    main_body = text.split("def main() -> None:", 1)[1]
+    assert "after_step = offload(model)" in main_body and "run(model, inputs)" not in main_body  # stops at offload
+
+
+def test_repro_of_a_cell_it_cannot_express_exits_2_with_one_line(capsys):
+    pipe = "none/post-load/sequential/cpu/flux-tiny-pipe/bfloat16/diffusers"
+    assert main(["repro", pipe, "--results", str(DEFAULT)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and pipe in err and "pipelines" in err and "Traceback" not in err
+    assert main(["repro", "none/post-load/none/cpu/flux-tiny/float32/nowhere", "--results", str(DEFAULT)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no record" in err
+
+
+def _record(cell: Cell, *, stage: str | None = "forward", verdict: str = "fail") -> dict:
+    error = None if stage is None else {"type": "RuntimeError", "message": 'it """broke"""\n  \\ here', "layer": "x",
+                                        "stage": stage, "where": "a.py:1 f"}
+    return {"run": "r", "id": cell.id, "cell": cell.as_dict(), "verdict": verdict, "error": error,
+            "expect": {"kind": "works"}, "env": {"torch": "t", "python": "p", "engines": {}}, "started": "s"}
+
+
+STAGES_BEFORE = ("prepare", "load", "offload")
+
+
+def _expressible_cells() -> list[Cell]:
+    cells = []
+    for stack in ("direct", "diffusers"):
+        for engine, qtype in (("none", "-"), ("bnb", "nf4"), ("bnb", "int8"), ("quanto", "qint8"), ("sdnq", "int8"),
+                              ("torchao", "int8_weight_only"), ("nncf", "int4_sym-g128"), ("gguf", "Q8_0")):
+            for load in ("post-load", "on-the-fly", "prequantized"):
+                for offload in ("none", "model", "sequential", "group"):
+                    casting = "float8_e4m3fn" if offload == "none" else "-"
+                    for model, cast in (("flux-tiny", "-"), ("sdxl-tiny", casting)):
+                        cell = Cell(engine, qtype, load, offload, "cuda", model, "bfloat16", stack, cast)
+                        if repro.unsupported(cell, Settings()) is None:
+                            cells.append(cell)
+    return cells
+
+
+def test_every_path_the_generator_offers_is_valid_python_without_the_harness():
+    cells = _expressible_cells()
+    assert len(cells) > 60  # both stacks, every engine it writes, every load and offload it writes
+    for i, cell in enumerate(cells):  # each cell up to one of the stages, in turn
+        text = repro.script(_record(cell, stage=repro.STAGES[i % 4]), Settings(), settings_from="m.toml")
+        # its imports and its steps (the model's code, the same for every cell of a model, is parsed above)
+        head, rest = text.split("\n# ----------------------------------------------------------------" +
+                                " the model (quantmatrix's)", 1)
+        tree = ast.parse(head + "\n" + rest.split("# ---------------------------------------------------------------- "
+                                                 "the cell's steps", 1)[1])
+        compile(tree, cell.id, "exec")
+        assert imported(tree) <= ALLOWED, cell.id
+    checked = repro.script(_record(cells[-1], stage=None, verdict="wrong-output"), Settings())
+    assert "check_output(output, reference)" in checked and "FLOOR_DB = " in checked  # a wrong output is checked
+    group = repro.script(_record(Cell("none", "-", "post-load", "group", "cpu", "flux-tiny", "float32", "diffusers")),
+                         Settings(group_type="block_level", group_blocks=2), settings_from="m.toml")
+    assert "offload_type='block_level', num_blocks_per_group=2" in group and "exclude_modules=['vae']" in group
+    assert "the settings of m.toml" in group
+
+
+def test_what_the_generator_cannot_express_it_says_before_writing_anything():
+    said = {cell_id: repro.unsupported(Cell.from_id(cell_id)) for cell_id in (
+        "none/post-load/none/cpu/dit-s/float32/direct",
+        "none/post-load/none/cpu/flux-tiny-pipe/bfloat16/diffusers",
+        "gguf-Q8_0/post-load/none/cpu/flux-tiny/float32/direct",
+        "bnb-nf4/post-load/balanced/cpu/flux-tiny/float32/diffusers",
+        "none/post-load/group/cpu/flux-tiny/float32/diffusers",
+        "bnb-nf4/prequantized/none/cpu/flux-tiny/float32/direct")}
+    assert all(said.values()), said
+    assert "imitation" in said["none/post-load/none/cpu/dit-s/float32/direct"]
+    assert "--matrix" in said["none/post-load/group/cpu/flux-tiny/float32/diffusers"]
+    with pytest.raises(repro.Unsupported, match="balanced"):
+        repro.script(_record(Cell.from_id("bnb-nf4/post-load/balanced/cpu/flux-tiny/float32/diffusers")))
+
+
+# ------------------------------------------------------------------------------------------ the report
+
+def test_the_report_writes_and_links_a_script_for_each_failing_cell(tmp_path):
+    lines = [line for line in UPSTREAM.read_text().splitlines() if line.strip()]
+    some = [line for line in lines if '"flux-tiny"' in line and ('"sequential"' in line or '"balanced"' in line)
+            and '"bnb"' in line or GGUF_SEQUENTIAL in line]  # failing cells, some it cannot express, some working
+    (tmp_path / "r.jsonl").write_text("\n".join(some) + "\n")
+    assert main(["report", str(tmp_path / "r.jsonl"), "-o", str(tmp_path / "site"), "--rules", ""]) == 0
+    html = (tmp_path / "site" / "index.html").read_text()
+    scripts = sorted((tmp_path / "site" / "repro").glob("*.py"))
+    gguf = [p for p in scripts if p.name.startswith("gguf-q8-0-prequantized-sequential-cpu-flux-tiny-float32-diff")]
+    assert len(gguf) == 1 and f'repro/{gguf[0].name}' in html
+    assert "harness" not in imported(gguf[0].read_text())
+    assert "no standalone script: balanced offload" in html  # a failing cell it cannot express says why
+    failing = {json.loads(line)["id"] for line in some if json.loads(line)["verdict"] not in ("ok", "unavailable")}
+    assert 1 < len(scripts) < len(failing)
+    assert 'key === "reproduce"' in html  # the panel makes the path a link
+    # a second build into the same directory leaves no stale script behind
+    (tmp_path / "site" / "repro" / "stale-00000000.py").write_text("")
+    loaded = report_data.load([tmp_path / "r.jsonl"])
+    written = report_upstream.write_scripts(loaded.latest(), tmp_path / "site", loaded.files)
+    assert sorted((tmp_path / "site" / "repro").glob("*.py")) == scripts
+    assert {s.path for s in written.values() if s.path} == {f"repro/{p.name}" for p in scripts}
+
+
+# ------------------------------------------------------------------------------------------ upstream drafts
+
+CPU0_DRAFT = "accelerate-typeerror-new-received-an-invalid-combination-of-arguments-146fc907.md"
+
+
+@pytest.fixture(scope="module")
+def drafted(tmp_path_factory) -> tuple[Path, str]:
+    """`quantmatrix report cpu-default cpu-upstream --upstream DIR` (the reference records of this host)."""
+    out, said = tmp_path_factory.mktemp("drafts"), io.StringIO()
+    with contextlib.redirect_stdout(said):
+        assert main(["report", str(DEFAULT), str(UPSTREAM), "--upstream", str(out)]) == 0
+    return out, said.getvalue()
+
+
+def test_upstream_drafts_group_identical_failures_and_skip_reported_ones(drafted):
+    out, said = drafted
+    assert "already reported (diffusers#14691): 1 cells" in said and "already reported (diffusers#10526)" in said
+    drafts = {p.name: p.read_text() for p in out.glob("*.md")}
+    assert CPU0_DRAFT in drafts, sorted(drafts)
+    assert not any("KeyError: None" in text.split("## Reproduction")[0] for text in drafts.values())
+    assert not any("WeightQBytesTensor.__new__() missing 6" in text.split("## Reproduction")[0]
+                   for text in drafts.values())
+    cpu0 = drafts[CPU0_DRAFT]
+    assert "(https://github.com/huggingface/accelerate/issues/new)" in cpu0 and "`accelerate.utils`" in cpu0
+    for section in ("## Environment", "## Reproduction", "## Expected", "## Actual", "## Affected cells"):
+        assert section in cpu0
+    # one draft for the cells of both files that raised it; the float model's cell is the reproduction
+    assert f"| `{CPU0_FLOAT}` |" in cpu0
+    assert "| `bnb-int8/post-load/sequential/cpu/flux-tiny/float32/diffusers` |" in cpu0
+    assert f"for the cell `{CPU0_FLOAT}`" in cpu0
+    script = cpu0.split("```python\n", 1)[1].split("\n```", 1)[0]
+    assert "harness" not in imported(script) and "enable_sequential_cpu_offload(device=DEVICE)" in script
+    assert "`none/post-load/sequential/cpu/flux-tiny/float32/direct` (ok)" in cpu0  # the control that works
+    assert "torch 2.13.0+cpu, diffusers 0.42.1, accelerate 1.16.0" in cpu0
+
+
+def test_the_committed_cpu0_draft_is_what_the_command_generates(drafted):
+    committed = REPO / "reports" / "upstream" / CPU0_DRAFT
+    assert committed.read_text() == (drafted[0] / CPU0_DRAFT).read_text(), \
+        "regenerate it: quantmatrix report results/reference/cpu-default.jsonl results/reference/cpu-upstream.jsonl " \
+        "--upstream DIR, and copy DIR/" + CPU0_DRAFT + " to reports/upstream/"
+
+
+# ------------------------------------------------------------------------------------------ slow: run them
+
+def last_error(stderr: str, error_type: str) -> str:
+    """The traceback's last exception of this type, "Type: message", to the end (a message may span lines)."""
+    found = list(re.finditer(rf"^(?:[\w.]+\.)?{re.escape(error_type)}: ", stderr, re.MULTILINE))
+    return stderr[found[-1].start():].strip() if found else stderr.strip().splitlines()[-1:][0] if stderr else ""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("cell_id", "results"), MUST_SHOW)
+def test_the_script_run_alone_raises_the_recorded_error(cell_id, results, tmp_path):
+    record = record_of(cell_id, results)
+    script = tmp_path / "repro_script.py"
+    script.write_text(repro.script(record))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = subprocess.run([sys.executable, str(script)], cwd=empty, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    err = record["error"]
+    name, _, message = last_error(proc.stderr, err["type"]).partition(": ")
+    assert name.rsplit(".", 1)[-1] == err["type"] and message.strip() == err["message"].strip(), proc.stderr[-3000:]
+    assert list(empty.iterdir()) == []  # its files went under a temporary directory
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["flux-tiny", "sd3-tiny", "sdxl-tiny"])
+def test_the_script_builds_the_harness_model_bit_for_bit(model):
+    import torch
+
+    from harness.models.build import build_model, make_inputs
+
+    cell = Cell("none", "-", "post-load", "none", "cpu", model, "float32", "diffusers")
+    text = repro.script(_record(cell))
+    namespace: dict = {"__name__": "repro"}
+    exec(compile(text, "repro", "exec"), namespace)
+    ours, theirs = namespace["build_model"](model, 0, torch.float32).state_dict(), build_model(model, 0).state_dict()
+    assert list(ours) == list(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    inputs, expected = namespace["make_inputs"](model, 0, 1, torch.float32, "cpu"), make_inputs(model, 0)
+    assert all(torch.equal(inputs[k], expected[k]) for k in expected)
+
+
+@pytest.mark.slow
+def test_the_script_of_a_wrong_output_ends_below_its_floor(tmp_path):
+    """A cell that ran but whose output is not the model's (bnb nf4 on sdxl-tiny in float32): the script compares
+    with the float model and fails on the type's floor, as the harness judged it."""
+    record = record_of("bnb-nf4/post-load/none/cpu/sdxl-tiny/float32/direct", DEFAULT)
+    assert record["verdict"] == "wrong-output"
+    script = tmp_path / "repro_script.py"
+    script.write_text(repro.script(record))
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "AssertionError: output below its type's floor" in proc.stderr, proc.stderr[-2000:]
+    assert f"SQNR {record['metrics']['sqnr_db']:.1f} dB" in proc.stderr + proc.stdout
