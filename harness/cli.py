@@ -74,15 +74,21 @@ Every other option goes to pytest (`pytest --help` lists them)."""
 def _list(args: argparse.Namespace, rest: list[str]) -> int:
     from harness.devices import present_devices
     from harness.matrix import load_matrix
+    from harness.run.session import host_environment
 
-    matrix = load_matrix(args.file, present_devices=present_devices())
-    width = max([len(c.id) for c in matrix.cells] + [4])
-    print(f"{'cell':<{width}}  expected (documented outcome, not a result)")
-    for cell in matrix.cells:
-        expect = matrix.expectation(cell)
+    here = present_devices()
+    matrix = load_matrix(args.file, present_devices=here)
+    cells = [c for c in matrix.cells if args.all_devices or c.device in here]
+    versions = host_environment()[1]  # a rule on versions this host does not have does not decide here
+    width = max([len(c.id) for c in cells] + [4])
+    print(f"{'cell':<{width}}  expected here (documented outcome, not a result)")
+    for cell in cells:
+        expect = matrix.expectation(cell, versions)
         print(f"{cell.id:<{width}}  {expect.kind}" + (f" /{expect.pattern}/" if expect.pattern else "")
               + (f" ({expect.reason})" if expect.reason else ""))
-    print(f"{len(matrix.cells)} cells", file=sys.stderr)
+    other = len(matrix.cells) - len(cells)
+    print(f"{len(cells)} cells" + ("" if args.all_devices else f" on this host ({', '.join(here)})")
+          + (f"; {other} more on devices it lacks (--all-devices lists them)" if other else ""), file=sys.stderr)
     return 0
 
 
@@ -186,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("list", help="print the cells a matrix expands to on this host, with their expected outcome")
     p.add_argument("file", nargs="?", default=str(CHECKOUT / "matrices" / "default.toml"),
                    help="matrix file (default matrices/default.toml)")
+    p.add_argument("--all-devices", action="store_true", help="list the cells of devices this host lacks too")
     p.set_defaults(func=_list)
     p = sub.add_parser("validate", help="check matrix files")
     p.add_argument("files", nargs="+")
@@ -228,7 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     if rest and args.command != "run":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        return args.func(args, rest)
+        status = args.func(args, rest)
+        sys.stdout.flush()  # here, not at exit: a reader gone by then would still cost a traceback
+        return status
     except QuantMatrixError as exc:
         print(f"quantmatrix: error: {exc}", file=sys.stderr)
         return 2

@@ -34,6 +34,8 @@ A matrix file (TOML) declares axes, optional include/exclude tables and expectat
     reason = "..."             # for "unavailable"
     claims = ["smaller", "slower"]   # for "works": measured against the baseline cell (see CLAIMS); with a
                                # published factor: "smaller-by:3.0", "less-memory-by:2.5", "slower-by:1.5"
+    judges = { claims = ["slower"], offload = "none" }   # optional: the cells and claims that test the statement
+                               # (the wiki patch judges it by those only; the run judges every cell it matches)
     tolerance = 0.1            # a claim holds beyond this ratio margin, is contradicted beyond it on the other side
 
     [document]                 # optional: the page the rules state (quantmatrix report --doc-patch)
@@ -135,9 +137,16 @@ class Rule:
     match: Mapping[str, tuple[str, ...]]
     expect: Expectation
     versions: Mapping[str, SpecifierSet | None] = field(default_factory=dict)  # None: must be absent
+    # Which of its cells and claims test the documented statement (the wiki patch judges it by those only): a
+    # statement of speed by its latency claims, one of a load mode by the cells without offload. Empty: all.
+    judges: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    judged_claims: tuple[str, ...] = ()
 
     def matches(self, cell: Cell) -> bool:
         return all(getattr(cell, k) in values for k, values in self.match.items())
+
+    def judges_cell(self, cell: Any) -> bool:
+        return all(getattr(cell, k) in values for k, values in self.judges.items())
 
     def holds_for(self, versions: Mapping[str, str | None]) -> bool:
         """Whether the rule applies with these versions (a spec of None: the package must be absent)."""
@@ -186,6 +195,9 @@ class Document:
     title: str
     url: str = ""
     sections: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()  # engines the page documents that the tool no longer ships
+    removed_in: str = ""  # the release that removed them
+    removed_note: str = ""  # what the tool ships instead, as its release notes say
 
 
 @dataclass(frozen=True)
@@ -218,7 +230,7 @@ class Matrix:
 
 _TOP_KEYS = {"matrix", "axes", "include", "exclude", "rule", "settings", "offload", "document"}
 _RULE_KEYS = {"match", "expect", "pattern", "source", "reason", "versions", "claims", "tolerance", "statement",
-              "section"}
+              "section", "judges"}
 
 
 class _Doc:
@@ -462,14 +474,19 @@ def _document(doc: _Doc, data: dict) -> Document | None:
     if "document" not in data:
         return None
     raw = doc.table(data["document"], "document")
-    doc.check_keys(raw, ["title", "url", "sections"], "document")
-    for k in ("title", "url"):
+    doc.check_keys(raw, ["title", "url", "sections", "removed", "removed_in", "removed_note"], "document")
+    for k in ("title", "url", "removed_in", "removed_note"):
         if k in raw and not isinstance(raw[k], str):
             raise doc.fail(f"document.{k}", f"expected a string, got {_kind(raw[k])}")
     if not raw.get("title"):
         raise doc.fail("document.title", "missing; expected the page's title")
     sections = doc.strings(raw.get("sections", []), "document.sections") if "sections" in raw else []
-    return Document(raw["title"], raw.get("url", ""), tuple(sections))
+    removed = tuple(_axis_values(doc, "engine", raw["removed"], "document.removed", wildcards=False)) \
+        if "removed" in raw else ()
+    if removed and not raw.get("removed_in"):
+        raise doc.fail("document.removed_in", "missing; expected the release that removed the engines in removed")
+    return Document(raw["title"], raw.get("url", ""), tuple(sections), removed, raw.get("removed_in", ""),
+                    raw.get("removed_note", ""))
 
 
 def _rule(doc: _Doc, raw: Any, key: str, index: int, document: Document | None = None) -> Rule:
@@ -527,7 +544,16 @@ def _rule(doc: _Doc, raw: Any, key: str, index: int, document: Document | None =
                                          f"of [document] sections {known}")
     expect = Expectation(kind, pattern, table.get("source"), table.get("reason"), tuple(claims), float(tolerance),
                          index, table.get("statement"), section)
-    return Rule(match, expect, versions)
+    judges = dict(doc.table(table.get("judges", {}), f"{key}.judges"))
+    judged_claims = doc.strings(judges.pop("claims"), f"{key}.judges.claims") if "claims" in judges else []
+    names = [c.split(":")[0] for c in claims]
+    for c in judged_claims:
+        if c not in names:
+            raise doc.fail(f"{key}.judges.claims", f"{c!r} is not one of the rule's claims; expected one of {names}")
+    if "judges" in table and "statement" not in table:
+        raise doc.fail(f"{key}.judges", "judges says which cells test the rule's statement; expected a statement")
+    return Rule(match, expect, versions, _selector(doc, judges, f"{key}.judges") if judges else {},
+                tuple(judged_claims))
 
 
 def parse_matrix(text: str, path: Path | str = "<matrix>", *,

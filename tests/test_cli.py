@@ -30,6 +30,26 @@ def test_validate_and_list_shipped_matrices(capsys):
     assert "none/post-load/sequential/cpu/dit-xs/float32/direct" in out
 
 
+def test_list_shows_what_this_host_would_expect(capsys, monkeypatch):
+    """`list` judges rules by this host's versions and lists only its devices unless --all-devices: on torch 2.13
+    no quanto cell needs torch 2.4 (a rule limited to torch < 2.4); an older torch brings it back."""
+    from harness.run import session
+
+    sdnext = str(REPO / "matrices" / "sdnext.toml")
+    assert main(["list", sdnext]) == 0
+    captured = capsys.readouterr()
+    cells = [line.split()[0] for line in captured.out.splitlines()[1:]]
+    assert cells and {c.split("/")[3] for c in cells} == {"cpu"}  # this host's only device
+    assert "Optimum-Quanto needs torch 2.4" not in captured.out and "more on devices it lacks" in captured.err
+    assert main(["list", sdnext, "--all-devices"]) == 0
+    every = capsys.readouterr().out
+    assert {line.split()[0].split("/")[3] for line in every.splitlines()[1:]} >= {"cpu", "cuda", "xpu"}
+    env, versions = session.host_environment()
+    monkeypatch.setattr(session, "host_environment", lambda: (env, {**versions, "torch": "2.3.1"}))
+    assert main(["list", sdnext]) == 0  # an older torch: the rule decides again
+    assert "Optimum-Quanto needs torch 2.4" in capsys.readouterr().out
+
+
 def test_run_help_shows_the_harness_options_first_and_all_of_them(capsys):
     import re
 
@@ -126,3 +146,14 @@ def test_a_closed_pipe_ends_the_listing_quietly():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert len(proc.stdout.splitlines()) == 3
+
+
+def test_a_closed_pipe_ends_the_doc_patch_quietly():
+    """`report --doc-patch | head -60`: the patch fits the pipe's buffer, so the reader goes away while Python still
+    holds unflushed output; that too ends with exit 0 and no traceback."""
+    proc = subprocess.run(f"{sys.executable} -m harness.cli report results/reference/cpu-default.jsonl --doc-patch"
+                          " | head -60; exit ${PIPESTATUS[0]}", shell=True, executable="/bin/bash", cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr and "Exception" not in proc.stderr, \
+        proc.stderr[-2000:]
+    assert len(proc.stdout.splitlines()) == 60

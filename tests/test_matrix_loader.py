@@ -120,6 +120,15 @@ MISTAKES = [
      "rule[0].claims"),
     (_set(["document"], {"title": "Quantization", "sections": ["Errors", "Errors"]}), "document.sections"),
     (_set(["document"], {"title": "Quantization", "pages": 2}), "document.pages"),
+    (_set(["document"], {"title": "Quantization", "removed": ["bitsandbytes"], "removed_in": "2026-04-01"}),
+     "document.removed"),
+    (_set(["document"], {"title": "Quantization", "removed": ["bnb"]}), "document.removed_in"),
+    (_set(["rule"], [{"match": {"engine": "none"}, "expect": "works", "claims": ["slower"], "statement": "x",
+                      "judges": {"claims": ["smaller"]}}]), "rule[0].judges.claims"),
+    (_set(["rule"], [{"match": {"engine": "none"}, "expect": "works", "statement": "x",
+                      "judges": {"offload": "sequentail"}}]), "rule[0].judges.offload"),
+    (_set(["rule"], [{"match": {"engine": "none"}, "expect": "works", "judges": {"offload": "none"}}]),
+     "rule[0].judges"),
 ]
 
 

@@ -1,8 +1,10 @@
 """Reports from records: the HTML site in a real browser, merged machines, hostile strings, markdown, compare."""
 
 import copy
+import dataclasses
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -363,10 +365,28 @@ def test_overview_drift_blocks_and_doc_patch_in_a_real_browser(cpu_results, tmp_
         block.query_selector("details.cells summary").click()
         shown = block.inner_text()
         patch = page.inner_text("#doc-patch-text")
-        return counts, first_screen, len(overview), link, page.query_selector(link) is not None, shown, patch
+        page_counts = {c.get_attribute("data-finding"): int(c.inner_text())
+                       for c in page.query_selector_all("#page-counts td")}
+        page_bottom = page.evaluate("document.querySelector('#page-counts').getBoundingClientRect().bottom")
+        types = [(c.get_attribute("data-types"), c.get_attribute("class"), c.inner_text())
+                 for c in page.query_selector_all("table.overview td[data-types]")]
+        return (counts, first_screen, len(overview), link, page.query_selector(link) is not None, shown, patch,
+                page_counts, page_bottom, types)
 
-    (counts, bottom, tables, link, target_exists, shown, patch), errors, dialogs = open_report(index, tmp_path, visit)
+    (counts, bottom, tables, link, target_exists, shown, patch, page_counts, page_bottom, types), errors, dialogs = \
+        open_report(index, tmp_path, visit)
     assert errors == [] and dialogs == []
+    # the first screen answers for the page the rules state: its headline counts are the patch's
+    assert page_bottom < 1000
+    headline = next(line for line in patch.splitlines() if line.startswith("Statements checked: "))
+    assert headline == "Statements checked: " + ", ".join(
+        f"{page_counts[f]} {w}" for f, w in [("broke", "broke"), ("drifted", "drifted"), ("holds", "holds"),
+                                              ("unchecked", "not checked")]) + "."
+    assert sum(page_counts.values()) == len([r for r in load_matrix(SDNEXT).rules if r.expect.source])
+    # overview entries count the types that work, and colour by that, the worst verdict apart
+    assert types and all(int(k) <= int(n) for k, n in (t.split("/") for t, _, _ in types))
+    some = [(t, css, text) for t, css, text in types if css == "some"]
+    assert some and all(text.startswith(t + " ✓") for t, _, text in some)
     assert counts == {v: int((latest["verdict"] == v).sum()) for v in counts}  # every verdict counted, zeros too
     assert set(counts) >= {"fail", "timeout", "ok", "unavailable"} and list(counts)[:5] == [
         "crash", "oom", "hang", "timeout", "fail"]  # failures and timeouts first
@@ -406,16 +426,51 @@ def test_doc_patch_from_fixed_records_states_each_statement_outcome(tmp_path, ca
     assert outcome["seed: Errors (quanto qint + balanced offload)"] == "⚠ drifted"
     assert outcome["seed: Errors (bnb nf4 + sequential offload)"] == "⚠ drifted"  # fails, differently
     assert "Cannot copy out of meta tensor" in text.split("nf4 + sequential offload)")[1].split("\n>")[0]
-    assert outcome["seed: GGUF (storage-only: smaller, slower; not platform dependent)"] == "✓ holds"
+    gguf = "seed: GGUF (storage-only: smaller, slower; not platform dependent)"
+    assert outcome[gguf] == "– not checked"  # a statement of speed, and these records are from before pairing
+    assert "could not be judged: no paired latency against the float model" in blocks[gguf]
     assert outcome["seed: Optimum-Quanto limitations (torch 2.4)"] == "– not checked"
     assert "applies only with torch <2.4" in blocks["seed: Optimum-Quanto limitations (torch 2.4)"]
     assert "needs a xpu device" in blocks["seed: Optimum-Quanto limitations (Intel Arc/IPEX)"]
     assert len(blocks) == len([r for r in matrix.rules if r.expect.source])  # every statement, checked or not
     sections = [line[3:] for line in text.splitlines() if line.startswith("## ")]
-    assert sections == list(matrix.document.sections)  # in the page's order
-    assert "Suggested: GGUF with model offload: works on cuda." in text
+    # the page's sections in its order, between the generated support table and the SDNQ section it lacks
+    assert sections == ["Compatibility (measured)", *matrix.document.sections,
+                        "SDNQ (measured; the page has no section for it)"]
+    assert "Suggested: GGUF with model offload works on cuda." in text
     assert main(["report", *map(str, REFERENCE), "--doc-patch", "-o", str(tmp_path / "patch.md")]) == 0
     assert (tmp_path / "patch.md").read_text() == text + "\n"
+
+
+def test_doc_patch_of_every_reference_record_can_be_pasted():
+    """`report results/reference/*.jsonl --doc-patch`: one sentence of at most 200 characters per suggestion, no
+    error text cut, the compatibility table and the note on removed engines, and no statement judged by a failure
+    the float model shares."""
+    matrix = load_matrix(SDNEXT)
+    records = report_data.load(sorted((REPO / "results" / "reference").glob("*.jsonl")))
+    text = docpatch.render(matrix, records)
+    suggestions = [line.split("Suggested: ", 1)[1] for line in text.splitlines() if "Suggested: " in line]
+    assert suggestions and all(len(s) <= 200 and s.count(". ") == 0 and s.endswith(".") for s in suggestions)
+    assert "…" not in text and not re.search(r"expected one of:\s*(\||$)", text, re.M)  # no text cut off
+    assert "| BitsAndBytes | " in text and "### cpu, through diffusers" in text  # engine x offload per stack
+    assert "release removed BitsAndBytes, Optimum-Quanto, torchao and NNCF" in text
+    # the float model fails on the CPU under diffusers' sequential offload (accelerate's cpu:0, a TypeError), and
+    # so do the quantized cells there: that failure is the offload's, so no statement is judged by it
+    newest = docpatch.judged(matrix, records)
+    failed = docpatch.failures(newest)
+    base = newest[(newest["engine"] == "none") & (newest["offload"] == "sequential") & (newest["stack"] == "diffusers")
+                  & (newest["device"] == "cpu")]
+    assert len(base) and set(base["error_type"]) == {"TypeError"}
+    unjudged = [dataclasses.replace(rule, judges={}, judged_claims=()) for rule in matrix.rules]
+    for index, rule in enumerate(unjudged):  # with every rule judging every cell it decides, even so
+        result = docpatch.check(rule, index, newest, failed, matrix)
+        assert not any("invalid combination of arguments" in row for row in result.table), rule.expect.source
+    post_load = next(i for i, r in enumerate(matrix.rules) if "post-load quantization" in (r.expect.source or ""))
+    lines = " ".join(docpatch.check(unjudged[post_load], post_load, newest, failed, matrix).lines)
+    assert re.search(r"\d+ cell\(s\) left out: the float model fails the same way", lines)
+    # a statement of speed judged by its latency claim only: no failing cell decides it
+    speed = next(i for i, r in enumerate(matrix.rules) if r.judged_claims == ("not-slower",))
+    assert "fails with" not in " ".join(docpatch.check(matrix.rules[speed], speed, newest, failed, matrix).table)
 
 
 def test_upstream_report_no_longer_reproducing_since_a_version_set(cpu_results, tmp_path):

@@ -219,14 +219,20 @@ def load(paths: list[Path | str]) -> Records:
 
 def machines(frame: pd.DataFrame) -> pd.Series:
     """Which machine each record comes from. A run happens on one machine; host names alone repeat (e.g. "vm"),
-    so the machine is the host with its CPU's name (or, in records that lack it, the name of the device the run
-    used most)."""
+    so the machine is the host with the name of the accelerator the run used most, or with its CPU's name for a
+    run of CPU cells only (records from before the CPU was noted: the name of the device it used most). Records
+    of a GPU host that do and do not note its CPU name the same machine."""
     if frame.empty:
         return pd.Series(dtype=object)
     first = frame.groupby("run", sort=False)[["host", "cpu_name"]].first()  # first non-null of each
-    used = frame.dropna(subset=["device_name"]).groupby(["run", "device_name"], sort=False).size()
-    most = used.sort_values(ascending=False).reset_index().drop_duplicates("run").set_index("run")["device_name"]
-    what = first["cpu_name"].fillna(most.reindex(first.index)).fillna("unknown device")
+
+    def most_used(rows: pd.DataFrame) -> pd.Series:
+        used = rows.dropna(subset=["device_name"]).groupby(["run", "device_name"], sort=False).size()
+        top = used.sort_values(ascending=False).reset_index().drop_duplicates("run")
+        return top.set_index("run")["device_name"].reindex(first.index)
+
+    accelerator = most_used(frame[frame["device"] != "cpu"])
+    what = accelerator.fillna(first["cpu_name"]).fillna(most_used(frame)).fillna("unknown device")
     label = first["host"].fillna("?") + " · " + what
     return frame["run"].map(label)
 
@@ -286,12 +292,16 @@ def with_integration(frame: pd.DataFrame) -> pd.DataFrame:
     """Mark the diffusers-stack cells that broke where the same combination works on the direct stack (its
     control) in the same run: the integration, not the engine, broke them (column `integration_broke`)."""
     frame["integration_broke"] = False
+    frame["integration_documented"] = False
     if frame.empty:
         return frame
     keys = ["run", "machine"]
     control = frame[frame["verdict"].isin(PASSED + ("drift-claim",))]
     control = control[[*keys, "cell_id"]].drop_duplicates().rename(columns={"cell_id": "control_id"})
     out = frame.merge(control.assign(_control_works=True), on=[*keys, "control_id"], how="left")
-    out["integration_broke"] = (out["control_id"] != out["cell_id"]) & out["verdict"].isin(BROKEN) \
-        & out["_control_works"].fillna(False).astype(bool)
+    works = (out["control_id"] != out["cell_id"]) & out["_control_works"].fillna(False).astype(bool)
+    out["integration_broke"] = works & out["verdict"].isin(BROKEN)
+    # failing on the diffusers stack where the direct stack works, as a rule documents (or differently): the
+    # drift section's, counted so the integration's section can say it left them out
+    out["integration_documented"] = works & out["verdict"].isin(("documented-error", "drift-error"))
     return out.drop(columns=["_control_works"])

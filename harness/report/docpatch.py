@@ -13,14 +13,16 @@ another matrix file (the default matrix, say) still tells whether a statement of
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import pandas as pd
 
-from harness.cell import AXES, Cell
+from harness.cell import AXES, BASELINE, Cell
 from harness.engines.catalog import output_floor
-from harness.matrix import ExpectKind, Matrix, Rule
+from harness.matrix import Matrix, Rule
 from harness.report import data as report_data
 from harness.report.statements import FINDING_FIELDS, HAPPENED_FIELDS, Finding, finding, what_happened
 from harness.verdict import ErrorInfo, Outcome, Status, check_claims, judge
@@ -37,24 +39,6 @@ def describe(rule: Rule) -> str:
     words = [] if "engine" in m else ["every engine"]
     words += [axis.describe(m[axis.name]) for axis in AXES if axis.name in m]
     return " ".join(words)
-
-
-def _where(rows: pd.DataFrame) -> str:
-    pairs = sorted(set(zip(rows["machine"], rows["device"], strict=True)))
-    return ", ".join(f"{d} ({m})" for m, d in pairs)
-
-
-def _unchecked_reason(rule: Rule, rows: pd.DataFrame, newest: pd.DataFrame) -> str:
-    if len(rows):
-        reasons = sorted({r for r in rows["reason"] if r})
-        return "every matching cell was unavailable: " + "; ".join(reasons[:3])
-    if rule.versions:
-        wanted = ", ".join(f"{p} {'absent' if s is None else s}" for p, s in rule.versions.items())
-        return f"it applies only with {wanted}; no record was measured with those versions"
-    if "device" in rule.match:
-        have = sorted(set(newest["device"])) or ["none"]
-        return f"it needs a {' or '.join(rule.match['device'])} device; the records have {', '.join(have)}"
-    return "no record of a cell it matches (run its matrix file to check it)"
 
 
 METRIC_FIELDS = ("param_bytes", "peak_mem_bytes", "mem_base_bytes", "latency_ms", "name_hint", "name_hint_detail",
@@ -98,12 +82,13 @@ def judged(matrix: Matrix, records: report_data.Records) -> pd.DataFrame:
     newest = records.latest(per_versions=False)
     newest = newest[newest["engine"] != "fault"]  # the harness's own fault-injection engine states nothing
     if newest.empty:
-        return newest.assign(rule=pd.Series(dtype=int), recorded_verdict=pd.Series(dtype=str))
+        return newest.assign(rule=pd.Series(dtype=int), recorded_verdict=pd.Series(dtype=str),
+                             claim_status=pd.Series(dtype=object))
     # the baselines' records only, for claims
     bases = records.frame[records.frame["cell_id"] == records.frame["baseline_id"]]
     by_id = {(row["run"], row["id"]): row for row in report_data.row_dicts(bases, ("run", "id", "verdict",
                                                                                  *METRIC_FIELDS))}
-    rules, verdicts, contradicted, notes = [], [], [], []
+    rules, verdicts, contradicted, notes, checked_claims = [], [], [], [], []
     for row in report_data.row_dicts(newest, (*AXES.names, *HAPPENED_FIELDS, *METRIC_FIELDS, "run",
                                               "package_versions")):
         cell = SimpleNamespace(**{k: row[k] for k in AXES.names})
@@ -115,6 +100,7 @@ def judged(matrix: Matrix, records: report_data.Records) -> pd.DataFrame:
             verdicts.append(row["verdict"])
             contradicted.append(row["claims_contradicted"])
             notes.append(row["note"])
+            checked_claims.append({})
             continue
         expect = matrix.rules[index].expect
         outcome = _outcome(row)
@@ -127,44 +113,254 @@ def judged(matrix: Matrix, records: report_data.Records) -> pd.DataFrame:
         verdicts.append(verdict.value)
         notes.append(note)  # what the re-judged verdict says (a wrong output's figures against its floor)
         contradicted.append("; ".join(f"{c.claim} ({c.detail})" for c in claims if c.status == "contradicted"))
+        checked_claims.append({c.claim.split(":")[0]: (str(c.status), c.detail or "") for c in claims})
     kinds = [matrix.rules[i].expect.kind.value if i >= 0 else e for i, e in zip(rules, newest["expect"], strict=True)]
     return newest.assign(recorded_verdict=newest["verdict"], verdict=verdicts, rule=rules,
-                         claims_contradicted=contradicted, expect=kinds, note=notes)
+                         claims_contradicted=contradicted, expect=kinds, note=notes, claim_status=checked_claims)
 
 
 def _baseline_id(row: dict) -> str:
     return Cell(**{k: row[k] for k in AXES.names}).baseline.id
 
 
-def check(rule: Rule, index: int, newest: pd.DataFrame) -> tuple[Finding, list[str], str | None]:
-    """(finding, lines of what the records show, suggested sentence or None) for one rule; `newest`: judged()."""
+SUGGESTION_LIMIT = 200  # characters: one sentence a maintainer can paste
+
+
+@dataclass
+class Check:
+    """What the records say about one rule's statement."""
+
+    finding: Finding
+    lines: list[str]  # what was measured, as sentences
+    suggestion: str | None  # one sentence (at most SUGGESTION_LIMIT characters) where it no longer holds
+    table: list[str] = field(default_factory=list)  # markdown: the combinations that differ, with whole error texts
+
+
+def failures(newest: pd.DataFrame) -> dict[tuple[str, str], str]:
+    """(machine, cell id) -> what failed ("TypeError", or the process verdict) for every record; "" where the cell
+    ran or was unavailable."""
+    bad = ~newest["recorded_verdict"].isin(report_data.RAN) & (newest["recorded_verdict"] != "unavailable")
+    return {(m, i): (e or v) if b else "" for m, i, e, v, b in zip(
+        newest["machine"], newest["cell_id"], newest["error_type"], newest["recorded_verdict"], bad, strict=True)}
+
+
+def _failure(row: dict) -> str:
+    return row["error_type"] or row["recorded_verdict"]
+
+
+def shared_with_baseline(row: dict, failed: dict[tuple[str, str], str]) -> bool:
+    """Whether a cell fails as the float model does in the same offload mode, device and stack: then the failure is
+    the offload's or the stack's, never the engine's (the float model's own failures too)."""
+    if not failed.get((row["machine"], row["cell_id"])):
+        return False
+    if row["engine"] == BASELINE:
+        return True
+    # its baseline; where none was recorded (a pre-quantized cell's), the float model loaded as usual
+    base = row["baseline_id"] if (row["machine"], row["baseline_id"]) in failed \
+        else _post_load_baseline(tuple(row[k] for k in AXES.names))
+    return failed.get((row["machine"], base)) == _failure(row)
+
+
+@functools.lru_cache(maxsize=4096)
+def _post_load_baseline(values: tuple[str, ...]) -> str:
+    return Cell(**dict(zip(AXES.names, values, strict=True))).replace(load="post-load").baseline.id
+
+
+def _claims_finding(row: dict, claims: tuple[str, ...]) -> Finding | None:
+    """A statement judged by some of its rule's claims: their statuses only. None: the cell did not run to a right
+    output, so it has no speed or size to judge (the statements of compatibility judge it)."""
+    if row["verdict"] not in report_data.RAN or row["verdict"] == "wrong-output":
+        return None
+    status = [(row["claim_status"] or {}).get(c, ("unchecked", ""))[0] for c in claims]
+    if "contradicted" in status:
+        return Finding.DRIFTED
+    return Finding.HOLDS if all(s == "held" for s in status) else Finding.UNCHECKED
+
+
+def _short(row: dict, finding_: Finding, rule: Rule) -> str:
+    """What a cell did, in a few words, for the suggested sentence (the table has the whole text)."""
+    if finding_ is Finding.HOLDS:
+        return {"error": "fails as stated", "unavailable": "is unavailable as stated"}.get(rule.expect.kind.value,
+                                                                                          "works as stated")
+    contradicted = _judged_contradictions(row, rule)
+    if contradicted:
+        return "works, but its " + " and ".join(contradicted) + " claim does not hold"
+    if row["verdict"] == "wrong-output":
+        return "runs to a wrong output"
+    if row["verdict"] in report_data.RAN:
+        return "works"
+    if row["error_type"]:
+        return f"fails with {row['error_type']}"
+    return f"ends in a {row['verdict']}"
+
+
+VERB = {"works": "work", "works,": "work,", "fails": "fail", "is": "are", "runs": "run", "ends": "end"}
+
+
+def _counted(n: int, phrase: str) -> str:
+    """"3 work as stated", "1 fails with TypeError": the short phrase agreeing with its count."""
+    verb, _, rest = phrase.partition(" ")
+    if n != 1:
+        verb, rest = VERB.get(verb, verb), rest.replace(" its ", " their ")
+    return f"{n} {verb} {rest}".rstrip()
+
+
+def _judged_contradictions(row: dict, rule: Rule) -> list[str]:
+    status = row["claim_status"] or {}
+    return [c for c, (s, _) in status.items()
+            if s == "contradicted" and (not rule.judged_claims or c in rule.judged_claims)]
+
+
+def _whole(row: dict, finding_: Finding, rule: Rule) -> str:
+    """What a cell did, with its whole error text on one line (never cut)."""
+    if finding_ is Finding.HOLDS:
+        return _short(row, finding_, rule)
+    if _judged_contradictions(row, rule):
+        parts = [p for p in row["claims_contradicted"].split("; ")
+                 if not rule.judged_claims or p.split(" ", 1)[0] in rule.judged_claims]
+        return "works, but " + "; ".join(parts)
+    if row["error_type"]:
+        return f"fails with {row['error_type']}: {' '.join(row['error_message'].split())}"
+    return what_happened(row)
+
+
+def check(rule: Rule, index: int, newest: pd.DataFrame, failed: dict[tuple[str, str], str] | None = None,
+          matrix: Matrix | None = None) -> Check:
+    """What the records show for one rule's statement; `newest`: judged(). Only the cells and claims that test the
+    statement judge it (rule.judges), and never a failure the float model shares."""
+    failed = failures(newest) if failed is None else failed
     rows = newest[newest["rule"] == index]
-    view = report_data.row_dicts(rows, (*FINDING_FIELDS, *HAPPENED_FIELDS))
-    found = [finding(r) for r in view]
-    checked = rows[[f is not Finding.UNCHECKED for f in found]]
-    if checked.empty:
-        return Finding.UNCHECKED, [f"Not checked: {_unchecked_reason(rule, rows, newest)}."], None
-    findings = [f for f in found if f is not Finding.UNCHECKED]
-    worst = min(findings, key=list(Finding).index)
-    by_phrase: dict[str, list[int]] = defaultdict(list)  # positions in `rows`
-    for position, (f, row) in enumerate(zip(found, view, strict=True)):
-        if f is not Finding.UNCHECKED:
-            by_phrase["as stated" if f is Finding.HOLDS else what_happened(row)].append(position)
-    groups = sorted(((phrase, rows.iloc[positions]) for phrase, positions in by_phrase.items()),
-                    key=lambda g: -len(g[1]))
-    lines = [f"{len(frame)} cell(s) {phrase}" + (f" ({narrow})" if (narrow := _narrow(frame, checked)) else "")
-             + f", on {_where(frame)}, with {_versions(frame)}." for phrase, frame in groups]
-    suggestion = None
-    if worst is not Finding.HOLDS:
-        parts = []
-        for phrase, frame in groups:
-            narrow = _narrow(frame, checked)
-            if phrase == "as stated":
-                phrase = "fails as stated" if rule.expect.kind is ExpectKind.ERROR else "behaves as stated"
-            parts.append((f"{narrow}: " if narrow else "") + f"{phrase} on {', '.join(sorted(set(frame['device'])))}")
-        text = describe(rule)
-        suggestion = text[0].upper() + text[1:] + ": " + "; ".join(parts) + "."
-    return worst, lines, suggestion
+    view = report_data.row_dicts(rows, (*FINDING_FIELDS, *HAPPENED_FIELDS, *AXES.names, "machine", "cell_id",
+                                        "baseline_id", "claim_status", "recorded_verdict"))
+    found: list[Finding | None] = []
+    outside = shared = not_run = 0
+    for r in view:
+        if not rule.judges_cell(SimpleNamespace(**{k: r[k] for k in AXES.names})):
+            outside += 1
+            found.append(None)
+        elif shared_with_baseline(r, failed):
+            shared += 1
+            found.append(None)
+        elif rule.judged_claims and finding(r) is not Finding.UNCHECKED:
+            f = _claims_finding(r, rule.judged_claims)
+            not_run += f is None
+            found.append(f)
+        else:
+            found.append(finding(r))
+    left_out = []
+    if shared:
+        left_out.append(f"{shared} cell(s) left out: the float model fails the same way in the same offload mode, "
+                        "device and stack (the offload's or the stack's failure, not the engine's).")
+    if outside:
+        where = " ".join(AXES[k].describe(v) for k, v in rule.judges.items())
+        left_out.append(f"{outside} cell(s) left out: the statement is judged by the cells {where} only.")
+    unclear = [view[i] for i, f in enumerate(found) if f is Finding.UNCHECKED and rule.judged_claims
+               and view[i]["verdict"] in report_data.RAN]
+    if unclear:
+        why = sorted({d for r in unclear for c, (st, d) in (r["claim_status"] or {}).items()
+                      if c in rule.judged_claims and st != "held" and d} or {"no figure to compare"})
+        left_out.append(f"{len(unclear)} cell(s) ran, but their {' and '.join(rule.judged_claims)} claim(s) could not "
+                        f"be judged: {'; '.join(why[:2])}.")
+    if not_run:
+        left_out.append(f"{not_run} cell(s) left out: they did not run to a right output, and the statement is "
+                        f"judged by its {' and '.join(rule.judged_claims)} claim(s) only.")
+    keep = [i for i, f in enumerate(found) if f is not None and f is not Finding.UNCHECKED]
+    if not keep:
+        reason = _unchecked_reason(rule, index, rows, [f for f in found], newest, matrix)
+        return Check(Finding.UNCHECKED, [f"Not checked: {reason}."] + left_out, None)
+    checked = rows.iloc[keep]
+    worst = min((found[i] for i in keep), key=list(Finding).index)
+    shorts: dict[str, list[int]] = defaultdict(list)
+    wholes: dict[str, list[int]] = defaultdict(list)
+    for position in keep:
+        shorts[_short(view[position], found[position], rule)].append(position)
+        wholes[_whole(view[position], found[position], rule)].append(position)
+    by_short = sorted(shorts.items(), key=lambda g: -len(g[1]))
+    devices = " and ".join(sorted(set(checked["device"])))
+    lines = [f"{len(keep)} cell(s) checked, on {_where(checked)}: "
+             + ", ".join(_counted(len(p), phrase) for phrase, p in by_short) + ".",
+             f"Measured with {_versions(checked)}.", *left_out]
+    if worst is Finding.HOLDS:
+        return Check(worst, lines, None)
+    subject = _subject(rule)
+    if len(by_short) == 1:
+        suggestion = f"{subject} {by_short[0][0]} on {devices}."
+    else:
+        parts = ", ".join(_counted(len(p), phrase) for phrase, p in by_short[:2])
+        rest = len(by_short) - 2
+        suggestion = (f"{subject}, on {devices}: of {len(keep)} cells, {parts}"
+                      + (f", {rest} other outcome(s)" if rest > 0 else "") + " (the table gives each combination).")
+    if len(suggestion) > SUGGESTION_LIMIT:
+        suggestion = f"{subject}: what happens differs by combination on {devices} (see the table)."
+    if len(suggestion) > SUGGESTION_LIMIT:
+        suggestion = f"What happens differs by combination on {devices} (see the table)."
+    groups = sorted(wholes.items(), key=lambda g: -len(g[1]))
+    table = ["| cells | combination | devices | what happened |", "|---|---|---|---|"]
+    for phrase, positions in groups:
+        frame = rows.iloc[positions]
+        table.append(f"| {len(positions)} | {_cell_text(_narrow(frame, checked) or 'every other')} | "
+                     f"{', '.join(sorted(set(frame['device'])))} | {_cell_text(phrase)} |")
+    return Check(worst, lines, suggestion, table)
+
+
+def _cell_text(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+PLURAL = {"qtype": "types", "dtype": "compute dtypes", "cast": "casts"}
+
+
+def _subject(rule: Rule) -> str:
+    """The combination a rule matches, in words, with no long lists: "BitsAndBytes with sequential offload"."""
+    m = rule.match
+    words = [] if "engine" in m else ["every engine"]
+    for axis in AXES:
+        if axis.name in m:
+            values = m[axis.name]
+            plural = PLURAL.get(axis.name, axis.name + "s")
+            words.append(f"{len(values)} {plural}" if axis.name == "qtype" and len(values) > 2
+                         else axis.describe(values))
+    text = " ".join(words)
+    return text[0].upper() + text[1:]
+
+
+def _where(rows: pd.DataFrame) -> str:
+    pairs = sorted(set(zip(rows["machine"], rows["device"], strict=True)))
+    return ", ".join(f"{d} ({m})" for m, d in pairs)
+
+
+def _unchecked_reason(rule: Rule, index: int, rows: pd.DataFrame, found: list, newest: pd.DataFrame,
+                      matrix: Matrix | None) -> str:
+    """What is missing for a statement no record checked, as exactly as the records tell."""
+    here = rows[~rows["device_absent"]]  # a device a host lacks says nothing of the statement: look further
+    unavailable = sorted({r for r, v in zip(here["reason"], here["verdict"], strict=True) if v == "unavailable" and r})
+    if unavailable:
+        return "every cell it decides was unavailable: " + "; ".join(unavailable[:3])
+    if len(here):
+        return f"each of the {len(here)} cells it decides was left out (below)"
+    cells = [SimpleNamespace(**{k: row[k] for k in AXES.names}) for row in report_data.row_dicts(newest, AXES.names)]
+    candidates = newest[[rule.matches(c) for c in cells]] if len(newest) else newest
+    measured = sorted(set(newest[~newest["device_absent"]]["device"])) if len(newest) else []
+    needs = rule.match.get("device")
+    if candidates.empty:
+        if needs and not set(needs) & set(measured):
+            return f"it needs a {' or '.join(needs)} device; the records measured {', '.join(measured) or 'none'}"
+        return "no record of a cell it matches (run its matrix file to check it)"
+    present = candidates[~candidates["device_absent"]]
+    if rule.versions:
+        wanted = ", ".join(f"{p} {'absent' if s is None else s}" for p, s in rule.versions.items())
+        on = f" on a {' or '.join(needs)} device" if needs else ""
+        if present.empty:
+            return f"it applies only with {wanted}{on}, and no record measured such a device"
+        had = sorted({", ".join(f"{p} {v[p] or 'absent'}" if p in v else f"{p} not recorded" for p in rule.versions)
+                      for v in present["package_versions"]})
+        return f"it applies only with {wanted}{on}; the records measured there had {'; '.join(had)}"
+    taken = candidates[(candidates["rule"] >= 0) & (candidates["rule"] != index)]
+    if len(taken) and matrix is not None:
+        sources = sorted({matrix.rules[i].expect.source or f"rule {i + 1}" for i in taken["rule"]})
+        return (f"the {len(taken)} records of cells it matches were decided by earlier rules ("
+                + "; ".join(sources[:3]) + (f"; {len(sources) - 3} more" if len(sources) > 3 else "") + ")")
+    return "no record of a cell it matches (run its matrix file to check it)"
 
 
 def _narrow(frame: pd.DataFrame, checked: pd.DataFrame) -> str:
@@ -187,18 +383,143 @@ def _versions(frame: pd.DataFrame) -> str:
     return "; ".join(sorted(out))
 
 
+# ------------------------------------------------------------------------------------- support tables
+
+LEGEND = ("✓ every type measured works there; ⚠ k of n types work; ✗ none does. A type works where, in one of its "
+          "load modes at least, every cell of it (each model and dtype measured) ran to a right output; unavailable "
+          "cells are not counted. A footnote gives the commonest failure of the rest.")
+
+
+CELL_LEGEND = ("✓ every cell of the type measured there (each model, load mode and dtype) ran to a right output; "
+               "⚠ k of n cells did; ✗ none did. Unavailable cells are not counted.")
+
+
+def _works(row: dict) -> bool:
+    return row["recorded_verdict"] in report_data.RAN and row["recorded_verdict"] != "wrong-output"
+
+
+def support_tables(newest: pd.DataFrame, row_axis: str = "engine", unit: str = "qtype",
+                   failed: dict[tuple[str, str], str] | None = None, legend: str = LEGEND) -> list[str]:
+    """Markdown: a table per machine, device and stack, a row per `row_axis` value, a column per offload mode;
+    each entry counts the `unit`s (an engine's types) that work there, the way llama.cpp's docs/ops.md comes from
+    its test cases. A footnote gives the commonest failure of each entry that is not all ✓, with its whole text.
+    `failed`: failures() of every record (the float model's among them), for the failures it shares."""
+    frame = newest[~newest["device_absent"] & (newest["recorded_verdict"] != "unavailable")]
+    if frame.empty:
+        return []
+    failed = failures(newest) if failed is None else failed
+    out: list[str] = []
+    notes: dict[str, int] = {}
+    fields = (*AXES.names, "machine", "cell_id", "baseline_id", "recorded_verdict", "verdict", "error_type",
+              "error_message", "claims_contradicted", "reason", "note")
+    for (machine, device, stack), group in frame.groupby(["machine", "device", "stack"], sort=True):
+        if row_axis == "engine" and set(group["engine"]) <= {BASELINE}:
+            continue
+        offloads = [o for o in AXES["offload"].known() if o in set(group["offload"])]
+        keys = [k for k in AXES[row_axis].known() if k in set(group[row_axis])]
+        out += [f"### {device}, {AXES['stack'].describe((stack,))} ({machine})", "",
+                f"| {row_axis if row_axis == 'engine' else AXES[row_axis].label} | " + " | ".join(offloads) + " |",
+                "|---|" + "---|" * len(offloads)]
+        rows = report_data.row_dicts(group, fields)
+        for key in keys:
+            entries = []
+            for offload in offloads:
+                mine = [r for r in rows if r[row_axis] == key and r["offload"] == offload]
+                units: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+                for r in mine:
+                    units[r[unit]][r["load"]].append(r)
+                if not units:
+                    entries.append("")
+                    continue
+                # a type works where it works in one of its load modes (each of its cells there)
+                working = sum(any(all(_works(r) for r in cells) for cells in loads.values())
+                              for loads in units.values())
+                n = len(units)
+                symbol = "✓" if working == n else "✗" if working == 0 else "⚠"
+                entry = f"{symbol} {working}/{n}"
+                bad = [r for r in mine if not _works(r)]
+                if bad:
+                    texts = defaultdict(int)
+                    for r in bad:
+                        texts[_failure_text(r, failed)] += 1
+                    text = max(texts, key=lambda t: texts[t])
+                    entry += f" [{notes.setdefault(text, len(notes) + 1)}]"
+                entries.append(entry)
+            out.append(f"| {AXES[row_axis].describe((key,))} | " + " | ".join(entries) + " |")
+        out.append("")
+    if not out:
+        return []
+    out += [legend, ""] + [f"{n}. {_cell_text(text)}" for text, n in notes.items()]
+    return out + [""]
+
+
+def _failure_text(row: dict, failed: dict[tuple[str, str], str]) -> str:
+    if row["recorded_verdict"] == "wrong-output":
+        text = "runs, but its output is wrong" + (f": {row['note'].split(': ', 1)[-1]}" if row["note"] else "")
+    elif row["error_type"]:
+        text = f"{row['error_type']}: {' '.join(row['error_message'].split())}"
+    else:
+        text = what_happened(row)
+    if row["engine"] != BASELINE and shared_with_baseline(row, failed):
+        text += " (the float model fails the same way here: the offload's or the stack's failure)"
+    return text
+
+
+# ----------------------------------------------------------------------------------------------- render
+
+@dataclass
+class Judged:
+    """One rule's statement as the patch judged it (the report's first screen lists them)."""
+
+    section: str
+    statement: str
+    source: str
+    finding: Finding
+    suggestion: str | None
+
+
+@dataclass
+class Patch:
+    text: str  # the markdown
+    tally: dict[Finding, int]  # statements by finding
+    judged: list[Judged]
+
+    @property
+    def headline(self) -> str:
+        """"Statements checked: 3 broke, ...": the line the patch and the report's first screen share."""
+        return "Statements checked: " + ", ".join(f"{self.tally.get(f, 0)} {MARK[f].split(' ', 1)[1]}"
+                                                  for f in Finding) + "."
+
+
 def render(matrix: Matrix, records: report_data.Records) -> str:
     """The patch, as markdown."""
+    return assess(matrix, records).text
+
+
+def assess(matrix: Matrix, records: report_data.Records) -> Patch:
+    """The patch, and how each statement came out."""
     newest = judged(matrix, records)
+    failed = failures(newest) if len(newest) else {}
     document = matrix.document
     title = document.title if document else matrix.name
-    lines = [f"# {title}: what the records show", "",
-             f"Generated by quantmatrix from the rules in `{matrix.path.name}` and {len(newest)} records (the newest "
-             f"of each cell on each machine: {', '.join(sorted(set(newest['machine']))) or 'none'}). Each statement "
-             "is quoted as the page has it; below it, what was measured, and where it no longer holds, a suggested "
-             "sentence.", ""]
+    lines = [f"# {title}: what the records show", ""]
     if document and document.url:
-        lines[-1:-1] = [f"Page: <{document.url}>", ""]
+        lines += [f"Page: <{document.url}>", ""]
+    if document and document.removed:
+        names = AXES["engine"].describe(document.removed).split(" or ")
+        listed = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
+        lines += [f"> **No longer shipped.** The {document.removed_in} release removed {listed}, which this page "
+                  f"still documents" + (f" ({document.removed_note})" if document.removed_note else "")
+                  + ". Their statements below were checked through diffusers' integrations and the engines' own "
+                  "APIs, not through the tool.", ""]
+    summary_at = len(lines)
+    lines += [f"Generated by quantmatrix from the rules in `{matrix.path.name}` and {len(newest)} records (the "
+              f"newest of each cell on each machine: {', '.join(sorted(set(newest['machine']))) or 'none'}). Each "
+              "statement is quoted as the page has it; below it, what was measured, and where it no longer holds, a "
+              "suggested sentence and a table of the combinations that differ.", ""]
+    table = support_tables(newest[newest["engine"] != "sdnq"], failed=failed) if len(newest) else []
+    if table:
+        lines += ["## Compatibility (measured)", "", "Engine by offload mode, per device and stack.", "", *table]
     sections = list(document.sections) if document else []
     by_section: dict[str, dict[str, list[tuple[int, Rule]]]] = defaultdict(dict)
     for index, rule in enumerate(matrix.rules):
@@ -207,6 +528,7 @@ def render(matrix: Matrix, records: report_data.Records) -> str:
         statement = rule.expect.statement or rule.expect.source
         by_section[rule.expect.section or ""].setdefault(statement, []).append((index, rule))
     tally: dict[Finding, int] = defaultdict(int)
+    out: list[Judged] = []
     for section in sections + ([""] if "" in by_section else []):
         if section not in by_section:
             continue
@@ -214,14 +536,24 @@ def render(matrix: Matrix, records: report_data.Records) -> str:
         for statement, rules in by_section[section].items():
             lines += [f"> {statement}", ""]
             for index, rule in rules:
-                worst, shown, suggestion = check(rule, index, newest)
-                tally[worst] += 1
+                result = check(rule, index, newest, failed, matrix)
+                tally[result.finding] += 1
+                out.append(Judged(section, statement, rule.expect.source or "", result.finding, result.suggestion))
                 detail = rule.expect.source if len(rules) > 1 or rule.expect.statement else ""
-                lines.append(f"- **{MARK[worst]}**" + (f" ({detail})" if detail else "") + ": "
-                             + " ".join(shown))
-                if suggestion:
-                    lines.append(f"  - Suggested: {suggestion}")
+                lines.append(f"- **{MARK[result.finding]}**" + (f" ({detail})" if detail else "") + ": "
+                             + " ".join(result.lines))
+                if result.suggestion:
+                    lines.append(f"  - Suggested: {result.suggestion}")
+                if result.table:
+                    lines += ["", *result.table, ""]
             lines.append("")
-    summary = ", ".join(f"{tally[f]} {MARK[f].split(' ', 1)[1]}" for f in Finding)
-    lines[2:2] = [f"Statements checked: {summary}.", ""]
-    return "\n".join(lines)
+    sdnq = newest[newest["engine"] == "sdnq"] if len(newest) else newest
+    sdnq_table = support_tables(sdnq, row_axis="qtype", unit="cell_id", failed=failed, legend=CELL_LEGEND) \
+        if len(sdnq) else []
+    if sdnq_table:
+        lines += ["## SDNQ (measured; the page has no section for it)", "",
+                  "SDNQ's types by offload mode, per device and stack, from the records.", "", *sdnq_table]
+    patch = Patch("", dict(tally), out)
+    lines[summary_at:summary_at] = [patch.headline, ""]
+    patch.text = "\n".join(lines)
+    return patch

@@ -34,9 +34,9 @@ from harness.stacks.catalog import packages_needed
 VERDICTS = {
     "ok": ("✓", "ok", "ok"),
     "documented-error": ("⊘", "fails as documented", "doc"),
-    "drift-works": ("⚠", "drift: works now", "drift"),
-    "drift-error": ("⚠", "drift: other error", "drift"),
-    "drift-claim": ("⚠", "drift: claim does not hold", "drift"),
+    "drift-works": ("↗", "drift: works now", "drift"),  # three drifts, three symbols
+    "drift-error": ("↯", "drift: other error", "drift"),
+    "drift-claim": ("≉", "drift: claim does not hold", "drift"),
     "fail": ("✗", "fails", "fail"),
     "wrong-output": ("≠", "runs, wrong output", "fail"),
     "crash": ("✗", "crashed", "fail"),
@@ -249,8 +249,8 @@ def build(records: report_data.Records, out_dir: Path, *, previous: report_data.
     changes = compare_mod.compare(previous, records) if previous is not None else None
     patch = None
     if rules is not None and rules.document is not None:
-        patch = docpatch.render(rules, records)
-        (out_dir / "doc-patch.md").write_text(patch + "\n", encoding="utf-8")
+        patch = docpatch.assess(rules, records)
+        (out_dir / "doc-patch.md").write_text(patch.text + "\n", encoding="utf-8")
     said = report_statements.statements(latest)
     if rules is not None:  # records written before rules quoted their statement: the rules file has it
         quoted = {r.expect.source: r.expect.statement for r in rules.rules if r.expect.statement}
@@ -274,10 +274,25 @@ def build(records: report_data.Records, out_dir: Path, *, previous: report_data.
                                       else r["reason"]} for _, r in broke.iterrows()],
         verdicts=VERDICTS,
         environments=environments(records.frame), columns=[label for _, label in TABLE_COLUMNS], table=table,
-        csv=csv.name, changes=changes, patch=patch, absent=_absent(latest))
+        csv=csv.name, changes=changes, patch=patch, page=_page(rules, patch), absent=_absent(latest),
+        integration_documented=int(latest["integration_documented"].sum()))
     index = out_dir / "index.html"
     index.write_text(html, encoding="utf-8")
     return index
+
+
+PAGE_FINDINGS = ((Finding.BROKE, "✗", "broke", "fail"), (Finding.DRIFTED, "⚠", "drifted", "drift"),
+                 (Finding.HOLDS, "✓", "hold", "ok"), (Finding.UNCHECKED, "–", "not checked", "na"))
+
+
+def _page(rules: Matrix | None, patch) -> dict | None:
+    """The first screen's answer: how the statements of the page the rules state came out, worst first."""
+    if patch is None or rules is None or rules.document is None:
+        return None
+    worst = [j for j in patch.judged if j.finding in (Finding.BROKE, Finding.DRIFTED)]
+    return {"title": rules.document.title, "url": rules.document.url, "file": rules.path.name,
+            "counts": [(f.value, patch.tally.get(f, 0), sym, label, css) for f, sym, label, css in PAGE_FINDINGS],
+            "worst": sorted(worst, key=lambda j: j.finding is not Finding.BROKE), "total": len(patch.judged)}
 
 
 def _overview(latest: pd.DataFrame, plots: dict, out_dir: Path) -> list[dict]:

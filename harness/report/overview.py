@@ -1,6 +1,6 @@
 """The report's first screen: how many cells got each verdict, then per machine, device and stack, engines by
-offload mode (the worst verdict over the engine's types, with counts) and what the engine's best type saves and
-costs at the largest model measured. Reads result records only."""
+offload mode (how many of the engine's types work there, its worst verdict apart, with counts) and what the
+engine's best type saves and costs at the largest model measured. Reads result records only."""
 
 from __future__ import annotations
 
@@ -30,14 +30,26 @@ def counts(latest: pd.DataFrame) -> list[tuple[str, int]]:
 
 @dataclass
 class Summary:
-    """One engine in one offload mode: its worst verdict over its types and load modes, and the counts."""
+    """One engine in one offload mode: how many of its types work there (in one load mode at least, every cell of
+    the type in it, each model, ran to a right output; unavailable cells not counted), its worst verdict apart, and
+    the counts."""
 
     verdict: str
     counts: list[tuple[str, int]]  # worst first, non-zero only
+    working: int = 0  # types that work
+    types: int = 0  # types measured (not only unavailable)
 
     @property
     def text(self) -> str:
-        return ", ".join(f"{n} {v}" for v, n in self.counts)
+        return (f"{self.working} of {self.types} types work; " if self.types else "") \
+            + ", ".join(f"{n} {v}" for v, n in self.counts)
+
+    @property
+    def css(self) -> str:
+        """The entry's colour: by how many types work (not by the worst verdict, which is shown apart)."""
+        if not self.types:
+            return "na"
+        return "ok" if self.working == self.types else "fail" if self.working == 0 else "some"
 
 
 @dataclass
@@ -101,12 +113,18 @@ def tables(latest: pd.DataFrame, grid_anchor) -> list[Table]:
         found: dict[tuple[str, str], list[tuple[str, int]]] = {}
         for (engine, offload, verdict), n in rows.groupby(["engine", "offload", "verdict"]).size().items():
             found.setdefault((engine, offload), []).append((str(verdict), int(n)))
+        measured = rows[rows["verdict"] != "unavailable"]
+        right = measured["verdict"].isin(report_data.RAN) & (measured["verdict"] != "wrong-output")
+        # a type works in a mode when it works in one of its load modes (each of its cells there: every model)
+        by_load = right.groupby([measured["engine"], measured["offload"], measured["qtype"], measured["load"]]).all()
+        works = by_load.groupby(level=[0, 1, 2]).any().groupby(level=[0, 1]).agg(["sum", "size"])
         lines = []
         for engine in sorted(set(rows["engine"]), key=lambda e: (e != "none", e)):
             per = []
             for offload in offloads:
                 counted = sorted(found.get((engine, offload), []), key=lambda vn: rank(vn[0]))
-                per.append(Summary(counted[0][0], counted) if counted else None)
+                k, n = (int(v) for v in works.loc[(engine, offload)]) if (engine, offload) in works.index else (0, 0)
+                per.append(Summary(counted[0][0], counted, k, n) if counted else None)
             lines.append((engine, per, best.get(engine)))
         versions = rows.sort_values("started")["versions"].iloc[-1]
         out.append(Table(machine, device, stack, offloads, lines, model, grid_anchor(machine, versions, device)))

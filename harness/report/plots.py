@@ -71,11 +71,13 @@ def _draw(rows: pd.DataFrame, title: str, path: Path) -> None:
     style = {e: (f"C{i % 10}", MARKERS[i % len(MARKERS)]) for i, e in enumerate(engines)}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     fig.suptitle(title)
+    fig.subplots_adjust(left=0.05, right=0.99, top=0.80, bottom=0.2, wspace=0.25)  # first: labels are placed by it
 
     ax = axes[0]
     model = report_data.largest_model(rows)
     flat = rows[(rows["offload"] == "none") & (rows["model"] == model)].dropna(subset=["latency_ratio",
                                                                                         "bytes_ratio"])
+    points = []
     for (engine, stack), g in flat.groupby(["engine", "stack"]):
         color, marker = style[engine]
         hollow = integration_stack(stack)  # drawn hollow beside its control
@@ -83,14 +85,17 @@ def _draw(rows: pd.DataFrame, title: str, path: Path) -> None:
         ax.scatter(g["latency_ratio"], 1 - g["bytes_ratio"], marker=marker, alpha=0.8,
                    label=engine if not hollow or engine not in controls
                    else None, facecolors="none" if hollow else color, edgecolors=color)
-        for _, r in g.drop_duplicates("qtype").iterrows():
-            ax.annotate(r["qtype"], (r["latency_ratio"], 1 - r["bytes_ratio"]), fontsize=7, alpha=0.7)
+        if not hollow:  # one label per type, at its control-stack point
+            points += [(lat, 1 - b, q) for lat, b, q in g.drop_duplicates("qtype")[["latency_ratio", "bytes_ratio",
+                                                                                  "qtype"]].itertuples(index=False)]
     ax.axvline(1, color="grey", lw=0.8, ls="--")
     ax.set_xscale("log")  # plain tick labels: with mathtext off, the log formatter's would show as TeX source
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))  # 1x alone says nothing of 3x
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set(xlabel="latency / baseline (log; >1 slower)", ylabel="stored size saved (fraction)",
            title=f"memory saved vs latency cost\n{model}, no offload (hollow: diffusers stack)")
+    _label(ax, points)
 
     ax = axes[1]
     offloads = report_data.offload_order(rows["offload"])
@@ -113,6 +118,24 @@ def _draw(rows: pd.DataFrame, title: str, path: Path) -> None:
     handles, labels = axes[0].get_legend_handles_labels() if len(flat) else axes[1].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), frameon=False)
-    fig.subplots_adjust(left=0.05, right=0.99, top=0.80, bottom=0.2, wspace=0.25)
     fig.savefig(path, format="svg", metadata={"Date": None})  # the same records, the same file
     plt.close(fig)
+
+
+def _label(ax, points: list[tuple[float, float, str]], size: float = 8) -> None:
+    """Name each point beside it where the name covers no other name: the nearest free one of four places, and
+    none where all four are taken (the grid below names every cell)."""
+    ax.autoscale_view()
+    scale = ax.figure.dpi / 72
+    placed: list[tuple[float, float, float, float]] = []
+    for x, y, text in sorted(points, key=lambda p: (p[0], p[1])):
+        px, py = ax.transData.transform((x, y))
+        width, height = len(text) * size * 0.6 * scale, size * 1.2 * scale
+        for dx, dy in ((4, 2), (4, -10), (-4, 2), (-4, -10)):
+            left = px + dx * scale - (width if dx < 0 else 0)
+            box = (left, py + dy * scale, left + width, py + dy * scale + height)
+            if all(box[2] < b[0] or box[0] > b[2] or box[3] < b[1] or box[1] > b[3] for b in placed):
+                placed.append(box)
+                ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=size, alpha=0.8,
+                            ha="left" if dx > 0 else "right")
+                break

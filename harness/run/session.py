@@ -40,16 +40,20 @@ def environment(config: pytest.Config) -> tuple[dict, dict[str, str | None]]:
     """This process's environment (for records) and the versions a rule's `versions` may name (an engine, torch,
     triton, diffusers, accelerate, the NVIDIA GPU's compute capability), worked out once."""
     if ENV_KEY not in config.stash:
-        from harness.devices import cuda_capability
-        from harness.engines.registry import ENGINES
-        from harness.results import environment as host_environment
-        from harness.results import rule_versions
-
-        env = host_environment({name: e.version() for name, e in ENGINES.items() if e.package})
-        env["cuda_capability"] = cuda_capability()  # in the record too, so the report can judge rules by it again
-        versions = rule_versions(env)
-        config.stash[ENV_KEY] = (env, versions)
+        config.stash[ENV_KEY] = host_environment()
     return config.stash[ENV_KEY]
+
+
+def host_environment() -> tuple[dict, dict[str, str | None]]:
+    """This host's environment and the versions its rules are judged by (`quantmatrix list` asks too)."""
+    from harness.devices import cuda_capability
+    from harness.engines.registry import ENGINES
+    from harness.results import environment as base_environment
+    from harness.results import rule_versions
+
+    env = base_environment({name: e.version() for name, e in ENGINES.items() if e.package})
+    env["cuda_capability"] = cuda_capability()  # in the record too, so the report can judge rules by it again
+    return env, rule_versions(env)
 
 
 class MatrixRun:
