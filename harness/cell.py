@@ -80,6 +80,7 @@ class Axes:
     def __init__(self, *axes: Axis):
         self._axes: list[Axis] = []
         self._index: dict[str, int] = {}
+        self._names: tuple[str, ...] = ()
         for axis in axes:
             self.register(axis)
 
@@ -90,12 +91,14 @@ class Axes:
             raise ValueError(f"axis {axis.name!r} needs a default: older ids leave out only trailing parts")
         self._index[axis.name] = len(self._axes)
         self._axes.append(axis)
+        self._names = tuple(a.name for a in self._axes)
         return axis
 
     def unregister(self, name: str) -> None:
         """Remove an axis registered later (a test's dummy axis)."""
         del self._axes[self._index.pop(name)]
         self._index = {a.name: i for i, a in enumerate(self._axes)}
+        self._names = tuple(a.name for a in self._axes)
 
     def __iter__(self) -> Iterator[Axis]:
         return iter(tuple(self._axes))
@@ -114,7 +117,7 @@ class Axes:
 
     @property
     def names(self) -> tuple[str, ...]:
-        return tuple(a.name for a in self._axes)
+        return self._names  # kept with the registry: read for every row of a report
 
     @property
     def defaults(self) -> dict[str, str]:

@@ -362,10 +362,11 @@ def _quantize_code(cell: Cell) -> tuple[str, str]:
             optimum.quanto.freeze(model)
             return model''')
     if engine == "sdnq":
+        options = ", ".join(f"{k}={v!r}" for k, v in module_constant("engines/sdnq.py", "OPTIONS")[qtype].items())
         return "", dedent(f'''\
             from sdnq import sdnq_post_load_quant  # harness/engines/sdnq.py quantize
 
-            return sdnq_post_load_quant(model, weights_dtype={qtype!r}, torch_dtype=DTYPE)''')
+            return sdnq_post_load_quant(model, torch_dtype=DTYPE, {options})''')
     if engine == "torchao":
         config = module_constant("engines/torchao_engine.py", "CONFIGS")[qtype]
         return "", f"tq.quantize_(model, tq.{config}())  # harness/engines/torchao_engine.py quantize\nreturn model"
@@ -397,7 +398,8 @@ def _config_code(cell: Cell) -> str:
         weights = module_constant("engines/quanto.py", "DIFFUSERS_WEIGHTS")[qtype]
         return f"diffusers.QuantoConfig(weights_dtype={weights!r})"
     if engine == "sdnq":
-        return f"sdnq.SDNQConfig(weights_dtype={qtype!r})"
+        options = ", ".join(f"{k}={v!r}" for k, v in module_constant("engines/sdnq.py", "OPTIONS")[qtype].items())
+        return f"sdnq.SDNQConfig({options})"
     if engine == "torchao":
         config = module_constant("engines/torchao_engine.py", "CONFIGS")[qtype]
         return f"diffusers.TorchAoConfig(tq.{config}())"

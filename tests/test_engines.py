@@ -15,7 +15,7 @@ from harness.engines.catalog import CATALOG
 from harness.engines.registry import ENGINES
 from harness.errors import QuantMatrixError
 from harness.models.imitation import build_model, build_skeleton, make_inputs
-from harness.run.measure import bits_per_weight, float_layout, output_error
+from harness.run.measure import bits_per_weight, float_layout, output_error, quantized_layers
 from harness.stacks import loading
 
 CPU = torch.device("cpu")
@@ -62,8 +62,14 @@ def test_the_catalog_states_the_arithmetic_of_the_fixed_formats():
 def test_stored_bits_agree_with_the_formats_arithmetic(engine, qtype):
     need(engine, qtype)
     model = quantized(engine, qtype, "dit-s")
-    measured = bits_per_weight(model, float_layout(build_skeleton("dit-s")))
-    assert measured == pytest.approx(CATALOG[engine].bits[qtype].of(linear_shapes("dit-s")), rel=0.01)
+    layout = float_layout(build_skeleton("dit-s"))
+    measured = bits_per_weight(model, layout)
+    # over the layers it quantized (SDNQ leaves the small embedders and adaLN layers in float: 25 of 30)
+    names = set(quantized_layers(model, layout))
+    shapes = [(m.out_features, m.in_features) for n, m in build_skeleton("dit-s").named_modules()
+              if isinstance(m, nn.Linear) and n in names]
+    assert len(shapes) >= len(linear_shapes("dit-s")) * 0.8
+    assert measured == pytest.approx(CATALOG[engine].bits[qtype].of(shapes), rel=0.01)
 
 
 ORDERED = [("bnb", ["int8", "nf4"]), ("quanto", ["qint8", "qint4", "qint2"]), ("gguf", ["Q8_0", "Q5_1", "Q4_0"]),
@@ -159,3 +165,21 @@ def test_on_the_fly_peak_memory_stays_below_post_load(tmp_path):
     # What stays above the quantized model's size on the fly is allocator retention around per-layer
     # quantization (measured: 30-56 MB saved of 77 MB across bnb and gguf types); a quarter is a clear margin.
     assert peaks["on-the-fly"] < peaks["post-load"] - float_bytes // 4, peaks
+
+
+def test_each_sdnq_option_is_told_apart_by_its_saved_config():
+    """SD.Next's SDNQ options (harness/engines/sdnq.py OPTIONS) survive SDNQConfig's to_dict(): a pre-quantized
+    file or directory names its type, SVD rank and all, and the diffusers stack's config is SD.Next's."""
+    need("sdnq", "int8")
+    from sdnq import SDNQConfig
+
+    from harness.engines.sdnq import OPTIONS, qtype_of
+    from harness.stacks.diffusers import INTEGRATIONS
+
+    assert set(OPTIONS) == set(CATALOG["sdnq"].qtypes)
+    for qtype, options in OPTIONS.items():
+        saved = SDNQConfig(**options).to_dict()
+        assert qtype_of(saved) == qtype and INTEGRATIONS["sdnq"].saved_type(saved) == qtype
+        config = INTEGRATIONS["sdnq"].config(qtype, torch.bfloat16)
+        assert {k: getattr(config, k) for k in options} == options
+    assert qtype_of(SDNQConfig(weights_dtype="uint4", use_svd=True, svd_rank=64).to_dict()) is None  # not ours

@@ -17,15 +17,23 @@ ALL_LOADS = ("post-load", "on-the-fly", "prequantized")
 @dataclass(frozen=True)
 class Bits:
     """A format's stored bits per Linear weight: `flat` per weight plus `per_row` per output row (a scale, a
-    zero point), so bits per weight = flat + per_row / in_features."""
+    zero point), `per_group` per group of `group` inputs of a row (a row shorter than a group is one group), and
+    `rank` x (out + in) low-rank values of `rank_bits` each (SVD's factors), so for one layer bits per weight =
+    flat + per_row / in + per_group / min(group, in) + rank (out + in) rank_bits / (out in)."""
 
     flat: float
     per_row: float = 0.0
+    per_group: float = 0.0
+    group: int = 0
+    rank: int = 0
+    rank_bits: float = 0.0
 
     def of(self, shapes: list[tuple[int, int]]) -> float:
         """Over Linear layers of these (out_features, in_features)."""
         weights = sum(o * i for o, i in shapes)
-        return sum(o * i * self.flat + o * self.per_row for o, i in shapes) / weights
+        return sum(o * i * self.flat + o * self.per_row
+                   + (o * math.ceil(i / min(self.group, i)) * self.per_group if self.group else 0)
+                   + self.rank * (o + i) * self.rank_bits for o, i in shapes) / weights
 
 
 @dataclass(frozen=True)
@@ -117,10 +125,24 @@ CATALOG: dict[str, EngineInfo] = {e.name: e for e in (
                      "int8_asym": Bits(8, 16 + 8)},  # and a uint8 zero point
                floors={"int8_sym": FLOOR_8BIT, "int8_asym": FLOOR_8BIT, **dict.fromkeys(
                    ("int4_sym", "int4_asym", "int4_sym-g128", "int4_asym-g128"), FLOOR_4BIT)}),
-    EngineInfo("sdnq", ("int8", "int6", "int4", "uint4", "float8_e4m3fn"), "harness.engines.sdnq:SDNQEngine",
+    # The plain weight types, then SD.Next's options (vladmandic/sdnext@058a7f0 modules/model_quant.py:148-169,
+    # defaults modules/ui_definitions.py:176-195) as its reference models name them ("uint4-svd-r32"):
+    # harness/engines/sdnq.py OPTIONS. Bits in float32 (scales, zero points and SVD factors in the compute dtype);
+    # the group is sdnq's automatic one for a Linear, 2 ** (2 + code bits (+1 with SVD)) inputs, unless set.
+    EngineInfo("sdnq", ("int8", "int6", "int4", "uint4", "float8_e4m3fn", "uint4-svd-r32", "int8-matmul",
+                        "uint4-g32", "uint4-dynamic", "uint4-hadamard"), "harness.engines.sdnq:SDNQEngine",
                ALL_LOADS, "sdnq", title="SDNQ",
+               bits={"int8": Bits(8, per_group=32, group=1024), "float8_e4m3fn": Bits(8, per_group=32, group=1024),
+                     "int8-matmul": Bits(8, 32),  # quantized matmul: one scale per output row
+                     "int6": Bits(6, per_group=32, group=256), "int4": Bits(4, per_group=32, group=64),  # scale only
+                     "uint4": Bits(4, per_group=64, group=64),  # scale and zero point per group
+                     "uint4-g32": Bits(4, per_group=64, group=32),
+                     "uint4-hadamard": Bits(4, per_group=64, group=64),  # rotated weights, the same storage
+                     "uint4-svd-r32": Bits(4, per_group=64, group=128, rank=32, rank_bits=32)},
                floors={"int8": FLOOR_8BIT, "int6": FLOOR_6BIT, "int4": FLOOR_4BIT, "uint4": FLOOR_4BIT,
-                       "float8_e4m3fn": FLOOR_FP8}),
+                       "float8_e4m3fn": FLOOR_FP8, "int8-matmul": FLOOR_8BIT,
+                       **dict.fromkeys(("uint4-svd-r32", "uint4-g32", "uint4-dynamic", "uint4-hadamard"),
+                                       FLOOR_4BIT)}),
     EngineInfo("torchao", ("int8_weight_only", "int8_dynamic", "float8_weight_only", "int4_weight_only"),
                "harness.engines.torchao_engine:TorchAOEngine", ("post-load", "on-the-fly"), "torchao",
                title="torchao",

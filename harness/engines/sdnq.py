@@ -19,6 +19,35 @@ from harness.engines.base import Engine, safetensors_contents
 
 CONFIG_KEY = "sdnq.quantization_config"
 
+# Each type's SDNQConfig options beyond sdnq's defaults, as SD.Next sets them (vladmandic/sdnext@058a7f0
+# modules/model_quant.py:148-169: sdnq_use_svd, sdnq_svd_rank (default 32), sdnq_svd_steps (8), sdnq_group_size,
+# sdnq_use_dynamic_quantization, sdnq_use_hadamard, sdnq_quantize_matmul_mode; modules/ui_definitions.py:176-195).
+OPTIONS = {
+    "int8": {"weights_dtype": "int8"},
+    "int6": {"weights_dtype": "int6"},
+    "int4": {"weights_dtype": "int4"},
+    "uint4": {"weights_dtype": "uint4"},
+    "float8_e4m3fn": {"weights_dtype": "float8_e4m3fn"},
+    "uint4-svd-r32": {"weights_dtype": "uint4", "use_svd": True, "svd_rank": 32, "svd_steps": 8},
+    "int8-matmul": {"weights_dtype": "int8", "use_quantized_matmul": True},
+    "uint4-g32": {"weights_dtype": "uint4", "group_size": 32},
+    "uint4-dynamic": {"weights_dtype": "uint4", "use_dynamic_quantization": True},
+    "uint4-hadamard": {"weights_dtype": "uint4", "use_hadamard": True},
+}
+# What tells the types apart in a saved config, with sdnq's defaults (a key a config lacks has its default)
+SIGNATURE = {"weights_dtype": None, "use_svd": False, "use_quantized_matmul": False, "group_size": 0,
+             "use_dynamic_quantization": False, "use_hadamard": False}
+
+
+def qtype_of(config: dict) -> str | None:
+    """The type whose options a saved SDNQConfig has (its to_dict())."""
+    def signature(options: dict) -> tuple:
+        return tuple(options.get(k, default) for k, default in SIGNATURE.items()) + (
+            (options.get("svd_rank", 32),) if options.get("use_svd") else ())
+
+    found = signature(config)
+    return next((q for q, options in OPTIONS.items() if signature(options) == found), None)
+
 
 class SDNQEngine(Engine):
     name = "sdnq"
@@ -26,7 +55,7 @@ class SDNQEngine(Engine):
     def quantize(self, model: nn.Module, qtype: str, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
         from sdnq import sdnq_post_load_quant
 
-        return sdnq_post_load_quant(model, weights_dtype=qtype, torch_dtype=dtype)
+        return sdnq_post_load_quant(model, torch_dtype=dtype, **OPTIONS[qtype])
 
     def quantize_layer(self, layer: nn.Linear, qtype: str, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
         holder = nn.Sequential(layer)  # the post-load entry point replaces children of the module it is given
@@ -59,5 +88,5 @@ class SDNQEngine(Engine):
         meta, names = contents
         if CONFIG_KEY not in meta or not any(k.endswith(".scale") for k in names):
             return None
-        qtype = json.loads(meta[CONFIG_KEY]).get("weights_dtype")
+        qtype = qtype_of(json.loads(meta[CONFIG_KEY]))
         return qtype if qtype in self.qtypes else None

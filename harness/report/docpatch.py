@@ -225,9 +225,10 @@ def _whole(row: dict, finding_: Finding, rule: Rule) -> str:
 
 
 def check(rule: Rule, index: int, newest: pd.DataFrame, failed: dict[tuple[str, str], str] | None = None,
-          matrix: Matrix | None = None) -> Check:
-    """What the records show for one rule's statement; `newest`: judged(). Only the cells and claims that test the
-    statement judge it (rule.judges), and never a failure the float model shares."""
+          matrix: Matrix | None = None, cells: list[SimpleNamespace] | None = None) -> Check:
+    """What the records show for one rule's statement; `newest`: judged() (`cells`: its rows' cells, _cells()).
+    Only the cells and claims that test the statement judge it (rule.judges), and never a failure the float model
+    shares."""
     failed = failures(newest) if failed is None else failed
     rows = newest[newest["rule"] == index]
     view = report_data.row_dicts(rows, (*FINDING_FIELDS, *HAPPENED_FIELDS, *AXES.names, "machine", "cell_id",
@@ -266,7 +267,7 @@ def check(rule: Rule, index: int, newest: pd.DataFrame, failed: dict[tuple[str, 
                         f"judged by its {' and '.join(rule.judged_claims)} claim(s) only.")
     keep = [i for i, f in enumerate(found) if f is not None and f is not Finding.UNCHECKED]
     if not keep:
-        reason = _unchecked_reason(rule, index, rows, [f for f in found], newest, matrix)
+        reason = _unchecked_reason(rule, index, rows, newest, matrix, cells)
         return Check(Finding.UNCHECKED, [f"Not checked: {reason}."] + left_out, None)
     checked = rows.iloc[keep]
     worst = min((found[i] for i in keep), key=list(Finding).index)
@@ -329,8 +330,8 @@ def _where(rows: pd.DataFrame) -> str:
     return ", ".join(f"{d} ({m})" for m, d in pairs)
 
 
-def _unchecked_reason(rule: Rule, index: int, rows: pd.DataFrame, found: list, newest: pd.DataFrame,
-                      matrix: Matrix | None) -> str:
+def _unchecked_reason(rule: Rule, index: int, rows: pd.DataFrame, newest: pd.DataFrame, matrix: Matrix | None,
+                      cells: list[SimpleNamespace] | None = None) -> str:
     """What is missing for a statement no record checked, as exactly as the records tell."""
     here = rows[~rows["device_absent"]]  # a device a host lacks says nothing of the statement: look further
     unavailable = sorted({r for r, v in zip(here["reason"], here["verdict"], strict=True) if v == "unavailable" and r})
@@ -338,8 +339,7 @@ def _unchecked_reason(rule: Rule, index: int, rows: pd.DataFrame, found: list, n
         return "every cell it decides was unavailable: " + "; ".join(unavailable[:3])
     if len(here):
         return f"each of the {len(here)} cells it decides was left out (below)"
-    cells = [SimpleNamespace(**{k: row[k] for k in AXES.names}) for row in report_data.row_dicts(newest, AXES.names)]
-    candidates = newest[[rule.matches(c) for c in cells]] if len(newest) else newest
+    candidates = newest[[rule.matches(c) for c in (cells or _cells(newest))]] if len(newest) else newest
     measured = sorted(set(newest[~newest["device_absent"]]["device"])) if len(newest) else []
     needs = rule.match.get("device")
     if candidates.empty:
@@ -361,6 +361,12 @@ def _unchecked_reason(rule: Rule, index: int, rows: pd.DataFrame, found: list, n
         return (f"the {len(taken)} records of cells it matches were decided by earlier rules ("
                 + "; ".join(sources[:3]) + (f"; {len(sources) - 3} more" if len(sources) > 3 else "") + ")")
     return "no record of a cell it matches (run its matrix file to check it)"
+
+
+def _cells(newest: pd.DataFrame) -> list[SimpleNamespace]:
+    """Each row's cell, for rules to match."""
+    return [SimpleNamespace(**dict(zip(AXES.names, values, strict=True)))
+            for values in zip(*(newest[k] for k in AXES.names), strict=True)]
 
 
 def _narrow(frame: pd.DataFrame, checked: pd.DataFrame) -> str:
@@ -500,6 +506,7 @@ def assess(matrix: Matrix, records: report_data.Records) -> Patch:
     """The patch, and how each statement came out."""
     newest = judged(matrix, records)
     failed = failures(newest) if len(newest) else {}
+    cells = _cells(newest) if len(newest) else []
     document = matrix.document
     title = document.title if document else matrix.name
     lines = [f"# {title}: what the records show", ""]
@@ -536,7 +543,7 @@ def assess(matrix: Matrix, records: report_data.Records) -> Patch:
         for statement, rules in by_section[section].items():
             lines += [f"> {statement}", ""]
             for index, rule in rules:
-                result = check(rule, index, newest, failed, matrix)
+                result = check(rule, index, newest, failed, matrix, cells)
                 tally[result.finding] += 1
                 out.append(Judged(section, statement, rule.expect.source or "", result.finding, result.suggestion))
                 detail = rule.expect.source if len(rules) > 1 or rule.expect.statement else ""

@@ -106,12 +106,7 @@ def storage(model: nn.Module, layout: FloatLayout) -> Storage:
     seen: set = set()
     per_key = {k: tensor_bytes(t, seen) for k, t in _state_tensors(model).items()}
     stored = sum(per_key.values())
-    under: dict[str, int] = {}
-    for key, n in per_key.items():
-        layer, sep, rest = key.partition(".weight")
-        if sep and (not rest or rest[0] in "._"):
-            under[layer] = under.get(layer, 0) + n
-    quantized = {name: v for name, v in layout.weights.items() if under.get(name, 0) != v[2]}
+    quantized = _quantized(per_key, layout)
     counted = quantized or layout.weights
     weights = sum(n for _, n, _ in counted.values())
     rest = layout.total_bytes - sum(b for _, _, b in counted.values())
@@ -119,6 +114,21 @@ def storage(model: nn.Module, layout: FloatLayout) -> Storage:
     for kind, _, _ in quantized.values():
         kinds[kind] = kinds.get(kind, 0) + 1
     return Storage(stored, 8 * (stored - rest) / weights if weights else None, kinds, weights, rest)
+
+
+def _quantized(per_key: dict[str, int], layout: FloatLayout) -> dict[str, tuple[str, int, int]]:
+    under: dict[str, int] = {}
+    for key, n in per_key.items():
+        layer, sep, rest = key.partition(".weight")
+        if sep and (not rest or rest[0] in "._"):
+            under[layer] = under.get(layer, 0) + n
+    return {name: v for name, v in layout.weights.items() if under.get(name, 0) != v[2]}
+
+
+def quantized_layers(model: nn.Module, layout: FloatLayout) -> list[str]:
+    """The names of the layers the engine quantized (as storage() counts them)."""
+    seen: set = set()
+    return list(_quantized({k: tensor_bytes(t, seen) for k, t in _state_tensors(model).items()}, layout))
 
 
 def bits_per_weight(model: nn.Module, layout: FloatLayout) -> float | None:

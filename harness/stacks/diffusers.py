@@ -102,7 +102,15 @@ def _quanto_type(config: dict) -> str | None:
 def _sdnq_config(qtype: str, dtype: torch.dtype) -> object:
     from sdnq import SDNQConfig
 
-    return SDNQConfig(weights_dtype=qtype)
+    from harness.engines.sdnq import OPTIONS
+
+    return SDNQConfig(**OPTIONS[qtype])
+
+
+def _sdnq_type(config: dict) -> str | None:
+    from harness.engines.sdnq import qtype_of
+
+    return qtype_of(config)
 
 
 def _torchao_config(qtype: str, dtype: torch.dtype) -> object:
@@ -147,7 +155,7 @@ INTEGRATIONS: dict[str, Integration] = {
     "none": Integration(lambda qtype, dtype: None, te_config=lambda qtype, dtype: None),  # the float model
     "bnb": Integration(_bnb_config, "bitsandbytes", _bnb_type, te_config=_bnb_te_config),
     "quanto": Integration(_quanto_config, "quanto", _quanto_type, te_config=_quanto_te_config),
-    "sdnq": Integration(_sdnq_config, "sdnq", lambda config: config.get("weights_dtype"), te_config=_sdnq_config),
+    "sdnq": Integration(_sdnq_config, "sdnq", _sdnq_type, te_config=_sdnq_config),
     "torchao": Integration(_torchao_config, "torchao", _torchao_type, te_config=_torchao_te_config),
     "gguf": Integration(_gguf_config, single_file=True),
 }

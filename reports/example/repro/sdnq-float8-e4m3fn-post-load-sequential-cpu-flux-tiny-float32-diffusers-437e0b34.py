@@ -170,7 +170,7 @@ def quantize(model: nn.Module) -> nn.Module:
     """The engine's own API after load."""
     from sdnq import sdnq_post_load_quant  # harness/engines/sdnq.py quantize
 
-    return sdnq_post_load_quant(model, weights_dtype='float8_e4m3fn', torch_dtype=DTYPE)
+    return sdnq_post_load_quant(model, torch_dtype=DTYPE, weights_dtype='float8_e4m3fn')
 
 
 class ComponentPipeline(diffusers.DiffusionPipeline):
