@@ -33,14 +33,6 @@ MARK = {Finding.HOLDS: "✓ holds", Finding.DRIFTED: "⚠ drifted", Finding.BROK
         Finding.UNCHECKED: "– not checked"}
 
 
-def describe(rule: Rule) -> str:
-    """The combination a rule matches, in words: "BitsAndBytes nf4/nf4-dq with sequential offload"."""
-    m = rule.match
-    words = [] if "engine" in m else ["every engine"]
-    words += [axis.describe(m[axis.name]) for axis in AXES if axis.name in m]
-    return " ".join(words)
-
-
 METRIC_FIELDS = ("param_bytes", "peak_mem_bytes", "mem_base_bytes", "latency_ms", "name_hint", "name_hint_detail",
                  "sqnr_db", "psnr_db", "latency_pairing", "latency_paired", "latency_lo", "latency_hi",
                  "latency_pairs", "latency_unpaired")

@@ -17,6 +17,9 @@ SEVERITY = ("crash", "oom", "hang", "timeout", "fail", "wrong-output",
             "documented-error", "ok", "unavailable")
 
 
+RIGHT = frozenset(v for v in report_data.RAN if v != "wrong-output")  # ran to a right output
+
+
 def rank(verdict: str) -> int:
     return SEVERITY.index(verdict) if verdict in SEVERITY else -1  # a verdict this version does not know: first
 
@@ -113,17 +116,28 @@ def tables(latest: pd.DataFrame, grid_anchor) -> list[Table]:
         found: dict[tuple[str, str], list[tuple[str, int]]] = {}
         for (engine, offload, verdict), n in rows.groupby(["engine", "offload", "verdict"]).size().items():
             found.setdefault((engine, offload), []).append((str(verdict), int(n)))
-        measured = rows[rows["verdict"] != "unavailable"]
-        right = measured["verdict"].isin(report_data.RAN) & (measured["verdict"] != "wrong-output")
-        # a type works in a mode when it works in one of its load modes (each of its cells there: every model)
-        by_load = right.groupby([measured["engine"], measured["offload"], measured["qtype"], measured["load"]]).all()
-        works = by_load.groupby(level=[0, 1, 2]).any().groupby(level=[0, 1]).agg(["sum", "size"])
+        # a type works in a mode when it works in one of its load modes (each of its cells there: every model);
+        # plain dicts: a groupby per table cost more than the rest of the overview
+        by_load: dict[tuple, bool] = {}
+        for engine, offload, qtype, load, verdict in zip(rows["engine"], rows["offload"], rows["qtype"],
+                                                         rows["load"], rows["verdict"], strict=True):
+            if verdict != "unavailable":
+                key = (engine, offload, qtype, load)
+                by_load[key] = by_load.get(key, True) and verdict in RIGHT
+        by_type: dict[tuple, bool] = {}
+        for (engine, offload, qtype, _), ok in by_load.items():
+            by_type[(engine, offload, qtype)] = by_type.get((engine, offload, qtype), False) or ok
+        works: dict[tuple, list[int]] = {}
+        for (engine, offload, _), ok in by_type.items():
+            count = works.setdefault((engine, offload), [0, 0])
+            count[0] += ok
+            count[1] += 1
         lines = []
         for engine in sorted(set(rows["engine"]), key=lambda e: (e != "none", e)):
             per = []
             for offload in offloads:
                 counted = sorted(found.get((engine, offload), []), key=lambda vn: rank(vn[0]))
-                k, n = (int(v) for v in works.loc[(engine, offload)]) if (engine, offload) in works.index else (0, 0)
+                k, n = works.get((engine, offload), (0, 0))
                 per.append(Summary(counted[0][0], counted, k, n) if counted else None)
             lines.append((engine, per, best.get(engine)))
         versions = rows.sort_values("started")["versions"].iloc[-1]
