@@ -213,6 +213,13 @@ def _whole(row: dict, finding_: Finding, rule: Rule) -> str:
         return "works, but " + "; ".join(parts)
     if row["error_type"]:
         return f"fails with {row['error_type']}: {' '.join(row['error_message'].split())}"
+    return _whole_text(row)
+
+
+def _whole_text(row: dict) -> str:
+    """What happened, with a process verdict's reason whole (what_happened cuts it to a line for the report)."""
+    if row["verdict"] in report_data.BROKEN and row["reason"]:
+        return f"{row['verdict']}: {' '.join(row['reason'].split())}"
     return what_happened(row)
 
 
@@ -457,7 +464,7 @@ def _failure_text(row: dict, failed: dict[tuple[str, str], str]) -> str:
     elif row["error_type"]:
         text = f"{row['error_type']}: {' '.join(row['error_message'].split())}"
     else:
-        text = what_happened(row)
+        text = _whole_text(row)
     if row["engine"] != BASELINE and shared_with_baseline(row, failed):
         text += " (the float model fails the same way here: the offload's or the stack's failure)"
     return text
