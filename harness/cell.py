@@ -152,6 +152,10 @@ AXES = Axes(
     # (models.specs.component_names). The baseline quantizes nothing: its components are the default.
     Axis("components", "harness.models.specs:COMPONENT_VALUES", "quantized components", default="denoiser",
          join="+", omit="denoiser", baseline="denoiser", phrase="{} quantized", preposition="with"),
+    # torch.compile of the denoiser, applied last (harness/compile.py): diffusers' compile_repeated_blocks
+    # (`regional`) or the whole module (`full`), both fullgraph. "-": not compiled.
+    Axis("compile", ("-", "regional", "full"), "torch.compile mode", default="-", join="+", omit="-",
+         phrase="{} compile", preposition="with"),
 )
 LOAD_WORDS = {"on-the-fly": "quantized on the fly during load", "post-load": "quantized right after load",
               "prequantized": "loaded pre-quantized"}

@@ -211,14 +211,20 @@ def impossible_figures(metrics: dict[str, Any], dtype: str) -> list[str]:
     need("cosine", metrics.get("cosine"), -1, 1)
     for key in ("sqnr_db", "psnr_db"):
         need(key, metrics.get(key), None)
-    paired = metrics.get("latency_vs_float")
-    if isinstance(paired, dict) and "ratio" in paired:
-        for key in ("ratio", "lo", "hi", "float_ms"):
-            need(f"latency_vs_float.{key}", paired.get(key), 0, strict=True)
-        if all(_number(paired.get(k)) for k in ("ratio", "lo", "hi")) and \
-                not paired["lo"] <= paired["ratio"] <= paired["hi"]:
-            problems.append(f"metrics.latency_vs_float: ratio {paired['ratio']} outside its interval "
-                            f"{paired['lo']}-{paired['hi']}")
+    for name in ("latency_vs_float", "latency_vs_uncompiled"):
+        paired = metrics.get(name)
+        if isinstance(paired, dict) and "ratio" in paired:
+            for key in ("ratio", "lo", "hi", "float_ms"):
+                need(f"{name}.{key}", paired.get(key), 0, strict=True)
+            if all(_number(paired.get(k)) for k in ("ratio", "lo", "hi")) and \
+                    not paired["lo"] <= paired["ratio"] <= paired["hi"]:
+                problems.append(f"metrics.{name}: ratio {paired['ratio']} outside its interval "
+                                f"{paired['lo']}-{paired['hi']}")
+    compiled = metrics.get("compile")
+    if isinstance(compiled, dict):
+        need("compile.first_call_s", compiled.get("first_call_s"))
+        for key in ("graphs", "graph_breaks", "recompiles"):
+            need(f"compile.{key}", compiled.get(key))
     return problems
 
 

@@ -80,6 +80,7 @@ class Stage(enum.StrEnum):
     PREPARE = "prepare"  # inputs, reference output, the float checkpoint or pre-quantized file
     LOAD = "load"  # loading the model, quantizing it (after, while, or before: the file) included
     OFFLOAD = "offload"  # installing the offload hooks
+    COMPILE = "compile"  # torch.compile and the first compiled call (dynamo's tracing, inductor's build)
     FORWARD = "forward"  # the steps
     PROCESS = "process"  # the cell's process itself (killed at the timeout, refused by the cell server)
 

@@ -7,6 +7,7 @@ happened in. This module runs inside the cell's isolated process (see isolation.
 from __future__ import annotations
 
 import importlib.util
+import re
 import statistics
 import traceback
 import warnings
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from harness import compile as compiling
 from harness import devices
 from harness.cell import Cell
 from harness.engines.base import NotOffered
@@ -48,7 +50,7 @@ def unavailable(cell: Cell) -> Outcome | None:
     reason = devices.unavailable_reason(cell.device)
     if reason:
         return Outcome.unavailable(Absence.DEVICE, absent_device_reason(cell.device, reason))
-    reason = not_offered(cell)
+    reason = not_offered(cell) or compiling.not_offered(cell)
     if reason:
         return Outcome.unavailable(Absence.NOT_OFFERED, reason)
     for package in packages_needed(cell):
@@ -77,6 +79,28 @@ def layer_of(modules: list[str]) -> str:
     return modules[-1].split(".")[0] if modules else ""
 
 
+def compiler_layer(exc: BaseException) -> str:
+    """torch.compile's layer that raised, from the exception's class: dynamo (tracing: a graph break under
+    fullgraph, a recompile), inductor (building the graph: dynamo reports it as BackendCompilerFailed); "" for
+    any other error."""
+    module = type(exc).__module__
+    if module.startswith("torch._inductor") or type(exc).__name__ == "BackendCompilerFailed":
+        return "torch._inductor"
+    return "torch._dynamo" if module.startswith("torch._dynamo") else ""
+
+
+def user_code(message: str) -> str:
+    """The module of the innermost frame of the code dynamo was tracing ("from user code:" in its messages):
+    where a compile error's cause lies (an engine's tensor subclass, a hook), as a module name."""
+    _, found, rest = message.partition("from user code:")
+    files = re.findall(r'File "([^"]+)\.py"', rest) if found else []
+    if not files:
+        return ""
+    path = files[-1]
+    inside = re.search(r"(?:site|dist)-packages/(.+)$", path) or re.search(r"/(harness/.+)$", path)
+    return (inside.group(1) if inside else Path(path).name).replace("/", ".")
+
+
 def error_info(exc: BaseException, stage: Stage) -> ErrorInfo:
     frames = traceback.extract_tb(exc.__traceback__)[-4:]
     where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
@@ -84,6 +108,9 @@ def error_info(exc: BaseException, stage: Stage) -> ErrorInfo:
     while tb is not None:
         modules.append(tb.tb_frame.f_globals.get("__name__", "?"))
         tb = tb.tb_next
+    compiler = compiler_layer(exc)
+    if compiler:  # dynamo's frames are where it surfaces; the traced code it names is where it comes from
+        return ErrorInfo(type(exc).__name__, str(exc), where, stage, user_code(str(exc)) or modules[-1], compiler)
     return ErrorInfo(type(exc).__name__, str(exc), where, stage, modules[-1] if modules else "", layer_of(modules))
 
 
@@ -225,10 +252,12 @@ def _measure(task: CellTask, progress: _Progress) -> dict:
     progress.stage = Stage.OFFLOAD
     installed = stack.offload(model, cell.offload, cell.device, components=components(cell.model, model),
                               settings=s)
-    progress.stage = Stage.FORWARD
+    progress.stage = Stage.COMPILE if cell.compile != "-" else Stage.FORWARD
+    watch = compiling.apply(model, cell.compile, cell.offload)
     peak_before = tracker.peak()
-    steps = _run_steps(task, model, inputs, reference, installed.after_step, tracker,
-                       _FloatReference(task, measure.stored_bytes(skeleton)))
+    with compiling.recompile_guard(cell.compile, cell.offload):
+        steps = _run_steps(task, model, inputs, reference, installed.after_step, tracker,
+                           _FloatReference(task, measure.stored_bytes(skeleton)), watch, progress)
     metrics = {
         "param_bytes": param_bytes,
         "disk_bytes": loaded.disk_bytes if loaded.disk_bytes is not None else param_bytes,
@@ -239,7 +268,7 @@ def _measure(task: CellTask, progress: _Progress) -> dict:
         "mem_base_bytes": mem_base,
         "mem_kind": tracker.kind,
         "latency_ms": steps.latency.as_dict(),
-        "latency_vs_float": steps.paired,
+        _FloatReference.key(cell): steps.paired,
         "host_load": steps.host_load,
         "quantize_s": loaded.quantize_s,
         "load_s": loaded.load_s,
@@ -249,6 +278,8 @@ def _measure(task: CellTask, progress: _Progress) -> dict:
     }
     if parts is not None:
         metrics["components"], metrics["phases"] = parts, steps.phases
+    if watch is not None:
+        metrics["compile"] = watch.figures()
     if installed.notes:
         metrics["offload_notes"] = installed.notes
     if installed.moves:
@@ -261,9 +292,12 @@ def _measure(task: CellTask, progress: _Progress) -> dict:
 
 
 def float_reference(cell: Cell) -> Cell | None:
-    """The cell a cell's steps are timed beside: its baseline (the unquantized model in the same stack, load and
+    """The cell a cell's steps are timed beside: for a compiled cell, the same cell uncompiled (what compiling
+    buys: metrics.latency_vs_uncompiled); else its baseline (the unquantized model in the same stack, load and
     offload mode: what quantizing costs); for a baseline in an offload mode, the same float model without offload
     (what the offload mode costs); None for the float model without offload itself."""
+    if cell.compile != "-":
+        return cell.replace(compile="-")
     if cell.baseline != cell:
         return cell.baseline
     return cell.replace(offload="none") if cell.offload != "none" else None
@@ -280,6 +314,11 @@ class _FloatReference:
     def __init__(self, task: CellTask, float_bytes: int):
         self.task, self.float_bytes, self.why = task, float_bytes, ""
         self.cell = float_reference(task.cell)
+
+    @staticmethod
+    def key(cell: Cell) -> str:
+        """The metric the paired ratio is recorded as: a compiled cell's is to itself uncompiled."""
+        return "latency_vs_uncompiled" if cell.compile != "-" else "latency_vs_float"
 
     def start(self):
         task, base = self.task, self.cell
@@ -332,11 +371,12 @@ class _Steps:
 
 
 def _run_steps(task: CellTask, model, inputs: dict, reference, after_step, tracker,
-               float_reference: _FloatReference) -> _Steps:
+               float_reference: _FloatReference, watch: compiling.Watch | None, progress: _Progress) -> _Steps:
     """The first step's (generation's) output and its error against the float model's, the warm-up steps, then
     the timed steps, paired with the float reference's where it can run beside the cell. A pipeline's first
     generation is also measured per phase (latency and peak memory); its timed generations give each phase's
-    median latency."""
+    median latency. A compiled model's first call compiles it (the Watch times it); every later call is checked
+    to have run compiled."""
     cell, s = task.cell, task.settings
     pipeline = isinstance(model, PipelineModel)
     phase_peaks: dict[str, int] = {}
@@ -347,11 +387,16 @@ def _run_steps(task: CellTask, model, inputs: dict, reference, after_step, track
     def step() -> None:
         run(model, inputs)
         tracker.sample()
+        if watch is not None:
+            watch.check()
         if pipeline:
             timed.append(dict(model.phases))
 
     with torch.no_grad():
         output = run(model, inputs)
+        if watch is not None:
+            watch.first_call_done()
+            progress.stage = Stage.FORWARD
         after_step()
         tracker.sample()
         figures = measure.output_figures(output, reference)

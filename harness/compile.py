@@ -1,0 +1,160 @@
+"""torch.compile on top of quantization, casting and offload (the `compile` axis), applied last, as users do.
+
+- `regional`: diffusers' `ModelMixin.compile_repeated_blocks(fullgraph=...)`: each block class the model declares
+  in `_repeated_blocks` is compiled in place (diffusers' modeling_utils.py; it raises ValueError without them).
+- `full`: the whole denoiser, `module.compile(fullgraph=...)`: `torch.compile` of the module's call, in place, so
+  that the offload hooks and the pipeline keep holding the same module (what `pipe.transformer.compile()` in
+  diffusers' docs does; `torch.compile(module)` would return a wrapper the pipeline does not call).
+
+As diffusers' quantization tests compile (`options`): `fullgraph=True`, so a graph break is an error, and
+`error_on_recompile`, so a recompile is one too, where those tests do. On a CPU inductor builds C++; its caches are
+the run's (run/pool.py).
+
+`Watch` records what compiling did (the record's `compile`: the first call's seconds, the graphs dynamo built,
+graph breaks, recompiles) and checks that compiled code ran: a forward pre-hook on each compiled module notes
+whether the module ran inside a compiled graph (`torch.compiler.is_compiling()`: dynamo traces the hook and
+replays its side effect on every compiled call) or eagerly. A module that ran eagerly after compiling (the blocks
+accelerate#4253 silently runs uncompiled) fails the cell: `CompiledCodeNotRun`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+
+import torch
+from torch import nn
+
+from harness.cell import AXES
+
+MODES = AXES["compile"].known()
+
+
+class CompiledCodeNotRun(RuntimeError):
+    """A module compiled for the cell ran eagerly: compiling silently did nothing for it."""
+
+
+@functools.cache
+def _repeated_blocks(model: str) -> tuple[str, ...] | None:
+    """The block classes diffusers' class for the model declares for regional compilation; None for the harness's
+    own imitation modules (not diffusers models)."""
+    from harness.models.specs import MODELS, REAL_CLASSES
+
+    spec = MODELS[model]
+    if not spec.real:
+        return None
+    import diffusers
+
+    return tuple(getattr(getattr(diffusers, REAL_CLASSES[spec.kind]), "_repeated_blocks", ()) or ())
+
+
+def not_offered(cell) -> str | None:
+    """Why the cell's compile mode does not exist for its model, or None (decided before it runs)."""
+    if cell.compile != "regional":
+        return None
+    blocks = _repeated_blocks(cell.model)
+    if blocks is None:
+        return (f"regional compilation is diffusers' ModelMixin.compile_repeated_blocks; {cell.model} is one of the "
+                f"harness's own modules, not a diffusers model")
+    if not blocks:
+        from harness.models.specs import MODELS, REAL_CLASSES
+
+        return (f"diffusers' {REAL_CLASSES[MODELS[cell.model].kind]} declares no _repeated_blocks: "
+                f"compile_repeated_blocks raises ValueError for it")
+    return None
+
+
+def denoiser(model: nn.Module) -> nn.Module:
+    """The module users compile: a pipeline's denoiser (`pipe.transformer.compile()`), else the model itself."""
+    return getattr(model, "denoiser", model)
+
+
+def _targets(module: nn.Module, mode: str) -> list[nn.Module]:
+    if mode == "full":
+        return [module]
+    names = set(getattr(module, "_repeated_blocks", ()) or ())
+    return [m for m in module.modules() if type(m).__name__ in names]
+
+
+def _counts() -> dict[str, int]:
+    from torch._dynamo.utils import counters
+
+    return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values())}
+
+
+class Watch:
+    """A compiled model's record: call `first_call_done()` after the first (compiling) call and `check()` after
+    each later one (CompiledCodeNotRun if a compiled module ran eagerly); `figures()` after the steps.
+
+    The hooks count compiled calls in a tensor (dynamo puts the increment in the graph: a Python counter's value
+    would be a guard, and every call a recompile) and note eager calls in a set (dead code once traced)."""
+
+    def __init__(self, mode: str, targets: list[nn.Module], options: dict):
+        self.mode, self.targets, self.options = mode, targets, options
+        self.compiled_calls = torch.zeros((), dtype=torch.int64)
+        self.eager: set[str] = set()
+        self.handles = [t.register_forward_pre_hook(self._hook) for t in targets]
+        self.before = _counts()
+        self.started = time.perf_counter()
+        self.first_s: float | None = None
+        self.after_first: dict[str, int] = {}
+
+    def _hook(self, module, args) -> None:
+        if torch.compiler.is_compiling():
+            self.compiled_calls.add_(1)
+        else:
+            self.eager.add(type(module).__name__)
+
+    def first_call_done(self) -> None:
+        self.first_s = time.perf_counter() - self.started
+        self.after_first = _counts()
+        self.check()
+
+    def check(self) -> None:
+        if self.eager:
+            raise CompiledCodeNotRun(
+                f"{self.mode} compile: {', '.join(sorted(self.eager))} ran eagerly after compiling (compiled code "
+                f"did not run); dynamo built {_counts()['graphs'] - self.before['graphs']} graphs, compiled calls "
+                f"{int(self.compiled_calls)}")
+
+    def figures(self) -> dict:
+        now = _counts()
+        return {"mode": self.mode, **self.options, "first_call_s": self.first_s, "modules": len(self.targets),
+                "compiled_calls": int(self.compiled_calls),
+                "graphs": self.after_first["graphs"] - self.before["graphs"],
+                "graph_breaks": now["graph_breaks"] - self.before["graph_breaks"],
+                "recompiles": now["graphs"] - self.after_first["graphs"]}
+
+
+def options(offload: str) -> dict:
+    """How diffusers' quantization tests compile in each offload mode (tests/quantization/test_torch_compile_utils.py
+    at v0.42: QuantCompileTests): fullgraph, and a recompile an error, without offload; fullgraph with model
+    offload; neither with group offload (its onload hooks are torch.compiler.disable'd: a graph break by design).
+    The harness compiles so in every mode (sequential and balanced: as model offload)."""
+    return {"fullgraph": offload != "group", "error_on_recompile": offload == "none"}
+
+
+def recompile_guard(mode: str, offload: str):
+    """Where the steps run: a recompile raises (torch._dynamo's error_on_recompile) where diffusers' tests make it
+    an error."""
+    if mode == "-" or not options(offload)["error_on_recompile"]:
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(error_on_recompile=True)
+
+
+def apply(model: nn.Module, mode: str, offload: str) -> Watch | None:
+    """Compile the model's denoiser in the mode (after quantization, casting and offload were applied), with
+    diffusers' tests' options for the offload mode; None for "-". The compile itself happens on the first call,
+    which the Watch times."""
+    if mode == "-":
+        return None
+    module, fullgraph = denoiser(model), options(offload)["fullgraph"]
+    watch = Watch(mode, _targets(module, mode), options(offload))
+    if mode == "regional":
+        module.compile_repeated_blocks(fullgraph=fullgraph)
+    elif mode == "full":
+        module.compile(fullgraph=fullgraph)
+    else:
+        raise ValueError(f"unknown compile mode {mode!r}; expected one of {MODES}")
+    return watch
