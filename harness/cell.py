@@ -153,7 +153,7 @@ AXES = Axes(
     Axis("components", "harness.models.specs:COMPONENT_VALUES", "quantized components", default="denoiser",
          join="+", omit="denoiser", baseline="denoiser", phrase="{} quantized", preposition="with"),
     # torch.compile of the denoiser, applied last (harness/compile.py): diffusers' compile_repeated_blocks
-    # (`regional`) or the whole module (`full`), both fullgraph. "-": not compiled.
+    # (`regional`) or the whole module (`full`), with diffusers' tests' options per offload mode. "-": not compiled.
     Axis("compile", ("-", "regional", "full"), "torch.compile mode", default="-", join="+", omit="-",
          phrase="{} compile", preposition="with"),
 )

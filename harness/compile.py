@@ -84,8 +84,11 @@ def _counts() -> dict[str, int]:
 
 
 class Watch:
-    """A compiled model's record: call `first_call_done()` after the first (compiling) call and `check()` after
-    each later one (CompiledCodeNotRun if a compiled module ran eagerly); `figures()` after the steps.
+    """A compiled model's record. Each call of the cell's own model runs in `call()`: the first compiles (it is
+    timed), every one is checked to have run compiled (CompiledCodeNotRun), and a recompile raises where
+    diffusers' tests make it an error. Dynamo's counters are read around these calls only, so the graphs that
+    other code builds between them (the uncompiled reference the cell is timed beside: SDNQ's own compiled
+    dequantize, its quantize on load) are neither counted nor guarded. `figures()` after the steps.
 
     The hooks count compiled calls in a tensor (dynamo puts the increment in the graph: a Python counter's value
     would be a guard, and every call a recompile) and note eager calls in a set (dead code once traced)."""
@@ -95,10 +98,8 @@ class Watch:
         self.compiled_calls = torch.zeros((), dtype=torch.int64)
         self.eager: set[str] = set()
         self.handles = [t.register_forward_pre_hook(self._hook) for t in targets]
-        self.before = _counts()
-        self.started = time.perf_counter()
         self.first_s: float | None = None
-        self.after_first: dict[str, int] = {}
+        self.graphs = self.graph_breaks = self.recompiles = 0
 
     def _hook(self, module, args) -> None:
         if torch.compiler.is_compiling():
@@ -106,25 +107,34 @@ class Watch:
         else:
             self.eager.add(type(module).__name__)
 
-    def first_call_done(self) -> None:
-        self.first_s = time.perf_counter() - self.started
-        self.after_first = _counts()
+    @contextlib.contextmanager
+    def call(self):
+        """Around one call of the cell's model."""
+        guard = (torch._dynamo.config.patch(error_on_recompile=True) if self.options["error_on_recompile"]
+                 else contextlib.nullcontext())
+        before, started = _counts(), time.perf_counter()
+        with guard:
+            yield
+        after = _counts()
+        built = after["graphs"] - before["graphs"]
+        self.graph_breaks += after["graph_breaks"] - before["graph_breaks"]
+        if self.first_s is None:
+            self.first_s, self.graphs = time.perf_counter() - started, built
+        else:
+            self.recompiles += built
         self.check()
 
     def check(self) -> None:
         if self.eager:
             raise CompiledCodeNotRun(
                 f"{self.mode} compile: {', '.join(sorted(self.eager))} ran eagerly after compiling (compiled code "
-                f"did not run); dynamo built {_counts()['graphs'] - self.before['graphs']} graphs, compiled calls "
+                f"did not run); dynamo built {self.graphs + self.recompiles} graphs, compiled calls "
                 f"{int(self.compiled_calls)}")
 
     def figures(self) -> dict:
-        now = _counts()
         return {"mode": self.mode, **self.options, "first_call_s": self.first_s, "modules": len(self.targets),
-                "compiled_calls": int(self.compiled_calls),
-                "graphs": self.after_first["graphs"] - self.before["graphs"],
-                "graph_breaks": now["graph_breaks"] - self.before["graph_breaks"],
-                "recompiles": now["graphs"] - self.after_first["graphs"]}
+                "compiled_calls": int(self.compiled_calls), "graphs": self.graphs,
+                "graph_breaks": self.graph_breaks, "recompiles": self.recompiles}
 
 
 def options(offload: str) -> dict:
@@ -133,14 +143,6 @@ def options(offload: str) -> dict:
     offload; neither with group offload (its onload hooks are torch.compiler.disable'd: a graph break by design).
     The harness compiles so in every mode (sequential and balanced: as model offload)."""
     return {"fullgraph": offload != "group", "error_on_recompile": offload == "none"}
-
-
-def recompile_guard(mode: str, offload: str):
-    """Where the steps run: a recompile raises (torch._dynamo's error_on_recompile) where diffusers' tests make it
-    an error."""
-    if mode == "-" or not options(offload)["error_on_recompile"]:
-        return contextlib.nullcontext()
-    return torch._dynamo.config.patch(error_on_recompile=True)
 
 
 def apply(model: nn.Module, mode: str, offload: str) -> Watch | None:

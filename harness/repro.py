@@ -38,9 +38,10 @@ from harness.engines.catalog import CATALOG, output_floor
 from harness.errors import QuantMatrixError
 from harness.matrix import Settings
 from harness.models.specs import DIFFUSERS_CONFIGS, MODELS, REAL_CLASSES
+from harness.verdict import Stage
 
 HARNESS = Path(__file__).resolve().parent
-STAGES = ("prepare", "load", "offload", "forward")
+STAGES = tuple(s.value for s in Stage if s is not Stage.PROCESS)  # a cell's steps, in order
 WIDTH = 116  # of the header's prose lines
 # What a record whose cell ran, or whose output was not finite, is checked for at the end (against the float model)
 CHECKED = ("ok", "drift-works", "drift-claim", "wrong-output")
@@ -216,7 +217,8 @@ def header(record: dict, cell: Cell, stop: str, settings_note: str) -> str:
     what = (f"engine {cell.engine}" + ("" if cell.qtype == "-" else f" {cell.qtype}") + f", load {cell.load}, "
             f"offload {cell.offload}, device {cell.device}, model {cell.model} (diffusers' "
             f"{REAL_CLASSES[MODELS[cell.model].kind]}, seeded random weights), dtype {cell.dtype}, stack {cell.stack}"
-            + ("" if cell.cast == "-" else f", layerwise casting to {cell.cast}"))
+            + ("" if cell.cast == "-" else f", layerwise casting to {cell.cast}")
+            + ("" if cell.compile == "-" else f", {cell.compile} torch.compile"))
     expected = expect.get("kind", "works") + (f" /{expect['pattern']}/" if expect.get("pattern") else "")
     out = [
         "# Standalone reproduction of the quantmatrix cell",
@@ -231,7 +233,7 @@ def header(record: dict, cell: Cell, stop: str, settings_note: str) -> str:
         out.append(_lines(expect["source"], "#     ", WIDTH))
     if err.get("type"):
         first, *rest = (err.get("message") or "").split("\n", 1)
-        out += [f"#   stage:     {err.get('stage') or '?'} (of {', '.join(STAGES)})",
+        out += [f"#   stage:     {err.get('stage') or '?'} (of {', '.join(stages(cell))})",
                 _lines(f"{err['type']}: {first}", "#   error:     ")]
         if rest and rest[0].strip():
             out.append(_lines(rest[0], "#              "))
@@ -564,9 +566,30 @@ def check_output(output: torch.Tensor, reference: torch.Tensor) -> None:
 '''
 
 
+def stages(cell: Cell) -> tuple[str, ...]:
+    """The steps a cell runs: compile only where it is compiled."""
+    return STAGES if cell.compile != "-" else tuple(s for s in STAGES if s != "compile")
+
+
 def _stop_stage(record: dict) -> str:
     stage = (record.get("error") or {}).get("stage")
     return stage if stage in STAGES else "forward"
+
+
+GUARD = "torch._dynamo.config.patch(error_on_recompile=ERROR_ON_RECOMPILE)"
+
+
+def _compile_code(cell: Cell) -> str:
+    """The compile step as harness/compile.py applies it: in place, after offload, with the options diffusers'
+    quantization tests use in the offload mode (compile.options, restated here: the script imports no harness)."""
+    fullgraph = cell.offload != "group"
+    call = ("model.compile_repeated_blocks(fullgraph=FULLGRAPH)  # diffusers: each class in _repeated_blocks"
+            if cell.compile == "regional" else "model.compile(fullgraph=FULLGRAPH)  # the whole module, in place")
+    return (f"FULLGRAPH = {fullgraph!r}  # harness/compile.py options: fullgraph except with group offload\n"
+            f"ERROR_ON_RECOMPILE = {cell.offload == 'none'!r}  # and a recompile an error without offload\n\n\n"
+            "def compile_model(model: nn.Module) -> None:\n"
+            '    """torch.compile, applied last (stage: compile; the first call below compiles)."""\n'
+            f"    {call}\n")
 
 
 def script(record: dict, settings: Settings | None = None, *, settings_from: str = "") -> str:
@@ -578,6 +601,10 @@ def script(record: dict, settings: Settings | None = None, *, settings_from: str
     s = settings or Settings()
     stop = _stop_stage(record)
     upto = STAGES.index(stop)
+    compiled = cell.compile != "-"
+
+    def reaches(stage: str) -> bool:
+        return upto >= STAGES.index(stage)
     check = record.get("verdict") in CHECKED or (record.get("error") or {}).get("type") == "NonFiniteOutput"
     settings_note = (f"Seed {s.seed} and batch {s.batch}: " + (f"the settings of {settings_from}." if settings_from
                      else "the harness's default settings (every shipped matrix runs with them; records do not "
@@ -599,10 +626,10 @@ def script(record: dict, settings: Settings | None = None, *, settings_from: str
         '    """The files the load reads, made as the harness makes them once per run (stage: prepare)."""',
         indent(prepare_body, "    "), "", "",
     ]
-    if upto >= 1:
+    if reaches("load"):
         steps += ["def load(source: Path | None, tmp: Path) -> nn.Module:",
                   '    """Load (and quantize) the model (stage: load)."""', indent(load_body, "    "), "", ""]
-    if upto >= 2:
+    if reaches("offload"):
         steps += ["def offload(model: nn.Module):",
                   '    """Install the offload mode; returns what to call after each step (stage: offload)."""',
                   indent(offload_body, "    "), "", ""]
@@ -614,21 +641,27 @@ def script(record: dict, settings: Settings | None = None, *, settings_from: str
                  "        reference = run(build_model(MODEL, SEED, DTYPE).to(DEVICE), inputs)"]
     main += ['    with tempfile.TemporaryDirectory(prefix="quantmatrix-repro-") as name:', "        tmp = Path(name)",
              '        print("prepare", flush=True)', "        source = prepare(tmp)"]
-    if upto >= 1:
+    if reaches("load"):
         main += ['        print("load", flush=True)', "        model = load(source, tmp).eval()" + indent(cast, "    ")]
-    if upto >= 2:
+    if reaches("offload"):
         main += ['        print("offload", flush=True)', "        after_step = offload(model)"]
-    if upto >= 3:
+    if compiled and reaches("compile"):
+        main += ['        print("compile", flush=True)', "        compile_model(model)",
+                 f"        with {GUARD}, torch.no_grad():  # the first call compiles",
+                 "            output = run(model, inputs)", "            after_step()"]
+    if reaches("forward"):
+        first = [] if compiled else ["            output = run(model, inputs)", "            after_step()"]
         main += ['        print("forward", flush=True)',
-                 "        with torch.no_grad():  # the first step, then the warm-up steps (harness/run/execute.py)",
-                 "            output = run(model, inputs)", "            after_step()",
+                 "        with " + (f"{GUARD}, " if compiled else "") + "torch.no_grad():  # the first step, then the "
+                 "warm-up steps (harness/run/execute.py)", *first,
                  "            for _ in range(WARMUP):", "                run(model, inputs)",
                  "                after_step()"]
         if check:
             main.append("        check_output(output, reference)")
     main.append(f'    print("ran to the end of the {stop} step without an error")')
-    helpers = "\n\n\n".join(h.rstrip("\n") for h in (q_helpers, o_helpers if upto >= 2 else "",
-                                                    CHECK_OUTPUT if check and upto >= 3 else "") if h)
+    helpers = "\n\n\n".join(h.rstrip("\n") for h in (q_helpers, o_helpers if reaches("offload") else "",
+                                                    _compile_code(cell) if compiled and reaches("compile") else "",
+                                                    CHECK_OUTPUT if check and reaches("forward") else "") if h)
     parts = [header(record, cell, stop, settings_note), _imports(cell), constants, _model_section(cell)]
     parts.append("# ---------------------------------------------------------------- the cell's steps\n" +
                  (helpers + "\n\n\n" if helpers else "") + "\n".join(steps).rstrip("\n"))

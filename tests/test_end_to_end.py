@@ -27,10 +27,12 @@ def test_default_matrix_baseline_runs_in_every_offload_mode_on_both_stacks(tmp_p
     assert "quantmatrix" in proc.stdout and str(results) in proc.stdout  # the summary names where results went
     records, skipped = read_records(results)  # read_records validates each record against the schema
     assert skipped == [] and records
-    verdicts = defaultdict(dict)
+    verdicts, compiled = defaultdict(dict), {}
     for r in records:
         c = r["cell"]
-        if c["load"] == "post-load" and c["cast"] == "-":
+        if c["compile"] != "-":
+            compiled[c["model"], c["offload"], c["compile"]] = r
+        elif c["load"] == "post-load" and c["cast"] == "-":
             verdicts[c["model"], c["stack"]][c["offload"]] = r["verdict"]
     models = ("flux-tiny", "sd3-tiny", "sdxl-tiny", "flux-tiny-pipe", "sd3-tiny-pipe", "sdxl-tiny-pipe")
     assert set(verdicts) == {(m, s) for m in models for s in ("direct", "diffusers")} | {("dit-xs", "direct")}
@@ -39,6 +41,14 @@ def test_default_matrix_baseline_runs_in_every_offload_mode_on_both_stacks(tmp_p
     # diffusers' enable_sequential_cpu_offload on a CPU-only host: documented in default.toml (runs on cpu:0)
     assert verdicts["flux-tiny", "diffusers"] == {**dict.fromkeys(AXES["offload"].known(), "ok"),
                                                   "sequential": "documented-error"}
+    # the float model compiled (inductor's C++ on this CPU), its blocks and whole, with the offload modes: it ran
+    # compiled, timed beside itself uncompiled
+    assert set(compiled) == ({("flux-tiny", o, "regional") for o in ("none", "model", "group")}
+                             | {("flux-tiny", o, "full") for o in ("none", "group")})
+    for r in compiled.values():
+        assert r["verdict"] == "ok", (r["id"], r["reason"])
+        assert r["metrics"]["compile"]["compiled_calls"] > 0 and r["metrics"]["compile"]["first_call_s"] > 0
+        assert "ratio" in r["metrics"]["latency_vs_uncompiled"], r["metrics"]["latency_vs_uncompiled"]
     assert all(r["env"]["device_name"] and r["env"]["torch"] and r["env"]["diffusers"] for r in records)
     # the GPU's compute capability (rules may name it) is in every record: None on a host without an NVIDIA GPU
     assert {r["env"]["cuda_capability"] for r in records} == {cuda_capability()}

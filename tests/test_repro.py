@@ -113,14 +113,16 @@ def _expressible_cells() -> list[Cell]:
                         cell = Cell(engine, qtype, load, offload, "cuda", model, "bfloat16", stack, cast)
                         if repro.unsupported(cell, Settings()) is None:
                             cells.append(cell)
-    return cells
+    return cells + [c.replace(compile=mode) for c in cells for mode in ("regional", "full")
+                    if c.model == "flux-tiny" and c.engine in ("none", "gguf") and c.load != "on-the-fly"]
 
 
 def test_every_path_the_generator_offers_is_valid_python_without_the_harness():
     cells = _expressible_cells()
     assert len(cells) > 60  # both stacks, every engine it writes, every load and offload it writes
     for i, cell in enumerate(cells):  # each cell up to one of the stages, in turn
-        text = repro.script(_record(cell, stage=repro.STAGES[i % 4]), Settings(), settings_from="m.toml")
+        stages = [s for s in repro.STAGES if s != "compile" or cell.compile != "-"]
+        text = repro.script(_record(cell, stage=stages[i % len(stages)]), Settings(), settings_from="m.toml")
         # its imports and its steps (the model's code, the same for every cell of a model, is parsed above)
         head, rest = text.split("\n# ----------------------------------------------------------------" +
                                 " the model (quantmatrix's)", 1)
@@ -134,6 +136,14 @@ def test_every_path_the_generator_offers_is_valid_python_without_the_harness():
                          Settings(group_type="block_level", group_blocks=2), settings_from="m.toml")
     assert "offload_type='block_level', num_blocks_per_group=2" in group and "exclude_modules=['vae']" in group
     assert "the settings of m.toml" in group
+    # a compiled cell compiles after offload, with diffusers' tests' options, and compiles (fails) on its first call
+    compiled = repro.script(_record(Cell("none", "-", "post-load", "model", "cpu", "flux-tiny", "float32", "diffusers",
+                                         compile="regional"), stage="compile"))
+    assert "FULLGRAPH = True" in compiled and "ERROR_ON_RECOMPILE = False" in compiled
+    main_body = compiled.split("def main() -> None:", 1)[1]
+    assert main_body.index("offload(model)") < main_body.index("compile_model(model)") < \
+        main_body.index("output = run(model, inputs)") and 'print("forward"' not in main_body
+    assert "model.compile_repeated_blocks(fullgraph=FULLGRAPH)" in compiled and "regional torch.compile" in compiled
 
 
 def test_what_the_generator_cannot_express_it_says_before_writing_anything():

@@ -72,7 +72,7 @@ def _row(record: dict) -> dict:
         "peak_mem_bytes": peak, "own_mem_bytes": None if peak is None else peak - (base or 0),
         "mem_kind": m.get("mem_kind"),
         "latency_ms": lat.get("median"), "latency_p10_ms": lat.get("p10"), "latency_p90_ms": lat.get("p90"),
-        **_paired(m),
+        **_paired(m), **_compiled(m),
         "sqnr_db": m.get("sqnr_db"), "cosine": m.get("cosine"), "max_abs_error": m.get("max_abs_error"),
         "psnr_db": m.get("psnr_db"),
         "phases": "; ".join(f"{k} {v.get('latency_ms', 0):.1f} ms" for k, v in (m.get("phases") or {}).items()),
@@ -107,7 +107,21 @@ def _paired(m: dict) -> dict:
                    latency_against=paired.get("against") or "")
     elif isinstance(paired, dict):
         out.update(latency_pairing="unpaired", latency_unpaired=paired.get("unpaired") or "")
+    elif "latency_vs_uncompiled" in m:  # a compiled cell: timed beside itself uncompiled, not the float model
+        out.update(latency_pairing="unpaired",
+                   latency_unpaired="a compiled cell is timed beside itself uncompiled (its compile figures)")
     return out
+
+
+def _compiled(m: dict) -> dict:
+    """A compiled cell's figures (metrics.compile, metrics.latency_vs_uncompiled): the first call's seconds (tracing
+    and building), dynamo's graphs, graph breaks and recompiles, and the steps' latency as a ratio to the same cell
+    uncompiled, timed beside it (below 1: compiling made it faster)."""
+    c, vs = m.get("compile") or {}, m.get("latency_vs_uncompiled")
+    vs = vs if isinstance(vs, dict) and "ratio" in vs else {}
+    return {"compile_first_s": c.get("first_call_s"), "compile_graphs": c.get("graphs"),
+            "compile_graph_breaks": c.get("graph_breaks"), "compile_recompiles": c.get("recompiles"),
+            "vs_uncompiled": vs.get("ratio"), "vs_uncompiled_lo": vs.get("lo"), "vs_uncompiled_hi": vs.get("hi")}
 
 
 def _versions_of(env: dict) -> dict:

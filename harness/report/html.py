@@ -87,6 +87,14 @@ def figures(row, script: report_upstream.Script | None = None) -> list[tuple[str
                              + (f", image PSNR {_num(row['psnr_db'], '.1f') or 'exact'} dB"
                                 if report_data.finite(row["psnr_db"]) or row["phases"] else "")),
         ]
+        if report_data.finite(row["compile_first_s"]):
+            out.append(("compile", f"first call {_num(row['compile_first_s'], '.1f')} s (tracing and building), "
+                                   f"{row['compile_graphs']:.0f} graphs, "
+                                   f"{row['compile_graph_breaks']:.0f} graph breaks, "
+                                   f"{row['compile_recompiles']:.0f} recompiles; steps "
+                                   f"{_num(row['vs_uncompiled'], '.2f')}x the same cell uncompiled, timed beside it "
+                                   f"(90% interval {_num(row['vs_uncompiled_lo'], '.2f')}-"
+                                   f"{_num(row['vs_uncompiled_hi'], '.2f')})"))
         if row["phases"]:  # a pipeline: its generation's phases and the components it quantized
             out.append(("phases", row["phases"]))
             out.append(("quantized", row["quantized_components"] or "nothing"))

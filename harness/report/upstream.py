@@ -268,9 +268,10 @@ class Draft:
 
     def _expected(self, row: dict) -> str:
         """What should have happened, with the cells of the same records that show it can."""
+        stage = ((self.raw(row) or {}).get("error") or {}).get("stage") or ""
         step = {"prepare": "writing the model's files", "load": "the load", "offload": "installing the offload hooks",
-                "forward": "the forward pass"}.get(((self.raw(row) or {}).get("error") or {}).get("stage") or "",
-                                                     "the step")
+                "compile": "compiling (torch.compile, then the first call)",
+                "forward": "the forward pass"}.get(stage, "the step")
         text = f"{step[0].upper()}{step[1:]} completes and the model runs, as it does in these cells of the same run:"
         shown = []
         for label, cell_id in (("the same combination on the direct stack (the engine's and accelerate's own "

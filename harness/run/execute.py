@@ -12,7 +12,7 @@ import statistics
 import traceback
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,13 +90,15 @@ def compiler_layer(exc: BaseException) -> str:
 
 
 def user_code(message: str) -> str:
-    """The module of the innermost frame of the code dynamo was tracing ("from user code:" in its messages):
-    where a compile error's cause lies (an engine's tensor subclass, a hook), as a module name."""
+    """The module of the innermost frame outside torch of the code dynamo was tracing ("from user code:" in its
+    messages; torch's own frames, Tensor methods and Module.__call__, are the plumbing): where a compile error's
+    cause lies (an engine's tensor subclass or torch-function mode, a hook), as a module name."""
     _, found, rest = message.partition("from user code:")
     files = re.findall(r'File "([^"]+)\.py"', rest) if found else []
+    outside = [f for f in files if not re.search(r"(?:site|dist)-packages/torch/", f)]
     if not files:
         return ""
-    path = files[-1]
+    path = (outside or files)[-1]
     inside = re.search(r"(?:site|dist)-packages/(.+)$", path) or re.search(r"/(harness/.+)$", path)
     return (inside.group(1) if inside else Path(path).name).replace("/", ".")
 
@@ -255,9 +257,8 @@ def _measure(task: CellTask, progress: _Progress) -> dict:
     progress.stage = Stage.COMPILE if cell.compile != "-" else Stage.FORWARD
     watch = compiling.apply(model, cell.compile, cell.offload)
     peak_before = tracker.peak()
-    with compiling.recompile_guard(cell.compile, cell.offload):
-        steps = _run_steps(task, model, inputs, reference, installed.after_step, tracker,
-                           _FloatReference(task, measure.stored_bytes(skeleton)), watch, progress)
+    steps = _run_steps(task, model, inputs, reference, installed.after_step, tracker,
+                       _FloatReference(task, measure.stored_bytes(skeleton)), watch, progress)
     metrics = {
         "param_bytes": param_bytes,
         "disk_bytes": loaded.disk_bytes if loaded.disk_bytes is not None else param_bytes,
@@ -384,19 +385,19 @@ def _run_steps(task: CellTask, model, inputs: dict, reference, after_step, track
         model.phase_mark = _PhasePeaks(tracker, phase_peaks)
     timed: list[dict[str, float]] = []
 
+    calling = watch.call if watch is not None else nullcontext
+
     def step() -> None:
-        run(model, inputs)
+        with calling():
+            run(model, inputs)
         tracker.sample()
-        if watch is not None:
-            watch.check()
         if pipeline:
             timed.append(dict(model.phases))
 
     with torch.no_grad():
-        output = run(model, inputs)
-        if watch is not None:
-            watch.first_call_done()
-            progress.stage = Stage.FORWARD
+        with calling():
+            output = run(model, inputs)
+        progress.stage = Stage.FORWARD
         after_step()
         tracker.sample()
         figures = measure.output_figures(output, reference)
