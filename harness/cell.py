@@ -156,6 +156,14 @@ AXES = Axes(
     # (`regional`) or the whole module (`full`), with diffusers' tests' options per offload mode. "-": not compiled.
     Axis("compile", ("-", "regional", "full"), "torch.compile mode", default="-", join="+", omit="-",
          phrase="{} compile", preposition="with"),
+    # A LoRA on the quantized denoiser (harness/lora.py): made offline per model, rank 4 or 16. "-": none. The
+    # baseline carries the same LoRA: the cell is judged against the float model with it.
+    Axis("lora", ("-", "r4", "r16"), "LoRA", default="-", join="+", omit="-", phrase="a {} LoRA",
+         preposition="with"),
+    # How the LoRA is applied: peft's layers beside the quantized ones (diffusers' load_lora_adapter), merged into
+    # them (fuse_lora), or SD.Next's SDNQ path (dequantize, add, requantize). Only with a LoRA.
+    Axis("lora_fuse", ("unfused", "fused", "merged"), "LoRA application", default="unfused", join="+",
+         omit="unfused", baseline="unfused", phrase="the LoRA {}"),
 )
 LOAD_WORDS = {"on-the-fly": "quantized on the fly during load", "post-load": "quantized right after load",
               "prequantized": "loaded pre-quantized"}

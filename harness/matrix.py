@@ -385,12 +385,17 @@ def _product(axes: Mapping[str, list[str]], present_devices: tuple[str, ...]) ->
     default = AXES["components"].default
     # The baseline quantizes nothing: it is the cell of the default components, whichever were asked for
     cells = [c.replace(components=default) if c.engine == BASELINE and c.components != default else c for c in cells]
-    return list(dict.fromkeys(c for c in cells if runs_on_its_stack(c) and has_components(c)))
+    return list(dict.fromkeys(c for c in cells if runs_on_its_stack(c) and has_components(c) and lora_fused(c)))
 
 
 def has_components(cell: Cell) -> bool:
     """Whether the model has what the cell quantizes (a denoiser alone has no text encoder)."""
     return cell.components in component_names(cell.model)
+
+
+def lora_fused(cell: Cell) -> bool:
+    """Whether the cell's LoRA application has a LoRA to apply (without one, only the default is a cell)."""
+    return cell.lora != "-" or cell.lora_fuse == AXES["lora_fuse"].default
 
 
 def _check_components(doc: _Doc, key: str, table: Mapping[str, list[str]]) -> None:

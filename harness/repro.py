@@ -111,6 +111,8 @@ def unsupported(cell: Cell, settings: Settings | None = None) -> str | None:
         return f"model {cell.model!r} is unknown here"
     if spec.pipeline:
         return "whole pipelines (text encoders, tokenizers, VAE) are not written yet; only a model class alone"
+    if cell.lora != "-":
+        return "a LoRA (harness/lora.py: its weights, loading, fusing, SDNQ's merge) is not written yet"
     if not spec.real:
         return f"{cell.model} is one of the harness's own imitation models, not a diffusers class"
     if spec.shared_weights:
@@ -567,8 +569,8 @@ def check_output(output: torch.Tensor, reference: torch.Tensor) -> None:
 
 
 def stages(cell: Cell) -> tuple[str, ...]:
-    """The steps a cell runs: compile only where it is compiled."""
-    return STAGES if cell.compile != "-" else tuple(s for s in STAGES if s != "compile")
+    """The steps a cell runs: compile only where it is compiled, lora only with a LoRA."""
+    return tuple(s for s in STAGES if (s != "compile" or cell.compile != "-") and (s != "lora" or cell.lora != "-"))
 
 
 def _stop_stage(record: dict) -> str:

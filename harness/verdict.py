@@ -79,6 +79,7 @@ class Stage(enum.StrEnum):
 
     PREPARE = "prepare"  # inputs, reference output, the float checkpoint or pre-quantized file
     LOAD = "load"  # loading the model, quantizing it (after, while, or before: the file) included
+    LORA = "lora"  # loading the LoRA onto the quantized model (fusing, merging)
     OFFLOAD = "offload"  # installing the offload hooks
     COMPILE = "compile"  # torch.compile and the first compiled call (dynamo's tracing, inductor's build)
     FORWARD = "forward"  # the steps

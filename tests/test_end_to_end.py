@@ -27,10 +27,12 @@ def test_default_matrix_baseline_runs_in_every_offload_mode_on_both_stacks(tmp_p
     assert "quantmatrix" in proc.stdout and str(results) in proc.stdout  # the summary names where results went
     records, skipped = read_records(results)  # read_records validates each record against the schema
     assert skipped == [] and records
-    verdicts, compiled = defaultdict(dict), {}
+    verdicts, compiled, lora = defaultdict(dict), {}, {}
     for r in records:
         c = r["cell"]
-        if c["compile"] != "-":
+        if c["lora"] != "-":
+            lora[c["load"], c["lora_fuse"]] = r
+        elif c["compile"] != "-":
             compiled[c["model"], c["offload"], c["compile"]] = r
         elif c["load"] == "post-load" and c["cast"] == "-":
             verdicts[c["model"], c["stack"]][c["offload"]] = r["verdict"]
@@ -49,6 +51,11 @@ def test_default_matrix_baseline_runs_in_every_offload_mode_on_both_stacks(tmp_p
         assert r["verdict"] == "ok", (r["id"], r["reason"])
         assert r["metrics"]["compile"]["compiled_calls"] > 0 and r["metrics"]["compile"]["first_call_s"] > 0
         assert "ratio" in r["metrics"]["latency_vs_uncompiled"], r["metrics"]["latency_vs_uncompiled"]
+    # the float model with a LoRA, unfused and fused: judged against itself unfused, the LoRA's effect recorded
+    assert set(lora) == {(load, fuse) for load in ("post-load", "on-the-fly") for fuse in ("unfused", "fused")}
+    for r in lora.values():
+        assert r["verdict"] == "ok", (r["id"], r["reason"])
+        assert r["metrics"]["lora"]["layers"] > 0 and r["metrics"]["lora"]["effect_sqnr_db"] < 20
     assert all(r["env"]["device_name"] and r["env"]["torch"] and r["env"]["diffusers"] for r in records)
     # the GPU's compute capability (rules may name it) is in every record: None on a host without an NVIDIA GPU
     assert {r["env"]["cuda_capability"] for r in records} == {cuda_capability()}

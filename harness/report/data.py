@@ -72,7 +72,7 @@ def _row(record: dict) -> dict:
         "peak_mem_bytes": peak, "own_mem_bytes": None if peak is None else peak - (base or 0),
         "mem_kind": m.get("mem_kind"),
         "latency_ms": lat.get("median"), "latency_p10_ms": lat.get("p10"), "latency_p90_ms": lat.get("p90"),
-        **_paired(m), **_compiled(m),
+        **_paired(m), **_compiled(m), **_lora(m),
         "sqnr_db": m.get("sqnr_db"), "cosine": m.get("cosine"), "max_abs_error": m.get("max_abs_error"),
         "psnr_db": m.get("psnr_db"),
         "phases": "; ".join(f"{k} {v.get('latency_ms', 0):.1f} ms" for k, v in (m.get("phases") or {}).items()),
@@ -122,6 +122,18 @@ def _compiled(m: dict) -> dict:
     return {"compile_first_s": c.get("first_call_s"), "compile_graphs": c.get("graphs"),
             "compile_graph_breaks": c.get("graph_breaks"), "compile_recompiles": c.get("recompiles"),
             "vs_uncompiled": vs.get("ratio"), "vs_uncompiled_lo": vs.get("lo"), "vs_uncompiled_hi": vs.get("hi")}
+
+
+def _lora(m: dict) -> dict:
+    """A LoRA cell's figures (metrics.lora): the layers it adapted, how far the LoRA moves the float model's output
+    (SQNR of the float model with it against without it), the output's SQNR against the float model without it
+    (the cell's own SQNR is against the float model with it), and where the LoRA's and the base layers' weights
+    were after the steps."""
+    lo = m.get("lora") or {}
+    return {"lora_layers": lo.get("layers"), "lora_effect_db": lo.get("effect_sqnr_db"),
+            "lora_without_db": lo.get("sqnr_without_lora_db"),
+            "lora_devices": ", ".join(lo.get("lora_devices") or ()) or None,
+            "lora_base_devices": ", ".join(lo.get("base_devices") or ()) or None}
 
 
 def _versions_of(env: dict) -> dict:

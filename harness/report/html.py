@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import jinja2
 import pandas as pd
 
-from harness.cell import AXES
+from harness.cell import AXES, BASELINE
 from harness.matrix import Matrix
 from harness.report import data as report_data
 from harness.report import overview as report_overview
@@ -95,6 +95,12 @@ def figures(row, script: report_upstream.Script | None = None) -> list[tuple[str
                                    f"{_num(row['vs_uncompiled'], '.2f')}x the same cell uncompiled, timed beside it "
                                    f"(90% interval {_num(row['vs_uncompiled_lo'], '.2f')}-"
                                    f"{_num(row['vs_uncompiled_hi'], '.2f')})"))
+        if report_data.finite(row["lora_effect_db"]):
+            out.append(("LoRA", f"{row['lora_layers']:.0f} layers; it moves the float model's output to SQNR "
+                                f"{_num(row['lora_effect_db'], '.1f')} dB; this output against the float model "
+                                f"without it: {_num(row['lora_without_db'], '.1f') or 'exact'} dB; weights on "
+                                f"{row['lora_devices'] or 'none left (merged)'}, base layers on "
+                                f"{row['lora_base_devices'] or '?'}"))
         if row["phases"]:  # a pipeline: its generation's phases and the components it quantized
             out.append(("phases", row["phases"]))
             out.append(("quantized", row["quantized_components"] or "nothing"))
@@ -113,7 +119,9 @@ def figures(row, script: report_upstream.Script | None = None) -> list[tuple[str
         out.append(("reason", row["reason"]))
     if row["stacks"]:  # a cell killed at its timeout: what every thread was doing
         out.append(("threads' stacks at the timeout", row["stacks"]))
-    versions = f"torch {row['torch']}, {row['engine']} {row['engine_version'] or '-'}"
+    found = row["engine_version"]  # NaN for the baseline (no engine package)
+    versions = f"torch {row['torch']}" + ("" if row["engine"] == BASELINE else
+                                          f", {row['engine']} {found if isinstance(found, str) and found else '-'}")
     if "diffusers" in packages_needed(SimpleNamespace(**{a: row[a] for a in AXES.names})):
         versions += f", diffusers {row['diffusers'] or '-'}"
     out.append(("versions", versions + f", accelerate {row['accelerate'] or '-'}"))

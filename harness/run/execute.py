@@ -20,6 +20,7 @@ import torch
 
 from harness import compile as compiling
 from harness import devices
+from harness import lora as loras
 from harness.cell import Cell
 from harness.engines.base import NotOffered
 from harness.engines.catalog import CATALOG
@@ -50,7 +51,7 @@ def unavailable(cell: Cell) -> Outcome | None:
     reason = devices.unavailable_reason(cell.device)
     if reason:
         return Outcome.unavailable(Absence.DEVICE, absent_device_reason(cell.device, reason))
-    reason = not_offered(cell) or compiling.not_offered(cell)
+    reason = not_offered(cell) or compiling.not_offered(cell) or loras.not_offered(cell)
     if reason:
         return Outcome.unavailable(Absence.NOT_OFFERED, reason)
     for package in packages_needed(cell):
@@ -130,32 +131,41 @@ def recorded_warnings(into: list[str], limit: int = 10) -> Iterator[None]:
                     into.append(text)
 
 
-def reference_path(task: CellTask) -> Path:
+def reference_path(task: CellTask, lora: str | None = None) -> Path:
     cell, s = task.cell, task.settings
-    return task.workdir / "references" / f"{cell.model}-{cell.dtype}-{cell.device}-seed{s.seed}-b{s.batch}.safetensors"
+    lora = cell.lora if lora is None else lora
+    with_lora = "" if lora == "-" else f"-lora-{lora}"
+    return (task.workdir / "references"
+            / f"{cell.model}-{cell.dtype}-{cell.device}-seed{s.seed}-b{s.batch}{with_lora}.safetensors")
 
 
-def _reference_file(task: CellTask, inputs: dict[str, torch.Tensor] | None) -> SharedFile:
-    """The unquantized model's output for this model, dtype, device and seed, computed once per run."""
+def _reference_file(task: CellTask, inputs: dict[str, torch.Tensor] | None, lora: str) -> SharedFile:
+    """The unquantized model's output for this model, dtype, device and seed (with the cell's LoRA, unfused),
+    computed once per run."""
     cell, s = task.cell, task.settings
 
     def make(tmp: Path) -> None:
         from safetensors.torch import save_file
 
         model = loading.float_model(task.workdir, cell.model, s.seed, getattr(torch, cell.dtype))
+        if lora != "-":
+            denoiser = compiling.denoiser(model)
+            loras.apply(denoiser, loras.state_dict(denoiser, lora, s.seed), "unfused")
         model = model.to(devices.torch_device(cell.device))
         with torch.no_grad():
             output = run(model, inputs)
         outputs = output if isinstance(output, dict) else {"output": output}
         save_file({k: v.cpu().contiguous() for k, v in outputs.items()}, str(tmp))
 
-    return SharedFile(reference_path(task), make, source=False)
+    return SharedFile(reference_path(task, lora), make, source=False)
 
 
 def shared_files(task: CellTask, inputs: dict[str, torch.Tensor] | None = None) -> list[SharedFile]:
     """Every shared file the cell needs: its stack's (float model, checkpoint, pre-quantized file), then the float
-    model's reference output. The one place their keys are worked out."""
-    return [*stack_of(task.cell).files(task), _reference_file(task, inputs)]
+    model's reference output (with a LoRA cell's LoRA; the one without it before). The one place their keys are
+    worked out."""
+    without = [_reference_file(task, inputs, "-")] if task.cell.lora != "-" else []
+    return [*stack_of(task.cell).files(task), *without, _reference_file(task, inputs, task.cell.lora)]
 
 
 def files_to_prepare(task: CellTask) -> list[Path]:
@@ -176,6 +186,14 @@ def prepare_cell(task: CellTask) -> tuple[dict, torch.Tensor | dict[str, torch.T
     *files, reference = shared_files(task, inputs)
     saved = load_file(str(loading.shared_file(reference.path, reference.make)))
     return inputs, saved.get("output", saved), _source(files)
+
+
+def reference_without_lora(task: CellTask) -> torch.Tensor | dict[str, torch.Tensor]:
+    """A LoRA cell's float model output without the LoRA (made by prepare_cell)."""
+    from safetensors.torch import load_file
+
+    saved = load_file(str(reference_path(task, "-")))
+    return saved.get("output", saved)
 
 
 def _source(files: list[SharedFile]) -> Path | None:
@@ -236,9 +254,7 @@ def _measure(task: CellTask, progress: _Progress) -> dict:
     progress.stage = Stage.LOAD
     loaded = stack.load(task, engine, source)
     model = loaded.model.eval()
-    if cell.cast != "-":  # as SD.Next applies it: on the loaded (quantized) model (a pipeline's denoiser)
-        target = model.denoiser if isinstance(model, PipelineModel) else model
-        target.enable_layerwise_casting(storage_dtype=getattr(torch, cell.cast), compute_dtype=dtype)
+    _cast(model, cell)
     tracker.sample()
     # Storage is counted before offload: offload hooks replace weights with placeholders.
     param_bytes = measure.stored_bytes(model)
@@ -251,6 +267,8 @@ def _measure(task: CellTask, progress: _Progress) -> dict:
         stored = measure.storage(model, measure.float_layout(skeleton))
         parts, bpw, kinds = None, stored.bits_per_weight, stored.quantized_layers
 
+    progress.stage = Stage.LORA
+    lora_figures = _lora(model, cell, skeleton, s.seed)
     progress.stage = Stage.OFFLOAD
     installed = stack.offload(model, cell.offload, cell.device, components=components(cell.model, model),
                               settings=s)
@@ -259,6 +277,13 @@ def _measure(task: CellTask, progress: _Progress) -> dict:
     peak_before = tracker.peak()
     steps = _run_steps(task, model, inputs, reference, installed.after_step, tracker,
                        _FloatReference(task, measure.stored_bytes(skeleton)), watch, progress)
+    if lora_figures is not None:  # judged against the float model with the LoRA; without it, it must be farther
+        without = reference_without_lora(task)
+        against_plain = measure.output_figures(steps.output, without)
+        lora_figures |= {**loras.devices(compiling.denoiser(model), lora_figures.pop("weights")),
+                         "effect_sqnr_db": measure.output_figures(reference, without)["sqnr_db"],
+                         "sqnr_without_lora_db": against_plain["sqnr_db"]}
+        loras.check(steps.figures, against_plain)
     metrics = {
         "param_bytes": param_bytes,
         "disk_bytes": loaded.disk_bytes if loaded.disk_bytes is not None else param_bytes,
@@ -281,6 +306,8 @@ def _measure(task: CellTask, progress: _Progress) -> dict:
         metrics["components"], metrics["phases"] = parts, steps.phases
     if watch is not None:
         metrics["compile"] = watch.figures()
+    if lora_figures is not None:
+        metrics["lora"] = lora_figures
     if installed.notes:
         metrics["offload_notes"] = installed.notes
     if installed.moves:
@@ -290,6 +317,22 @@ def _measure(task: CellTask, progress: _Progress) -> dict:
     if loaded.name_hint is not None:
         metrics["name_hint"], metrics["name_hint_detail"] = loaded.name_hint, loaded.name_hint_detail
     return metrics
+
+
+def _cast(model, cell: Cell) -> None:
+    """Layerwise casting as SD.Next applies it: on the loaded (quantized) model (a pipeline's denoiser)."""
+    if cell.cast != "-":
+        compiling.denoiser(model).enable_layerwise_casting(storage_dtype=getattr(torch, cell.cast),
+                                                           compute_dtype=getattr(torch, cell.dtype))
+
+
+def _lora(model, cell: Cell, skeleton, seed: int) -> dict | None:
+    """The cell's LoRA on the loaded model's denoiser (its layers named as the float skeleton's); what it did."""
+    if cell.lora == "-":
+        return None
+    weights = loras.state_dict(compiling.denoiser(skeleton), cell.lora, seed)
+    return {"rank": loras.RANKS[cell.lora], "fuse": cell.lora_fuse, "weights": weights,
+            **loras.apply(compiling.denoiser(model), weights, cell.lora_fuse)}
 
 
 def float_reference(cell: Cell) -> Cell | None:
@@ -338,6 +381,8 @@ class _FloatReference:
             with warnings.catch_warnings():  # the reference's warnings are the baseline cell's, not this one's
                 warnings.simplefilter("ignore")
                 model = stack.load(btask, ENGINES[base.engine], _source(stack.files(btask))).model.eval()
+                _cast(model, base)
+                _lora(model, base, build_skeleton(base.model, getattr(torch, base.dtype)), task.settings.seed)
                 installed = stack.offload(model, base.offload, base.device,
                                           components=components(base.model, model), settings=task.settings)
         except Exception as exc:  # noqa: BLE001 - the baseline cell records it as its own finding
