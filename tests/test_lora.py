@@ -109,3 +109,26 @@ def test_a_lora_cell_is_judged_and_timed_against_the_float_model_with_the_same_l
     assert cell.id.endswith("/diffusers+r4+merged") and Cell.from_id(cell.id) == cell
     assert float_reference(cell) == _lora_cell()  # the float model, the same LoRA, unfused
     assert AXES["lora_fuse"].default == "unfused"
+
+
+def test_a_lora_cell_needs_peft_and_the_report_shows_its_figures(reference_records, tmp_path):
+    import json
+
+    from harness.report import data as report_data
+    from harness.report.html import figures
+    from harness.stacks.catalog import packages_needed
+
+    assert "peft" in packages_needed(_lora_cell()) and "peft" not in packages_needed(_lora_cell(lora="-"))
+    ok = next(json.loads(line) for line in reference_records.read_text().splitlines()
+              if '"verdict": "ok"' in line and '"flux-tiny"' in line and '"diffusers"' in line)
+    ok["cell"] |= {"lora": "r4", "lora_fuse": "unfused"}
+    ok["id"] = Cell(**ok["cell"]).id
+    ok["metrics"]["lora"] = {"rank": 4, "fuse": "unfused", "layers": 7, "effect_sqnr_db": 6.0,
+                             "sqnr_without_lora_db": 6.1, "lora_devices": ["cpu"], "base_devices": ["cpu"]}
+    path = tmp_path / "lora.jsonl"
+    path.write_text(json.dumps(ok) + "\n")
+    loaded = report_data.load([path])
+    assert loaded.skipped == []
+    shown = dict(figures(loaded.frame.iloc[0]))
+    assert shown["LoRA"] == ("7 layers; it moves the float model's output to SQNR 6.0 dB; this output against the "
+                             "float model without it: 6.1 dB; weights on cpu, base layers on cpu")

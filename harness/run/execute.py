@@ -57,8 +57,8 @@ def unavailable(cell: Cell) -> Outcome | None:
     for package in packages_needed(cell):
         if importlib.util.find_spec(package) is None:
             return Outcome.unavailable(Absence.PACKAGE, f"package {package!r} is not installed (the {cell.stack} "
-                                                        f"stack, diffusers' model classes and group offload run on "
-                                                        f"it)")
+                                                        f"stack, diffusers' model classes, group offload or the "
+                                                        f"LoRA run on it)")
     reason = ENGINES[cell.engine].unavailable_reason(cell.qtype, cell.device)
     return None if reason is None else Outcome.unavailable(Absence.PACKAGE, reason)
 
@@ -382,7 +382,8 @@ class _FloatReference:
                 warnings.simplefilter("ignore")
                 model = stack.load(btask, ENGINES[base.engine], _source(stack.files(btask))).model.eval()
                 _cast(model, base)
-                _lora(model, base, build_skeleton(base.model, getattr(torch, base.dtype)), task.settings.seed)
+                if base.lora != "-":
+                    _lora(model, base, build_skeleton(base.model, getattr(torch, base.dtype)), task.settings.seed)
                 installed = stack.offload(model, base.offload, base.device,
                                           components=components(base.model, model), settings=task.settings)
         except Exception as exc:  # noqa: BLE001 - the baseline cell records it as its own finding

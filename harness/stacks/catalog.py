@@ -99,13 +99,16 @@ def integration_stack(name: str) -> bool:
 
 def packages_needed(cell) -> tuple[str, ...]:
     """The packages besides torch and the engine's that a cell runs on: its stack's, diffusers for a diffusers
-    model class or group offload (diffusers' hooks). Decided here only."""
+    model class or group offload (diffusers' hooks), peft for a LoRA (diffusers' LoRA layers are peft's). Decided
+    here only."""
     stack, spec = STACK_CATALOG.get(cell.stack), MODELS.get(cell.model)
     needed = list(stack.packages if stack else ())
     if (spec is not None and spec.real) or cell.offload == "group":
         needed.append("diffusers")
     if spec is not None and spec.pipeline:  # text encoders and tokenizers
         needed += ["transformers", "tokenizers"]
+    if getattr(cell, "lora", "-") != "-":
+        needed.append("peft")
     return tuple(dict.fromkeys(needed))
 
 
