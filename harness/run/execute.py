@@ -177,22 +177,19 @@ def prepare_cell(task: CellTask) -> tuple[dict, torch.Tensor | dict[str, torch.T
     """The cell's inputs, reference output and source file (float checkpoint or pre-quantized file), made once
     per run. The runner calls this in a process of its own first, so that building the float model for them
     leaves nothing behind (freed heap, imports) in the process whose memory is measured."""
-    from safetensors.torch import load_file
-
     cell, s = task.cell, task.settings
     dtype, device = getattr(torch, cell.dtype), devices.torch_device(cell.device)
     torch.manual_seed(s.seed)
     inputs = make_inputs(cell.model, s.seed, s.batch, dtype, device)
     *files, reference = shared_files(task, inputs)
-    saved = load_file(str(loading.shared_file(reference.path, reference.make)))
-    return inputs, saved.get("output", saved), _source(files)
+    return inputs, _read_reference(loading.shared_file(reference.path, reference.make)), _source(files)
 
 
-def reference_without_lora(task: CellTask) -> torch.Tensor | dict[str, torch.Tensor]:
-    """A LoRA cell's float model output without the LoRA (made by prepare_cell)."""
+def _read_reference(path: Path) -> torch.Tensor | dict[str, torch.Tensor]:
+    """A reference output file: the model's output tensor, or a pipeline's outputs by name."""
     from safetensors.torch import load_file
 
-    saved = load_file(str(reference_path(task, "-")))
+    saved = load_file(str(path))
     return saved.get("output", saved)
 
 
@@ -268,7 +265,7 @@ def _measure(task: CellTask, progress: _Progress) -> dict:
         parts, bpw, kinds = None, stored.bits_per_weight, stored.quantized_layers
 
     progress.stage = Stage.LORA
-    lora_figures = _lora(model, cell, skeleton, s.seed)
+    lora_figures, lora_weights = _lora(model, cell, s.seed, skeleton)
     progress.stage = Stage.OFFLOAD
     installed = stack.offload(model, cell.offload, cell.device, components=components(cell.model, model),
                               settings=s)
@@ -278,9 +275,9 @@ def _measure(task: CellTask, progress: _Progress) -> dict:
     steps = _run_steps(task, model, inputs, reference, installed.after_step, tracker,
                        _FloatReference(task, measure.stored_bytes(skeleton)), watch, progress)
     if lora_figures is not None:  # judged against the float model with the LoRA; without it, it must be farther
-        without = reference_without_lora(task)
+        without = _read_reference(reference_path(task, "-"))  # made by prepare_cell
         against_plain = measure.output_figures(steps.output, without)
-        lora_figures |= {**loras.devices(compiling.denoiser(model), lora_figures.pop("weights")),
+        lora_figures |= {**loras.devices(compiling.denoiser(model), lora_weights),
                          "effect_sqnr_db": measure.output_figures(reference, without)["sqnr_db"],
                          "sqnr_without_lora_db": against_plain["sqnr_db"]}
         loras.check(steps.figures, against_plain)
@@ -326,13 +323,15 @@ def _cast(model, cell: Cell) -> None:
                                                            compute_dtype=getattr(torch, cell.dtype))
 
 
-def _lora(model, cell: Cell, skeleton, seed: int) -> dict | None:
-    """The cell's LoRA on the loaded model's denoiser (its layers named as the float skeleton's); what it did."""
+def _lora(model, cell: Cell, seed: int, skeleton=None) -> tuple[dict | None, dict | None]:
+    """The cell's LoRA on the loaded model's denoiser (its layers named as the float skeleton's, built here when
+    not given): what it did, and the LoRA's weights; (None, None) without a LoRA."""
     if cell.lora == "-":
-        return None
+        return None, None
+    skeleton = skeleton if skeleton is not None else build_skeleton(cell.model, getattr(torch, cell.dtype))
     weights = loras.state_dict(compiling.denoiser(skeleton), cell.lora, seed)
-    return {"rank": loras.RANKS[cell.lora], "fuse": cell.lora_fuse, "weights": weights,
-            **loras.apply(compiling.denoiser(model), weights, cell.lora_fuse)}
+    return ({"rank": loras.RANKS[cell.lora], "fuse": cell.lora_fuse,
+             **loras.apply(compiling.denoiser(model), weights, cell.lora_fuse)}, weights)
 
 
 def float_reference(cell: Cell) -> Cell | None:
@@ -382,8 +381,7 @@ class _FloatReference:
                 warnings.simplefilter("ignore")
                 model = stack.load(btask, ENGINES[base.engine], _source(stack.files(btask))).model.eval()
                 _cast(model, base)
-                if base.lora != "-":
-                    _lora(model, base, build_skeleton(base.model, getattr(torch, base.dtype)), task.settings.seed)
+                _lora(model, base, task.settings.seed)
                 installed = stack.offload(model, base.offload, base.device,
                                           components=components(base.model, model), settings=task.settings)
         except Exception as exc:  # noqa: BLE001 - the baseline cell records it as its own finding
