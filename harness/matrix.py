@@ -229,6 +229,10 @@ class Matrix:
 # ---------------------------------------------------------------------------------------------- loading
 
 _TOP_KEYS = {"matrix", "axes", "include", "exclude", "rule", "settings", "offload", "document"}
+# What a rule's `versions` may name besides an engine (or its package), as a record's env notes it.
+VERSIONED = ("torch", "triton", "diffusers", "accelerate", "cuda_capability")
+PACKAGE_ENGINES = {e.package: e.name for e in CATALOG.values() if e.package and e.package != e.name}
+
 _RULE_KEYS = {"match", "expect", "pattern", "source", "reason", "versions", "claims", "tolerance", "statement",
               "section", "judges"}
 
@@ -519,6 +523,12 @@ def _rule(doc: _Doc, raw: Any, key: str, index: int, document: Document | None =
         raise doc.fail(f"{key}.reason", "missing; an 'unavailable' rule must say why")
     versions: dict[str, SpecifierSet | None] = {}
     for package, spec in doc.table(table.get("versions", {}), f"{key}.versions").items():
+        if package in PACKAGE_ENGINES:  # an engine named by its distribution ("bitsandbytes"): records key engines
+            package = PACKAGE_ENGINES[package]
+        elif package not in CATALOG and package not in VERSIONED:
+            raise doc.fail(f"{key}.versions.{package}", "unknown; expected an engine or its package ("
+                           + ", ".join(sorted({*CATALOG, *PACKAGE_ENGINES} - {"none", "fault"}))
+                           + ") or one of " + ", ".join(VERSIONED))
         if not isinstance(spec, str):
             raise doc.fail(f"{key}.versions.{package}", f"expected a version specifier string, got {_kind(spec)}")
         if spec == "absent":

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.cell import Cell
-from harness.matrix import Expectation
+from harness.matrix import VERSIONED, Expectation
 from harness.stacks.catalog import STACK_CATALOG
 from harness.verdict import Absence, ClaimResult, Outcome, Verdict
 
@@ -60,8 +60,6 @@ def device_was_absent(record: dict) -> bool:
     return record.get("verdict") == Verdict.UNAVAILABLE and reason.startswith(f"device {device}: ")
 
 
-# What a rule's `versions` may name besides an engine, as a record's env notes it.
-VERSIONED = ("torch", "triton", "diffusers", "accelerate", "cuda_capability")
 
 
 def rule_versions(env: dict[str, Any]) -> dict[str, Any]:

@@ -199,6 +199,23 @@ def test_first_matching_rule_decides_and_versions_limit_it():
     assert matrix.expectation(none_cell, {"torch": "2.13.0"}).kind == "works"
 
 
+def test_a_rule_may_name_an_engine_by_its_package_and_an_unknown_name_is_refused():
+    """Records note engines by name ("bnb"); a rule naming the distribution ("bitsandbytes") means the same one, and
+    a name that is neither (a typo, a package no record notes) would never hold, so it is one clear line instead."""
+    doc = copy.deepcopy(BASE)
+    doc["rule"] = [{"match": {"offload": "model"}, "expect": "error", "pattern": "boom",
+                    "versions": {"bitsandbytes": ">=0.50"}}]
+    matrix = parse_matrix(dumps(doc), "m.toml")
+    model_cell = next(c for c in matrix.cells if c.offload == "model")
+    assert matrix.expectation(model_cell, {"bnb": "0.50.2"}).pattern == "boom"
+    assert matrix.expectation(model_cell, {"bnb": "0.45.0"}).kind == "works"
+    doc["rule"][0]["versions"] = {"bitsandbites": ">=0.50"}
+    with pytest.raises(QuantMatrixError, match=r"m\.toml:\d+ \[rule\[0\]\.versions\.bitsandbites\]: unknown; "
+                                               r"expected an engine or its package \(.*bitsandbytes.*\) or one of "
+                                               r"torch"):
+        parse_matrix(dumps(doc), "m.toml")
+
+
 def test_star_leaves_out_test_only_engines_and_present_means_this_host():
     doc = copy.deepcopy(BASE)
     doc["axes"].update(engine=["*"], device=["present"])
