@@ -119,6 +119,8 @@ def unsupported(cell: Cell, settings: Settings | None = None) -> str | None:
         return f"{cell.model} is built once per run into a shared directory; only the tiny classes are written"
     if cell.engine not in CATALOG or CATALOG[cell.engine].hidden:
         return f"engine {cell.engine!r} is not an upstream engine"
+    if cell.engine in ("autoround", "nunchaku"):
+        return f"{cell.engine}'s file is written by its own API on a whole pipeline (or not at all), not written yet"
     if cell.offload == "balanced":
         return "balanced offload is SD.Next's algorithm as the harness implements it (harness/offload.py), not " \
                "an upstream API"
@@ -282,6 +284,8 @@ def _imports(cell: Cell) -> str:
         lines.append("import sdnq  # noqa: F401 - registers SDNQ's quantizer with diffusers")
     elif engine == "torchao":
         lines.append("import torchao.quantization as tq")
+    elif engine == "modelopt":
+        lines.append("import modelopt.torch.quantization as mtq")
     elif engine == "nncf":
         lines += ["import os", "",
                   "# quantmatrix imports NNCF with its telemetry declined, as CI does (no network at run time)",
@@ -384,6 +388,18 @@ def _quantize_code(cell: Cell) -> tuple[str, str]:
             example = call_kwargs(make_inputs(MODEL, dtype=DTYPE, device="cpu"))
             return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.{mode.upper()},
                                          dataset=nncf.Dataset([example]){options})''')
+    if engine == "modelopt":
+        weights = {**module_constant("engines/modelopt_engine.py", "WEIGHTS")[qtype], "fake_quant": False}
+        skipped = {f"*{name}*": {"enable": False}
+                   for name in module_constant("engines/modelopt_engine.py", "SDNEXT")[qtype]["modules_to_not_convert"]}
+        config = {"quant_cfg": {"*weight_quantizer": weights, "*input_quantizer": {"enable": False},
+                                "*output_quantizer": {"enable": False}, **skipped, "default": {"enable": False}},
+                  "algorithm": "max"}
+        return "", dedent(f'''\
+            # harness/engines/modelopt_engine.py quantize: weight-only, max calibration, then real-quantized modules
+            mtq.quantize(model, {config!r}, forward_loop=None)
+            mtq.compress(model)
+            return model''')
     raise Unsupported(f"cell {cell.id}: engine {engine} after load is not written yet")
 
 
@@ -409,6 +425,10 @@ def _config_code(cell: Cell) -> str:
         return f"diffusers.TorchAoConfig(tq.{config}())"
     if engine == "gguf":
         return "diffusers.GGUFQuantizationConfig(compute_dtype=DTYPE)"
+    if engine == "modelopt":  # SD.Next's config for the type (modules/model_quant.py:55-67)
+        options = ", ".join(f"{k}={v!r}"
+                            for k, v in module_constant("engines/modelopt_engine.py", "SDNEXT")[qtype].items())
+        return f'diffusers.NVIDIAModelOptConfig(quant_method="modelopt", {options})'
     raise Unsupported(f"cell {cell.id}: engine {engine} has no diffusers config here")
 
 

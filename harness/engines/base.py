@@ -116,6 +116,10 @@ class Engine:
             return f"engine package {self.package!r} is not installed"
         return None
 
+    def device_reason(self, qtype: str, device: str) -> str | None:
+        """Why this engine cannot run `qtype` on this kind of device at all (a CUDA-only loader on a CPU), or None."""
+        return None
+
     # -- post-load: quantize a float model that sits in memory (on the CPU).
     def quantize(self, model: nn.Module, qtype: str, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
         raise NotOffered(f"{self.name} does not quantize after loading")
@@ -131,6 +135,12 @@ class Engine:
 
     def load(self, path: Path, skeleton: nn.Module, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
         raise NotOffered(f"{self.name} has no file format of its own")
+
+    # -- prequantized, a whole pipeline: the engine's own API writes a pipeline directory (diffusers' layout) from
+    # the float pipeline; `prompts` for an engine that calibrates on generations. Engines without one have the
+    # diffusers stack write it (save_pretrained after quantizing while loading).
+    def save_pipeline(self, pipe, qtype: str, path: Path, prompts: list[str]) -> None:
+        raise NotOffered(f"{self.name} writes no pipeline directory of its own")
 
     def recognise(self, path: Path) -> str | None:
         """The quant type stored in `path` if this engine wrote it (judged from contents), else None."""

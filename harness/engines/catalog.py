@@ -62,6 +62,9 @@ class EngineInfo:
     file_suffix: str = ".safetensors"  # of the files `save` writes
     traces: bool = False  # quantizing traces the model with an example input (a pipeline's are captured)
     floors: dict[str, Floor] = field(default_factory=dict)  # per type (FLOORS by bits where not given)
+    # SD.Next today (vladmandic/sdnext@058a7f0): "ships", "removed" (its 2026-04-01 release, commit 53839e464) or
+    # "not offered"; what the report's engine table says
+    sdnext: str = "not offered"
 
     @property
     def module(self) -> str:
@@ -100,27 +103,27 @@ _BNB4_DQ = Bits(4 + 8 / 64 + 32 / (64 * 256))  # absmax as uint8, one fp32 per 2
 _PER_ROW8 = Bits(8, 32)  # int8 codes, one fp32 scale per output row
 
 CATALOG: dict[str, EngineInfo] = {e.name: e for e in (
-    EngineInfo("none", ("-",), "harness.engines.none:NoneEngine", ALL_LOADS, title="the unquantized model",
+    EngineInfo("none", ("-",), "harness.engines.none:NoneEngine", ALL_LOADS, title="the unquantized model", sdnext="-",
                floors={"-": FLOOR_FLOAT}),
     EngineInfo("bnb", ("nf4", "nf4-dq", "fp4", "fp4-dq", "int8"), "harness.engines.bnb:BitsAndBytesEngine",
-               ALL_LOADS, "bitsandbytes", title="BitsAndBytes",
+               ALL_LOADS, "bitsandbytes", title="BitsAndBytes", sdnext="removed",
                bits={"nf4": _BNB4, "fp4": _BNB4, "nf4-dq": _BNB4_DQ, "fp4-dq": _BNB4_DQ,
                      "int8": _PER_ROW8},  # LLM.int8: fp32 scale per row (SCB)
                floors={"int8": FLOOR_8BIT, **dict.fromkeys(("nf4", "nf4-dq", "fp4", "fp4-dq"), FLOOR_4BIT)}),
     EngineInfo("quanto", ("qint8", "qint4", "qint2", "qfloat8"), "harness.engines.quanto:QuantoEngine",
-               ALL_LOADS, "optimum-quanto", "optimum.quanto", title="Optimum-Quanto", layer_depth=2,
+               ALL_LOADS, "optimum-quanto", "optimum.quanto", title="Optimum-Quanto", sdnext="removed", layer_depth=2,
                bits={"qint8": _PER_ROW8, "qfloat8": _PER_ROW8,
                      "qint4": Bits(4 + 2 * 32 / 128),  # groups of 128 with fp32 scale and shift
                      "qint2": Bits(2 + 2 * 32 / 128)},
                floors={"qint8": FLOOR_8BIT, "qfloat8": FLOOR_FP8, "qint4": FLOOR_4BIT, "qint2": FLOOR_2BIT}),
     EngineInfo("gguf", ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0"), "harness.engines.gguf_engine:GGUFEngine",
-               ALL_LOADS, "gguf", title="GGUF", file_suffix=".gguf",
+               ALL_LOADS, "gguf", title="GGUF", sdnext="ships", file_suffix=".gguf",
                bits={"Q8_0": Bits(8.5),  # blocks of 32: 32 x int8 + fp16 scale
                      "Q5_1": Bits(6.0), "Q5_0": Bits(5.5), "Q4_1": Bits(5.0), "Q4_0": Bits(4.5)},
                floors={"Q8_0": FLOOR_8BIT, "Q5_1": FLOOR_6BIT, "Q5_0": FLOOR_6BIT, "Q4_1": FLOOR_4BIT,
                        "Q4_0": FLOOR_4BIT}),
     EngineInfo("nncf", ("int8_sym", "int8_asym", "int4_sym", "int4_asym", "int4_sym-g128", "int4_asym-g128"),
-               "harness.engines.nncf_engine:NNCFEngine", package="nncf", title="NNCF", traces=True,
+               "harness.engines.nncf_engine:NNCFEngine", package="nncf", title="NNCF", sdnext="removed", traces=True,
                bits={"int8_sym": Bits(8, 16),  # fp16 scale per row
                      "int8_asym": Bits(8, 16 + 8)},  # and a uint8 zero point
                floors={"int8_sym": FLOOR_8BIT, "int8_asym": FLOOR_8BIT, **dict.fromkeys(
@@ -131,7 +134,7 @@ CATALOG: dict[str, EngineInfo] = {e.name: e for e in (
     # the group is sdnq's automatic one for a Linear, 2 ** (2 + code bits (+1 with SVD)) inputs, unless set.
     EngineInfo("sdnq", ("int8", "int6", "int4", "uint4", "float8_e4m3fn", "uint4-svd-r32", "int8-matmul",
                         "uint4-g32", "uint4-dynamic", "uint4-hadamard"), "harness.engines.sdnq:SDNQEngine",
-               ALL_LOADS, "sdnq", title="SDNQ",
+               ALL_LOADS, "sdnq", title="SDNQ", sdnext="ships",
                bits={"int8": Bits(8, per_group=32, group=1024), "float8_e4m3fn": Bits(8, per_group=32, group=1024),
                      "int8-matmul": Bits(8, 32),  # quantized matmul: one scale per output row
                      "int6": Bits(6, per_group=32, group=256), "int4": Bits(4, per_group=32, group=64),  # scale only
@@ -145,9 +148,26 @@ CATALOG: dict[str, EngineInfo] = {e.name: e for e in (
                                        FLOOR_4BIT)}),
     EngineInfo("torchao", ("int8_weight_only", "int8_dynamic", "float8_weight_only", "int4_weight_only"),
                "harness.engines.torchao_engine:TorchAOEngine", ("post-load", "on-the-fly"), "torchao",
-               title="torchao",
+               title="torchao", sdnext="removed",
                floors={"int8_weight_only": FLOOR_8BIT, "int8_dynamic": FLOOR_8BIT, "float8_weight_only": FLOOR_FP8,
                        "int4_weight_only": FLOOR_4BIT}),
+    # SD.Next's "TensorRT" quantization, its five types as it names them (vladmandic/sdnext@058a7f0
+    # modules/model_quant.py:55-61): int8 and fp8 with one scale per tensor, int4 with a scale (float32 here) per
+    # block of 128 inputs; nf4 and nvfp4 (block 128 too, as SD.Next sets them) are measured, not stated
+    EngineInfo("modelopt", ("int8", "fp8", "int4", "nf4", "nvfp4"), "harness.engines.modelopt_engine:ModelOptEngine",
+               package="nvidia-modelopt", import_name="modelopt", title="TensorRT Model Optimizer", sdnext="ships",
+               layer_depth=3,
+               bits={"int8": Bits(8), "fp8": Bits(8), "int4": Bits(4, per_group=32, group=128)},
+               floors={"int8": FLOOR_8BIT, "fp8": FLOOR_FP8,
+                       **dict.fromkeys(("int4", "nf4", "nvfp4"), FLOOR_4BIT)}),
+    # diffusers loads AutoRound checkpoints only; the engine's API writes them (harness/engines/autoround_engine.py)
+    EngineInfo("autoround", ("W4A16", "W8A16"), "harness.engines.autoround_engine:AutoRoundEngine", (),
+               "auto-round", "auto_round", title="AutoRound",
+               floors={"W4A16": FLOOR_4BIT, "W8A16": FLOOR_8BIT}),
+    # diffusers' nunchaku_lite: Nunchaku's SVDQuant W4A4 checkpoints (int4, nvfp4), loaded only, CUDA only
+    EngineInfo("nunchaku", ("svdq-int4", "svdq-nvfp4"), "harness.engines.nunchaku_engine:NunchakuEngine", (),
+               title="Nunchaku", sdnext="ships", floors=dict.fromkeys(("svdq-int4", "svdq-nvfp4"),
+                                                                              FLOOR_4BIT)),
     EngineInfo("fault", ("abort", "segfault", "hang", "spin", "oom", "exit", "raise", "flood", "orphan", "nan",
                          "noise", "slow"),
                "harness.engines.fault:FaultEngine", hidden=True, title="fault (test-only)",

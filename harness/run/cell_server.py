@@ -16,14 +16,17 @@ pool (`AsyncCompile.pool()`), so the server held that pool with an idle worker. 
 idle count and its (dead) worker; the cell's first new kernel build was queued to it, no thread was started, and
 the cell slept in `future.result()` until the timeout. So after the preload the compile pools are shut down and
 forgotten (`release_threads`), tqdm's monitor is off, NNCF's telemetry is declined (engines/nncf_engine.py),
-OpenBLAS starts no thread pool, and every fork is checked (`threads_at_fork`): a cell forked from a server with
-other threads refuses to run and names them.
+OpenBLAS starts no thread pool, pyarrow's jemalloc no purging thread, and every fork is checked
+(`threads_at_fork`): a cell forked from a server with other threads refuses to run and names them.
 """
 
 import os
 
 # OpenBLAS (numpy's and scipy's) starts a thread pool when loaded; one thread each is all a forked cell keeps.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# pyarrow (imported by nvidia-modelopt and auto-round, through datasets) loads its bundled jemalloc, whose
+# background purging thread starts with it; Arrow allocates with mimalloc here, so the thread only blocks forks.
+os.environ.setdefault("JE_ARROW_MALLOC_CONF", "background_thread:false")
 
 import sys  # noqa: E402
 import threading  # noqa: E402

@@ -51,6 +51,9 @@ def unavailable(cell: Cell) -> Outcome | None:
     reason = devices.unavailable_reason(cell.device)
     if reason:
         return Outcome.unavailable(Absence.DEVICE, absent_device_reason(cell.device, reason))
+    reason = ENGINES[cell.engine].device_reason(cell.qtype, cell.device)
+    if reason:
+        return Outcome.unavailable(Absence.DEVICE, reason)
     reason = not_offered(cell) or compiling.not_offered(cell) or loras.not_offered(cell)
     if reason:
         return Outcome.unavailable(Absence.NOT_OFFERED, reason)
@@ -232,7 +235,21 @@ def execute_cell(task: CellTask) -> Outcome:
             "NonFiniteOutput", "output not finite: NaN or infinity in " + ("the latents or the image" if
                                                                           "psnr_db" in metrics else "the output"),
             "", Stage.FORWARD), reason="output not finite", device=progress.device, warnings=raised)
+    unquantized = not_quantized(task.cell, metrics)
+    if unquantized:  # it ran, but the engine stored no weight quantized: not the cell it claims to be
+        return Outcome(Status.ERROR, metrics=metrics, error=ErrorInfo("NotQuantized", unquantized, "", Stage.LOAD),
+                       reason="not quantized", device=progress.device, warnings=raised)
     return Outcome(Status.RAN, metrics=metrics, device=progress.device, warnings=raised)
+
+
+def not_quantized(cell: Cell, metrics: dict) -> str | None:
+    """Why a quantizing engine's cell holds its weights as floats of its own dtype (a load that silently dropped
+    the quantization), or None."""
+    bits, width = metrics.get("bits_per_weight"), torch.finfo(getattr(torch, cell.dtype)).bits
+    if cell.engine == "none" or CATALOG[cell.engine].hidden or bits is None or bits < width - 0.01:
+        return None
+    return (f"no weight is stored quantized: {bits:.2f} bits per weight, the {cell.dtype} model's own (engine "
+            f"{cell.engine} type {cell.qtype})")
 
 
 def _measure(task: CellTask, progress: _Progress) -> dict:

@@ -73,19 +73,24 @@ STACK_CATALOG: dict[str, StackInfo] = {s.name: s for s in (
               packages=("diffusers",), real_models_only=True, casts=True,
               # diffusers' quantizer integrations (diffusers.quantizers): from_pretrained(quantization_config=...)
               loads={"none": ALL_LOADS, "bnb": ALL_LOADS, "quanto": ALL_LOADS, "sdnq": ALL_LOADS,
-                     "torchao": ALL_LOADS, "gguf": ("prequantized",)},
+                     "torchao": ALL_LOADS, "gguf": ("prequantized",), "modelopt": ("on-the-fly", "prequantized"),
+                     "autoround": ("prequantized",), "nunchaku": ("prequantized",)},
               why_not={"gguf/on-the-fly": "diffusers has no way to quantize to GGUF while loading "
                                           "(GGUFQuantizationConfig reads pre-quantized .gguf files); GGUF on the "
                                           "diffusers stack is the prequantized load mode",
+                       "autoround/on-the-fly": "diffusers' AutoRoundQuantizer loads pre-quantized checkpoints only "
+                                               "(its validate_environment refuses to quantize)",
+                       "nunchaku/on-the-fly": "diffusers' nunchaku_lite loads pre-quantized Nunchaku checkpoints only",
                        "nncf": "NNCF has no quantizer integration in diffusers (no NNCF config among diffusers' "
                                "quantization backends); run it on the direct stack"},
               quantizes_in_load=("on-the-fly",),  # from_pretrained(quantization_config=...)
               # PipelineQuantizationConfig(quant_mapping=...) in the pipeline's from_pretrained; its text encoders
               # through transformers' BitsAndBytesConfig, QuantoConfig, TorchAoConfig, and sdnq's SDNQConfig
               # (sdnq registers it in transformers' AUTO_QUANTIZER_MAPPING)
-              pipeline_loads=("post-load", "on-the-fly"),
-              text_encoder_engines=("none", "bnb", "quanto", "sdnq", "torchao"),
-              why_not_pipeline="a pre-quantized pipeline directory is not written by the harness yet"),
+              # a pre-quantized pipeline: the directory the pipeline's save_pretrained writes (its text encoders
+              # quantized as on the fly) or the engine's own API writes (AutoRound: the denoiser only)
+              pipeline_loads=ALL_LOADS,
+              text_encoder_engines=("none", "bnb", "quanto", "sdnq", "torchao")),
 )}
 STACK_NAMES = tuple(STACK_CATALOG)
 STACK_PHRASES = {name: s.phrase for name, s in STACK_CATALOG.items()}

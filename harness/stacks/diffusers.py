@@ -9,7 +9,8 @@ methods (the path SD.Next and diffusers users take). Its three load modes:
 - post-load: the float model loaded with `from_pretrained`, then the engine's own API, as SD.Next's "post" mode.
 
 A whole pipeline loads with the pipeline's `from_pretrained`: on the fly with a `PipelineQuantizationConfig`
-(transformers' config classes for its text encoders), or post-load with the engine's API per component.
+(transformers' config classes for its text encoders), post-load with the engine's API per component, or from a
+pre-quantized pipeline directory (what `save_pretrained` wrote after an on-the-fly load, or the engine's own API).
 
 Each engine's integration (its config class, how a saved config names its type) is a row of INTEGRATIONS here,
 not a method of the engine. What diffusers refuses or deprecates is the finding: nothing here works around it.
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 
 from harness import devices, offload
-from harness.engines.base import Engine
+from harness.engines.base import Engine, NotOffered
 from harness.engines.registry import ENGINES
 from harness.errors import QuantMatrixError
 from harness.models.pipelines import load_pipeline
@@ -138,6 +139,37 @@ def _gguf_config(qtype: str, dtype: torch.dtype) -> object:
     return GGUFQuantizationConfig(compute_dtype=dtype)
 
 
+def _modelopt_config(qtype: str, dtype: torch.dtype) -> object:
+    """NVIDIAModelOptConfig(**config) with SD.Next's config for the type, as SD.Next builds it."""
+    import copy
+
+    from diffusers import NVIDIAModelOptConfig
+
+    from harness.engines.modelopt_engine import SDNEXT
+
+    return NVIDIAModelOptConfig(quant_method="modelopt", **copy.deepcopy(SDNEXT[qtype]))
+
+
+def _modelopt_type(config: dict) -> str | None:
+    from harness.engines.modelopt_engine import SDNEXT
+
+    return {v["quant_type"]: k for k, v in SDNEXT.items()}.get(config.get("quant_type"))
+
+
+def _autoround_type(config: dict) -> str | None:
+    """auto-round's quantization_config names bits, not its scheme: W{bits}A16 for symmetric integer weights."""
+    if config.get("data_type", "int") == "int" and config.get("sym", True) and not config.get("act_bits"):
+        return {4: "W4A16", 8: "W8A16"}.get(config.get("bits"))
+    return None
+
+
+def _loads_only(what: str) -> Callable[[str, torch.dtype], object]:
+    def config(qtype: str, dtype: torch.dtype) -> object:
+        raise NotOffered(f"diffusers' {what} quantizer loads pre-quantized checkpoints only")
+
+    return config
+
+
 @dataclass(frozen=True)
 class Integration:
     """One engine's quantizer integration in diffusers."""
@@ -149,6 +181,9 @@ class Integration:
     # A text encoder's quantization_config: transformers' config class (sdnq's one class serves both libraries);
     # None: transformers has none for the engine (stacks.catalog: text_encoder_engines)
     te_config: Callable[[str, torch.dtype], object] | None = None
+    # Who writes the pre-quantized form: "diffusers" (save_pretrained after quantizing while loading) or "engine"
+    # (the engine's own API: engine.save, or save_pipeline for a whole pipeline), for a backend diffusers only loads
+    writer: str = "diffusers"
 
 
 INTEGRATIONS: dict[str, Integration] = {
@@ -158,6 +193,9 @@ INTEGRATIONS: dict[str, Integration] = {
     "sdnq": Integration(_sdnq_config, "sdnq", _sdnq_type, te_config=_sdnq_config),
     "torchao": Integration(_torchao_config, "torchao", _torchao_type, te_config=_torchao_te_config),
     "gguf": Integration(_gguf_config, single_file=True),
+    "modelopt": Integration(_modelopt_config, "modelopt", _modelopt_type),
+    "autoround": Integration(_loads_only("AutoRound"), "auto-round", _autoround_type, writer="engine"),
+    "nunchaku": Integration(_loads_only("nunchaku_lite"), "nunchaku_lite", writer="engine"),
 }
 
 
@@ -177,6 +215,9 @@ def make_prequantized(workdir: Path, engine: Engine, qtype: str, model: str, dty
     quantized on the fly, or for a single-file format (GGUF) the engine's own file under diffusers' tensor names."""
 
     def make(tmp: Path) -> None:
+        if INTEGRATIONS[engine.name].writer == "engine":
+            engine.save(float_model(workdir, model, seed, dtype), qtype, tmp)
+            return
         if INTEGRATIONS[engine.name].single_file:
             quantized = engine.quantize(float_model(workdir, model, seed, dtype), qtype, dtype=dtype,
                                         device=torch.device("cpu"))
@@ -199,6 +240,40 @@ def prequantized(workdir: Path, engine: Engine, qtype: str, model: str, dtype: t
                        make_prequantized(workdir, engine, qtype, model, dtype, seed))
 
 
+def prequantized_pipeline_path(workdir: Path, engine: Engine, qtype: str, model: str, components: str,
+                               dtype: torch.dtype, seed: int) -> Path:
+    stem = prequantized_path(workdir, engine, qtype, model, dtype, seed).name
+    return workdir / "diffusers-prequantized" / f"{stem}-{components}"
+
+
+def make_prequantized_pipeline(workdir: Path, engine: Engine, qtype: str, model: str, components: str,
+                               dtype: torch.dtype, seed: int) -> Callable[[Path], None]:
+    """A pre-quantized pipeline directory, laid out as SD.Next's reference models are (diffusers' pipeline layout,
+    each quantized component's config.json naming its quantization_config): what the pipeline's save_pretrained
+    writes after quantizing while loading (a PipelineQuantizationConfig), or the engine's own API's (AutoRound)."""
+    from harness.models.pipelines import PROMPT
+
+    def make(tmp: Path) -> None:
+        source = float_dir(workdir, model, seed, dtype)
+        try:
+            if INTEGRATIONS[engine.name].writer == "engine":
+                engine.save_pipeline(load_pipeline(model, source, dtype).pipe, qtype, tmp, [PROMPT])
+                return
+            config = pipeline_quantization_config(engine, qtype, model, components, dtype)
+            load_pipeline(model, source, dtype, **({"quantization_config": config} if config else {})
+                          ).save_pretrained(str(tmp))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    return make
+
+
+def detect_saved_pipeline(path: Path, model: str) -> tuple[str, str]:
+    """(engine, qtype) of a pre-quantized pipeline directory: its denoiser's saved quantization_config."""
+    return detect_saved(path / PIPELINES[model].denoiser)
+
+
 class DiffusersStack(Stack):
     name = "diffusers"
 
@@ -208,7 +283,13 @@ class DiffusersStack(Stack):
         prequantized = cell.load == "prequantized"
         out = [SharedFile(loading.float_dir_path(task.workdir, cell.model, seed, dtype),
                           loading.make_float_dir(cell.model, seed, dtype), source=not prequantized)]
-        if prequantized:
+        if prequantized and MODELS[cell.model].pipeline:
+            engine = ENGINES[cell.engine]
+            out.append(SharedFile(prequantized_pipeline_path(task.workdir, engine, cell.qtype, cell.model,
+                                                             cell.components, dtype, seed),
+                                  make_prequantized_pipeline(task.workdir, engine, cell.qtype, cell.model,
+                                                             cell.components, dtype, seed)))
+        elif prequantized:
             engine = ENGINES[cell.engine]
             out.append(SharedFile(prequantized_path(task.workdir, engine, cell.qtype, cell.model, dtype, seed),
                                   make_prequantized(task.workdir, engine, cell.qtype, cell.model, dtype, seed)))
@@ -251,6 +332,14 @@ def load_pipeline_cell(engine: Engine, cell, source: Path, dtype: torch.dtype, d
     if cell.load == "post-load":
         return loading.load_post_pipeline(engine, cell.qtype, cell.model, cell.components,
                                           lambda: load_pipeline(cell.model, source, dtype), dtype, device, seed)
+    if cell.load == "prequantized":  # the pipeline's from_pretrained reads each component's quantization_config
+        found = detect_saved_pipeline(source, cell.model)
+        if found != (engine.name, cell.qtype):
+            raise QuantMatrixError(f"the denoiser's config says engine {found[0]!r} type {found[1]!r}; expected "
+                                   f"{engine.name!r} type {cell.qtype!r}", path=source)
+        t0 = time.perf_counter()
+        loaded = load_pipeline(cell.model, source, dtype)
+        return Loaded(loaded, time.perf_counter() - t0, 0.0, _size(source))
     config = pipeline_quantization_config(engine, cell.qtype, cell.model, cell.components, dtype)
     t0 = time.perf_counter()
     loaded = load_pipeline(cell.model, source, dtype, **({"quantization_config": config} if config else {}))
