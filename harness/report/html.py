@@ -278,7 +278,7 @@ def build(records: report_data.Records, out_dir: Path, *, previous: report_data.
     html = env.get_template("report.html.j2").render(
         title=title, files=records.files, skipped=records.skipped, n_records=len(records.frame),
         counts=[(v, n, *VERDICTS.get(v, ("?", v, "na"))) for v, n in report_overview.counts(latest)],
-        overview=_overview(latest, plots, out_dir),
+        overview=_overview(latest, plots, out_dir), engines=report_overview.engines(latest),
         memory_order=report_overview.memory_order(latest[latest["device"] != "cpu"]),  # on a CPU nothing moves
         grids=grids(latest, scripts),
         drifted=[s for s in said if s.finding in (Finding.DRIFTED, Finding.BROKE)],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pandas as pd
 
 from harness.report import data as report_data
+from harness.report import overview as report_overview
 from harness.report.html import VERDICTS
 
 
@@ -49,6 +50,14 @@ def render(records: report_data.Records) -> str:
                 lines.append(f"| {line['engine']} | {line['qtype']} | {report_data.how_run(line)} | "
                              + " | ".join(_cell(by.get(o)) for o in offloads) + " |")
             lines.append("")
+    lines += ["## Engines", "", "SD.Next today: vladmandic/sdnext@058a7f0 (its 2026-04-01 release removed its "
+              "bitsandbytes, optimum-quanto, torchao and NNCF loaders).", "",
+              "| engine | SD.Next today | ran to a right output | unavailable, and why |", "|---|---|---|---|"]
+    for e in report_overview.engines(latest):
+        ran = "; ".join(f"{m} {d}: {right} of {n}" for m, d, right, n in e.ran) or "no cell ran"
+        why = "; ".join(f"{n}: {_escape(reason[:160])}" for reason, n in e.unavailable[:2])
+        lines.append(f"| {e.engine} ({_escape(e.title)}) | {e.sdnext} | {ran} | {why} |")
+    lines.append("")
     held = latest[latest["verdict"] == "documented-error"]
     if len(held):
         lines += ["## Documented errors that still hold", ""]

@@ -183,3 +183,35 @@ def memory_order(latest: pd.DataFrame, tolerance: float = 0.05, slack_bytes: int
         machine, device, *rest = key
         out.append(MemoryOrder(machine, device, " · ".join(str(v) for v in rest if v != "-"), peaks, broken))
     return out
+
+
+@dataclass
+class EngineLine:
+    """One engine: its name in reports, whether SD.Next ships it today, and where its cells ran to a right output
+    (per machine and device: cells that did / cells measured), with why the others did not run."""
+
+    engine: str
+    title: str
+    sdnext: str
+    ran: list[tuple[str, str, int, int]]  # (machine, device, right, measured): unavailable cells not counted
+    unavailable: list[tuple[str, int]]  # (reason, cells), most cells first
+
+
+def engines(latest: pd.DataFrame) -> list[EngineLine]:
+    """Every engine the catalog offers (test-only ones left out), in catalog order, whether or not it has records:
+    which SD.Next ships, which ran where and why the rest did not."""
+    from harness.engines.catalog import CATALOG
+
+    out = []
+    for name, info in CATALOG.items():
+        if info.hidden:
+            continue
+        rows = latest[latest["engine"] == name]
+        ran = []
+        for (machine, device), group in rows.groupby(["machine", "device"], sort=True):
+            measured = group[group["verdict"] != "unavailable"]
+            if len(measured):
+                ran.append((machine, device, int(measured["verdict"].isin(RIGHT).sum()), len(measured)))
+        absent = rows[rows["verdict"] == "unavailable"]["reason"].value_counts()
+        out.append(EngineLine(name, info.title, info.sdnext, ran, [(r, int(n)) for r, n in absent.items()]))
+    return out

@@ -53,8 +53,9 @@ def what_happened(row: dict) -> str:
     if verdict == "drift-claim":
         return f"works, but {row['claims_contradicted'] or 'a documented claim does not hold'}"
     if verdict == "wrong-output":
-        note = row.get("note") or ""
-        return "runs, but its output is wrong" + (f" ({_first_line(note.split(': ', 1)[-1])})" if note else "")
+        note = row.get("note") or ""  # "ran, but ...: SQNR 4.3 dB < floor 7 dB (the type's floor: <why>)"
+        below = note.split(": ", 1)[-1].split(" (the type's floor", 1)[0]
+        return "runs, but its output is wrong" + (f" ({_first_line(below)})" if note else "")
     if verdict in report_data.RAN:
         return "works"
     if row["error_type"]:
