@@ -30,11 +30,25 @@ def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("work")
 
 
-def test_nunchaku_off_cuda_is_unavailable_for_the_device_before_anything_is_made():
+def test_nunchaku_off_cuda_is_not_offered_on_that_device_before_anything_is_made():
     outcome = unavailable(cell("nunchaku", "svdq-int4", "prequantized", model="flux-tiny-pipe", dtype="bfloat16"))
-    assert outcome is not None and outcome.absence is Absence.DEVICE
-    assert "nunchaku_lite loads Nunchaku checkpoints on a CUDA GPU only" in outcome.reason
-    assert "cpu" in outcome.reason
+    assert outcome is not None and outcome.absence is Absence.NOT_OFFERED
+    assert outcome.reason.startswith("diffusers' nunchaku_lite loads Nunchaku checkpoints on a CUDA GPU only")
+    assert outcome.reason.endswith("not on cpu")
+    # a load mode it lacks is said first, as for any engine
+    assert "does not offer the post-load" in unavailable(cell("nunchaku", "svdq-int4")).reason
+
+
+@pytest.mark.parametrize("capability, qtype, refused", [
+    ("9.0", "svdq-int4", "refuses Hopper GPUs"), ("8.6", "svdq-nvfp4", "needs compute capability 10.0"),
+    ("7.0", "svdq-int4", "needs compute capability 7.5"), ("8.6", "svdq-int4", None), ("10.0", "svdq-nvfp4", None)])
+def test_nunchaku_on_cuda_follows_diffusers_capability_checks(capability, qtype, refused, monkeypatch):
+    """The capability is read through nvidia-smi (CUDA stays uninitialized); here it is given."""
+    from harness import devices
+
+    monkeypatch.setattr(devices, "cuda_capability", lambda: capability)
+    reason = ENGINES["nunchaku"].device_reason(qtype, "cuda:0")
+    assert (reason is None) if refused is None else (refused in reason and capability in reason)
 
 
 def test_pypis_unrelated_nunchaku_is_not_taken_for_mit_han_labs(tmp_path, monkeypatch):
@@ -104,6 +118,9 @@ def test_autoround_has_no_load_of_its_own_in_diffusers_and_says_so(workdir):
     outcome = unavailable(cell("autoround", "W4A16", "on-the-fly"))
     assert outcome.absence is Absence.NOT_OFFERED and "loads pre-quantized checkpoints only" in outcome.reason
     assert "does not offer the post-load" in unavailable(cell("autoround", "W4A16", stack="direct")).reason
+    need("autoround", "W4A16")
+    bare = execute_cell(CellTask(cell("autoround", "W4A16", "prequantized"), FAST, workdir))  # not a pipeline
+    assert bare.absence is Absence.NOT_OFFERED and "quantizes a diffusion model as a whole pipeline" in bare.reason
 
 
 @pytest.mark.slow

@@ -8,7 +8,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 HARNESS = REPO / "harness"
-ENGINE_PACKAGES = ("bitsandbytes", "optimum", "gguf", "nncf", "sdnq", "torchao", "diffusers", "accelerate")
+ENGINE_PACKAGES = ("bitsandbytes", "optimum", "gguf", "nncf", "sdnq", "torchao", "modelopt", "auto_round", "datasets",
+                   "diffusers", "accelerate")
 
 # Makes `import torch` (and the engines) fail in the child, as in an install without them.
 BLOCK = """

@@ -2,9 +2,10 @@
 diffusers only loads AutoRound checkpoints (its AutoRoundQuantizer refuses to quantize: quantizers/autoround/
 autoround_quantizer.py validate_environment), so the file is made with auto-round's own API, here its RTN mode
 (`iters=0`: rounding to nearest, no tuning) on the float pipeline, which writes a whole pipeline directory with
-the denoiser quantized (auto-round quantizes a diffusers pipeline's transformer blocks; a bare model object needs a
-tokenizer: auto_round/context/model.py:269). Calibration generations run even in RTN mode, on auto-round's default
-dataset downloaded from the Hub unless given a local one: the cell gives it a local prompt file.
+the denoiser quantized. A bare model object takes auto-round's language-model path, which needs a tokenizer
+(auto_round/context/model.py:269): the engine does not offer it. Calibration generations run even in RTN mode, on
+auto-round's default dataset downloaded from the Hub unless given a local one: the cell gives it a local prompt
+file.
 """
 
 from __future__ import annotations
@@ -15,19 +16,16 @@ from pathlib import Path
 
 from torch import nn
 
-from harness.engines.base import Engine, output_to
+from harness.engines.base import Engine, NotOffered, output_to
 
 
 class AutoRoundEngine(Engine):
     name = "autoround"
 
     def save(self, model: nn.Module, qtype: str, path: Path) -> Path:
-        """A bare model through auto-round's own API (what raises is the finding: it asks for a tokenizer)."""
-        from auto_round import AutoRound
-
-        AutoRound(model, tokenizer=None, scheme=qtype, iters=0, device_map="cpu").quantize_and_save(
-            str(path), format="auto_round")
-        return path
+        raise NotOffered("auto-round quantizes a diffusion model as a whole pipeline (a DiffusionPipeline or its "
+                         "directory); a bare model takes its language-model path, which needs a tokenizer "
+                         "(auto_round/context/model.py:269)")
 
     def save_pipeline(self, pipe, qtype: str, path: Path, prompts: list[str]) -> None:
         from auto_round import AutoRound

@@ -117,7 +117,8 @@ class Engine:
         return None
 
     def device_reason(self, qtype: str, device: str) -> str | None:
-        """Why this engine cannot run `qtype` on this kind of device at all (a CUDA-only loader on a CPU), or None."""
+        """Why this engine does not offer `qtype` on this kind of device at all (a CUDA-only loader on a CPU), or
+        None. Cheap, and no accelerator is initialized (the harness asks before a cell runs)."""
         return None
 
     # -- post-load: quantize a float model that sits in memory (on the CPU).

@@ -13,17 +13,14 @@ linear segmentation). `real_nunchaku` tells them apart by the package's contents
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 from pathlib import Path
-
-import torch
 
 from harness.engines.base import Engine, NotOffered
 
 NO_WRITER = ("no Nunchaku checkpoint can be made here: Nunchaku's quantizer (deepcompressor, CUDA) is not on PyPI, and "
              "diffusers' nunchaku_lite only loads its checkpoints")
-# The compute capability each type needs (nunchaku_quantizer.py:44-51); Hopper (9.x) is refused for all
+# The compute capability each type needs (nunchaku_quantizer.py:49-52); Hopper (9.x) is refused for all
 NEEDS = {"svdq-int4": (7, 5), "svdq-nvfp4": (10, 0)}
 
 
@@ -40,24 +37,21 @@ def real_nunchaku() -> Path | None:
 class NunchakuEngine(Engine):
     name = "nunchaku"
 
-    def version(self) -> str | None:
-        try:
-            return importlib.metadata.version("kernels")
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
     def device_reason(self, qtype: str, device: str) -> str | None:
-        kind = device.split(":")[0]
-        if kind != "cuda":
+        from harness.devices import cuda_capability
+
+        if device.split(":")[0] != "cuda":
             return (f"diffusers' nunchaku_lite loads Nunchaku checkpoints on a CUDA GPU only "
-                    f"(nunchaku_quantizer.py:31-33); this cell's device is {device}")
-        index = int(device.split(":")[1]) if ":" in device else 0
-        capability = torch.cuda.get_device_capability(index)
+                    f"(nunchaku_quantizer.py:32-34), not on {device}")
+        found = cuda_capability()  # through nvidia-smi: CUDA stays uninitialized here
+        if found is None:
+            return None  # no NVIDIA GPU: the device itself is absent, which the harness says first
+        capability = tuple(int(part) for part in found.split("."))
         if capability[0] == 9:
-            return f"diffusers' nunchaku_lite refuses Hopper GPUs (compute capability {capability[0]}.{capability[1]})"
+            return f"diffusers' nunchaku_lite refuses Hopper GPUs (nunchaku_quantizer.py:38-39); {device} is {found}"
         if capability < NEEDS[qtype]:
-            return (f"Nunchaku {qtype} needs compute capability {NEEDS[qtype][0]}.{NEEDS[qtype][1]} or newer; "
-                    f"{device} has {capability[0]}.{capability[1]}")
+            return (f"Nunchaku {qtype} needs compute capability {NEEDS[qtype][0]}.{NEEDS[qtype][1]} or newer "
+                    f"(nunchaku_quantizer.py:49-52); {device} is {found}")
         return None
 
     def unavailable_reason(self, qtype: str, device: str) -> str | None:
@@ -67,7 +61,15 @@ class NunchakuEngine(Engine):
         return None
 
     def save(self, model, qtype: str, path: Path) -> Path:
-        raise NotOffered(NO_WRITER)
+        raise NotOffered(NO_WRITER + _installed_note())
 
     def save_pipeline(self, pipe, qtype: str, path: Path, prompts: list[str]) -> None:
-        raise NotOffered(NO_WRITER)
+        raise NotOffered(NO_WRITER + _installed_note())
+
+
+def _installed_note() -> str:
+    """What the `nunchaku` installed here is, if any (MIT Han Lab's would make a checkpoint possible elsewhere)."""
+    if importlib.util.find_spec("nunchaku") is None:
+        return ""
+    return ("; the 'nunchaku' installed here is MIT Han Lab's" if real_nunchaku() else
+            "; the 'nunchaku' installed here is PyPI's unrelated project, not MIT Han Lab's")

@@ -51,10 +51,8 @@ def unavailable(cell: Cell) -> Outcome | None:
     reason = devices.unavailable_reason(cell.device)
     if reason:
         return Outcome.unavailable(Absence.DEVICE, absent_device_reason(cell.device, reason))
-    reason = ENGINES[cell.engine].device_reason(cell.qtype, cell.device)
-    if reason:
-        return Outcome.unavailable(Absence.DEVICE, reason)
-    reason = not_offered(cell) or compiling.not_offered(cell) or loras.not_offered(cell)
+    reason = not_offered(cell) or compiling.not_offered(cell) or loras.not_offered(cell) or \
+        ENGINES[cell.engine].device_reason(cell.qtype, cell.device)
     if reason:
         return Outcome.unavailable(Absence.NOT_OFFERED, reason)
     for package in packages_needed(cell):

@@ -158,7 +158,7 @@ def _modelopt_type(config: dict) -> str | None:
 
 def _autoround_type(config: dict) -> str | None:
     """auto-round's quantization_config names bits, not its scheme: W{bits}A16 for symmetric integer weights."""
-    if config.get("data_type", "int") == "int" and config.get("sym", True) and not config.get("act_bits"):
+    if config.get("data_type", "int") == "int" and config.get("sym", True) and (config.get("act_bits") or 16) >= 16:
         return {4: "W4A16", 8: "W8A16"}.get(config.get("bits"))
     return None
 
@@ -255,6 +255,8 @@ def make_prequantized_pipeline(workdir: Path, engine: Engine, qtype: str, model:
 
     def make(tmp: Path) -> None:
         source = float_dir(workdir, model, seed, dtype)
+        if INTEGRATIONS[engine.name].single_file:
+            raise NotOffered(f"a {engine.name} file holds one model: no pipeline directory is written for it")
         try:
             if INTEGRATIONS[engine.name].writer == "engine":
                 engine.save_pipeline(load_pipeline(model, source, dtype).pipe, qtype, tmp, [PROMPT])
@@ -272,6 +274,16 @@ def make_prequantized_pipeline(workdir: Path, engine: Engine, qtype: str, model:
 def detect_saved_pipeline(path: Path, model: str) -> tuple[str, str]:
     """(engine, qtype) of a pre-quantized pipeline directory: its denoiser's saved quantization_config."""
     return detect_saved(path / PIPELINES[model].denoiser)
+
+
+def check_saved_pipeline(path: Path, engine: Engine, qtype: str, model: str, components: str) -> None:
+    """Each component the cell quantizes must say, in its saved config, that it holds this engine's type (a text
+    encoder saved without its quantization would otherwise load as a float one, unnoticed)."""
+    for attr in component_names(model)[components] if engine.name != "none" else [PIPELINES[model].denoiser]:
+        found = detect_saved(path / attr)
+        if found != (engine.name, qtype):
+            raise QuantMatrixError(f"the {attr}'s config says engine {found[0]!r} type {found[1]!r}; expected "
+                                   f"{engine.name!r} type {qtype!r}", path=path / attr)
 
 
 class DiffusersStack(Stack):
@@ -333,10 +345,7 @@ def load_pipeline_cell(engine: Engine, cell, source: Path, dtype: torch.dtype, d
         return loading.load_post_pipeline(engine, cell.qtype, cell.model, cell.components,
                                           lambda: load_pipeline(cell.model, source, dtype), dtype, device, seed)
     if cell.load == "prequantized":  # the pipeline's from_pretrained reads each component's quantization_config
-        found = detect_saved_pipeline(source, cell.model)
-        if found != (engine.name, cell.qtype):
-            raise QuantMatrixError(f"the denoiser's config says engine {found[0]!r} type {found[1]!r}; expected "
-                                   f"{engine.name!r} type {cell.qtype!r}", path=source)
+        check_saved_pipeline(source, engine, cell.qtype, cell.model, cell.components)
         t0 = time.perf_counter()
         loaded = load_pipeline(cell.model, source, dtype)
         return Loaded(loaded, time.perf_counter() - t0, 0.0, _size(source))
