@@ -5,6 +5,7 @@ Discovery never initializes an accelerator (no CUDA context in the parent), so c
 
 from __future__ import annotations
 
+import functools
 import platform
 import subprocess
 from pathlib import Path
@@ -94,9 +95,11 @@ def is_oom(exc: BaseException) -> bool:
         isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
 
 
+@functools.cache
 def cuda_capability() -> str | None:
-    """The NVIDIA GPU's compute capability ("9.0"), read through nvidia-smi so that CUDA stays uninitialized here;
-    None without an NVIDIA GPU. Rules may be limited by it (e.g. bitsandbytes types that need Turing, 7.5)."""
+    """The NVIDIA GPU's compute capability ("9.0"), read through nvidia-smi (once per process) so that CUDA stays
+    uninitialized here; None without an NVIDIA GPU. Rules may be limited by it (e.g. bitsandbytes types that need
+    Turing, 7.5)."""
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
                              text=True, timeout=10)

@@ -285,7 +285,7 @@ def _imports(cell: Cell) -> str:
     elif engine == "torchao":
         lines.append("import torchao.quantization as tq")
     elif engine == "modelopt":
-        lines.append("import modelopt.torch.quantization as mtq")
+        lines += ["import copy", "", "import modelopt.torch.quantization as mtq"]
     elif engine == "nncf":
         lines += ["import os", "",
                   "# quantmatrix imports NNCF with its telemetry declined, as CI does (no network at run time)",
@@ -389,15 +389,10 @@ def _quantize_code(cell: Cell) -> tuple[str, str]:
             return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.{mode.upper()},
                                          dataset=nncf.Dataset([example]){options})''')
     if engine == "modelopt":
-        weights = {**module_constant("engines/modelopt_engine.py", "WEIGHTS")[qtype], "fake_quant": False}
-        skipped = {f"*{name}*": {"enable": False}
-                   for name in module_constant("engines/modelopt_engine.py", "SDNEXT")[qtype]["modules_to_not_convert"]}
-        config = {"quant_cfg": {"*weight_quantizer": weights, "*input_quantizer": {"enable": False},
-                                "*output_quantizer": {"enable": False}, **skipped, "default": {"enable": False}},
-                  "algorithm": "max"}
-        return "", dedent(f'''\
+        helper = copied_code("engines/modelopt_engine.py", ("SDNEXT", "WEIGHTS", "quant_config"))
+        return helper, dedent('''\
             # harness/engines/modelopt_engine.py quantize: weight-only, max calibration, then real-quantized modules
-            mtq.quantize(model, {config!r}, forward_loop=None)
+            mtq.quantize(model, quant_config(QTYPE), forward_loop=None)
             mtq.compress(model)
             return model''')
     raise Unsupported(f"cell {cell.id}: engine {engine} after load is not written yet")

@@ -10,6 +10,7 @@ from harness.cell import Cell
 from harness.engines import nunchaku_engine
 from harness.engines.modelopt_engine import SDNEXT, WEIGHTS
 from harness.engines.registry import ENGINES
+from harness.errors import QuantMatrixError
 from harness.matrix import Settings
 from harness.run.execute import CellTask, execute_cell, not_quantized, unavailable
 from harness.stacks import diffusers as diffusers_stack
@@ -108,7 +109,10 @@ def test_a_prequantized_pipeline_directory_is_laid_out_as_sdnexts_reference_mode
         config = json.loads((path / component / "config.json").read_text())
         assert config["quantization_config"]["quant_method"] == "sdnq", component
     assert "quantization_config" not in json.loads((path / "text_encoder" / "config.json").read_text())
-    assert diffusers_stack.detect_saved_pipeline(path, c.model) == ("sdnq", "int8")
+    diffusers_stack.check_saved_pipeline(path, ENGINES["sdnq"], "int8", c.model, c.components)  # raises otherwise
+    wrong = r"'s config says engine 'sdnq' type 'int8'; expected 'sdnq' type 'uint4'"
+    with pytest.raises(QuantMatrixError, match=wrong):
+        diffusers_stack.check_saved_pipeline(path, ENGINES["sdnq"], "uint4", c.model, c.components)
     outcome = execute_cell(CellTask(c, FAST, workdir))
     assert outcome.status == "ran", outcome.error
     assert 8 <= outcome.metrics["bits_per_weight"] < 9 and outcome.metrics["psnr_db"] > 20
@@ -135,4 +139,4 @@ def test_autoround_writes_a_pipeline_directory_with_its_own_api(workdir):
                                                    "denoiser", torch.bfloat16, 0))
     config = json.loads((path / "transformer" / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "auto-round" and config["bits"] == 4 and config["group_size"] == 128
-    assert diffusers_stack.detect_saved_pipeline(path, "flux-tiny-pipe") == ("autoround", "W4A16")
+    assert diffusers_stack.detect_saved(path / "transformer") == ("autoround", "W4A16")

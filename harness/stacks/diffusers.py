@@ -271,11 +271,6 @@ def make_prequantized_pipeline(workdir: Path, engine: Engine, qtype: str, model:
     return make
 
 
-def detect_saved_pipeline(path: Path, model: str) -> tuple[str, str]:
-    """(engine, qtype) of a pre-quantized pipeline directory: its denoiser's saved quantization_config."""
-    return detect_saved(path / PIPELINES[model].denoiser)
-
-
 def check_saved_pipeline(path: Path, engine: Engine, qtype: str, model: str, components: str) -> None:
     """Each component the cell quantizes must say, in its saved config, that it holds this engine's type (a text
     encoder saved without its quantization would otherwise load as a float one, unnoticed)."""

@@ -39,6 +39,8 @@ from torch import nn
 
 import accelerate  # noqa: F401 - the model's skeleton and the offload hooks
 import diffusers
+import copy
+
 import modelopt.torch.quantization as mtq
 
 

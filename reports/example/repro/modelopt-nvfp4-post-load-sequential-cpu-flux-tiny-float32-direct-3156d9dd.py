@@ -39,6 +39,8 @@ from torch import nn
 
 import accelerate  # noqa: F401 - the model's skeleton and the offload hooks
 import diffusers
+import copy
+
 import modelopt.torch.quantization as mtq
 
 
@@ -158,10 +160,40 @@ def run(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- the cell's steps
+SDNEXT = {
+    "int8": {"quant_type": "INT8", "modules_to_not_convert": []},
+    "int4": {"quant_type": "INT4", "block_quantize": 128, "channel_quantize": -1,
+             "modules_to_not_convert": ["conv", "patch_embed"]},
+    "fp8": {"quant_type": "FP8", "modules_to_not_convert": []},
+    "nf4": {"quant_type": "NF4", "block_quantize": 128, "channel_quantize": -1, "scale_block_quantize": 8,
+            "scale_channel_quantize": -1, "modules_to_not_convert": ["conv"]},
+    "nvfp4": {"quant_type": "NVFP4", "block_quantize": 128, "channel_quantize": -1,
+              "modules_to_not_convert": ["conv"]},
+}
+
+
+WEIGHTS = {
+    "int8": {"num_bits": 8},
+    "int4": {"num_bits": 4, "block_sizes": {-1: 128}},
+    "fp8": {"num_bits": (4, 3)},
+    "nf4": {"num_bits": 4, "block_sizes": {-1: 128, "scale_bits": 8, "scale_block_sizes": {-1: 8}}},
+    "nvfp4": {"num_bits": (2, 1), "block_sizes": {-1: 128}},
+}
+
+
+def quant_config(qtype: str) -> dict:
+    """modelopt's quantize config: weight-only (activations stay float, as in SD.Next's), every other quantizer
+    off, max calibration (the weights' own ranges: no calibration data)."""
+    skipped = {f"*{name}*": {"enable": False} for name in SDNEXT[qtype]["modules_to_not_convert"]}
+    return {"quant_cfg": {"*weight_quantizer": {**copy.deepcopy(WEIGHTS[qtype]), "fake_quant": False},
+                          "*input_quantizer": {"enable": False}, "*output_quantizer": {"enable": False},
+                          **skipped, "default": {"enable": False}},
+            "algorithm": "max"}
+
 def quantize(model: nn.Module) -> nn.Module:
     """The engine's own API after load."""
     # harness/engines/modelopt_engine.py quantize: weight-only, max calibration, then real-quantized modules
-    mtq.quantize(model, {'quant_cfg': {'*weight_quantizer': {'num_bits': (2, 1), 'block_sizes': {-1: 128}, 'fake_quant': False}, '*input_quantizer': {'enable': False}, '*output_quantizer': {'enable': False}, '*conv*': {'enable': False}, 'default': {'enable': False}}, 'algorithm': 'max'}, forward_loop=None)
+    mtq.quantize(model, quant_config(QTYPE), forward_loop=None)
     mtq.compress(model)
     return model
 
