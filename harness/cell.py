@@ -279,6 +279,19 @@ class Cell:
         return self.replace(**{a.name: a.control for a in AXES if a.control is not None})
 
 
+def unknown_values(values: dict[str, object]) -> list[str]:
+    """Problems with a cell's values as read from outside (a record, an id): each names the axis and the value
+    that is not one of the axis's known values. A record is untrusted input: a value this version does not know
+    (a newer axis value, or anything crafted) is refused here, never carried into a script or a path."""
+    problems = []
+    for name, value in values.items():
+        if name not in AXES:
+            problems.append(f"cell.{name}: no such axis (expected {', '.join(AXES.names)})")
+        elif value not in AXES[name].known():
+            problems.append(f"cell.{name}: {value!r} is not a known {AXES[name].help} here")
+    return problems
+
+
 def _cell_from_dict(values: dict[str, str]) -> Cell:
     return Cell(**values)
 

@@ -24,7 +24,7 @@ import os
 import sys
 from pathlib import Path
 
-from harness.errors import QuantMatrixError
+from harness.errors import QuantMatrixError, printable
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 
@@ -163,7 +163,8 @@ def _repro(args: argparse.Namespace, rest: list[str]) -> int:
     text = repro.script(record, repro.settings_of(args.matrix), settings_from=args.matrix or "")
     if args.output:
         Path(args.output).write_text(text, encoding="utf-8")
-        print(f"repro of {record['id']} ({record['verdict']}, run {record['run']}): {args.output}", file=sys.stderr)
+        print(printable(f"repro of {record['id']} ({record['verdict']}, run {record['run']}): {args.output}"),
+              file=sys.stderr)
     else:
         sys.stdout.write(text)
     return 0
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # here, not at exit: a reader gone by then would still cost a traceback
         return status
     except QuantMatrixError as exc:
-        print(f"quantmatrix: error: {exc}", file=sys.stderr)
+        print(f"quantmatrix: error: {printable(exc)}", file=sys.stderr)  # one line, whatever a file held
         return 2
     except BrokenPipeError:  # `quantmatrix list ... | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes

@@ -35,9 +35,10 @@ from textwrap import dedent, indent
 
 from harness.cell import Cell
 from harness.engines.catalog import CATALOG, output_floor
-from harness.errors import QuantMatrixError
+from harness.errors import QuantMatrixError, printable
 from harness.matrix import Settings
 from harness.models.specs import DIFFUSERS_CONFIGS, MODELS, REAL_CLASSES
+from harness.results import validate_record
 from harness.verdict import Stage
 
 HARNESS = Path(__file__).resolve().parent
@@ -61,40 +62,53 @@ _ID = re.compile(r'"id": "([^"]*)"')
 
 
 def find_record(cell_id: str, paths: Iterable[Path | str]) -> dict:
-    """The latest record (by its start) of the cell across results files; an older form of its id counts too."""
+    """The latest record (by its start) of the cell across results files; an older form of its id counts too.
+    Records are untrusted input: one that does not validate (results.validate_record: every cell value a known
+    value of its axis, every field of its type) is refused, with the line and its problems."""
     try:
         wanted = set(Cell.from_id(cell_id).ids) | {cell_id}
     except (ValueError, TypeError) as exc:
         raise QuantMatrixError(f"not a cell id: {cell_id!r} ({exc})") from None
     found: list[dict] = []
+    refused: list[str] = []
     for path in paths:
-        found += [r for r in raw_records(Path(path), wanted)]
+        records, bad = raw_records(Path(path), wanted)
+        found += records
+        refused += bad
     if not found:
+        if refused:
+            raise QuantMatrixError(f"the record of cell {cell_id!r} does not validate, no script written: "
+                                   f"{refused[0]}" + (f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""))
         raise QuantMatrixError(f"no record of cell {cell_id!r} in {', '.join(map(str, paths))}")
-    return max(found, key=lambda r: r.get("started") or "")
+    return max(found, key=lambda r: r["started"])
 
 
-def raw_records(path: Path, ids: set[str] | None = None) -> list[dict]:
+def raw_records(path: Path, ids: set[str] | None = None) -> tuple[list[dict], list[str]]:
     """The records of a results file as they are written (every field: the error's stage and frames, the whole
-    env), only those of `ids` when given (a line is parsed only when its id is among them: cheap on big files).
-    Lines that are not JSON are left out (read_records reports them)."""
-    out = []
+    env), only those of `ids` when given (a line is parsed only when its id is among them: cheap on big files),
+    and "file:line: problems" for each of those lines that is not a valid record (results.validate_record). Only
+    a valid record is ever returned: a script is written from it."""
+    out, refused = [], []
     try:
         lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError as exc:
         raise QuantMatrixError(f"cannot read results file: {exc.strerror}", path=path) from None
-    for line in lines:
+    for number, line in enumerate(lines, 1):
         if ids is not None:
             match = _ID.search(line)
             if match is None or match.group(1) not in ids:
                 continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as exc:
+            refused.append(f"{path}:{number}: not a JSON record ({exc.msg})")
             continue
-        if isinstance(record, dict) and isinstance(record.get("cell"), dict):
+        problems = validate_record(record)
+        if problems:
+            refused.append(f"{path}:{number}: {'; '.join(problems)}")
+        else:
             out.append(record)
-    return out
+    return out, refused
 
 
 def record_cell(record: dict) -> Cell:
@@ -188,7 +202,12 @@ def module_constant(relative: str, name: str):
 
 # ------------------------------------------------------------------------------------------------ the script
 
+DTYPES = ("float32", "bfloat16", "float16", "float8_e4m3fn", "float8_e5m2")  # compute dtypes, casting dtypes
+
+
 def _torch_dtype(name: str) -> str:
+    if name not in DTYPES:  # records are validated before a script is written: a second guard on what becomes code
+        raise Unsupported(f"dtype {name!r} is not one of {', '.join(DTYPES)}")
     return f"torch.{name}"
 
 
@@ -197,17 +216,29 @@ def _device(device: str) -> str:
 
 
 def _lines(text: str, prefix: str = "#   ", width: int = 0) -> str:
-    """Record text as comment lines (a message may hold newlines, quotes, anything); `width`: long lines wrapped
-    (prose, not a message, whose lines are kept as raised)."""
+    """Record text as comment lines (a message may hold newlines, quotes, anything: each line's control
+    characters are escaped, so none can end its comment); `width`: long lines wrapped (prose, not a message, whose
+    lines are kept as raised)."""
     out = []
-    for line in (text or "").splitlines() or [""]:
+    for line in str(text or "").splitlines() or [""]:
+        line = printable(line)
         pieces = textwrap.wrap(line, width - len(prefix), break_on_hyphens=False) if width else [line]
         out += [(prefix + piece).rstrip() for piece in pieces or [""]]
     return "\n".join(out)
 
 
+def _comments(lines: list[str]) -> str:
+    """The header's lines, each checked to be one comment line (record text is escaped where it is written; this
+    is the guard that nothing of a record ever becomes code)."""
+    for line in lines:
+        for piece in line.split("\n"):
+            if not piece.startswith("#") or printable(piece) != piece:
+                raise RuntimeError(f"repro header line is not one comment line: {piece[:80]!r}")
+    return "\n".join(lines)
+
+
 def _engine_versions(env: dict) -> str:
-    return ", ".join(f"{k} {v}" for k, v in sorted((env.get("engines") or {}).items()) if v) or "-"
+    return printable(", ".join(f"{k} {v}" for k, v in sorted((env.get("engines") or {}).items()) if v) or "-")
 
 
 def header(record: dict, cell: Cell, stop: str, settings_note: str) -> str:
@@ -229,19 +260,20 @@ def header(record: dict, cell: Cell, stop: str, settings_note: str) -> str:
         f"#   {cell.id}",
         _lines("as the harness ran it: " + what + ".", "# ", WIDTH),
         "#",
-        f"# What the harness recorded (run {record.get('run')}, {record.get('started')}, host {env.get('host')}):",
-        f"#   verdict:   {record.get('verdict')}",
-        f"#   expected:  {expected}",
+        _lines(f"What the harness recorded (run {record.get('run')}, {record.get('started')}, host "
+               f"{env.get('host')}):", "# "),
+        _lines(record.get("verdict"), "#   verdict:   "),
+        _lines(expected, "#   expected:  "),
     ]
     if expect.get("source"):
         out.append(_lines(expect["source"], "#     ", WIDTH))
     if err.get("type"):
         first, *rest = (err.get("message") or "").split("\n", 1)
-        out += [f"#   stage:     {err.get('stage') or '?'} (of {', '.join(stages(cell))})",
+        out += [_lines(f"{err.get('stage') or '?'} (of {', '.join(stages(cell))})", "#   stage:     "),
                 _lines(f"{err['type']}: {first}", "#   error:     ")]
         if rest and rest[0].strip():
             out.append(_lines(rest[0], "#              "))
-        out.append(f"#   raised in: {err.get('layer') or '?'}")
+        out.append(_lines(err.get("layer") or "?", "#   raised in: "))
         out.append(_lines(f"innermost frames first: {err.get('where') or 'none recorded'}", "#              ",
                           WIDTH))
     elif record.get("note"):
@@ -249,11 +281,11 @@ def header(record: dict, cell: Cell, stop: str, settings_note: str) -> str:
     out += [
         "#",
         "# Versions (the record's env):",
-        f"#   python {env.get('python')}, torch {env.get('torch')}, diffusers {env.get('diffusers')}, "
-        f"accelerate {env.get('accelerate')}",
-        f"#   engines: {_engine_versions(env)}",
-        f"#   os {env.get('os')}; device {cell.device}: {env.get('device_name') or '?'}"
-        + (f", driver {env['driver']}" if env.get("driver") else ""),
+        _lines(f"python {env.get('python')}, torch {env.get('torch')}, diffusers {env.get('diffusers')}, "
+               f"accelerate {env.get('accelerate')}"),
+        _lines(f"engines: {_engine_versions(env)}"),
+        _lines(f"os {env.get('os')}; device {cell.device}: {env.get('device_name') or '?'}"
+               + (f", driver {env['driver']}" if env.get("driver") else "")),
         "#",
         "# Run it alone: python this_file.py",
         _lines(f"needs {', '.join(needs)}; writes its files under a temporary directory it removes; no network.",
@@ -266,7 +298,7 @@ def header(record: dict, cell: Cell, stop: str, settings_note: str) -> str:
         out.append("#   It runs the cell's first steps and checks the output against the float model's.")
     out += [_lines(settings_note, "# ", WIDTH),
             "# Written by quantmatrix (`quantmatrix repro`, or its report); it imports nothing of quantmatrix."]
-    return "\n".join(out)
+    return _comments(out)
 
 
 def _imports(cell: Cell) -> str:
@@ -610,7 +642,13 @@ def _compile_code(cell: Cell) -> str:
 
 
 def script(record: dict, settings: Settings | None = None, *, settings_from: str = "") -> str:
-    """The standalone script of a record's cell (raises Unsupported, naming the cell and what is missing)."""
+    """The standalone script of a record's cell (raises Unsupported, naming the cell and what is missing). A record
+    is untrusted: one that does not validate gets no script; of one that does, every value becomes a Python
+    literal (`repr`) or a known axis value, and every text a comment line."""
+    problems = validate_record(record)
+    if problems:
+        raise Unsupported(f"cell {printable(repr(record.get('id')))}: no standalone script: its record does not "
+                          f"validate ({printable('; '.join(problems))})")
     cell = record_cell(record)
     reason = unsupported(cell, settings)
     if (record.get("error") or {}).get("type") == "NotQuantized":  # the harness's own check, after the load

@@ -15,10 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from harness.cell import Cell
-from harness.matrix import VERSIONED, Expectation
+from harness.cell import Cell, unknown_values
+from harness.engines.catalog import CATALOG
+from harness.matrix import VERSIONED, Expectation, ExpectKind
 from harness.stacks.catalog import STACK_CATALOG
-from harness.verdict import Absence, ClaimResult, Outcome, Verdict
+from harness.verdict import Absence, ClaimResult, Outcome, Stage, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +110,25 @@ def make_record(run: str, cell: Cell, expect: Expectation, verdict: Verdict, not
 
 
 @functools.lru_cache(maxsize=4096)
-def _cell_and_ids(fields: tuple) -> tuple[Cell, tuple[str, ...]]:
-    """A record's cell and the ids its record may carry: today's, and those written before its trailing axes
-    existed (Cell.ids). Cached: a results file repeats its cells night after night."""
-    cell = Cell(**dict(fields))
-    return cell, cell.ids
+def _cell_and_ids(fields: tuple) -> tuple[Cell | None, tuple[str, ...], list[str]]:
+    """A record's cell, the ids its record may carry (today's, and those written before its trailing axes existed:
+    Cell.ids), or the problems of its values: each must be a known value of its axis, and the type one of its
+    engine's (a record is untrusted input: nothing unknown reaches a script, a path or a query). Cached: a results
+    file repeats its cells night after night."""
+    values = dict(fields)
+    problems = unknown_values(values)
+    engine = CATALOG.get(values.get("engine"))
+    qtype = values.get("qtype", "-")
+    if not problems and engine is not None and qtype not in engine.qtypes:
+        problems.append(f"cell.qtype: {qtype!r} is not a type of engine {engine.name!r} "
+                        f"(expected one of {', '.join(engine.qtypes)})")
+    if problems:
+        return None, (), problems
+    try:
+        cell = Cell(**values)
+    except TypeError as exc:
+        return None, (), [f"cell: {exc}"]
+    return cell, cell.ids, []
 
 
 def _quantizes_in_load(cell: Cell) -> bool:
@@ -121,25 +136,83 @@ def _quantizes_in_load(cell: Cell) -> bool:
     return stack is not None and cell.load in stack.quantizes_in_load
 
 
+REQUIRED = ("run", "id", "cell", "expect", "verdict", "env", "started", "duration_s")
+_TEXT = (str, type(None))
+# Each field's JSON type: a record is untrusted input (merged files, nightly artifacts), and one of another type
+# would otherwise end a report in a traceback
+FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "run": ((str,), "a string"), "id": ((str,), "a string"), "cell": ((dict,), "an object"),
+    "expect": ((dict,), "an object"), "verdict": ((str,), "a string"), "env": ((dict,), "an object"),
+    "started": ((str,), "a string"), "duration_s": ((int, float), "a number"),
+    "note": (_TEXT, "a string or null"), "reason": (_TEXT, "a string or null"),
+    "absence": (_TEXT, "a string or null"), "output_tail": (_TEXT, "a string or null"),
+    "error": ((dict, type(None)), "an object or null"), "metrics": ((dict, type(None)), "an object or null"),
+    "process": ((dict,), "an object"), "warnings": ((list,), "a list"), "claims": ((list,), "a list"),
+}
+# Fields inside them the report reads as text (a number or an object there is refused, never shown as code)
+NESTED_TEXT = {"expect": ("kind", "pattern", "source", "statement", "reason"),
+               "error": ("type", "message", "stage", "layer", "where"),
+               "env": ("host", "cpu", "os", "python", "torch", "triton", "diffusers", "accelerate", "device_name",
+                       "driver", "cuda_capability")}
+
+
+STAGES = tuple(s.value for s in Stage)
+KINDS = tuple(k.value for k in ExpectKind)
+
+
+def _nested_problems(record: dict) -> list[str]:
+    """Problems inside a record's objects: their text fields strings (or null), env.engines an object of versions,
+    each claim an object with a text claim and status, each warning a string, metrics' parts objects."""
+    problems = []
+    for key, names in NESTED_TEXT.items():
+        part = record.get(key) or {}
+        problems += [f"{key}.{name}: expected a string or null, got {type(part[name]).__name__}"
+                     for name in names if name in part and not isinstance(part[name], _TEXT)]
+    stage, kind = (record.get("error") or {}).get("stage"), record["expect"].get("kind")
+    if stage and stage not in STAGES:
+        problems.append(f"error.stage: {stage!r} is not one of {', '.join(STAGES)}")
+    if kind and kind not in KINDS:
+        problems.append(f"expect.kind: {kind!r} is not one of {', '.join(KINDS)}")
+    engines = record["env"].get("engines", {})
+    if not isinstance(engines, dict) or not all(isinstance(v, _TEXT) for v in engines.values()):
+        problems.append("env.engines: expected an object of version strings")
+    for i, claim in enumerate(record.get("claims") or ()):
+        if not isinstance(claim, dict) or not all(isinstance(claim.get(k), str) for k in ("claim", "status")):
+            problems.append(f"claims[{i}]: expected an object with a string claim and status")
+    if not all(isinstance(w, str) for w in record.get("warnings") or ()):
+        problems.append("warnings: expected a list of strings")
+    metrics = record.get("metrics") or {}
+    for name in ("latency_ms", "components", "phases", "quantized_layers", "lora", "compile", "latency_vs_float",
+                 "latency_vs_uncompiled", "host_load"):
+        if metrics.get(name) is not None and not isinstance(metrics[name], dict):
+            problems.append(f"metrics.{name}: expected an object, got {type(metrics[name]).__name__}")
+    for name in ("components", "phases"):
+        part = metrics.get(name)
+        if isinstance(part, dict) and not all(isinstance(v, dict) for v in part.values()):
+            problems.append(f"metrics.{name}: expected an object of objects")
+    return problems
+
+
 def validate_record(record: Any) -> list[str]:
     """Problems with a record (empty when it follows the schema)."""
     if not isinstance(record, dict):
         return ["record is not a JSON object"]
-    problems = []
     if record.get("schema") != SCHEMA:
         return [f"schema is {record.get('schema')!r}, expected {SCHEMA}"]
-    for key in ("run", "id", "cell", "expect", "verdict", "env", "started", "duration_s"):
-        if key not in record:
-            problems.append(f"missing {key!r}")
+    problems = [f"missing {key!r}" for key in REQUIRED if key not in record]
+    problems += [f"{key}: expected {what}, got {type(record[key]).__name__}" for key, (types, what) in FIELDS.items()
+                 if key in record and not isinstance(record[key], types)]
     if problems:
         return problems
     fields = record["cell"]
-    if not isinstance(fields, dict) or not all(isinstance(v, str) for v in fields.values()):
+    if not all(isinstance(v, str) for v in fields.values()):
         return ["cell: expected an object of strings (engine, qtype, load, offload, device, model, dtype, ...)"]
-    try:
-        cell, ids = _cell_and_ids(tuple(fields.items()))
-    except TypeError as exc:
-        return [f"cell: {exc}"]
+    cell, ids, problems = _cell_and_ids(tuple(fields.items()))
+    if cell is None:
+        return list(problems)
+    problems = _nested_problems(record)
+    if problems:
+        return problems
     if record["id"] not in ids:
         problems.append(f"id {record['id']!r} does not match cell {cell.id!r}")
     try:

@@ -175,12 +175,13 @@ def test_report_of_two_machines_in_a_real_browser(cpu_results, tmp_path):
     assert list((tmp_path / "site" / "plots").glob("*.svg"))
 
 
-def hostile(record: dict, verdict: str) -> dict:
-    """`record` with a hostile string in every string field: cell, run, notes, errors, environment, claims."""
+def hostile(record: dict, verdict: str, offload: str) -> dict:
+    """`record` with a hostile string in every free-text field: run, notes, errors, environment, claims (its cell
+    in another offload mode: a cell's values must be its axes' known values, or the record is refused)."""
     from harness.cell import Cell
 
     evil = copy.deepcopy(record)
-    evil["cell"] = {k: f"{HOSTILE}{k}" for k in evil["cell"]}
+    evil["cell"] = {**evil["cell"], "offload": offload}
     evil["id"] = Cell(**evil["cell"]).id
     evil.update(verdict=verdict, run=HOSTILE, note=HOSTILE, reason=HOSTILE, output_tail=HOSTILE, started=HOSTILE)
     evil["expect"] = {"kind": "error", "pattern": HOSTILE, "source": HOSTILE, "reason": HOSTILE}
@@ -188,7 +189,8 @@ def hostile(record: dict, verdict: str) -> dict:
     evil["env"]["engines"] = {HOSTILE: HOSTILE}
     evil["claims"] = [{"claim": HOSTILE, "status": HOSTILE, "detail": HOSTILE}]
     if verdict == "drift-error":
-        evil.update(metrics=None, error={"type": HOSTILE, "message": HOSTILE, "where": HOSTILE, "stage": HOSTILE})
+        evil.update(metrics=None, error={"type": HOSTILE, "message": HOSTILE, "where": HOSTILE, "layer": HOSTILE,
+                                         "stage": "load"})
     else:
         evil["metrics"]["mem_kind"] = HOSTILE
     return evil
@@ -197,16 +199,19 @@ def hostile(record: dict, verdict: str) -> dict:
 def test_hostile_strings_show_as_text_and_never_run(cpu_results, tmp_path):
     cpu = records_of(cpu_results)
     measured = next(r for r in cpu if r["verdict"] == "ok" and r["cell"]["engine"] != "none")
-    evil = [hostile(measured, "drift-error"), hostile(measured, "drift-claim"), hostile(measured, "drift-error")]
+    evil = [hostile(measured, "drift-error", "model"), hostile(measured, "drift-claim", "group"),
+            hostile(measured, "drift-error", "sequential")]
     evil[0]["expect"]["statement"] = HOSTILE
     evil[2]["expect"]["source"] = f"diffusers#1: {HOSTILE}"  # an upstream report
+    crafted = copy.deepcopy(evil[0])  # hostile cell values: refused, and the refusal shown as text
+    crafted["cell"] = {k: f"{HOSTILE}{k}" for k in crafted["cell"]}
     # a real cell a rule of the seed's page matches, with a hostile error: into the wiki patch
     failing = copy.deepcopy(next(r for r in cpu if r["cell"]["engine"] == "bnb" and r["cell"]["qtype"] == "nf4"
                                  and r["cell"]["offload"] == "sequential" and r.get("error")))
     failing["error"]["message"] = HOSTILE
-    path = write(tmp_path / "evil.jsonl", [*evil, failing])
+    path = write(tmp_path / "evil.jsonl", [*evil, failing, crafted])
     records = report_data.load([path])
-    assert records.skipped == [] and len(records.frame) == 4
+    assert len(records.skipped) == 1 and "cell.engine: " in records.skipped[0] and len(records.frame) == 4
     index = build(records, tmp_path / "site", rules=load_matrix(SDNEXT))  # the plots too: "$" is mathtext
     html = index.read_text()
     assert "<script>alert(1)" not in html and "<img src=x" not in html
@@ -218,15 +223,14 @@ def test_hostile_strings_show_as_text_and_never_run(cpu_results, tmp_path):
         envs = page.eval_on_selector_all("table.env", "es => es.map(e => e.innerText).join()")
         page.eval_on_selector_all("details", "ds => ds.forEach(d => d.open = true)")
         parts = [page.inner_text(f"#{part}") for part in ("overview", "drift", "upstream", "doc-patch")]
-        return page.inner_text("#detail"), parts, envs, \
+        return page.inner_text("#detail"), parts, envs, page.inner_text("#skipped"), \
             page.evaluate("document.querySelectorAll('img[src=x], script').length")
 
-    (detail, parts, environment, injected), errors, dialogs = open_report(index, tmp_path, visit)
+    (detail, parts, environment, skipped, injected), errors, dialogs = open_report(index, tmp_path, visit)
     assert dialogs == [] and errors == []
     assert injected == 1  # only the page's own script, no injected image or script
-    for shown in (detail, environment, *parts[1:]):  # shown as text
+    for shown in (detail, environment, *parts[1:], skipped):  # shown as text
         assert "<script>alert(1)</script>" in shown
-    assert f"{HOSTILE}engine" in parts[0]  # the overview's engine row, as text
 
 
 def test_bad_lines_and_unknown_schema_are_skipped_and_counted(cpu_results, tmp_path):

@@ -9,6 +9,7 @@ import json
 import re
 import subprocess
 import sys
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -94,8 +95,12 @@ def test_repro_of_a_cell_it_cannot_express_exits_2_with_one_line(capsys):
 def _record(cell: Cell, *, stage: str | None = "forward", verdict: str = "fail") -> dict:
     error = None if stage is None else {"type": "RuntimeError", "message": 'it """broke"""\n  \\ here', "layer": "x",
                                         "stage": stage, "where": "a.py:1 f"}
-    return {"run": "r", "id": cell.id, "cell": cell.as_dict(), "verdict": verdict, "error": error,
-            "expect": {"kind": "works"}, "env": {"torch": "t", "python": "p", "engines": {}}, "started": "s"}
+    metrics = {"param_bytes": 1, "disk_bytes": 1, "bits_per_weight": 8.0, "peak_mem_bytes": 1, "mem_base_bytes": 0,
+               "mem_kind": "rss", "latency_ms": {"median": 1.0, "p10": 1.0, "p90": 1.0, "n": 3}, "quantize_s": 0.1,
+               "load_s": 0.1, "sqnr_db": 3.0, "cosine": 0.5, "max_abs_error": 1.0}
+    return {"schema": 1, "run": "r", "id": cell.id, "cell": cell.as_dict(), "verdict": verdict, "error": error,
+            "expect": {"kind": "works"}, "env": {"torch": "t", "python": "p", "host": "h", "engines": {}},
+            "started": "s", "duration_s": 1.0, "metrics": metrics if verdict == "wrong-output" else None}
 
 
 STAGES_BEFORE = ("prepare", "load", "offload")
@@ -159,6 +164,79 @@ def test_what_the_generator_cannot_express_it_says_before_writing_anything():
     assert "--matrix" in said["none/post-load/group/cpu/flux-tiny/float32/diffusers"]
     with pytest.raises(repro.Unsupported, match="balanced"):
         repro.script(_record(Cell.from_id("bnb-nf4/post-load/balanced/cpu/flux-tiny/float32/diffusers")))
+
+
+# ------------------------------------------------------------------------------------------ untrusted records
+
+# Text that would end a comment line (newlines, a carriage return, Unicode's separators), a string literal (every
+# quote) or reorder a line on screen (a bidi override), around a call that would run
+PAYLOAD = "x\n__import__('os').system('touch PWNED')\r\x0b\x0c\x1c\x85\u2028\u202e\"\"\"'''#"
+
+
+def _crafted(tmp_path: Path) -> tuple[str, Path]:
+    """The probe of issue 36: a real failing record whose cell.dtype carries code, its id made to match."""
+    record = json.loads(next(line for line in UPSTREAM.read_text().splitlines() if GGUF_SEQUENTIAL in line))
+    record["cell"]["dtype"] = "float32; __import__('os').system('touch PWNED')"
+    record["id"] = Cell(**record["cell"]).id
+    (tmp_path / "inj.jsonl").write_text(json.dumps(record) + "\n")
+    return record["id"], tmp_path / "inj.jsonl"
+
+
+def test_a_crafted_cell_value_gets_no_script_from_repro_or_the_report(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cell_id, results = _crafted(tmp_path)
+    assert main(["repro", cell_id, "--results", str(results), "-o", "r.py"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not validate" in err and "cell.dtype" in err and "Traceback" not in err
+    assert not (tmp_path / "r.py").exists()
+    assert main(["report", str(results), "-o", "site", "--rules", ""]) == 0
+    assert "1 skipped" in capsys.readouterr().out  # the report names the bad line, and writes no script of it
+    assert not list((tmp_path / "site").rglob("*.py")) and not (tmp_path / "PWNED").exists()
+
+
+def _code_tokens(text: str) -> list[tuple[int, str]]:
+    """The script's tokens that are code: comments and the text inside string literals left out."""
+    skip = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT}
+    return [(t.type, "<string>" if t.type == tokenize.STRING else t.string)
+            for t in tokenize.generate_tokens(io.StringIO(text).readline) if t.type not in skip]
+
+
+def _text_fields(value, path=()):
+    """The path of every string in a record, but for its cell and id (which must be known axis values)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if path or key not in ("cell", "id", "verdict", "schema"):
+                yield from _text_fields(item, (*path, key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _text_fields(item, (*path, i))
+    elif isinstance(value, str):
+        yield path
+
+
+def test_no_text_of_a_record_becomes_code_in_its_script():
+    """Every string of a valid record (its run, start, host, versions, error, rule...) set to text that would end
+    a comment or a string: the script's code is the same, token for token; the text only ever lands in comments
+    and string literals."""
+    record = record_of(GGUF_SEQUENTIAL, UPSTREAM)
+    code = _code_tokens(repro.script(record))
+    paths = list(_text_fields(record))
+    assert len(paths) > 20
+    for path in paths:
+        crafted = json.loads(json.dumps(record))
+        *parents, leaf = path
+        target = crafted
+        for key in parents:
+            target = target[key]
+        target[leaf] = PAYLOAD
+        try:
+            text = repro.script(crafted, settings_from=PAYLOAD)
+        except repro.Unsupported as exc:  # refused: one line
+            assert "\n" not in str(exc), path
+            continue
+        assert _code_tokens(text) == code, path
+        compile(text, "repro", "exec")
+        assert "\u2028" not in text and "\u202e" not in text and "\r" not in text, path
 
 
 # ------------------------------------------------------------------------------------------ the report

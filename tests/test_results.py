@@ -30,10 +30,46 @@ def test_a_complete_record_validates_and_a_broken_one_does_not():
     assert validate_record({**record(), "schema": 99}) == ["schema is 99, expected 1"]
     assert validate_record({**record(), "cell": {**CELL.as_dict(), "engine": ["none"]}}) == [
         "cell: expected an object of strings (engine, qtype, load, offload, device, model, dtype, ...)"]
-    assert validate_record({**record(), "cell": {**CELL.as_dict(), "colour": "red"}})[0].startswith("cell: ")
+    assert validate_record({**record(), "cell": {**CELL.as_dict(), "colour": "red"}})[0].startswith(
+        "cell.colour: no such axis")
     assert validate_record({**record(), "id": "none/x"}) == [f"id 'none/x' does not match cell {CELL.id!r}"]
     failed = record(verdict=Verdict.FAIL, outcome=Outcome("error", error=ErrorInfo("E", "m")))
     assert validate_record(failed) == []
+
+
+@pytest.mark.parametrize("field, value, problem", [
+    ("dtype", "float32; __import__('os').system('touch x')", "cell.dtype: \"float32; __import__('os').system"),
+    ("engine", "bnbx", "cell.engine: 'bnbx' is not a known engine"),
+    ("model", "flux-9000", "cell.model: 'flux-9000' is not a known model"),
+    ("qtype", "nf4", "cell.qtype: 'nf4' is not a type of engine 'none'"),  # a type of another engine
+])
+def test_a_cell_value_its_axis_does_not_know_is_refused(field, value, problem):
+    """Records are untrusted input: a cell value must be a value of its axis, a type one of its engine's."""
+    bad = record()
+    bad["cell"][field] = value
+    bad["id"] = Cell(**bad["cell"]).id  # the id made to match, as a crafted record would
+    problems = validate_record(bad)
+    assert len(problems) == 1 and problems[0].startswith(problem), problems
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"error": "boom"}, "error: expected an object or null, got str"),
+    ({"env": "linux"}, "env: expected an object, got str"),
+    ({"expect": ["works"]}, "expect: expected an object, got list"),
+    ({"claims": ["x"]}, "claims[0]: expected an object with a string claim and status"),
+    ({"started": 12345}, "started: expected a string, got int"),
+    ({"run": None}, "run: expected a string, got NoneType"),
+    ({"note": ["n"]}, "note: expected a string or null, got list"),
+    ({"warnings": [1]}, "warnings: expected a list of strings"),
+    ({"error": {"type": "E", "message": {"m": 1}}}, "error.message: expected a string or null, got dict"),
+    ({"env": {"torch": "t", "python": "p", "host": "h", "engines": "none"}},
+     "env.engines: expected an object of version strings"),
+    ({"metrics": {**METRICS, "latency_ms": [1.0]}}, "metrics.latency_ms: expected an object, got list"),
+])
+def test_a_field_of_another_type_is_named(change, problem):
+    """Each wrongly typed field is one named problem (before, each ended `report`, `compare`, `repro` in a
+    traceback)."""
+    assert problem in validate_record({**record(), **change})
 
 
 @pytest.mark.parametrize("change, problem", [

@@ -75,7 +75,7 @@ def _raw(files: Iterable[str], wanted: dict[tuple[str, str, str], object]) -> di
     if not ids:
         return found
     for path in files:
-        for record in repro.raw_records(Path(path), ids):
+        for record in repro.raw_records(Path(path), ids)[0]:  # only valid records: a script is made of them
             key = (record.get("run") or "", record.get("id") or "", record.get("started") or "")
             if key in wanted:
                 found[key] = record
@@ -176,10 +176,12 @@ class Draft:
             why = "its cell cannot be read here" if cell is None else repro.unsupported(cell)
             if why is None and record is None:
                 why = "its record was not found in the results files"
-            if why is not None:
-                reasons.append(f"{row['id']}: {why}")
-                continue
-            return row, repro.script(record), ""
+            if why is None:
+                try:
+                    return row, repro.script(record), ""
+                except repro.Unsupported as exc:  # e.g. a failure the generator does not write, a bad record
+                    why = str(exc).split(": no standalone script: ", 1)[-1]
+            reasons.append(f"{row['id']}: {why}")
         return None, None, "; ".join(dict.fromkeys(r.split(": ", 1)[1] for r in reasons))
 
     def title(self, where: str = "") -> str:
