@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import math
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -357,8 +358,28 @@ def _explain(axis: str) -> str:
                             for m, spec in MODELS.items() if spec.pipeline and not spec.shared_weights) + ")"
 
 
-def _product(axes: Mapping[str, list[str]], present_devices: tuple[str, ...]) -> list[Cell]:
-    """Every valid engine/qtype/load combination times the other axes."""
+@dataclass(frozen=True)
+class _Expansion:
+    """What a table of axes expands to, before any cell is made: the engine/type/load combinations and the values
+    of every other axis. `count` multiplies them (an upper bound: the stacks, components and LoRA filters come
+    after) without enumerating anything."""
+
+    quant: list[tuple[str, str, str]]
+    rest: list[list[str]]
+
+    @property
+    def count(self) -> int:
+        return len(self.quant) * math.prod(len(v) for v in self.rest)
+
+    def widths(self) -> str:
+        """The axes with more than one value and how many each has: "engine/qtype/load 96 x model 31 x ..."."""
+        names = [QUANT_AXES, *((a,) for a in AXES.names[3:])]
+        sizes = [len(self.quant), *map(len, self.rest)]
+        return " x ".join(f"{'/'.join(n)} {k}" for n, k in zip(names, sizes, strict=True) if k > 1)
+
+
+def _expansion(axes: Mapping[str, list[str]], present_devices: tuple[str, ...]) -> _Expansion:
+    """Every valid engine/qtype/load combination, and the other axes' values ("*" and "present" resolved)."""
     def resolve(axis: str) -> list[str]:
         values = axes[axis]
         out: list[str] = []
@@ -384,8 +405,28 @@ def _product(axes: Mapping[str, list[str]], present_devices: tuple[str, ...]) ->
         quant.extend((name, q, m) for q in qtypes for m in loads)
     if AXES.names[:3] != QUANT_AXES:
         raise AssertionError(f"the axes {QUANT_AXES} must lead AXES (the id's first parts)")
-    rest = AXES.names[3:]
-    cells = [Cell.of((e, q, m, *combo)) for (e, q, m) in quant for combo in itertools.product(*map(resolve, rest))]
+    return _Expansion(quant, [resolve(a) for a in AXES.names[3:]])
+
+
+# The most cells a matrix may expand to unless the caller raises it (--max-cells): a matrix of every axis "*" is
+# tens of millions of combinations, which would exhaust memory before a cell runs
+MAX_CELLS = 100_000
+
+
+def _bounded(doc: _Doc, key: str, expansion: _Expansion, total: int, max_cells: int) -> int:
+    """`total` plus this table's combinations; over `max_cells`, one line with the count and how to narrow it."""
+    total += expansion.count
+    if total > max_cells:
+        raise doc.fail(key, f"expands to {total:,} combinations, over the limit of {max_cells:,} cells "
+                       f"({expansion.widths()}); narrow the widest axes (\"*\" is every known value) or raise the "
+                       "limit with --max-cells")
+    return total
+
+
+def _product(expansion: _Expansion) -> list[Cell]:
+    """The cells of an expansion: every engine/qtype/load combination times the other axes."""
+    quant, rest = expansion.quant, expansion.rest
+    cells = [Cell.of((e, q, m, *combo)) for (e, q, m) in quant for combo in itertools.product(*rest)]
     default = AXES["components"].default
     # The baseline quantizes nothing: it is the cell of the default components, whichever were asked for
     cells = [c.replace(components=default) if c.engine == BASELINE and c.components != default else c for c in cells]
@@ -429,6 +470,9 @@ def _selector(doc: _Doc, raw: Any, key: str, *, wildcards: bool = False) -> dict
             for k, v in table.items()}
 
 
+# Settings that must be above zero (a zero or NaN timeout would never time a cell out; a batch of 0 runs nothing)
+POSITIVE = ("batch", "min_steps", "max_steps", "cell_timeout_s")
+
 # Settings field -> key of [offload.group] (SD.Next's group offload options)
 _GROUP = {"group_type": "type", "group_blocks": "blocks_per_group", "group_stream": "use_stream",
           "group_low_cpu_mem": "low_cpu_mem_usage"}
@@ -466,10 +510,17 @@ def _settings(doc: _Doc, data: dict) -> Settings:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (expected is int and
                                                                             not isinstance(value, int)):
             raise doc.fail(where, f"expected {'an integer' if expected is int else 'a number'}, got {_kind(value)}")
+        if not math.isfinite(value):
+            raise doc.fail(where, f"expected a finite number, got {value}")
+        if key in POSITIVE and value <= 0:
+            raise doc.fail(where, f"expected a value > 0, got {value}")
         if value < 0:
             raise doc.fail(where, f"expected a value >= 0, got {value}")
         values[key] = expected(value)
     settings = Settings(**values)
+    if settings.min_steps > settings.max_steps:
+        raise doc.fail("settings", f"expected min_steps <= max_steps, got {settings.min_steps} and "
+                       f"{settings.max_steps}")
     low, high = settings.low_watermark, settings.high_watermark
     if (low is None) != (high is None):
         raise doc.fail("offload.balanced", "expected both high_watermark and low_watermark, or neither (SD.Next's "
@@ -571,9 +622,9 @@ def _rule(doc: _Doc, raw: Any, key: str, index: int, document: Document | None =
                 tuple(judged_claims))
 
 
-def parse_matrix(text: str, path: Path | str = "<matrix>", *,
-                 present_devices: tuple[str, ...] = ("cpu",)) -> Matrix:
-    """Validate a matrix document and expand it into its cells."""
+def parse_matrix(text: str, path: Path | str = "<matrix>", *, present_devices: tuple[str, ...] = ("cpu",),
+                 max_cells: int = MAX_CELLS) -> Matrix:
+    """Validate a matrix document and expand it into its cells (refused, before expanding, over `max_cells`)."""
     path = Path(path)
     doc = _Doc(path, text)
     try:
@@ -600,14 +651,18 @@ def parse_matrix(text: str, path: Path | str = "<matrix>", *,
             raise doc.fail(f"axes.{axis}", "missing; expected a string or list of strings")
 
     _check_components(doc, "axes", axes)
-    cells = _product(axes, present_devices)
+    expansion = _expansion(axes, present_devices)
+    total = _bounded(doc, "axes", expansion, 0, max_cells)
+    cells = _product(expansion)
     for i, raw in enumerate(_array(doc, data, "include")):
         key = f"include[{i}]"
         sel = _selector(doc, raw, key, wildcards=True)
         table = {a: list(sel.get(a, axes[a])) for a in AXES.names}
         if "components" in sel:  # inherited from [axes], a value the model lacks narrows instead
             _check_components(doc, key, table)
-        extra = _product(table, present_devices)
+        expansion = _expansion(table, present_devices)
+        total = _bounded(doc, key, expansion, total, max_cells)
+        extra = _product(expansion)
         if not extra:
             raise doc.fail(key, "adds no cell (no engine offers that qtype/load); expected at least one")
         cells.extend(extra)
@@ -636,7 +691,8 @@ def _array(doc: _Doc, data: dict, key: str) -> list:
     return value
 
 
-def load_matrix(path: Path | str, *, present_devices: tuple[str, ...] = ("cpu",)) -> Matrix:
+def load_matrix(path: Path | str, *, present_devices: tuple[str, ...] = ("cpu",),
+                max_cells: int = MAX_CELLS) -> Matrix:
     """Read, validate and expand a matrix file. `present_devices`: what the device "present" stands for; the
     caller discovers them (harness.devices.present_devices(), which imports torch): the matrix model does not."""
     path = Path(path)
@@ -646,7 +702,7 @@ def load_matrix(path: Path | str, *, present_devices: tuple[str, ...] = ("cpu",)
         raise QuantMatrixError(f"cannot read matrix file: {exc.strerror}", path=path) from None
     except UnicodeDecodeError:
         raise QuantMatrixError("not a UTF-8 text file; expected a TOML matrix", path=path) from None
-    return parse_matrix(text, path, present_devices=present_devices)
+    return parse_matrix(text, path, present_devices=present_devices, max_cells=max_cells)
 
 
 def select(cells: Iterable[Cell], **wanted: Iterable[str] | None) -> list[Cell]:

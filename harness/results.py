@@ -93,17 +93,31 @@ def _finite(value: Any) -> Any:
     return value
 
 
+TEXT_LIMIT = 20_000  # characters of one text field of a record: an error's message, its frames, a note, a reason
+
+
+def capped(text: str | None, limit: int = TEXT_LIMIT) -> str | None:
+    """`text` within `limit` characters: its head and tail kept (where an error says what and where), the length
+    of what was left out said between them. A 50 MB exception message would otherwise be written whole into the
+    record, and three times into the report."""
+    if text is None or len(text) <= limit:
+        return text
+    keep = limit // 2
+    return f"{text[:keep]}\n[... {len(text) - 2 * keep:,} of {len(text):,} characters left out ...]\n{text[-keep:]}"
+
+
 def make_record(run: str, cell: Cell, expect: Expectation, verdict: Verdict, note: str, outcome: Outcome,
                 env: dict[str, Any], started: str, duration_s: float,
                 claims: list[ClaimResult] = ()) -> dict[str, Any]:
+    error = None if outcome.error is None else {k: capped(v) if isinstance(v, str) else v
+                                                for k, v in vars(outcome.error).items()}
     return _finite({
         "schema": SCHEMA, "run": run, "id": cell.id, "cell": cell.as_dict(), "expect": expect.as_dict(),
-        "verdict": verdict.value, "note": note, "reason": outcome.reason,
+        "verdict": verdict.value, "note": capped(note), "reason": capped(outcome.reason),
         "absence": outcome.absence and outcome.absence.value,
         **({"process": outcome.process} if outcome.process else {}),
         **({"warnings": outcome.warnings} if outcome.warnings else {}),
-        "error": None if outcome.error is None else vars(outcome.error).copy(),
-        "metrics": outcome.metrics or None, "output_tail": outcome.output_tail,
+        "error": error, "metrics": outcome.metrics or None, "output_tail": capped(outcome.output_tail),
         "env": {**env, **outcome.device}, "started": started, "duration_s": round(duration_s, 4),
         **({"claims": [c.as_dict() for c in claims]} if claims else {}),
     })
@@ -313,10 +327,18 @@ class ResultsWriter:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             _mend_torn_line(fd)
-            os.write(fd, line)
+            write_all(fd, line)
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write every byte: os.write may write fewer than asked (a signal, a full pipe or disk quota), and the rest
+    continues the same line under the same lock."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _mend_torn_line(fd: int) -> None:

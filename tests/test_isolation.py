@@ -198,8 +198,8 @@ INTERRUPT_MATRIX = FAULT_MATRIX.replace(FAULT_QTYPES, 'qtype = ["hang"]').replac
     'cell_timeout_s = 6', 'cell_timeout_s = 600')
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)])
-def test_an_interrupt_stops_the_run_within_seconds_and_records_the_running_cell(runner, tmp_path, sig):
+def _hanging_run(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    """A run of the baseline and then a cell that hangs (timeout 600 s), once that cell has run for a while."""
     matrix, results = tmp_path / "hang.toml", tmp_path / "results.jsonl"
     matrix.write_text(INTERRUPT_MATRIX)
     # A background job without job control inherits SIGINT ignored (bash), and Python then installs no
@@ -212,6 +212,12 @@ def test_an_interrupt_stops_the_run_within_seconds_and_records_the_running_cell(
     while time.monotonic() < deadline and not (results.exists() and results.read_text().count("\n") >= 1):
         time.sleep(0.2)  # the baseline is recorded: the hanging cell starts
     time.sleep(3)  # and has run for a while
+    return proc, results
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)])
+def test_an_interrupt_stops_the_run_within_seconds_and_records_the_running_cell(runner, tmp_path, sig):
+    proc, results = _hanging_run(tmp_path)
     cells = _cell_processes(proc.pid)  # with the pool, the waiting next worker too: it must go with the run
     assert cells
     proc.send_signal(sig)
@@ -222,6 +228,19 @@ def test_an_interrupt_stops_the_run_within_seconds_and_records_the_running_cell(
         ("fault-hang/post-load/none/cpu/dit-xs/float32/direct", "interrupted")]
     gone, alive = psutil.wait_procs(cells, timeout=5)
     assert alive == []
+
+
+def test_a_killed_run_leaves_no_process_behind(runner, tmp_path):
+    """SIGKILL of the run (no handler can run): the hanging cell (timeout 600 s), the fork server, the pool's
+    waiting worker and multiprocessing's resource tracker all end with it, checked by pid."""
+    proc, _ = _hanging_run(tmp_path)
+    assert _cell_processes(proc.pid)
+    everything = psutil.Process(proc.pid).children(recursive=True)
+    assert any("forkserver" in " ".join(p.cmdline()) for p in everything)
+    proc.kill()
+    proc.wait(timeout=10)
+    gone, alive = psutil.wait_procs(everything, timeout=15)
+    assert alive == [], [(p.pid, p.cmdline()[:4]) for p in alive]
 
 
 def _cell_processes(pytest_pid: int) -> list[psutil.Process]:

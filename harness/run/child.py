@@ -10,8 +10,11 @@ import faulthandler
 import json
 import os
 import resource
+import select
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 from harness.run.execute import CellTask
@@ -39,10 +42,12 @@ _stacks_file = None  # kept open for faulthandler for the life of the cell's pro
 
 
 def child_main(task: CellTask, result_path: str, log_path: str, memory_limit_mb: int,
-                stacks_path: str | None = None) -> None:
+                stacks_path: str | None = None, run_pid: int | None = None) -> None:
     global _stacks_file
     with contextlib.suppress(PermissionError):  # a pool worker leads its own session already
         os.setsid()  # its own process group, so everything it starts can be killed with it
+    if run_pid is not None:
+        die_with(run_pid)
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(log, 1)
     os.dup2(log, 2)
@@ -69,6 +74,33 @@ def child_main(task: CellTask, result_path: str, log_path: str, memory_limit_mb:
     with open(tmp, "w") as f:
         json.dump(outcome.as_dict(), f)
     os.replace(tmp, result_path)
+
+
+def die_with(run_pid: int) -> None:
+    """End this cell's process group when the run's process ends, however it ends (SIGKILL included: no handler
+    of the run's can do it). A cell leads its own session, so nothing else would stop it, and while it lives it
+    holds the fork server's liveness pipe (multiprocessing passes it as the parent sentinel), so the server would
+    outlive the run too. A pidfd (Linux 5.3) is readable once the process has exited; a daemon thread waits on it.
+    The cell's own threads are its business: only the cell server must fork thread-free."""
+    try:
+        pidfd = os.pidfd_open(run_pid)
+    except ProcessLookupError:  # the run ended before this cell started
+        os.killpg(0, signal.SIGKILL)
+    except (AttributeError, OSError):  # no pidfd here (not Linux, an old kernel): watch the parent pid instead
+        threading.Thread(target=_poll_parent, args=(os.getppid(),), daemon=True, name="die-with-run").start()
+        return
+    threading.Thread(target=_wait_pidfd, args=(pidfd,), daemon=True, name="die-with-run").start()
+
+
+def _wait_pidfd(pidfd: int) -> None:
+    select.select([pidfd], [], [])
+    os.killpg(0, signal.SIGKILL)
+
+
+def _poll_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os.killpg(0, signal.SIGKILL)
 
 
 def _vm_size() -> int:

@@ -259,7 +259,7 @@ def run_isolated(task: CellTask, *, timeout_s: float, memory_limit_mb: int = 0) 
         _run_process(_forkserver(), _prepare_main, (task,), f"prepare {task.cell.id}", timeout_s)
     with tempfile.TemporaryDirectory(prefix="quantmatrix-cell-") as tmp:
         result, log, stacks = Path(tmp, "outcome.json"), Path(tmp, "output.log"), Path(tmp, "stacks.txt")
-        args = (task, str(result), str(log), memory_limit_mb, str(stacks))
+        args = (task, str(result), str(log), memory_limit_mb, str(stacks), os.getpid())  # the run: dies with it
         try:
             exitcode, elapsed, overrun = runner().run(task, args, timeout_s, stacks)
         except RuntimeError as exc:  # a pool worker died importing

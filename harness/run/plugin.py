@@ -10,8 +10,10 @@ cell is session.py's, the pytest-xdist wiring workers.py's.
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
+import math
 import os
 import signal
 import socket
@@ -21,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.cell import AXES
-from harness.errors import QuantMatrixError
-from harness.matrix import Matrix, load_matrix, select
+from harness.cell import AXES, Cell
+from harness.errors import QuantMatrixError, did_you_mean
+from harness.matrix import MAX_CELLS, Matrix, load_matrix, select
 from harness.run.session import IDS_KEY, MatrixRun, environment
 from harness.run.workers import pytest_configure_node  # noqa: F401  (a hook: pluggy finds it here)
 from harness.stacks.catalog import packages_needed
@@ -32,6 +34,7 @@ from harness.verdict import Verdict
 DEFAULT_MATRIX = "matrices/default.toml"
 _matrix_key = pytest.StashKey[Matrix]()
 _run_key = pytest.StashKey[MatrixRun]()
+_nothing_key = pytest.StashKey[str]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -49,10 +52,27 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "where it stopped, under its run id)")
     group.addoption("--drift", choices=("fail", "warn"), default="fail",
                     help="whether documentation drift fails the cell (default) or only warns")
-    group.addoption("--cell-timeout", type=float, default=None, metavar="S",
+    group.addoption("--max-cells", type=_positive(int), default=MAX_CELLS, metavar="N",
+                    help=f"refuse a matrix that expands to more cells (default {MAX_CELLS:,})")
+    group.addoption("--cell-timeout", type=_positive(float), default=None, metavar="S",
                     help="per-cell timeout in seconds (default: the matrix's settings.cell_timeout_s)")
-    group.addoption("--memory-limit", type=int, default=None, metavar="MB",
+    group.addoption("--memory-limit", type=_positive(int, zero=True), default=None, metavar="MB",
                     help="per-cell memory cap for CPU cells (default: the matrix's settings.memory_limit_mb)")
+
+
+def _positive(kind: type, *, zero: bool = False):
+    """An option's type: a finite number above 0 (or 0 too): a NaN or zero timeout would never time a cell out."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+            raise argparse.ArgumentTypeError(f"expected a finite number {'>=' if zero else '>'} 0, got {text!r}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its message
+    return parse
 
 
 def _matrix_run_requested(config: pytest.Config) -> bool:
@@ -108,13 +128,23 @@ def _matrix(config: pytest.Config) -> Matrix:
         try:
             from harness.devices import present_devices
 
-            matrix = load_matrix(path, present_devices=present_devices())
+            matrix = load_matrix(path, present_devices=present_devices(), max_cells=config.getoption("max_cells"))
         except QuantMatrixError as exc:  # "file:line [key]: what is wrong", printed by pytest as one ERROR line
             raise pytest.UsageError(str(exc)) from None
         overrides = {k: v for k, v in (("cell_timeout_s", config.getoption("cell_timeout")),
                                        ("memory_limit_mb", config.getoption("memory_limit"))) if v is not None}
         config.stash[_matrix_key] = replace(matrix, settings=replace(matrix.settings, **overrides))
+        _check_filters(config, config.stash[_matrix_key])
     return config.stash[_matrix_key]
+
+
+def _check_filters(config: pytest.Config, matrix: Matrix) -> None:
+    """Each filter value must be a known value of its axis: one line with the nearest name otherwise."""
+    for axis in (a for a in AXES if a.option):
+        for value in _wanted(config, axis.name) or ():
+            if value not in axis.known():
+                raise pytest.UsageError(f"--{axis.name} {value}: not a known {axis.help}"
+                                        f"{did_you_mean(value, axis.known())}")
 
 
 def _default_matrix(config: pytest.Config) -> Path:
@@ -133,8 +163,23 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     config = metafunc.config
     matrix = _matrix(config)
-    cells = matrix.with_baselines(select(matrix.cells, **{a.name: _wanted(config, a.name) for a in AXES if a.option}))
+    filters = {a.name: _wanted(config, a.name) for a in AXES if a.option}
+    cells = matrix.with_baselines(select(matrix.cells, **filters))
+    if not cells:  # nothing to run: said once, in the summary (an empty parametrization is no cell)
+        asked = " ".join(f"--{k} {','.join(v)}" for k, v in filters.items() if v)
+        config.stash[_nothing_key] = f"0 cells: {asked} selects none of the {len(matrix.cells)} cells of {matrix.path}"
+        metafunc.parametrize("cell", [], ids=[])
+        return
     metafunc.parametrize("cell", cells, ids=[c.id for c in cells])
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A filter that selects no cell runs nothing (pytest would otherwise run one empty-parameter-set item)."""
+    empty = [i for i in items if "cell" in getattr(getattr(i, "callspec", None), "params", {})
+             and not isinstance(i.callspec.params["cell"], Cell)]
+    if empty:
+        config.hook.pytest_deselected(items=empty)
+        items[:] = [i for i in items if i not in empty]
 
 
 # An engine is preloaded by the cell server when this many of the session's cells use it: its import (seconds)
@@ -197,6 +242,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     from harness.results import read_records
     from harness.run.summary import rule_lines, verdict_counts
 
+    if _nothing_key in config.stash:
+        terminalreporter.write_line(f"quantmatrix: {config.stash[_nothing_key]}")
     run_id, results = config.stash[IDS_KEY]
     if not results.exists():
         return

@@ -91,15 +91,21 @@ class MatrixRun:
             self.writer.append(make_record(self.id, cell, expect, Verdict.INTERRUPTED, outcome.reason, outcome,
                                            self.env, started, time.perf_counter() - t0))
             raise
-        claims = []
+        claims, interrupted = [], None
         if outcome.status is Status.RAN:
             self.measured[cell] = outcome.metrics
             if expect.claims:
-                claims = check_claims(expect, outcome.metrics, self._baseline(cell))
+                try:
+                    base = self._baseline(cell)
+                except KeyboardInterrupt as exc:  # while its baseline ran: the cell's record is kept, its claims
+                    base, interrupted = None, exc  # not judged (no baseline), and the run stops after writing it
+                claims = check_claims(expect, outcome.metrics, base)
         verdict, note = judge(expect, outcome, claims, output_floor(cell.engine, cell.qtype, cell.cast))
         record = make_record(self.id, cell, expect, verdict, note, outcome, self.env, started,
                              time.perf_counter() - t0, claims)
         self.writer.append(publishable(record))
+        if interrupted is not None:
+            raise interrupted
         return verdict, note, record
 
     def _execute(self, cell: Cell) -> Outcome:
