@@ -4,7 +4,8 @@
     quantmatrix list [FILE]               print the cells a matrix expands to here, with their expected outcome
     quantmatrix validate FILE...          check matrix files; exit 2 with a clear message on the first mistake
     quantmatrix detect FILE...            print the engine and quant type found in model files' contents
-                                          (exit 1 when a file's conventional name says otherwise)
+                                          (exit 1 when a file's conventional name says otherwise, 2 when a
+                                          file cannot be read: each file is reported)
     quantmatrix report RESULTS... -o DIR  write the HTML report (index.html, cells.csv, plots/) from records
     quantmatrix report RESULTS... --markdown [-o FILE]   the compatibility table as markdown
     quantmatrix report RESULTS... --doc-patch [--rules FILE] [-o FILE]   a patch for the page the rules state
@@ -63,6 +64,7 @@ options:
   --resume FILE            skip the cells FILE already records with this environment
   --drift fail|warn        whether documentation drift fails the run (default fail)
   --cell-timeout S         per-cell timeout (default: the matrix's settings.cell_timeout_s)
+  --max-cells N            refuse a matrix that expands to more cells (default 100,000)
   --memory-limit MB        per-cell memory cap for CPU cells
   -k EXPR                  cells by id, e.g. -k 'nf4 and sequential'
   -n N                     N pytest-xdist workers (one device each on a GPU box)
@@ -77,7 +79,7 @@ def _list(args: argparse.Namespace, rest: list[str]) -> int:
     from harness.run.session import host_environment
 
     here = present_devices()
-    matrix = load_matrix(args.file, present_devices=here)
+    matrix = load_matrix(args.file, present_devices=here, max_cells=args.max_cells)
     cells = [c for c in matrix.cells if args.all_devices or c.device in here]
     versions = host_environment()[1]  # a rule on versions this host does not have does not decide here
     width = max([len(c.id) for c in cells] + [4])
@@ -96,7 +98,7 @@ def _validate(args: argparse.Namespace, rest: list[str]) -> int:
     from harness.matrix import load_matrix
 
     for path in args.files:
-        matrix = load_matrix(path)
+        matrix = load_matrix(path, max_cells=args.max_cells)
         print(f"{path}: ok, {len(matrix.cells)} cells, {len(matrix.rules)} rules")
     return 0
 
@@ -105,24 +107,74 @@ def _detect(args: argparse.Namespace, rest: list[str]) -> int:
     from harness.engines.base import IMPORT_LOG, output_to
     from harness.stacks.loading import check_name, detect
 
-    disagree = 0
-    for path in args.files:
-        with output_to(IMPORT_LOG):  # what the engines print when imported is not for this terminal
-            engine, qtype = detect(path)
-            hint, detail = check_name(path, (engine, qtype))
-        print(f"{path}: engine={engine} qtype={qtype}" + (f"  (name {hint}: {detail})" if hint != "no hint" else ""))
+    disagree = unreadable = 0
+    for path in args.files:  # each file reported, a bad one as one line: the others still are
+        try:
+            with output_to(IMPORT_LOG):  # what the engines print when imported is not for this terminal
+                engine, qtype = detect(path)
+                hint, detail = check_name(path, (engine, qtype))
+        except QuantMatrixError as exc:
+            print(f"quantmatrix: error: {printable(exc)}", file=sys.stderr)
+            unreadable += 1
+            continue
+        print(printable(f"{path}: engine={engine} qtype={qtype}")
+              + (f"  (name {hint}: {printable(detail)})" if hint != "no hint" else ""))
         disagree += hint == "disagrees"
-    return 1 if disagree else 0
+    return 2 if unreadable else 1 if disagree else 0
 
 
-def _emit(text: str, output: str | None, what: str) -> int:
+def _emit(text: str, output: str | None, what: str, inputs: list[Path] = ()) -> int:
     """Write `text` to the file `output`, or to stdout."""
     if output:
-        Path(output).write_text(text + "\n", encoding="utf-8")
+        write_file(Path(output), text + "\n", inputs)
         print(f"{what}: {output}")
     else:
         print(text)
     return 0
+
+
+def _not_an_input(path: Path, inputs: list[Path]) -> None:
+    """An output is never one of the command's input files (`report r.jsonl --markdown -o r.jsonl`)."""
+    for given in inputs:
+        if path.exists() and given.exists() and os.path.samefile(path, given):
+            raise QuantMatrixError(f"is an input of this command ({given}); an output never writes over one",
+                                   path=path)
+
+
+def write_file(path: Path, text: str, inputs: list[Path] = ()) -> None:
+    """Write an output file: one line naming it for each problem (an input, a folder, a missing folder, no
+    permission), never a traceback."""
+    _not_an_input(path, inputs)
+    if path.is_dir():
+        raise QuantMatrixError("is a folder; expected a file to write", path=path)
+    if not path.parent.is_dir():
+        raise QuantMatrixError(f"cannot write: no folder {str(path.parent)!r}", path=path)
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise QuantMatrixError(f"cannot write: {exc.strerror}", path=path) from None
+
+
+def _output_folder(path: Path, inputs: list[Path]) -> Path:
+    """A folder the command writes into: made if missing; one line if it is a file, under a file or not
+    writable. What the command writes there never overwrites an input."""
+    _not_an_input(path, inputs)
+    if path.exists() and not path.is_dir():
+        raise QuantMatrixError("is a file; expected a folder to write the report into", path=path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise QuantMatrixError(f"cannot make the folder: {exc.strerror}", path=path) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise QuantMatrixError("cannot write into the folder: permission denied", path=path)
+    for given in inputs:  # e.g. `report cells.csv`-named records into the folder that gets cells.csv
+        if given.resolve().parent == path.resolve() and given.name in WRITTEN_NAMES:
+            raise QuantMatrixError(f"holds the input {given.name}, which the report writes; choose another folder",
+                                   path=path)
+    return path
+
+
+WRITTEN_NAMES = ("index.html", "cells.csv", "doc-patch.md")  # what the report writes at its folder's top
 
 
 def _report(args: argparse.Namespace, rest: list[str]) -> int:
@@ -130,7 +182,10 @@ def _report(args: argparse.Namespace, rest: list[str]) -> int:
     from harness.report import data as report_data
 
     records = report_data.load(args.results)
+    inputs = [*args.results, *(args.previous or ())]
     rules = load_matrix(args.rules) if args.rules else None
+    if rules is not None:
+        inputs.append(Path(args.rules))
     if args.doc_patch:
         from harness.report import docpatch
 
@@ -138,22 +193,33 @@ def _report(args: argparse.Namespace, rest: list[str]) -> int:
             print(f"quantmatrix report: --doc-patch needs a rules file with a [document] table; "
                   f"{args.rules or 'none given'} has none", file=sys.stderr)
             return 2
-        return _emit(docpatch.render(rules, records), args.output, "doc patch")
+        return _emit(docpatch.render(rules, records), args.output, "doc patch", inputs)
     if args.upstream:
         from harness.report import upstream
 
-        print(upstream.summary(upstream.write_drafts(records, Path(args.upstream)), Path(args.upstream)))
+        folder = _output_folder(Path(args.upstream), inputs)
+        print(upstream.summary(_writing(upstream.write_drafts, records, folder), folder))
         return 0
     if args.markdown:
         from harness.report.markdown import render
 
-        return _emit(render(records), args.output, "markdown")
+        return _emit(render(records), args.output, "markdown", inputs)
     from harness.report.html import build
 
     previous = report_data.load(args.previous) if args.previous else None
-    index = build(records, Path(args.output or CHECKOUT / "reports" / "latest"), previous=previous, rules=rules)
-    print(f"report: {index} ({len(records.frame)} records, {len(records.skipped)} skipped)")
+    folder = _output_folder(Path(args.output or CHECKOUT / "reports" / "latest"), inputs)
+    index = _writing(build, records, folder, previous=previous, rules=rules)
+    print(f"report: {index} ({len(records.frame)} records, {len(records.skipped)} skipped)"
+          + ("" if len(records.frame) else ": no valid record"))
     return 0
+
+
+def _writing(write, *args, **kwargs):
+    """Run a writer of files; an OSError (a disk full, a file made read-only meanwhile) is one line naming it."""
+    try:
+        return write(*args, **kwargs)
+    except OSError as exc:
+        raise QuantMatrixError(f"cannot write: {exc.strerror}", path=exc.filename) from None
 
 
 def _repro(args: argparse.Namespace, rest: list[str]) -> int:
@@ -162,7 +228,7 @@ def _repro(args: argparse.Namespace, rest: list[str]) -> int:
     record = repro.find_record(args.cell, args.results)
     text = repro.script(record, repro.settings_of(args.matrix), settings_from=args.matrix or "")
     if args.output:
-        Path(args.output).write_text(text, encoding="utf-8")
+        write_file(Path(args.output), text, [*args.results, *([Path(args.matrix)] if args.matrix else [])])
         print(printable(f"repro of {record['id']} ({record['verdict']}, run {record['run']}): {args.output}"),
               file=sys.stderr)
     else:
@@ -185,6 +251,13 @@ def _existing(path: str) -> Path:
     return Path(path)
 
 
+def _max_cells(parser: argparse.ArgumentParser) -> None:
+    from harness.matrix import MAX_CELLS
+
+    parser.add_argument("--max-cells", type=int, default=MAX_CELLS, metavar="N",
+                        help=f"refuse a matrix that expands to more cells (default {MAX_CELLS:,})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="quantmatrix", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -194,9 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("file", nargs="?", default=str(CHECKOUT / "matrices" / "default.toml"),
                    help="matrix file (default matrices/default.toml)")
     p.add_argument("--all-devices", action="store_true", help="list the cells of devices this host lacks too")
+    _max_cells(p)
     p.set_defaults(func=_list)
     p = sub.add_parser("validate", help="check matrix files")
     p.add_argument("files", nargs="+")
+    _max_cells(p)
     p.set_defaults(func=_validate)
     p = sub.add_parser("detect", help="detect the engine and type of model files from their contents")
     p.add_argument("files", nargs="+")

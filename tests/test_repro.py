@@ -256,11 +256,18 @@ def test_the_report_writes_and_links_a_script_for_each_failing_cell(tmp_path):
     failing = {json.loads(line)["id"] for line in some if json.loads(line)["verdict"] not in ("ok", "unavailable")}
     assert 1 < len(scripts) < len(failing)
     assert 'key === "reproduce"' in html  # the panel makes the path a link
-    # a second build into the same directory leaves no stale script behind
-    (tmp_path / "site" / "repro" / "stale-00000000.py").write_text("")
+    # a second build into the same directory leaves no stale script of its own behind, and never touches a file
+    # it did not write (its manifest names what it wrote)
+    folder = tmp_path / "site" / "repro"
+    (folder / "stale-00000000.py").write_text("")
+    manifest = folder / report_upstream.MANIFEST
+    manifest.write_text(manifest.read_text() + "stale-00000000.py\n../../outside.py\n")
+    (tmp_path / "outside.py").write_text("mine")
+    (folder / "my-own.py").write_text("mine")
     loaded = report_data.load([tmp_path / "r.jsonl"])
     written = report_upstream.write_scripts(loaded.latest(), tmp_path / "site", loaded.files)
-    assert sorted((tmp_path / "site" / "repro").glob("*.py")) == scripts
+    assert sorted(folder.glob("*.py")) == sorted([*scripts, folder / "my-own.py"])
+    assert (tmp_path / "outside.py").read_text() == "mine" == (folder / "my-own.py").read_text()
     assert {s.path for s in written.values() if s.path} == {f"repro/{p.name}" for p in scripts}
 
 

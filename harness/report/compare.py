@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from harness.errors import printable
 from harness.report import data as report_data
 from harness.verdict import Verdict
 
@@ -135,6 +136,7 @@ def render(changes: Changes) -> str:
     for kind in ChangeKind:
         items = changes.of(kind)
         lines.append(f"{kind}: {len(items)}")
-        lines.extend(f"  {c.id}  on {c.machine}: {c.old} -> {c.new}" for c in items)
+        # text from a record, escaped: a newline, carriage return or ANSI escape in it cannot forge a line
+        lines.extend(printable(f"  {c.id}  on {c.machine}: {c.old} -> {c.new}") for c in items)
     lines.append("REGRESSED" if changes.regressed else "no regression")
     return "\n".join(lines)

@@ -332,7 +332,8 @@ def _where(rows: pd.DataFrame) -> str:
 def _unchecked_reason(rule: Rule, index: int, rows: pd.DataFrame, newest: pd.DataFrame, matrix: Matrix | None,
                       cells: list[SimpleNamespace] | None = None) -> str:
     """What is missing for a statement no record checked, as exactly as the records tell."""
-    here = rows[~rows["device_absent"]]  # a device a host lacks says nothing of the statement: look further
+    # a device a host lacks says nothing of the statement: look further (astype: an empty frame's column is no mask)
+    here = rows[~rows["device_absent"].astype(bool)]
     unavailable = sorted({r for r, v in zip(here["reason"], here["verdict"], strict=True) if v == "unavailable" and r})
     if unavailable:
         return "every cell it decides was unavailable: " + "; ".join(unavailable[:3])
@@ -345,7 +346,7 @@ def _unchecked_reason(rule: Rule, index: int, rows: pd.DataFrame, newest: pd.Dat
         if needs and not set(needs) & set(measured):
             return f"it needs a {' or '.join(needs)} device; the records measured {', '.join(measured) or 'none'}"
         return "no record of a cell it matches (run its matrix file to check it)"
-    present = candidates[~candidates["device_absent"]]
+    present = candidates[~candidates["device_absent"].astype(bool)]
     if rule.versions:
         wanted = ", ".join(f"{p} {'absent' if s is None else s}" for p, s in rule.versions.items())
         on = f" on a {' or '.join(needs)} device" if needs else ""

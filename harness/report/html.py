@@ -237,6 +237,19 @@ CSV_FIGURES = ["verdict", "note", "reason", "error_type", "error_message",
                "load_s", "bytes_ratio", "mem_ratio", "latency_ratio", "mem_vs_none", "latency_vs_none",
                "integration_broke", "host", "device_name", "versions", "started", "duration_s"]
 
+# What a spreadsheet reads as a formula at the start of a cell (OWASP's CSV injection): such text is prefixed with
+# a quote. The axes' values and ids are known values (records that carry others are refused) and stay as they are.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(table: pd.DataFrame) -> pd.DataFrame:
+    """`table` with every text that a spreadsheet would run as a formula neutralised (a leading `'`)."""
+    out = table.copy()
+    for column in out.columns.difference(["id", *AXES.names]):
+        out[column] = out[column].map(lambda v: "'" + v if isinstance(v, str) and v.startswith(FORMULA_START) else v)
+    return out
+
+
 TABLE_COLUMNS = [("machine", "machine"), ("id", "cell"), ("verdict", "verdict"), ("bits_per_weight", "bits/w"),
                  ("bytes_ratio", "size x"), ("own_mem_bytes", "peak mem B"), ("mem_ratio", "mem x"),
                  ("latency_ms", "latency ms"), ("latency_ratio", "latency x"), ("sqnr_db", "SQNR dB"),
@@ -262,7 +275,7 @@ def build(records: report_data.Records, out_dir: Path, *, previous: report_data.
     plots = report_plots.write_all(latest, out_dir / "plots")
     scripts = report_upstream.write_scripts(latest, out_dir, records.files)  # repro/*.py, linked from the panel
     csv = out_dir / "cells.csv"
-    latest[csv_columns()].to_csv(csv, index=False)
+    spreadsheet_safe(latest[csv_columns()]).to_csv(csv, index=False)
     changes = compare_mod.compare(previous, records) if previous is not None else None
     patch = None
     if rules is not None and rules.document is not None:

@@ -25,6 +25,7 @@ from harness.report import data as report_data
 from harness.report.statements import REFERENCE
 
 REPRO_DIR = "repro"
+MANIFEST = "written-by-quantmatrix.txt"  # the scripts a build wrote: the only files a later build removes
 # Verdicts whose cell a report links a script for: failing and drifting ones, and those that failed as a rule
 # documents (an error the harness measured is a finding to report as much as one nobody documented)
 SCRIPTED = (*report_data.BROKEN, *report_data.DRIFT, "documented-error")
@@ -94,11 +95,15 @@ class Script:
 
 def write_scripts(latest: pd.DataFrame, out_dir: Path, files: Iterable[str]) -> dict[tuple[str, str, str], Script]:
     """Write the standalone script of every cell of `latest` that failed, drifted or raised into
-    `out_dir/repro/`; returns, per (machine, versions, id), its path or why there is none. Scripts of an earlier
-    build of the same directory are removed first."""
+    `out_dir/repro/`; returns, per (machine, versions, id), its path or why there is none. Scripts an earlier
+    build of the same directory wrote (its manifest names them) are removed first; no other file is touched."""
     folder = out_dir / REPRO_DIR
-    for old in folder.glob("*.py") if folder.is_dir() else ():
-        old.unlink()
+    manifest = folder / MANIFEST
+    if manifest.is_file():
+        for name in manifest.read_text(encoding="utf-8").splitlines():
+            if re.fullmatch(r"[a-z0-9-]+\.py", name):  # a name this function writes, in this folder only
+                (folder / name).unlink(missing_ok=True)
+        manifest.unlink()
     if latest.empty:
         return {}
     rows = latest[latest["verdict"].isin(SCRIPTED) | (latest["error_type"] != "")]
@@ -126,6 +131,9 @@ def write_scripts(latest: pd.DataFrame, out_dir: Path, files: Iterable[str]) -> 
         out[key] = Script(name)
     for key in wanted.values():
         out.setdefault(key, Script(None, "its record was not found in the results files"))
+    written = sorted(s.path.split("/", 1)[1] for s in out.values() if s.path)
+    if written:
+        manifest.write_text("\n".join(written) + "\n", encoding="utf-8")
     return out
 
 
