@@ -30,8 +30,8 @@ def did_you_mean(value: str, valid: Iterable[str]) -> str:
 # C0 and C1 controls but the tab, Unicode's line and paragraph separators and its bidirectional overrides (which
 # reorder how a line of code reads on screen: "Trojan Source", CVE-2021-42574)
 _CONTROL = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
-            for c in (*range(0x09), *range(0x0a, 0x20), *range(0x7f, 0xa0), 0x2028, 0x2029, 0x200e, 0x200f, *range(0x202a, 0x202f),
-                      *range(0x2066, 0x206a))}
+            for c in (*range(0x09), *range(0x0a, 0x20), *range(0x7f, 0xa0), 0x2028, 0x2029, 0x200e, 0x200f,
+                      *range(0x202a, 0x202f), *range(0x2066, 0x206a))}
 
 
 def printable(text: object) -> str:

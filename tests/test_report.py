@@ -385,7 +385,7 @@ def test_overview_drift_blocks_and_doc_patch_in_a_real_browser(cpu_results, tmp_
     headline = next(line for line in patch.splitlines() if line.startswith("Statements checked: "))
     assert headline == "Statements checked: " + ", ".join(
         f"{page_counts[f]} {w}" for f, w in [("broke", "broke"), ("drifted", "drifted"), ("holds", "holds"),
-                                              ("unchecked", "not checked")]) + "."
+                                              ("unchecked", "not measured")]) + "."
     assert sum(page_counts.values()) == len([r for r in load_matrix(SDNEXT).rules if r.expect.source])
     # overview entries count the types that work, and colour by that, the worst verdict apart
     assert types and all(int(k) <= int(n) for k, n in (t.split("/") for t, _, _ in types))
@@ -431,9 +431,9 @@ def test_doc_patch_from_fixed_records_states_each_statement_outcome(tmp_path, ca
     assert outcome["seed: Errors (bnb nf4 + sequential offload)"] == "⚠ drifted"  # fails, differently
     assert "Cannot copy out of meta tensor" in text.split("nf4 + sequential offload)")[1].split("\n>")[0]
     gguf = "seed: GGUF (storage-only: smaller, slower; not platform dependent)"
-    assert outcome[gguf] == "– not checked"  # a statement of speed, and these records are from before pairing
+    assert outcome[gguf] == "– not measured"  # a statement of speed, and these records are from before pairing
     assert "could not be judged: no paired latency against the float model" in blocks[gguf]
-    assert outcome["seed: Optimum-Quanto limitations (torch 2.4)"] == "– not checked"
+    assert outcome["seed: Optimum-Quanto limitations (torch 2.4)"] == "– not measured"
     assert "applies only with torch <2.4" in blocks["seed: Optimum-Quanto limitations (torch 2.4)"]
     assert "needs a xpu device" in blocks["seed: Optimum-Quanto limitations (Intel Arc/IPEX)"]
     assert len(blocks) == len([r for r in matrix.rules if r.expect.source])  # every statement, checked or not
@@ -441,9 +441,31 @@ def test_doc_patch_from_fixed_records_states_each_statement_outcome(tmp_path, ca
     # the page's sections in its order, between the generated support table and the SDNQ section it lacks
     assert sections == ["Compatibility (measured)", *matrix.document.sections,
                         "SDNQ (measured; the page has no section for it)"]
-    assert "Suggested: GGUF with model offload works on cuda." in text
+    assert "Suggested: GGUF with model offload works on cuda (control path only)." in text  # dit-xs, direct
     assert main(["report", *map(str, REFERENCE), "--doc-patch", "-o", str(tmp_path / "patch.md")]) == 0
     assert (tmp_path / "patch.md").read_text() == text + "\n"
+
+
+def test_the_patch_says_only_what_its_evidence_can_show():
+    """Claims within the evidence: a statement about an offload mode is never judged by a CPU cell (its offload
+    moved nothing), and a device whose cells never took SD.Next's path is said to be on the control path only."""
+    matrix = load_matrix(SDNEXT)
+    records = report_data.load(sorted((REPO / "results" / "reference").glob("*.jsonl")))
+    assert set(records.frame["path"]) == {"sdnext", "control"}
+    assert not records.frame[records.frame["device"] == "cpu"]["offload_moved"].fillna(False).any()
+    patch = docpatch.assess(matrix, records)
+    lines = patch.text.splitlines()
+    offload_rules = {r.expect.source for r in matrix.rules if any(o != "none" for o in r.match.get("offload", ()))}
+    blocks = [line for line in lines if line.startswith("- **") and line.split("(", 1)[1].split("): ")[0]
+              in offload_rules]
+    assert len(blocks) >= 5
+    for block in blocks:  # measured on cuda only, or not measured with what is missing
+        checked = block.split("): ", 1)[1]
+        assert " on cpu " not in checked and "cpu (" not in checked.split("Measured with")[0], block
+        assert "not measured" not in block or "cell(s) left out: on the CPU the offload's hooks run" in block \
+            or "no record" in block or "needs" in block, block
+    cuda = [s for s in lines if "Suggested: " in s and "cuda" in s]
+    assert cuda and all("cuda (control path only)" in s for s in cuda)  # no reference CUDA cell is a pipeline
 
 
 def test_doc_patch_of_every_reference_record_can_be_pasted():
@@ -554,3 +576,14 @@ def test_the_same_records_build_the_same_site(tmp_path):
     plots = sorted(p.name for p in (tmp_path / "a" / "plots").glob("*.svg"))
     assert plots and all((tmp_path / "a" / "plots" / p).read_bytes() == (tmp_path / "b" / "plots" / p).read_bytes()
                          for p in plots)
+
+
+def test_the_fault_engines_test_cells_reach_no_count(tmp_path):
+    """The committed H200 fault cell (a hang, on purpose) is shown in its grid but counted nowhere: not in the
+    verdict counts, the overview or the engine table."""
+    fault = REPO / "results" / "reference" / "h200-fault-hang.jsonl"
+    index = build(report_data.load([fault, *REFERENCE]), tmp_path / "site")
+    html = index.read_text()
+    counts = element(html, "table", "verdict-counts")
+    assert re.search(r'data-verdict="hang">0<', counts), counts
+    assert "fault-hang/post-load/none/cuda/dit-xs/float32" in html  # still in its grid

@@ -82,6 +82,7 @@ def _row(record: dict) -> dict:
         "quantize_s": m.get("quantize_s"), "load_s": m.get("load_s"),
         "mem_base_bytes": base, "name_hint": m.get("name_hint"), "name_hint_detail": m.get("name_hint_detail"),
         "host": env.get("host"), "device_name": env.get("device_name"), "driver": env.get("driver"),
+        "cuda_capability": env.get("cuda_capability"),
         "os": env.get("os"), "python": env.get("python"), "torch": env.get("torch"), "triton": env.get("triton"),
         "diffusers": env.get("diffusers"), "accelerate": env.get("accelerate"),
         "engine_version": (env.get("engines") or {}).get(cell["engine"]),
@@ -240,7 +241,35 @@ def load(paths: list[Path | str]) -> Records:
         rows.extend(_row(r) for r in records)
     frame = pd.DataFrame(rows, columns=columns())
     frame["machine"] = machines(frame)
-    return Records(with_integration(with_ratios(frame)), skipped, [str(p) for p in paths])
+    return Records(with_evidence(with_integration(with_ratios(frame))), skipped, [str(p) for p in paths])
+
+
+# What a record's evidence can speak to, as columns (issue: claims stay within the evidence):
+# - `device_class`: cpu, cuda (with its compute capability where the record notes one), rocm, xpu, mps;
+# - `offload_moved`: whether the cell's offload moved weights between devices. The harness offloads to the CPU, so
+#   on a CPU cell the execution device is the CPU too: the hooks attach and run, but no weight leaves or enters a
+#   device. Such a cell says the hooks work with the engine, not that the offload does (None: no offload);
+# - `path`: "sdnext" for what SD.Next runs (the diffusers stack on a whole pipeline), "control" for the engine's
+#   own API (direct stack), a bare denoiser or an imitation model;
+# - `test_only`: the harness's own fault engine, which never speaks for a statement, a headline or a count.
+EVIDENCE = ("device_class", "offload_moved", "path", "test_only")
+
+
+def with_evidence(frame: pd.DataFrame) -> pd.DataFrame:
+    from harness.engines.catalog import CATALOG
+    from harness.models.specs import MODELS
+    from harness.stacks.catalog import STACK_CATALOG
+
+    capability = frame["cuda_capability"].fillna("").astype(str)
+    frame["device_class"] = frame["device"].where((frame["device"] != "cuda") | (capability == ""),
+                                                  frame["device"] + " sm_" + capability.str.replace(".", ""))
+    moved = (frame["device"] != "cpu").astype(object)
+    frame["offload_moved"] = moved.where(frame["offload"] != "none", None)
+    pipeline = frame["model"].map(lambda m: bool(getattr(MODELS.get(m), "pipeline", False))).astype(bool)
+    sdnext = frame["stack"].map(lambda s: bool(getattr(STACK_CATALOG.get(s), "sdnext", False))).astype(bool)
+    frame["path"] = (sdnext & pipeline).map({True: "sdnext", False: "control"})
+    frame["test_only"] = frame["engine"].map(lambda e: bool(getattr(CATALOG.get(e), "hidden", False))).astype(bool)
+    return frame
 
 
 def machines(frame: pd.DataFrame) -> pd.Series:

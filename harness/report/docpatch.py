@@ -30,7 +30,7 @@ from harness.verdict import ErrorInfo, Outcome, Status, check_claims, judge
 PROCESS_STATUS = {"crash": Status.CRASH, "timeout": Status.TIMEOUT, "hang": Status.HANG, "oom": Status.OOM,
                   "interrupted": Status.INTERRUPTED}
 MARK = {Finding.HOLDS: "✓ holds", Finding.DRIFTED: "⚠ drifted", Finding.BROKE: "✗ broke",
-        Finding.UNCHECKED: "– not checked"}
+        Finding.UNCHECKED: "– not measured"}
 
 
 METRIC_FIELDS = ("param_bytes", "peak_mem_bytes", "mem_base_bytes", "latency_ms", "name_hint", "name_hint_detail",
@@ -231,12 +231,16 @@ def check(rule: Rule, index: int, newest: pd.DataFrame, failed: dict[tuple[str, 
     failed = failures(newest) if failed is None else failed
     rows = newest[newest["rule"] == index]
     view = report_data.row_dicts(rows, (*FINDING_FIELDS, *HAPPENED_FIELDS, *AXES.names, "machine", "cell_id",
-                                        "baseline_id", "claim_status", "recorded_verdict"))
+                                        "baseline_id", "claim_status", "recorded_verdict", "offload_moved", "path"))
     found: list[Finding | None] = []
-    outside = shared = not_run = 0
+    outside = shared = not_run = hooks_only = 0
+    about_offload = any(o != "none" for o in rule.match.get("offload", ()))
     for r in view:
         if not rule.judges_cell(SimpleNamespace(**{k: r[k] for k in AXES.names})):
             outside += 1
+            found.append(None)
+        elif about_offload and r["offload"] != "none" and r["offload_moved"] is not True:
+            hooks_only += 1  # a statement of offloading needs an offload that moved weights between devices
             found.append(None)
         elif shared_with_baseline(r, failed):
             shared += 1
@@ -248,6 +252,8 @@ def check(rule: Rule, index: int, newest: pd.DataFrame, failed: dict[tuple[str, 
         else:
             found.append(finding(r))
     left_out = []
+    if hooks_only:
+        left_out.append(f"{hooks_only} cell(s) left out: {HOOKS_ONLY}.")
     if shared:
         left_out.append(f"{shared} cell(s) left out: the float model fails the same way in the same offload mode, "
                         "device and stack (the offload's or the stack's failure, not the engine's).")
@@ -266,8 +272,10 @@ def check(rule: Rule, index: int, newest: pd.DataFrame, failed: dict[tuple[str, 
                         f"judged by its {' and '.join(rule.judged_claims)} claim(s) only.")
     keep = [i for i, f in enumerate(found) if f is not None and f is not Finding.UNCHECKED]
     if not keep:
-        reason = _unchecked_reason(rule, index, rows, newest, matrix, cells)
-        return Check(Finding.UNCHECKED, [f"Not checked: {reason}."] + left_out, None)
+        reason = ("no cell's offload moved weights between devices; needs a run on an accelerator (CPU only: "
+                  "the hooks ran, nothing moved)" if hooks_only == len(view) and hooks_only
+                  else _unchecked_reason(rule, index, rows, newest, matrix, cells))
+        return Check(Finding.UNCHECKED, [f"Not measured: {reason}."] + left_out, None)
     checked = rows.iloc[keep]
     worst = min((found[i] for i in keep), key=list(Finding).index)
     shorts: dict[str, list[int]] = defaultdict(list)
@@ -276,7 +284,7 @@ def check(rule: Rule, index: int, newest: pd.DataFrame, failed: dict[tuple[str, 
         shorts[_short(view[position], found[position], rule)].append(position)
         wholes[_whole(view[position], found[position], rule)].append(position)
     by_short = sorted(shorts.items(), key=lambda g: -len(g[1]))
-    devices = " and ".join(sorted(set(checked["device"])))
+    devices = _devices(checked)
     lines = [f"{len(keep)} cell(s) checked, on {_where(checked)}: "
              + ", ".join(_counted(len(p), phrase) for phrase, p in by_short) + ".",
              f"Measured with {_versions(checked)}.", *left_out]
@@ -301,6 +309,19 @@ def check(rule: Rule, index: int, newest: pd.DataFrame, failed: dict[tuple[str, 
         table.append(f"| {len(positions)} | {_cell_text(_narrow(frame, checked) or 'every other')} | "
                      f"{', '.join(sorted(set(frame['device'])))} | {_cell_text(phrase)} |")
     return Check(worst, lines, suggestion, table)
+
+
+HOOKS_ONLY = "on the CPU the offload's hooks run but no weight moves between devices (its execution device is the CPU)"
+
+
+def _devices(checked: pd.DataFrame) -> str:
+    """The devices the checked cells ran on, each said with the path its evidence is on where none of its cells
+    took SD.Next's (the diffusers stack on a whole pipeline): "cpu and cuda (control path only)"."""
+    out = []
+    for device in sorted(set(checked["device"])):
+        paths = set(checked[checked["device"] == device]["path"])
+        out.append(device + ("" if "sdnext" in paths else " (control path only)"))
+    return " and ".join(out)
 
 
 def _cell_text(text: str) -> str:
@@ -416,6 +437,7 @@ def support_tables(newest: pd.DataFrame, row_axis: str = "engine", unit: str = "
     failed = failures(newest) if failed is None else failed
     out: list[str] = []
     notes: dict[str, int] = {}
+    hooks_only = False
     fields = (*AXES.names, "machine", "cell_id", "baseline_id", "recorded_verdict", "verdict", "error_type",
               "error_message", "claims_contradicted", "reason", "note")
     for (machine, device, stack), group in frame.groupby(["machine", "device", "stack"], sort=True):
@@ -423,8 +445,12 @@ def support_tables(newest: pd.DataFrame, row_axis: str = "engine", unit: str = "
             continue
         offloads = [o for o in AXES["offload"].known() if o in set(group["offload"])]
         keys = [k for k in AXES[row_axis].known() if k in set(group[row_axis])]
+        unmoved = [o for o in offloads if o != "none" and not group[group["offload"] == o]["offload_moved"].eq(
+            True).any()]  # None (no offload) and False alike: nothing moved
+        hooks_only = hooks_only or bool(unmoved)
+        heads = [f"{o} (hooks only)" if o in unmoved else o for o in offloads]
         out += [f"### {device}, {AXES['stack'].describe((stack,))} ({machine})", "",
-                f"| {row_axis if row_axis == 'engine' else AXES[row_axis].label} | " + " | ".join(offloads) + " |",
+                f"| {row_axis if row_axis == 'engine' else AXES[row_axis].label} | " + " | ".join(heads) + " |",
                 "|---|" + "---|" * len(offloads)]
         rows = report_data.row_dicts(group, fields)
         for key in keys:
@@ -455,6 +481,9 @@ def support_tables(newest: pd.DataFrame, row_axis: str = "engine", unit: str = "
         out.append("")
     if not out:
         return []
+    if hooks_only:
+        legend += (f" An offload column marked hooks only: {HOOKS_ONLY}; it says the hooks work with the engine, "
+                   "not that the offload does or what it saves.")
     out += [legend, ""] + [f"{n}. {_cell_text(text)}" for text, n in notes.items()]
     return out + [""]
 

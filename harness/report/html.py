@@ -287,11 +287,12 @@ def build(records: report_data.Records, out_dir: Path, *, previous: report_data.
         for statement in said:
             statement.text = statement.text or quoted.get(statement.source, "")
     env = _environment()
+    counted = latest[~latest["test_only"]]  # the fault engine's test cells never reach a count (their grid shows them)
     table = [[_cell_value(v) for v in row] for row in latest[[c for c, _ in TABLE_COLUMNS]].itertuples(index=False)]
     html = env.get_template("report.html.j2").render(
         title=title, files=records.files, skipped=records.skipped, n_records=len(records.frame),
-        counts=[(v, n, *VERDICTS.get(v, ("?", v, "na"))) for v, n in report_overview.counts(latest)],
-        overview=_overview(latest, plots, out_dir), engines=report_overview.engines(latest),
+        counts=[(v, n, *VERDICTS.get(v, ("?", v, "na"))) for v, n in report_overview.counts(counted)],
+        overview=_overview(counted, plots, out_dir), engines=report_overview.engines(counted),
         memory_order=report_overview.memory_order(latest[latest["device"] != "cpu"]),  # on a CPU nothing moves
         grids=grids(latest, scripts),
         drifted=[s for s in said if s.finding in (Finding.DRIFTED, Finding.BROKE)],
@@ -318,7 +319,7 @@ def _environment() -> jinja2.Environment:
 
 
 PAGE_FINDINGS = ((Finding.BROKE, "✗", "broke", "fail"), (Finding.DRIFTED, "⚠", "drifted", "drift"),
-                 (Finding.HOLDS, "✓", "hold", "ok"), (Finding.UNCHECKED, "–", "not checked", "na"))
+                 (Finding.HOLDS, "✓", "hold", "ok"), (Finding.UNCHECKED, "–", "not measured", "na"))
 
 
 def _page(rules: Matrix | None, patch) -> dict | None:

@@ -22,6 +22,7 @@ class StackInfo:
     packages: tuple[str, ...] = ()  # what it is made of: a cell of the stack needs them installed
     real_models_only: bool = False  # loads diffusers' model classes only (not the harness's imitations)
     casts: bool = False  # offers layerwise casting (the `cast` axis)
+    sdnext: bool = False  # SD.Next's own path (on a whole pipeline): a record on it speaks for SD.Next's users
     # The load modes the stack offers per engine beyond post-load (which is always the engine's own API on the
     # loaded model); None: the engine's own load modes. An engine left out offers post-load only.
     loads: Mapping[str, tuple[str, ...]] | None = None
@@ -70,7 +71,7 @@ STACK_CATALOG: dict[str, StackInfo] = {s.name: s for s in (
               why_not_pipeline="the engine's API per component on the float pipeline; on-the-fly and pre-quantized "
                                "files are single components on this stack"),
     StackInfo("diffusers", "harness.stacks.diffusers:DiffusersStack", "through diffusers", control="direct",
-              packages=("diffusers",), real_models_only=True, casts=True,
+              packages=("diffusers",), real_models_only=True, casts=True, sdnext=True,
               # diffusers' quantizer integrations (diffusers.quantizers): from_pretrained(quantization_config=...)
               loads={"none": ALL_LOADS, "bnb": ALL_LOADS, "quanto": ALL_LOADS, "sdnq": ALL_LOADS,
                      "torchao": ALL_LOADS, "gguf": ("prequantized",), "modelopt": ("on-the-fly", "prequantized"),
