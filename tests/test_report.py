@@ -391,6 +391,8 @@ def test_overview_drift_blocks_and_doc_patch_in_a_real_browser(cpu_results, tmp_
     assert types and all(int(k) <= int(n) for k, n in (t.split("/") for t, _, _ in types))
     some = [(t, css, text) for t, css, text in types if css == "some"]
     assert some and all(text.startswith(t + " ✓") for t, _, text in some)
+    none_work = [text for t, css, text in types if t.startswith("0/")]
+    assert none_work and not any("✓" in text for text in none_work)  # no check mark beside a zero
     assert counts == {v: int((latest["verdict"] == v).sum()) for v in counts}  # every verdict counted, zeros too
     assert set(counts) >= {"fail", "timeout", "ok", "unavailable"} and list(counts)[:5] == [
         "crash", "oom", "hang", "timeout", "fail"]  # failures and timeouts first
@@ -587,3 +589,18 @@ def test_the_fault_engines_test_cells_reach_no_count(tmp_path):
     counts = element(html, "table", "verdict-counts")
     assert re.search(r'data-verdict="hang">0<', counts), counts
     assert "fault-hang/post-load/none/cuda/dit-xs/float32" in html  # still in its grid
+    assert not re.search(r"\bnan\b", html)  # a field a record lacks is "-" or "absent", never pandas' NaN
+
+
+def test_memory_is_a_cost_only_where_the_weights_dominate_the_peak():
+    """A toy model's peak is activations and the process (flux-tiny's 4 MB of weights under a 74 MiB RSS peak):
+    its memory ratios are left out; dit-l's weights on the H200 hold nearly all of its peak: shown."""
+    frame = report_data.load(sorted((REPO / "results" / "reference").glob("*.jsonl"))).frame
+    ran = frame[frame["verdict"].isin(report_data.RAN) & (frame["engine"] != "none")]
+    assert ran[ran["device"] == "cpu"]["mem_ratio"].isna().all()
+    assert (ran[ran["device"] == "cpu"]["weights_share"].dropna() < report_data.WEIGHTS_DOMINATE).all()
+    large = ran[(ran["model"] == "dit-l") & (ran["offload"] == "none")]
+    assert len(large) and large["mem_ratio"].notna().all()
+    assert (large["weights_share"] >= report_data.WEIGHTS_DOMINATE).all()
+    assert large["mem_ratio"].median() < 1  # quantized: less than the float model's peak, as the format implies
+    assert "x mem" not in render(report_data.load([REPO / "results" / "reference" / "cpu-default.jsonl"]))

@@ -99,8 +99,8 @@ def figures(row, script: report_upstream.Script | None = None) -> list[tuple[str
             out.append(("LoRA", f"{row['lora_layers']:.0f} layers; it moves the float model's output to SQNR "
                                 f"{_num(row['lora_effect_db'], '.1f')} dB; this output against the float model "
                                 f"without it: {_num(row['lora_without_db'], '.1f') or 'exact'} dB; weights on "
-                                f"{row['lora_devices'] or 'none left (merged)'}, base layers on "
-                                f"{row['lora_base_devices'] or '?'}"))
+                                f"{_or(row['lora_devices'], 'none left (merged)')}, base layers on "
+                                f"{_or(row['lora_base_devices'], '?')}"))
         if row["phases"]:  # a pipeline: its generation's phases and the components it quantized
             out.append(("phases", row["phases"]))
             out.append(("quantized", row["quantized_components"] or "nothing"))
@@ -123,8 +123,8 @@ def figures(row, script: report_upstream.Script | None = None) -> list[tuple[str
     versions = f"torch {row['torch']}" + ("" if row["engine"] == BASELINE else
                                           f", {row['engine']} {found if isinstance(found, str) and found else '-'}")
     if "diffusers" in packages_needed(SimpleNamespace(**{a: row[a] for a in AXES.names})):
-        versions += f", diffusers {row['diffusers'] or '-'}"
-    out.append(("versions", versions + f", accelerate {row['accelerate'] or '-'}"))
+        versions += f", diffusers {_or(row['diffusers'], '-')}"
+    out.append(("versions", versions + f", accelerate {_or(row['accelerate'], '-')}"))
     out.append(("run", f"{row['run']} ({row['started']})"))
     if script is not None:
         out.append(("reproduce", script.path or f"no standalone script: {script.why_not}"))
@@ -212,10 +212,10 @@ def environments(frame: pd.DataFrame) -> list[dict]:
         mine = devices[devices["machine"] == machine]
         out.append({
             "machine": machine, "host": last["host"], "os": last["os"], "python": last["python"],
-            "torch": last["torch"], "triton": last["triton"] or "absent", "engines": last["engines"],
-            "stack": f"diffusers {last['diffusers'] or 'absent'}, accelerate {last['accelerate'] or 'absent'}",
-            "devices": [(d, n, r or "") for d, n, r in zip(mine["device"], mine["device_name"], mine["driver"],
-                                                          strict=True)],
+            "torch": last["torch"], "triton": _or(last["triton"], "absent"), "engines": last["engines"],
+            "stack": f"diffusers {_or(last['diffusers'], 'absent')}, accelerate {_or(last['accelerate'], 'absent')}",
+            "devices": [(d, _or(n, "?"), _or(r, "")) for d, n, r in zip(mine["device"], mine["device_name"],
+                                                                        mine["driver"], strict=True)],
             "runs": span["runs"], "first": span["first"], "last": span["last"], "records": int(span["records"]),
         })
     return out
@@ -254,6 +254,11 @@ TABLE_COLUMNS = [("machine", "machine"), ("id", "cell"), ("verdict", "verdict"),
                  ("bytes_ratio", "size x"), ("own_mem_bytes", "peak mem B"), ("mem_ratio", "mem x"),
                  ("latency_ms", "latency ms"), ("latency_ratio", "latency x"), ("sqnr_db", "SQNR dB"),
                  ("error_message", "error")]
+
+
+def _or(value, default: str) -> str:
+    """A text field of a row, or `default` where the record had none (None, or pandas' NaN: never shown as "nan")."""
+    return default if value is None or (isinstance(value, float) and value != value) or value == "" else str(value)
 
 
 def _cell_value(value) -> str:
