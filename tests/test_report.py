@@ -466,6 +466,7 @@ def test_the_patch_says_only_what_its_evidence_can_show():
         assert " on cpu " not in checked and "cpu (" not in checked.split("Measured with")[0], block
         assert "not measured" not in block or "cell(s) left out: on the CPU the offload's hooks run" in block \
             or "no record" in block or "needs" in block, block
+    assert not re.search(r"/tmp/|/home/|/root/|site-packages|\.venv|/work/", patch.text)  # no local path
     cuda = [s for s in lines if "Suggested: " in s and "cuda" in s]
     assert cuda and all("cuda (control path only)" in s for s in cuda)  # no reference CUDA cell is a pipeline
 
@@ -480,6 +481,10 @@ def test_doc_patch_of_every_reference_record_can_be_pasted():
     suggestions = [line.split("Suggested: ", 1)[1] for line in text.splitlines() if "Suggested: " in line]
     assert suggestions and all(len(s) <= 200 and s.count(". ") == 0 and s.endswith(".") for s in suggestions)
     assert "…" not in text and not re.search(r"expected one of:\s*(\||$)", text, re.M)  # no text cut off
+    # sentences that parse and count cells: no device list matched by the rule beside the devices measured, no
+    # "- compile" for an axis at its omitted value, no "other outcome(s)" counting kinds
+    assert not any(re.search(r" on \w+ or \w+.*, on ", s) for s in suggestions), suggestions
+    assert "- compile" not in text and "a - LoRA" not in text and "other outcome" not in text
     assert "| BitsAndBytes | " in text and "### cpu, through diffusers" in text  # engine x offload per stack
     assert "release removed BitsAndBytes, Optimum-Quanto, torchao and NNCF" in text
     # the float model fails on the CPU under diffusers' sequential offload (accelerate's cpu:0, a TypeError), and

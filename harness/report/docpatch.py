@@ -14,6 +14,7 @@ another matrix file (the default matrix, say) still tells whether a statement of
 from __future__ import annotations
 
 import functools
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -295,9 +296,9 @@ def check(rule: Rule, index: int, newest: pd.DataFrame, failed: dict[tuple[str, 
         suggestion = f"{subject} {by_short[0][0]} on {devices}."
     else:
         parts = ", ".join(_counted(len(p), phrase) for phrase, p in by_short[:2])
-        rest = len(by_short) - 2
+        rest = sum(len(p) for _, p in by_short[2:])  # cells, not kinds of outcome
         suggestion = (f"{subject}, on {devices}: of {len(keep)} cells, {parts}"
-                      + (f", {rest} other outcome(s)" if rest > 0 else "") + " (the table gives each combination).")
+                      + (f", {rest} otherwise" if rest > 0 else "") + " (the table gives each combination).")
     if len(suggestion) > SUGGESTION_LIMIT:
         suggestion = f"{subject}: what happens differs by combination on {devices} (see the table)."
     if len(suggestion) > SUGGESTION_LIMIT:
@@ -317,11 +318,13 @@ HOOKS_ONLY = "on the CPU the offload's hooks run but no weight moves between dev
 def _devices(checked: pd.DataFrame) -> str:
     """The devices the checked cells ran on, each said with the path its evidence is on where none of its cells
     took SD.Next's (the diffusers stack on a whole pipeline): "cpu and cuda (control path only)"."""
-    out = []
+    plain, control = [], []
     for device in sorted(set(checked["device"])):
-        paths = set(checked[checked["device"] == device]["path"])
-        out.append(device + ("" if "sdnext" in paths else " (control path only)"))
-    return " and ".join(out)
+        (plain if "sdnext" in set(checked[checked["device"] == device]["path"]) else control).append(device)
+    said = " and ".join(plain)
+    if control:  # "cpu, and on cuda (control path only)": the qualifier never reads as the other devices'
+        said += (", and on " if plain else "") + " and ".join(control) + " (control path only)"
+    return said
 
 
 def _cell_text(text: str) -> str:
@@ -336,7 +339,7 @@ def _subject(rule: Rule) -> str:
     m = rule.match
     words = [] if "engine" in m else ["every engine"]
     for axis in AXES:
-        if axis.name in m:
+        if axis.name in m and axis.name != "device":  # the devices measured are said after it, not those matched
             values = m[axis.name]
             plural = PLURAL.get(axis.name, axis.name + "s")
             words.append(f"{len(values)} {plural}" if axis.name == "qtype" and len(values) > 2
@@ -396,7 +399,10 @@ def _narrow(frame: pd.DataFrame, checked: pd.DataFrame) -> str:
     for axis in AXES:
         mine, every = set(frame[axis.name]), set(checked[axis.name])
         if axis.narrows and mine != every:
-            words.append(axis.phrase.format("/".join(sorted(mine))))
+            if axis.omit == "-" and mine == {"-"}:  # "no compile", not "- compile"
+                words.append(f"no {axis.name}")
+            else:
+                words.append(axis.phrase.format("/".join(sorted(mine))))
     return ", ".join(words)
 
 
@@ -591,5 +597,20 @@ def assess(matrix: Matrix, records: report_data.Records) -> Patch:
                   "SDNQ's types by offload mode, per device and stack, from the records.", "", *sdnq_table]
     patch = Patch("", dict(tally), out)
     lines[summary_at:summary_at] = [patch.headline, ""]
-    patch.text = "\n".join(lines)
+    patch.text = without_local_paths("\n".join(lines))
     return patch
+
+
+# Paths of the machine a record was made on, which mean nothing on the page (and name a user's folders): an
+# installed package's files from its package on, the run's work folder and temporary or home folders as a mark
+_LOCAL = [(re.compile(r"""[^\s'"(\[]*/(?:site|dist)-packages/"""), ""),
+          (re.compile(r"""[^\s'"(\[]*/quantmatrix-work/"""), "<run folder>/"),
+          (re.compile(r"""(?<![\w.])/(?:tmp|var/tmp|root|home/[^/\s]+|Users/[^/\s]+|work)/[^\s'"),\]]*"""),
+           "<local path>")]
+
+
+def without_local_paths(text: str) -> str:
+    """`text` with the local paths error messages carry (virtualenvs, site-packages, temporary folders) cut."""
+    for pattern, replacement in _LOCAL:
+        text = pattern.sub(replacement, text)
+    return text
