@@ -10,6 +10,7 @@
     quantmatrix report RESULTS... --markdown [-o FILE]   the compatibility table as markdown
     quantmatrix report RESULTS... --doc-patch [--rules FILE] [-o FILE]   a patch for the page the rules state
     quantmatrix report RESULTS... --upstream DIR   one markdown draft per failure no cited report covers
+    quantmatrix report RESULTS... --wiki DIR   the page the rules state, edited from the records, and its diff
     quantmatrix compare OLD NEW           cells newly broken/fixed/drifted, latency and memory regressions;
                                           exit 1 when something regressed
     quantmatrix repro CELL_ID --results FILE [--matrix FILE] [-o OUT.py]   a standalone script (torch, diffusers,
@@ -194,6 +195,18 @@ def _report(args: argparse.Namespace, rest: list[str]) -> int:
                   f"{args.rules or 'none given'} has none", file=sys.stderr)
             return 2
         return _emit(docpatch.render(rules, records), args.output, "doc patch", inputs)
+    if args.wiki:
+        from harness.report import docpatch, wikipage
+
+        if rules is None or rules.document is None or rules.document.page is None:
+            print(f"quantmatrix report: --wiki needs a rules file whose [document] names its page; "
+                  f"{args.rules or 'none given'} has none", file=sys.stderr)
+            return 2
+        folder = _output_folder(Path(args.wiki), inputs)
+        page = wikipage.edit(rules.document, docpatch.assess(rules, records))
+        for path in _writing(wikipage.write, page, folder, rules.document):
+            print(f"wiki: {path}")
+        return 0
     if args.upstream:
         from harness.report import upstream
 
@@ -288,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
                         "covers (identical failures across cells: one draft), with its standalone reproduction")
     p.add_argument("--doc-patch", action="store_true",
                    help="write a markdown patch for the page the rules file's [document] describes")
+    p.add_argument("--wiki", metavar="DIR",
+                   help="write the page the rules state as it should read (DIR/<page>.md) and its unified diff "
+                        "against the page as received (DIR/<page>.diff)")
     sdnext = CHECKOUT / "matrices" / "sdnext.toml"
     p.add_argument("--rules", default=str(sdnext) if sdnext.exists() else None, metavar="MATRIX",
                    help="matrix file whose rules state a page, for --doc-patch and the report's wiki patch "

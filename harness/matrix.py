@@ -199,6 +199,7 @@ class Document:
     removed: tuple[str, ...] = ()  # engines the page documents that the tool no longer ships
     removed_in: str = ""  # the release that removed them
     removed_note: str = ""  # what the tool ships instead, as its release notes say
+    page: Path | None = None  # the page's text as the project keeps it: what the edited page and its diff start from
 
 
 @dataclass(frozen=True)
@@ -534,8 +535,8 @@ def _document(doc: _Doc, data: dict) -> Document | None:
     if "document" not in data:
         return None
     raw = doc.table(data["document"], "document")
-    doc.check_keys(raw, ["title", "url", "sections", "removed", "removed_in", "removed_note"], "document")
-    for k in ("title", "url", "removed_in", "removed_note"):
+    doc.check_keys(raw, ["title", "url", "sections", "removed", "removed_in", "removed_note", "page"], "document")
+    for k in ("title", "url", "removed_in", "removed_note", "page"):
         if k in raw and not isinstance(raw[k], str):
             raise doc.fail(f"document.{k}", f"expected a string, got {_kind(raw[k])}")
     if not raw.get("title"):
@@ -545,8 +546,14 @@ def _document(doc: _Doc, data: dict) -> Document | None:
         if "removed" in raw else ()
     if removed and not raw.get("removed_in"):
         raise doc.fail("document.removed_in", "missing; expected the release that removed the engines in removed")
+    page = None
+    if raw.get("page"):
+        page = (doc.path.parent / raw["page"]).resolve()
+        if not page.is_file():
+            raise doc.fail("document.page", f"no file {raw['page']!r} (from {doc.path.parent}); expected the page's "
+                           "text, relative to the matrix file")
     return Document(raw["title"], raw.get("url", ""), tuple(sections), removed, raw.get("removed_in", ""),
-                    raw.get("removed_note", ""))
+                    raw.get("removed_note", ""), page)
 
 
 def _rule(doc: _Doc, raw: Any, key: str, index: int, document: Document | None = None) -> Rule:

@@ -288,3 +288,11 @@ def test_an_interrupt_while_a_claims_baseline_runs_keeps_the_finished_cells_reco
     records, skipped = read_records(run.results)
     assert skipped == [] and [r["id"] for r in records] == [cell.id]
     assert records[0]["verdict"] == "ok" and [c["status"] for c in records[0]["claims"]] == ["unchecked"]
+
+
+def test_a_document_page_that_is_not_there_is_one_line(tmp_path, capsys):
+    path = tmp_path / "m.toml"
+    path.write_text(f'{SMALL}[document]\ntitle = "T"\npage = "missing.md"\n')
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert one_line(err) and "[document.page]: no file 'missing.md'" in err

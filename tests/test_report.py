@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -609,3 +610,36 @@ def test_memory_is_a_cost_only_where_the_weights_dominate_the_peak():
     assert (large["weights_share"] >= report_data.WEIGHTS_DOMINATE).all()
     assert large["mem_ratio"].median() < 1  # quantized: less than the float model's peak, as the format implies
     assert "x mem" not in render(report_data.load([REPO / "results" / "reference" / "cpu-default.jsonl"]))
+
+
+def test_the_wiki_page_as_it_should_read_and_a_diff_that_applies(tmp_path):
+    """`report --wiki DIR`: the page the rules state, edited from the records (removed engines out, SDNQ first,
+    each broken or drifted statement replaced by its measured sentence), and a diff that applies to the kept page;
+    no local path, no CUDA claim beyond the path its cells took, at most three times the page's length."""
+    page = REPO / "docs" / "sdnext-wiki-quantization.md"
+    references = sorted((REPO / "results" / "reference").glob("*.jsonl"))
+    assert main(["report", *map(str, references), "--wiki", str(tmp_path / "wiki")]) == 0
+    edited = (tmp_path / "wiki" / page.name).read_text()
+    diff = tmp_path / "wiki" / f"{page.stem}.diff"
+    applied = subprocess.run(["git", "apply", "--check", "--verbose", str(diff)], cwd=REPO, capture_output=True,
+                             text=True)
+    assert applied.returncode == 0, applied.stderr
+    if shutil.which("patch"):  # and what it makes of the kept page is the edited page
+        out = tmp_path / "patched.md"
+        subprocess.run(["patch", "-s", "-o", str(out), str(page), str(diff)], check=True)
+        assert out.read_text() == edited
+    assert len(edited) <= 3 * len(page.read_text())
+    assert not re.search(r"/tmp/|/home/|/root/|site-packages|\.venv|/work/", edited + diff.read_text())
+    headings = [line for line in edited.splitlines() if line.startswith("#")]
+    assert not {"### BitsAndBytes", "### Optimum-Quanto", "### NNCF"} & set(headings)
+    assert "release removed BitsAndBytes, Optimum-Quanto, torchao and NNCF" in edited
+    engines = headings[headings.index("## Quantization Engines") + 1:]
+    assert [h for h in engines if h.startswith("### ")][0] == "### SDNQ"
+    assert "Quanto qint quantization is not compatible" not in edited  # a removed engine's statement, gone
+    assert "compute-optimization" in edited  # a statement naming no removed engine stays
+    measured = [line for line in edited.splitlines() if "*(measured by quantmatrix)*" in line]
+    assert measured and all("cuda" not in line or "cuda (control path only)" in line for line in measured)
+    untouched = "`gguf` does not provide native GPU kernels which means that `gguf` is purely a *storage optimization*"
+    assert untouched in edited  # a statement no rule changed, as written
+    site = build(report_data.load(references), tmp_path / "site", rules=load_matrix(SDNEXT))
+    assert f'href="wiki/{page.name}"' in site.read_text() and (tmp_path / "site" / "wiki" / diff.name).is_file()

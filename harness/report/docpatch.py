@@ -517,6 +517,7 @@ class Judged:
     source: str
     finding: Finding
     suggestion: str | None
+    engines: tuple[str, ...] = ()  # the engines its rule names (none: every engine)
 
 
 @dataclass
@@ -524,6 +525,8 @@ class Patch:
     text: str  # the markdown
     tally: dict[Finding, int]  # statements by finding
     judged: list[Judged]
+    newest: pd.DataFrame | None = field(default=None, repr=False)  # judged(): what the edited page draws from
+    failed: dict | None = field(default=None, repr=False)  # failures() of `newest`
 
     @property
     def headline(self) -> str:
@@ -580,7 +583,8 @@ def assess(matrix: Matrix, records: report_data.Records) -> Patch:
             for index, rule in rules:
                 result = check(rule, index, newest, failed, matrix, cells)
                 tally[result.finding] += 1
-                out.append(Judged(section, statement, rule.expect.source or "", result.finding, result.suggestion))
+                out.append(Judged(section, statement, rule.expect.source or "", result.finding, result.suggestion,
+                                  tuple(rule.match.get("engine", ()))))
                 detail = rule.expect.source if len(rules) > 1 or rule.expect.statement else ""
                 lines.append(f"- **{MARK[result.finding]}**" + (f" ({detail})" if detail else "") + ": "
                              + " ".join(result.lines))
@@ -595,7 +599,7 @@ def assess(matrix: Matrix, records: report_data.Records) -> Patch:
     if sdnq_table:
         lines += ["## SDNQ (measured; the page has no section for it)", "",
                   "SDNQ's types by offload mode, per device and stack, from the records.", "", *sdnq_table]
-    patch = Patch("", dict(tally), out)
+    patch = Patch("", dict(tally), out, newest, failed)
     lines[summary_at:summary_at] = [patch.headline, ""]
     patch.text = without_local_paths("\n".join(lines))
     return patch

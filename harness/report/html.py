@@ -282,10 +282,15 @@ def build(records: report_data.Records, out_dir: Path, *, previous: report_data.
     csv = out_dir / "cells.csv"
     spreadsheet_safe(latest[csv_columns()]).to_csv(csv, index=False)
     changes = compare_mod.compare(previous, records) if previous is not None else None
-    patch = None
+    patch, wiki = None, []
     if rules is not None and rules.document is not None:
         patch = docpatch.assess(rules, records)
         (out_dir / "doc-patch.md").write_text(patch.text + "\n", encoding="utf-8")
+        if rules.document.page is not None:  # the page as it should read, and its diff
+            from harness.report import wikipage
+
+            wiki = [p.relative_to(out_dir).as_posix() for p in wikipage.write(
+                wikipage.edit(rules.document, patch), out_dir / "wiki", rules.document)]
     said = report_statements.statements(latest)
     if rules is not None:  # records written before rules quoted their statement: the rules file has it
         quoted = {r.expect.source: r.expect.statement for r in rules.rules if r.expect.statement}
@@ -308,7 +313,7 @@ def build(records: report_data.Records, out_dir: Path, *, previous: report_data.
                                       else r["reason"]} for _, r in broke.iterrows()],
         verdicts=VERDICTS,
         environments=environments(records.frame), columns=[label for _, label in TABLE_COLUMNS], table=table,
-        csv=csv.name, changes=changes, patch=patch, page=_page(rules, patch), absent=_absent(latest),
+        csv=csv.name, changes=changes, patch=patch, page=_page(rules, patch), wiki=wiki, absent=_absent(latest),
         integration_documented=int(latest["integration_documented"].sum()))
     index = out_dir / "index.html"
     index.write_text(html, encoding="utf-8")
