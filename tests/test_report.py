@@ -216,7 +216,10 @@ def test_hostile_strings_show_as_text_and_never_run(cpu_results, tmp_path):
     index = build(records, tmp_path / "site", rules=load_matrix(SDNEXT))  # the plots too: "$" is mathtext
     html = index.read_text()
     assert "<script>alert(1)" not in html and "<img src=x" not in html
-    assert html.count("<script") == 1  # the page's own
+    assert html.count("<script") == 2 and '<script src="cells.js"></script>' in html  # the page's own two
+    details = (tmp_path / "site" / "cells.js").read_text()  # record text there is inside JSON strings only
+    assert details.count("\n") == 2 and details.startswith("window.QM_FIGURES = {")
+    assert "<script>alert(1)</script>" in details
     assert "$\\frac{$" in render(records)  # markdown: text, escaped for tables
 
     def visit(page):
@@ -229,7 +232,7 @@ def test_hostile_strings_show_as_text_and_never_run(cpu_results, tmp_path):
 
     (detail, parts, environment, skipped, injected), errors, dialogs = open_report(index, tmp_path, visit)
     assert dialogs == [] and errors == []
-    assert injected == 1  # only the page's own script, no injected image or script
+    assert injected == 2  # only the page's own scripts, no injected image or script
     for shown in (detail, environment, *parts[1:], skipped):  # shown as text
         assert "<script>alert(1)</script>" in shown
 
@@ -643,3 +646,27 @@ def test_the_wiki_page_as_it_should_read_and_a_diff_that_applies(tmp_path):
     assert untouched in edited  # a statement no rule changed, as written
     site = build(report_data.load(references), tmp_path / "site", rules=load_matrix(SDNEXT))
     assert f'href="wiki/{page.name}"' in site.read_text() and (tmp_path / "site" / "wiki" / diff.name).is_file()
+
+
+def test_the_table_of_every_cell_filters_to_one_engine_in_a_browser(tmp_path):
+    """The committed example's page stays small (per-cell detail and the table's rows in cells.js beside it), and
+    its table of every cell filters by engine, type, offload, device, stack and verdict."""
+    references = sorted((REPO / "results" / "reference").glob("*.jsonl"))
+    records = report_data.load(references)
+    index = build(records, tmp_path / "site", rules=load_matrix(SDNEXT))
+    assert index.stat().st_size < 700_000  # 2.5 MB with the detail inline; the 500 KB goal is not reached yet
+    latest = records.latest()
+
+    def visit(page):
+        total = page.eval_on_selector_all("#cells-table tbody tr", "rs => rs.length")
+        page.select_option("#cells-filters select[data-column='0']", "sdnq")
+        page.select_option("#cells-filters select[data-column='2']", "balanced")
+        rows = page.eval_on_selector_all("#cells-table tbody tr:not([hidden])",
+                                         "rs => rs.map(r => [r.cells[0].textContent, r.cells[2].textContent])")
+        return total, rows, page.inner_text("#cells-shown")
+
+    (total, rows, said), errors, _ = open_report(index, tmp_path, visit)
+    assert errors == [] and total == len(latest)
+    wanted = latest[(latest["engine"] == "sdnq") & (latest["offload"] == "balanced")]
+    assert len(rows) == len(wanted) > 0 and set(map(tuple, rows)) == {("sdnq", "balanced")}
+    assert said == f"{len(wanted)} of {len(latest)} cells shown."
