@@ -658,15 +658,20 @@ def test_the_table_of_every_cell_filters_to_one_engine_in_a_browser(tmp_path):
     latest = records.latest()
 
     def visit(page):
+        coverage = page.inner_text("#coverage"), page.eval_on_selector("#not-measured",
+                                                                       "e => e.getBoundingClientRect().bottom")
         total = page.eval_on_selector_all("#cells-table tbody tr", "rs => rs.length")
         page.select_option("#cells-filters select[data-column='0']", "sdnq")
         page.select_option("#cells-filters select[data-column='2']", "balanced")
         rows = page.eval_on_selector_all("#cells-table tbody tr:not([hidden])",
                                          "rs => rs.map(r => [r.cells[0].textContent, r.cells[2].textContent])")
-        return total, rows, page.inner_text("#cells-shown")
+        return coverage, total, rows, page.inner_text("#cells-shown")
 
-    (total, rows, said), errors, _ = open_report(index, tmp_path, visit)
+    ((covered, bottom), total, rows, said), errors, _ = open_report(index, tmp_path, visit)
     assert errors == [] and total == len(latest)
+    # the first screen (1400 x 1000) says what was measured and what not: SD.Next's path on CUDA was not
+    assert bottom < 1000 and "cuda through SD.Next's path (the diffusers stack on a whole pipeline)" in covered
+    assert re.search(r"cuda\s+1\s+\d+\s+dit-l \(2\.1 B\)", covered), covered  # machines, cells, scale
     wanted = latest[(latest["engine"] == "sdnq") & (latest["offload"] == "balanced")]
     assert len(rows) == len(wanted) > 0 and set(map(tuple, rows)) == {("sdnq", "balanced")}
     assert said == f"{len(wanted)} of {len(latest)} cells shown."

@@ -327,6 +327,7 @@ def build(records: report_data.Records, out_dir: Path, *, previous: report_data.
     table = [[_cell_value(v) for v in row] for row in latest[[c for c, _ in TABLE_COLUMNS]].itertuples(index=False)]
     html = env.get_template("report.html.j2").render(
         title=title, files=records.files, skipped=records.skipped, n_records=len(records.frame),
+        coverage=report_overview.coverage(counted),
         counts=[(v, n, *VERDICTS.get(v, ("?", v, "na"))) for v, n in report_overview.counts(counted)],
         overview=_overview(counted, plots, out_dir), engines=report_overview.engines(counted),
         memory_order=report_overview.memory_order(latest[latest["device"] != "cpu"]),  # on a CPU nothing moves

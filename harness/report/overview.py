@@ -215,3 +215,46 @@ def engines(latest: pd.DataFrame) -> list[EngineLine]:
         absent = rows[rows["verdict"] == "unavailable"]["reason"].value_counts()
         out.append(EngineLine(name, info.title, info.sdnext, ran, [(r, int(n)) for r, n in absent.items()]))
     return out
+
+
+@dataclass
+class Coverage:
+    """What the records measured, per device class, and what they did not: the first thing a reader needs before
+    trusting any entry below it."""
+
+    rows: list[dict]  # device class, machines, cells, models with their scale, stacks, SD.Next's path, offload
+    missing: list[str]  # what was not measured at all
+
+
+def _params(rows: pd.DataFrame) -> str:
+    """Each model measured, largest first, with its parameter count (from its float model's stored bytes)."""
+    base = rows[(rows["engine"] == "none") & rows["verdict"].isin(report_data.RAN)].dropna(
+        subset=["param_bytes", "bits_per_weight"])
+    count = (base["param_bytes"] * 8 / base["bits_per_weight"]).groupby(base["model"]).median()
+    named = [f"{m} ({_scale(n)})" for m, n in count.sort_values(ascending=False).items()]
+    return ", ".join(named + sorted(set(rows["model"]) - set(count.index)))
+
+
+def _scale(n: float) -> str:
+    return f"{n / 1e9:.1f} B" if n >= 1e9 else f"{n / 1e6:.1f} M" if n >= 1e6 else f"{n / 1e3:.0f} k"
+
+
+def coverage(latest: pd.DataFrame) -> Coverage:
+    rows, missing = [], []
+    for device_class, group in latest.groupby("device_class", sort=True):
+        ran = group[~group["device_absent"]]
+        if ran.empty:
+            continue
+        sdnext = int((ran["path"] == "sdnext").sum())
+        rows.append({"device": device_class, "machines": ran["machine"].nunique(), "cells": len(ran),
+                     "models": _params(ran), "stacks": ", ".join(sorted(set(ran["stack"]))),
+                     "sdnext": f"{sdnext} cells" if sdnext else "not measured",
+                     "moved": "yes" if ran["offload_moved"].eq(True).any() else
+                     "no: the hooks ran, nothing moved" if (ran["offload"] != "none").any() else "no offload"})
+    measured = {r["device"].split()[0] for r in rows}
+    for device in AXES["device"].known():
+        if device not in measured:
+            missing.append(f"{device}: no cell ran")
+        elif device != "cpu" and all(r["sdnext"] == "not measured" for r in rows if r["device"].split()[0] == device):
+            missing.append(f"{device} through SD.Next's path (the diffusers stack on a whole pipeline)")
+    return Coverage(rows, missing)
