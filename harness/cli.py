@@ -26,7 +26,7 @@ import os
 import sys
 from pathlib import Path
 
-from harness.errors import QuantMatrixError, printable
+from harness.errors import QuantMatrixError, positive, printable
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 
@@ -267,7 +267,7 @@ def _existing(path: str) -> Path:
 def _max_cells(parser: argparse.ArgumentParser) -> None:
     from harness.matrix import MAX_CELLS
 
-    parser.add_argument("--max-cells", type=int, default=MAX_CELLS, metavar="N",
+    parser.add_argument("--max-cells", type=positive(int), default=MAX_CELLS, metavar="N",
                         help=f"refuse a matrix that expands to more cells (default {MAX_CELLS:,})")
 
 

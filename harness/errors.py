@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import difflib
+import math
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -39,3 +41,18 @@ def printable(text: object) -> str:
     Unicode line separators) written as escapes, so that text from a record can neither start a line of its own
     nor move the cursor."""
     return str(text).translate(_CONTROL)
+
+
+def positive(kind: type, *, zero: bool = False):
+    """An option's type: a finite number above 0 (or 0 too): a NaN or zero timeout would never time a cell out."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+            raise argparse.ArgumentTypeError(f"expected a finite number {'>=' if zero else '>'} 0, got {text!r}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its message
+    return parse

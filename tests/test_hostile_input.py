@@ -75,6 +75,9 @@ def test_a_matrix_of_every_axis_is_refused_before_it_expands(tmp_path, capsys):
     err = capsys.readouterr().err
     assert one_line(err) and "[axes]: expands to " in err and "over the limit of 100,000 cells" in err
     assert "--max-cells" in err and "model " in err  # how to narrow it: the axes' widths
+    with pytest.raises(SystemExit) as exited:  # a bound of 0 (or NaN, or negative) is no bound
+        main(["validate", str(path), "--max-cells", "0"])
+    assert exited.value.code == 2 and "--max-cells: expected a finite number > 0, got '0'" in capsys.readouterr().err
 
 
 SMALL = """[axes]

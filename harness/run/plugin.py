@@ -10,10 +10,8 @@ cell is session.py's, the pytest-xdist wiring workers.py's.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
-import math
 import os
 import signal
 import socket
@@ -24,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from harness.cell import AXES, Cell
-from harness.errors import QuantMatrixError, did_you_mean
+from harness.errors import QuantMatrixError, did_you_mean, positive
 from harness.matrix import MAX_CELLS, Matrix, load_matrix, select
 from harness.run.session import IDS_KEY, MatrixRun, environment
 from harness.run.workers import pytest_configure_node  # noqa: F401  (a hook: pluggy finds it here)
@@ -52,27 +50,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "where it stopped, under its run id)")
     group.addoption("--drift", choices=("fail", "warn"), default="fail",
                     help="whether documentation drift fails the cell (default) or only warns")
-    group.addoption("--max-cells", type=_positive(int), default=MAX_CELLS, metavar="N",
+    group.addoption("--max-cells", type=positive(int), default=MAX_CELLS, metavar="N",
                     help=f"refuse a matrix that expands to more cells (default {MAX_CELLS:,})")
-    group.addoption("--cell-timeout", type=_positive(float), default=None, metavar="S",
+    group.addoption("--cell-timeout", type=positive(float), default=None, metavar="S",
                     help="per-cell timeout in seconds (default: the matrix's settings.cell_timeout_s)")
-    group.addoption("--memory-limit", type=_positive(int, zero=True), default=None, metavar="MB",
+    group.addoption("--memory-limit", type=positive(int, zero=True), default=None, metavar="MB",
                     help="per-cell memory cap for CPU cells (default: the matrix's settings.memory_limit_mb)")
-
-
-def _positive(kind: type, *, zero: bool = False):
-    """An option's type: a finite number above 0 (or 0 too): a NaN or zero timeout would never time a cell out."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
-        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
-            raise argparse.ArgumentTypeError(f"expected a finite number {'>=' if zero else '>'} 0, got {text!r}")
-        return value
-    parse.__name__ = kind.__name__  # argparse names the type in its message
-    return parse
 
 
 def _matrix_run_requested(config: pytest.Config) -> bool:
