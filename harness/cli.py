@@ -6,9 +6,9 @@
     quantmatrix detect FILE...            print the engine and quant type found in model files' contents
                                           (exit 1 when a file's conventional name says otherwise, 2 when a
                                           file cannot be read: each file is reported)
-    quantmatrix report RESULTS... -o DIR  write the HTML report (index.html, cells.csv, plots/) from records
+    quantmatrix report RESULTS... -o DIR  the HTML report (index.html, grids.html, cells.csv, plots/) from records
     quantmatrix report RESULTS... --markdown [-o FILE]   the compatibility table as markdown
-    quantmatrix report RESULTS... --doc-patch [--rules FILE] [-o FILE]   a patch for the page the rules state
+    quantmatrix report RESULTS... --doc-patch [--rules FILE] [-o FILE]   the page the rules state, as it should read
     quantmatrix report RESULTS... --upstream DIR   one markdown draft per failure no cited report covers
     quantmatrix report RESULTS... --wiki DIR   the page the rules state, edited from the records, and its diff
     quantmatrix compare OLD NEW           cells newly broken/fixed/drifted, latency and memory regressions;
@@ -175,7 +175,8 @@ def _output_folder(path: Path, inputs: list[Path]) -> Path:
     return path
 
 
-WRITTEN_NAMES = ("index.html", "cells.csv", "doc-patch.md")  # what the report writes at its folder's top
+# what the report writes at its folder's top
+WRITTEN_NAMES = ("index.html", "grids.html", "cells.js", "cells.csv", "doc-patch.md")
 
 
 def _report(args: argparse.Namespace, rest: list[str]) -> int:
@@ -194,7 +195,12 @@ def _report(args: argparse.Namespace, rest: list[str]) -> int:
             print(f"quantmatrix report: --doc-patch needs a rules file with a [document] table; "
                   f"{args.rules or 'none given'} has none", file=sys.stderr)
             return 2
-        return _emit(docpatch.render(rules, records), args.output, "doc patch", inputs)
+        if rules.document.page is None:  # no page kept to edit: the judgement of each statement
+            return _emit(docpatch.render(rules, records), args.output, "doc patch", inputs)
+        from harness.report import wikipage
+
+        edited = wikipage.edit(rules.document, docpatch.assess(rules, records)).text
+        return _emit(edited.rstrip("\n"), args.output, "doc patch", inputs)
     if args.wiki:
         from harness.report import docpatch, wikipage
 
@@ -300,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="write one markdown draft of an upstream report per failure that no rule citing a report "
                         "covers (identical failures across cells: one draft), with its standalone reproduction")
     p.add_argument("--doc-patch", action="store_true",
-                   help="write a markdown patch for the page the rules file's [document] describes")
+                   help="the page the rules file's [document] names, edited from the records (markdown to paste); "
+                        "without a kept page, the judgement of each of its statements")
     p.add_argument("--wiki", metavar="DIR",
                    help="write the page the rules state as it should read (DIR/<page>.md) and its unified diff "
                         "against the page as received (DIR/<page>.diff)")

@@ -5,6 +5,7 @@ Discovery never initializes an accelerator (no CUDA context in the parent), so c
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import platform
 import subprocess
@@ -149,16 +150,29 @@ class MemoryTracker:
         self.reset()
 
 
-class CpuTracker(MemoryTracker):
-    """High-water RSS of this process (Linux VmHWM, reset through /proc/self/clear_refs)."""
+def _return_freed_pages() -> None:
+    """Hand the pages of freed tensors back to the system (glibc's malloc_trim; elsewhere a no-op): glibc keeps
+    freed heap pages resident, so without it a quantized model's peak would include its float weights' freed
+    pages, and a cell the previous cell's."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
-    kind = "rss"
+
+class CpuTracker(MemoryTracker):
+    """High-water RSS of this process (Linux VmHWM, reset through /proc/self/clear_refs), each reset after freed
+    pages are returned: the tensors' resident memory (weights and transients) and the process's growth, not the
+    allocator's cache."""
+
+    kind = "rss-trimmed"
 
     def __init__(self) -> None:
         self._max = 0
         self._native = Path("/proc/self/clear_refs").exists()
 
     def reset(self) -> None:
+        _return_freed_pages()
         if self._native:
             Path("/proc/self/clear_refs").write_text("5")
         self._max = self.current()

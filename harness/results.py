@@ -283,7 +283,7 @@ def impossible_figures(metrics: dict[str, Any], dtype: str) -> list[str]:
             problems.append(f"metrics.{key} is {value!r}, expected at most {high}")
 
     for key in ("param_bytes", "disk_bytes", "peak_mem_bytes", "mem_base_bytes", "quantize_s", "load_s",
-                "max_abs_error"):
+                "max_abs_error", "load_peak_mem_bytes", "run_peak_mem_bytes", "resident_mem_bytes"):  # last 3: 2026-12
         need(key, metrics.get(key))
     bits = DTYPE_BITS.get(dtype, 32)
     need("bits_per_weight", metrics.get("bits_per_weight"), 0, bits, strict=True)

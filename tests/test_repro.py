@@ -247,7 +247,6 @@ def test_the_report_writes_and_links_a_script_for_each_failing_cell(tmp_path):
             and '"bnb"' in line or GGUF_SEQUENTIAL in line]  # failing cells, some it cannot express, some working
     (tmp_path / "r.jsonl").write_text("\n".join(some) + "\n")
     assert main(["report", str(tmp_path / "r.jsonl"), "-o", str(tmp_path / "site"), "--rules", ""]) == 0
-    html = (tmp_path / "site" / "index.html").read_text()
     details = (tmp_path / "site" / "cells.js").read_text()  # each cell's figures, its script's path among them
     scripts = sorted((tmp_path / "site" / "repro").glob("*.py"))
     gguf = [p for p in scripts if p.name.startswith("gguf-q8-0-prequantized-sequential-cpu-flux-tiny-float32-diff")]
@@ -256,7 +255,7 @@ def test_the_report_writes_and_links_a_script_for_each_failing_cell(tmp_path):
     assert "no standalone script: balanced offload" in details  # a failing cell it cannot express says why
     failing = {json.loads(line)["id"] for line in some if json.loads(line)["verdict"] not in ("ok", "unavailable")}
     assert 1 < len(scripts) < len(failing)
-    assert 'key === "reproduce"' in html  # the panel makes the path a link
+    assert 'key === "reproduce"' in (tmp_path / "site" / "grids.html").read_text()  # the panel makes it a link
     # a second build into the same directory leaves no stale script of its own behind, and never touches a file
     # it did not write (its manifest names what it wrote)
     folder = tmp_path / "site" / "repro"

@@ -54,6 +54,7 @@ def _row(record: dict) -> dict:
     lat = m.get("latency_ms") or {}
     err = record.get("error") or {}
     peak, base = m.get("peak_mem_bytes"), m.get("mem_base_bytes")
+    run_peak = m.get("run_peak_mem_bytes", peak)  # records from before 2026-12-07: the cell's one peak
     return {
         "machine": None, "cpu_name": env.get("cpu"), "run": record["run"], "id": record["id"],
         **AXES.defaults, **cell,  # records from before an axis existed: its default
@@ -70,6 +71,8 @@ def _row(record: dict) -> dict:
         "param_bytes": m.get("param_bytes"), "disk_bytes": m.get("disk_bytes"),
         "bits_per_weight": m.get("bits_per_weight"),
         "peak_mem_bytes": peak, "own_mem_bytes": None if peak is None else peak - (base or 0),
+        "run_mem_bytes": None if run_peak is None else run_peak - (base or 0),
+        "resident_mem_bytes": None if m.get("resident_mem_bytes") is None else m["resident_mem_bytes"] - (base or 0),
         "mem_kind": m.get("mem_kind"),
         "latency_ms": lat.get("median"), "latency_p10_ms": lat.get("p10"), "latency_p90_ms": lat.get("p90"),
         **_paired(m), **_compiled(m), **_lora(m),
@@ -304,8 +307,8 @@ def with_ratios(frame: pd.DataFrame) -> pd.DataFrame:
     baseline did not run:
 
     - `bytes_ratio`, `mem_ratio`: to the baseline in the same load and offload mode (what the quantization costs
-      or saves); `latency_ratio`: the cell's paired ratio to that float model (`_paired`), with `latency_lo`,
-      `latency_hi` its interval;
+      or saves; memory: the generation's peak, `run_mem_bytes`, apart from loading's); `latency_ratio`: the cell's
+      paired ratio to that float model (`_paired`), with `latency_lo`, `latency_hi` its interval;
     - `weights_share`: the float model's weights over its own peak without offload; below WEIGHTS_DOMINATE the
       memory ratios are left out (NaN): a toy model's peak is not its weights, and says nothing of the format;
     - `mem_vs_none`, `latency_vs_none`: to the baseline with no offload (same load, device, model, dtype, stack),
@@ -320,15 +323,15 @@ def with_ratios(frame: pd.DataFrame) -> pd.DataFrame:
     keys = ["run", "machine"]
     base = frame[(frame["cell_id"] == frame["baseline_id"]) & frame["verdict"].isin(RAN)]
     base = base.sort_values("started").drop_duplicates([*keys, "cell_id"], keep="last")
-    figures = base[[*keys, "cell_id", "param_bytes", "own_mem_bytes", "latency_ms"]]
+    figures = base[[*keys, "cell_id", "param_bytes", "run_mem_bytes", "latency_ms"]]
     out = frame.merge(figures.rename(columns={"cell_id": "baseline_id", "param_bytes": "_b_bytes",
-                                              "own_mem_bytes": "_b_mem", "latency_ms": "_b_lat"}),
+                                              "run_mem_bytes": "_b_mem", "latency_ms": "_b_lat"}),
                       on=[*keys, "baseline_id"], how="left")
     flat = figures.drop(columns=["param_bytes"])
-    out = out.merge(flat.rename(columns={"cell_id": "none_id", "own_mem_bytes": "_n_mem", "latency_ms": "_n_lat"}),
+    out = out.merge(flat.rename(columns={"cell_id": "none_id", "run_mem_bytes": "_n_mem", "latency_ms": "_n_lat"}),
                     on=[*keys, "none_id"], how="left")
     out["bytes_ratio"] = out["param_bytes"] / out["_b_bytes"]
-    out["mem_ratio"] = out["own_mem_bytes"] / out["_b_mem"]
+    out["mem_ratio"] = out["run_mem_bytes"] / out["_b_mem"]
     # Latency against the float model is the paired ratio (timed beside it, in the cell's own process) wherever a
     # record has one; a baseline cell is the float model (1, exactly). Records from before pairing keep the ratio
     # of two cells timed apart; a record that could not pair (the float model did not fit) has none.
@@ -343,7 +346,7 @@ def with_ratios(frame: pd.DataFrame) -> pd.DataFrame:
         [*keys, "cell_id"], keep="last").rename(columns={"cell_id": "baseline_id"})
     out = out.merge(of_base, on=[*keys, "baseline_id"], how="left")  # a quantized cell: its pair x its baseline's
     out["latency_vs_none"] = (out["latency_ms"] / out["_n_lat"]).where(before, out["latency_ratio"] * out["_v"])
-    out["mem_vs_none"] = out["own_mem_bytes"] / out["_n_mem"]
+    out["mem_vs_none"] = out["run_mem_bytes"] / out["_n_mem"]
     # Memory as a cost only where the weights dominate the float model's peak (no offload): on a toy model the
     # peak is activations, the allocator and the process, and a ratio of two peaks says nothing of the format
     out["weights_share"] = out["_b_bytes"] / out["_n_mem"]

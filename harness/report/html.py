@@ -2,9 +2,11 @@
 
     quantmatrix report RESULTS... -o reports/<name>/ [--previous OLD_RESULTS...] [--rules MATRIX]
 
-writes index.html (the overview first: verdict counts, engines by offload mode, the plots users choose by; then
-drift by statement, the upstream bug reports, the integration's breakages, compatibility grids per machine and
-device, the wiki patch's preview, environments, a sortable table of the cells), doc-patch.md (when the rules file
+writes index.html (first what the records cover and the answer table: engine and type by device class, one offload
+mode at a time; then verdict counts, engines by offload mode, the plots users choose by; drift by statement, the
+upstream bug reports, the integration's breakages, the wiki patch's preview, environments, a sortable table of the
+cells), grids.html (a compatibility grid per machine and device, each cell's figures a click away; the fault
+engine's test cells apart), cells.js (those figures and the table's rows), doc-patch.md (when the rules file
 states a page), cells.csv (the cells shown) and plots/*.svg. Every string from a record goes through Jinja2's
 autoescaping (text and attributes) or `tojson` (the one data island read by the page's script), and the script
 writes record text with textContent only, so an error message can never become markup.
@@ -68,6 +70,19 @@ def _mib(value) -> str:
     return f"{value / 2**20:.1f} MiB" if report_data.finite(value) else ""
 
 
+def _above(row) -> str:
+    """Why a quantized cell's generation peak exceeds its float model's: more stays resident than it stores, or
+    the steps' transients (weights dequantized for each forward) outgrow what the format saves."""
+    finite = report_data.finite
+    if not (finite(row["mem_ratio"]) and row["mem_ratio"] > 1 and finite(row["resident_mem_bytes"])):
+        return ""
+    kept = row["resident_mem_bytes"] - row["param_bytes"]
+    if kept > 0.25 * row["param_bytes"]:
+        return f"; above it: {_mib(kept)} resident beyond the {_mib(row['param_bytes'])} it stores"
+    return (f"; above it: {_mib(row['run_mem_bytes'] - row['resident_mem_bytes'])} of the steps' transients (the "
+            "weights dequantized for each forward) beside its resident weights")
+
+
 def figures(row, script: report_upstream.Script | None = None) -> list[tuple[str, str]]:
     """The figures of one cell, as (label, text) pairs, for its hover and detail panel; `script`: its standalone
     reproduction (a failing, drifting or erroring cell), linked from the panel, or why it has none."""
@@ -80,8 +95,13 @@ def figures(row, script: report_upstream.Script | None = None) -> list[tuple[str
         out += [
             ("stored", f"{_mib(row['param_bytes'])} ({_num(row['bytes_ratio'], '.2f')}x baseline), "
                        f"{_num(row['bits_per_weight'], '.2f')} bits/weight"),
-            ("peak memory", f"{_mib(row['own_mem_bytes'])} above start ({row['mem_kind']}), "
-                            f"{_num(row['mem_ratio'], '.2f')}x baseline"),
+            ("peak memory", f"{_mib(row['run_mem_bytes'])} above start generating"
+                            + (f" ({_mib(row['resident_mem_bytes'])} resident after loading, the rest the steps' "
+                               "transients)" if report_data.finite(row["resident_mem_bytes"]) else "")
+                            + f", {_mib(row['own_mem_bytes'])} with loading ({row['mem_kind']}); "
+                            + (f"{_num(row['mem_ratio'], '.2f')}x baseline" if report_data.finite(row['mem_ratio'])
+                               else "no ratio: the weights are under half the float model's peak")
+                            + _above(row)),
             ("latency", f"{_num(row['latency_ms'], '.2f')} ms median (p10 {_num(row['latency_p10_ms'], '.2f')}, "
                         f"p90 {_num(row['latency_p90_ms'], '.2f')}), " + _paired(row)),
             ("output error", f"SQNR {_num(row['sqnr_db'], '.1f') or 'exact'} dB, cosine {_num(row['cosine'], '.5f')}"
@@ -151,15 +171,15 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "x"
 
 
-def grid_anchor(machine: str, versions: str, device: str) -> str:
-    """The id of the detail grid of one machine, version set and device."""
-    return "grid-" + _slug(f"{machine}-{versions}-{device}")
+def grid_anchor(machine: str, versions: str, device: str, prefix: str = "grid-") -> str:
+    """The id of the detail grid of one machine, version set and device (on grids.html)."""
+    return prefix + _slug(f"{machine}-{versions}-{device}")
 
 
-def grids(latest: pd.DataFrame, scripts: dict | None = None) -> list[dict]:
+def grids(latest: pd.DataFrame, scripts: dict | None = None, prefix: str = "grid-") -> list[dict]:
     """One grid per machine and device: rows model/dtype, engine-qtype, load; columns the offload modes; one cell
     per record. Devices a machine lacks (all its cells 'device ...: absent') are listed, not drawn. `scripts`:
-    the cells' reproductions by (machine, versions, id) (upstream.write_scripts)."""
+    the cells' reproductions by (machine, versions, id) (upstream.write_scripts); `prefix`: of the grids' ids."""
     out = []
     several = latest.groupby("machine")["versions"].nunique()
     for (machine, versions, device), rows in latest.groupby(["machine", "versions", "device"], sort=True):
@@ -186,7 +206,7 @@ def grids(latest: pd.DataFrame, scripts: dict | None = None) -> list[dict]:
             body.append({"model": model, "dtype": dtype, "lines": lines})
         out.append({"machine": machine, "device": device, "device_name": names.iloc[0] if len(names) else device,
                     "versions": versions if several[machine] > 1 else None,
-                    "id": grid_anchor(machine, versions, device), "offloads": offloads, "groups": body,
+                    "id": grid_anchor(machine, versions, device, prefix), "offloads": offloads, "groups": body,
                     "count": len(rows)})
     return out
 
@@ -253,6 +273,7 @@ def csv_columns() -> list[str]:
 CSV_FIGURES = ["verdict", "note", "reason", "error_type", "error_message",
                "error_layer", "expect", "source",
                "claims", "param_bytes", "disk_bytes", "bits_per_weight", "peak_mem_bytes", "own_mem_bytes",
+               "run_mem_bytes", "resident_mem_bytes",
                "mem_kind", "latency_ms", "latency_p10_ms", "latency_p90_ms", "sqnr_db", "cosine", "psnr_db",
                "quantize_s",
                "load_s", "bytes_ratio", "mem_ratio", "latency_ratio", "mem_vs_none", "latency_vs_none",
@@ -301,6 +322,7 @@ def build(records: report_data.Records, out_dir: Path, *, previous: report_data.
     from harness.report import docpatch
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    env = _environment()
     latest = records.latest()
     broke = latest[latest["integration_broke"]]
     plots = report_plots.write_all(latest, out_dir / "plots")
@@ -308,30 +330,39 @@ def build(records: report_data.Records, out_dir: Path, *, previous: report_data.
     csv = out_dir / "cells.csv"
     spreadsheet_safe(latest[csv_columns()]).to_csv(csv, index=False)
     changes = compare_mod.compare(previous, records) if previous is not None else None
-    patch, wiki = None, []
+    patch, wiki, preview = None, [], None
     if rules is not None and rules.document is not None:
         patch = docpatch.assess(rules, records)
         (out_dir / "doc-patch.md").write_text(patch.text + "\n", encoding="utf-8")
+        preview = patch.text
         if rules.document.page is not None:  # the page as it should read, and its diff
             from harness.report import wikipage
 
-            wiki = [p.relative_to(out_dir).as_posix() for p in wikipage.write(
-                wikipage.edit(rules.document, patch), out_dir / "wiki", rules.document)]
+            edited = wikipage.edit(rules.document, patch)
+            preview = edited.text
+            wiki = [p.relative_to(out_dir).as_posix() for p in wikipage.write(edited, out_dir / "wiki",
+                                                                               rules.document)]
     said = report_statements.statements(latest)
     if rules is not None:  # records written before rules quoted their statement: the rules file has it
         quoted = {r.expect.source: r.expect.statement for r in rules.rules if r.expect.statement}
         for statement in said:
             statement.text = statement.text or quoted.get(statement.source, "")
-    env = _environment()
     counted = latest[~latest["test_only"]]  # the fault engine's test cells never reach a count (their grid shows them)
     table = [[_cell_value(v) for v in row] for row in latest[[c for c, _ in TABLE_COLUMNS]].itertuples(index=False)]
+    # every cell in a grid of grids.html, beside the overview; the fault engine's test cells in a section of their own
+    grid_list, test_grids = (grids(latest[latest["test_only"] == only], scripts, prefix) for only, prefix in
+                             ((False, "grid-"), (True, "test-grid-")))
+    _details_beside(grid_list + test_grids, table, out_dir)
+    (out_dir / "grids.html").write_text(env.get_template("grids.html.j2").render(
+        title=title, grids=grid_list, test_grids=test_grids, verdicts=VERDICTS), encoding="utf-8")
     html = env.get_template("report.html.j2").render(
         title=title, files=records.files, skipped=records.skipped, n_records=len(records.frame),
         coverage=report_overview.coverage(counted),
         counts=[(v, n, *VERDICTS.get(v, ("?", v, "na"))) for v, n in report_overview.counts(counted)],
         overview=_overview(counted, plots, out_dir), engines=report_overview.engines(counted),
         memory_order=report_overview.memory_order(latest[latest["device"] != "cpu"]),  # on a CPU nothing moves
-        grids=_details_beside(grids(latest, scripts), table, out_dir), filtered=len(FILTERED),
+        answers=report_overview.answers(counted, grid_anchor), grids=grid_list, test_grids=test_grids,
+        filtered=len(FILTERED),
         drifted=[s for s in said if s.finding in (Finding.DRIFTED, Finding.BROKE)],
         held=[s for s in said if s.finding not in (Finding.DRIFTED, Finding.BROKE)],
         upstream=report_statements.upstream(records.frame),
@@ -340,7 +371,8 @@ def build(records: report_data.Records, out_dir: Path, *, previous: report_data.
                                       else r["reason"]} for _, r in broke.iterrows()],
         verdicts=VERDICTS,
         environments=environments(records.frame), columns=[label for _, label in TABLE_COLUMNS],
-        csv=csv.name, changes=changes, patch=patch, page=_page(rules, patch), wiki=wiki, absent=_absent(latest),
+        csv=csv.name, changes=changes, patch=patch, preview=preview, page=_page(rules, patch), wiki=wiki,
+        absent=_absent(latest),
         integration_documented=int(latest["integration_documented"].sum()))
     index = out_dir / "index.html"
     index.write_text(html, encoding="utf-8")

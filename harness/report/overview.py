@@ -258,3 +258,77 @@ def coverage(latest: pd.DataFrame) -> Coverage:
         elif device != "cpu" and all(r["sdnext"] == "not measured" for r in rows if r["device"].split()[0] == device):
             missing.append(f"{device} through SD.Next's path (the diffusers stack on a whole pipeline)")
     return Coverage(rows, missing)
+
+
+@dataclass
+class Answer:
+    """One engine's type in one offload mode on one device class: whether its cells there ran to a right output
+    (every cell, some, none; "not measured" without a cell), on which path, and the figures of its largest model."""
+
+    verdict: str  # "works" | "some" | "fails" | "not measured"
+    right: int = 0
+    measured: int = 0
+    sdnext: bool = False  # a cell on SD.Next's path (the diffusers stack, a whole pipeline) among them
+    moved: bool | None = None  # an offload that moved weights between devices; None without offload
+    model: str = ""  # the largest model with a right cell
+    mem: float | None = None  # generation peak / the baseline's, where weights dominate the peak
+    latency: float | None = None  # paired latency / the float model's
+    sqnr: float | None = None  # dB against the float model's output
+    grid: str = ""  # the detail grid's anchor
+
+    SYMBOLS = {"works": ("✓", "ok"), "some": ("⚠", "some"), "fails": ("✗", "fail"), "not measured": ("–", "na")}
+
+    @property
+    def symbol(self) -> str:
+        return self.SYMBOLS[self.verdict][0]
+
+    @property
+    def css(self) -> str:
+        return self.SYMBOLS[self.verdict][1]
+
+    @property
+    def limits(self) -> list[str]:
+        """What the evidence cannot speak for, said beside the entry."""
+        out = [] if self.sdnext or self.verdict == "not measured" else ["control path only"]
+        return out + (["nothing moved"] if self.moved is False else [])
+
+
+@dataclass
+class Answers:
+    """The first table: engine · type × device class, offload modes as its second level (one shown at a time)."""
+
+    classes: list[str]  # device classes, measured ones first; "cuda" always (the question users come with)
+    offloads: list[str]
+    rows: list[tuple[str, str, dict[tuple[str, str], Answer]]]  # engine, type, (offload, class) -> answer
+
+
+def _median(values: pd.Series) -> float | None:
+    values = values[values.map(report_data.finite)]
+    return float(values.median()) if len(values) else None
+
+
+def answers(latest: pd.DataFrame, grid_anchor) -> Answers:
+    """Every engine and type measured (test-only engines left out), on every device class and offload mode: its
+    answer, or "not measured". `grid_anchor(machine, versions, device)` names the detail a click opens."""
+    measured = latest[~latest["device_absent"] & (latest["verdict"] != "unavailable")]
+    classes = sorted(set(measured["device_class"]), key=lambda c: (c != "cpu", c))
+    if not any(c.startswith("cuda") for c in classes):
+        classes.append("cuda")
+    offloads = report_data.offload_order(latest["offload"])
+    entries: dict[tuple[str, str], dict[tuple[str, str], Answer]] = {}
+    keys = ["engine", "qtype", "offload", "device_class"]
+    for (engine, qtype, offload, device_class), rows in measured.groupby(keys, sort=True):
+        right = rows[rows["verdict"].isin(RIGHT)]
+        verdict = "works" if len(right) == len(rows) else "some" if len(right) else "fails"
+        first = rows.sort_values("started").iloc[-1]
+        answer = Answer(verdict, len(right), len(rows), bool((rows["path"] == "sdnext").any()),
+                        None if offload == "none" else bool(rows["offload_moved"].eq(True).any()),
+                        grid=grid_anchor(first["machine"], first["versions"], first["device"]))
+        if len(right):
+            answer.model = report_data.largest_model(right)
+            top = right[right["model"] == answer.model]
+            answer.mem, answer.latency, answer.sqnr = (_median(top[c]) for c in ("mem_ratio", "latency_ratio",
+                                                                                  "sqnr_db"))
+        entries.setdefault((engine, qtype), {})[(offload, device_class)] = answer
+    rows = [(e, q, entries[(e, q)]) for e, q in sorted(entries, key=lambda eq: (eq[0] != "none", eq))]
+    return Answers(classes, offloads, rows)

@@ -286,9 +286,12 @@ def _measure(task: CellTask, progress: _Progress) -> dict:
                               settings=s)
     progress.stage = Stage.COMPILE if cell.compile != "-" else Stage.FORWARD
     watch = compiling.apply(model, cell.compile, cell.offload)
-    peak_before = tracker.peak()
+    load_peak = tracker.peak()
+    tracker.reset_peak()  # the generation's own peak: loading's transients (a float copy being quantized) apart
+    resident = tracker.current()  # what stays after loading: the run peak less this is the steps' transients
     steps = _run_steps(task, model, inputs, reference, installed.after_step, tracker,
                        _FloatReference(task, measure.stored_bytes(skeleton)), watch, progress)
+    run_peak = max([steps.peak, *(p["peak_mem_bytes"] for p in steps.phases.values())])
     if lora_figures is not None:  # judged against the float model with the LoRA; without it, it must be farther
         without = _read_reference(reference_path(task, "-"))  # made by prepare_cell
         against_plain = measure.output_figures(steps.output, without)
@@ -302,7 +305,10 @@ def _measure(task: CellTask, progress: _Progress) -> dict:
         "disk_is_file": loaded.disk_bytes is not None,
         "bits_per_weight": bpw,
         "quantized_layers": kinds,
-        "peak_mem_bytes": max(peak_before, steps.peak, *(p["peak_mem_bytes"] for p in steps.phases.values())),
+        "peak_mem_bytes": max(load_peak, run_peak),
+        "load_peak_mem_bytes": load_peak,
+        "run_peak_mem_bytes": run_peak,
+        "resident_mem_bytes": resident,
         "mem_base_bytes": mem_base,
         "mem_kind": tracker.kind,
         "latency_ms": steps.latency.as_dict(),
