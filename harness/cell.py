@@ -52,6 +52,12 @@ class Axis:
     def heading(self) -> str:
         return self.label or self.name
 
+    @property
+    def treatment(self) -> bool:
+        """Something added on top of a quantized model (casting, more components, compile, a LoRA): its id joins it
+        with "+", and it has a default (none of it)."""
+        return self.join == "+" and self.default is not None
+
     def describe(self, values) -> str:
         """The values in the wiki patch's words: "with sequential or model offload", "through diffusers"."""
         if self.words is not None:

@@ -147,7 +147,15 @@ class Rule:
         return all(getattr(cell, k) in values for k, values in self.match.items())
 
     def judges_cell(self, cell: Any) -> bool:
-        return all(getattr(cell, k) in values for k, values in self.judges.items())
+        """Whether a cell tests the statement: it is among `judges`, and untreated (`untreated`)."""
+        return all(getattr(cell, k) in values for k, values in self.judges.items()) and self.untreated(cell)
+
+    def untreated(self, cell: Any) -> bool:
+        """Whether every treatment the rule does not name (layerwise casting, quantized components, compile, LoRA)
+        is at its default for the cell: a statement about an engine is never judged by what compile or a LoRA does
+        to it."""
+        return all(getattr(cell, axis.name) == axis.default for axis in AXES
+                   if axis.treatment and axis.name not in self.match and axis.name not in self.judges)
 
     def holds_for(self, versions: Mapping[str, str | None]) -> bool:
         """Whether the rule applies with these versions (a spec of None: the package must be absent)."""

@@ -721,3 +721,29 @@ def test_the_first_screen_answers_and_the_tables_filter_to_one_engine_in_a_brows
     wanted = latest[(latest["engine"] == "sdnq") & (latest["offload"] == "balanced")]
     assert len(rows) == len(wanted) > 0 and set(map(tuple, rows)) == {("sdnq", "balanced")}
     assert said == f"{len(wanted)} of {len(latest)} cells shown."
+
+
+def test_no_statement_is_judged_by_a_treatment_it_does_not_name():
+    """A statement about an engine (NNCF "works on any platform") is judged by its own cells, never by what
+    compile, a LoRA, layerwise casting or quantized text encoders do to them: those cells are left out, and said
+    to be; the table's errors are one line each."""
+    matrix = load_matrix(SDNEXT)
+    records = report_data.load(sorted((REPO / "results" / "reference").glob("*.jsonl")))
+    newest = docpatch.judged(matrix, records)
+    failed = docpatch.failures(newest)
+    nncf = next(i for i, r in enumerate(matrix.rules) if r.expect.source == "seed: NNCF (storage-only, works on any "
+                                                                                 "platform)")
+    mine = newest[newest["rule"] == nncf]
+    treated = mine[(mine["compile"] != "-") | (mine["lora"] != "-") | (mine["cast"] != "-")
+                   | (mine["components"] != "denoiser")]
+    assert len(treated) > 0  # the records hold NNCF cells with compile and a LoRA
+    result = docpatch.check(matrix.rules[nncf], nncf, newest, failed, matrix)
+    assert f"{len(treated)} cell(s) left out: they add what the statement does not name" in " ".join(result.lines)
+    for index, rule in enumerate(matrix.rules):
+        named = set(rule.match) | set(rule.judges)
+        table = docpatch.check(rule, index, newest, failed, matrix).table or []
+        for row in table[2:]:
+            combination, happened = row.split(" | ")[1], row.split(" | ")[3]
+            for axis, word in (("compile", "compile"), ("lora", "LoRA"), ("cast", "layerwise casting")):
+                assert axis in named or word not in combination, (rule.expect.source, row)
+            assert "\n" not in happened and "Explanation:" not in happened, row  # the error's first line only

@@ -205,7 +205,7 @@ def _judged_contradictions(row: dict, rule: Rule) -> list[str]:
 
 
 def _whole(row: dict, finding_: Finding, rule: Rule) -> str:
-    """What a cell did, with its whole error text on one line (never cut)."""
+    """What a cell did, with its error's first line (never cut within it)."""
     if finding_ is Finding.HOLDS:
         return _short(row, finding_, rule)
     if _judged_contradictions(row, rule):
@@ -213,8 +213,14 @@ def _whole(row: dict, finding_: Finding, rule: Rule) -> str:
                  if not rule.judged_claims or p.split(" ", 1)[0] in rule.judged_claims]
         return "works, but " + "; ".join(parts)
     if row["error_type"]:
-        return f"fails with {row['error_type']}: {' '.join(row['error_message'].split())}"
+        return f"fails with {row['error_type']}: {_first_line(row['error_message'])}"
     return _whole_text(row)
+
+
+def _first_line(message: str) -> str:
+    """An error message's first line, whole (a traceback's or a compiler's explanation follows it)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return lines[0] if lines else ""
 
 
 def _whole_text(row: dict) -> str:
@@ -234,10 +240,14 @@ def check(rule: Rule, index: int, newest: pd.DataFrame, failed: dict[tuple[str, 
     view = report_data.row_dicts(rows, (*FINDING_FIELDS, *HAPPENED_FIELDS, *AXES.names, "machine", "cell_id",
                                         "baseline_id", "claim_status", "recorded_verdict", "offload_moved", "path"))
     found: list[Finding | None] = []
-    outside = shared = not_run = hooks_only = 0
+    outside = treated = shared = not_run = hooks_only = 0
     about_offload = any(o != "none" for o in rule.match.get("offload", ()))
     for r in view:
-        if not rule.judges_cell(SimpleNamespace(**{k: r[k] for k in AXES.names})):
+        cell = SimpleNamespace(**{k: r[k] for k in AXES.names})
+        if not rule.untreated(cell):
+            treated += 1
+            found.append(None)
+        elif not rule.judges_cell(cell):
             outside += 1
             found.append(None)
         elif about_offload and r["offload"] != "none" and r["offload_moved"] is not True:
@@ -258,6 +268,8 @@ def check(rule: Rule, index: int, newest: pd.DataFrame, failed: dict[tuple[str, 
     if shared:
         left_out.append(f"{shared} cell(s) left out: the float model fails the same way in the same offload mode, "
                         "device and stack (the offload's or the stack's failure, not the engine's).")
+    if treated:
+        left_out.append(f"{treated} cell(s) left out: {TREATED}.")
     if outside:
         where = " ".join(AXES[k].describe(v) for k, v in rule.judges.items())
         left_out.append(f"{outside} cell(s) left out: the statement is judged by the cells {where} only.")
@@ -307,11 +319,14 @@ def check(rule: Rule, index: int, newest: pd.DataFrame, failed: dict[tuple[str, 
     table = ["| cells | combination | devices | what happened |", "|---|---|---|---|"]
     for phrase, positions in groups:
         frame = rows.iloc[positions]
-        table.append(f"| {len(positions)} | {_cell_text(_narrow(frame, checked) or 'every other')} | "
+        narrow = _narrow(frame, checked) or ("the others" if len(groups) > 1 else "all")
+        table.append(f"| {len(positions)} | {_cell_text(narrow)} | "
                      f"{', '.join(sorted(set(frame['device'])))} | {_cell_text(phrase)} |")
     return Check(worst, lines, suggestion, table)
 
 
+TREATED = ("they add what the statement does not name (layerwise casting, more components quantized, compile or a "
+           "LoRA), which has statements of its own")
 HOOKS_ONLY = "on the CPU the offload's hooks run but no weight moves between devices (its execution device is the CPU)"
 
 
