@@ -290,6 +290,20 @@ def machines(frame: pd.DataFrame) -> pd.Series:
         return top.set_index("run")["device_name"].reindex(first.index)
 
     accelerator = most_used(frame[frame["device"] != "cpu"])
+    # a run on an accelerator whose cells never named it (each ended before the device was read: a hang) is of the
+    # host with the same name, CPU and torch build whose other runs named their accelerator; never of a CPU host
+    torch_build = frame.groupby("run", sort=False)["torch"].first()
+    named = pd.DataFrame({"host": first["host"], "cpu": first["cpu_name"], "torch": torch_build,
+                          "accelerator": accelerator}).dropna()
+    known = {(h, c, t): a for h, c, t, a in zip(named["host"], named["cpu"], named["torch"], named["accelerator"],
+                                                 strict=True)}
+    ran = frame[(frame["device"] != "cpu") & ~frame["device_absent"].astype(bool)]
+    on_accelerator = set(ran["run"])
+    for run in accelerator.index[accelerator.isna()]:
+        if run in on_accelerator:
+            device = ran.loc[ran["run"] == run, "device"].iloc[0]
+            accelerator[run] = known.get((first.at[run, "host"], first.at[run, "cpu_name"], torch_build[run]),
+                                         f"unnamed {device} device")
     what = accelerator.fillna(first["cpu_name"]).fillna(most_used(frame)).fillna("unknown device")
     label = first["host"].fillna("?") + " · " + what
     return frame["run"].map(label)

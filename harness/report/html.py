@@ -402,17 +402,19 @@ def _page(rules: Matrix | None, patch) -> dict | None:
 
 
 def _overview(latest: pd.DataFrame, plots: dict, out_dir: Path) -> list[dict]:
-    """Per machine and device: its overview tables (one per stack) and the plot of its device model beside them."""
-    groups: dict[tuple[str, str], dict] = {}
+    """Per device class: its overview tables (one per stack) and the plots of its machines' devices beside them."""
+    groups: dict[str, dict] = {}
     for table in report_overview.tables(latest, grid_anchor):
-        group = groups.setdefault((table.machine, table.device), {"machine": table.machine, "device": table.device,
-                                                                  "tables": [], "plot": None})
+        group = groups.setdefault(table.device, {"machine": table.machine, "device": table.device, "tables": [],
+                                                 "plots": []})
         group["tables"].append(table)
     named = latest.dropna(subset=["device_name"]).drop_duplicates(["machine", "device"])
-    for machine, device, name in zip(named["machine"], named["device"], named["device_name"], strict=True):
+    for device, device_class, name in zip(named["device"], named["device_class"], named["device_name"], strict=True):
         path = plots.get(report_plots.device_model({"device": device, "device_name": name}))
-        if (machine, device) in groups and path is not None:
-            groups[(machine, device)]["plot"] = path.relative_to(out_dir).as_posix()
+        if device_class in groups and path is not None:
+            relative = path.relative_to(out_dir).as_posix()
+            if relative not in groups[device_class]["plots"]:
+                groups[device_class]["plots"].append(relative)
     return list(groups.values())
 
 

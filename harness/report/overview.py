@@ -67,8 +67,8 @@ class Best:
 
 @dataclass
 class Table:
-    machine: str
-    device: str
+    machine: str  # the machines of the device class, joined
+    device: str  # the device class
     stack: str
     offloads: list[str]
     rows: list[tuple[str, list[Summary | None], Best | None]]  # engine, per offload, best type
@@ -76,8 +76,9 @@ class Table:
     grid: str  # the anchor of the detail grid
 
 
-# The overview has a table per machine, device and stack.
-GROUPED = ("device", "stack")
+# The overview has a table per device class and stack: the machines of one class join (a type works or not on a CPU
+# whichever CPU it is); the plots beside them are per machine (timings depend on the CPU model).
+GROUPED = ("device_class", "stack")
 
 
 def _plain(rows: pd.DataFrame) -> pd.Series:
@@ -101,15 +102,14 @@ def _best(rows: pd.DataFrame, model: str) -> dict[str, Best]:
 
 
 def tables(latest: pd.DataFrame, grid_anchor) -> list[Table]:
-    """One table per machine, device and stack (devices absent on their machine left out). `grid_anchor(machine,
-    versions, device)` names the detail grid a table links to."""
+    """One table per device class and stack (devices absent on their machine left out). `grid_anchor(machine,
+    versions, device)` names the detail grid a table links to (the newest machine's)."""
     out = []
     # slices of only what is read: a groupby copies every column of each group
-    latest = latest[["machine", "device_absent", *AXES.names, "verdict", "param_bytes", "bytes_ratio",
-                     "latency_ratio", "started", "versions"]]
-    for (machine, device, stack), rows in latest.groupby(["machine", *GROUPED], sort=True):
-        if report_data.all_device_absent(rows):
-            continue
+    latest = latest[["machine", "device_class", "device_absent", *AXES.names, "verdict", "param_bytes",
+                     "bytes_ratio", "latency_ratio", "started", "versions"]]
+    latest = latest[~latest["device_absent"].astype(bool)]
+    for (device, stack), rows in latest.groupby(list(GROUPED), sort=True):
         offloads = report_data.offload_order(rows["offload"])
         model = report_data.largest_model(rows)
         best = _best(rows, model)
@@ -140,8 +140,9 @@ def tables(latest: pd.DataFrame, grid_anchor) -> list[Table]:
                 k, n = works.get((engine, offload), (0, 0))
                 per.append(Summary(counted[0][0], counted, k, n) if counted else None)
             lines.append((engine, per, best.get(engine)))
-        versions = rows.sort_values("started")["versions"].iloc[-1]
-        out.append(Table(machine, device, stack, offloads, lines, model, grid_anchor(machine, versions, device)))
+        newest = rows.sort_values("started").iloc[-1]
+        out.append(Table(" + ".join(sorted(set(rows["machine"]))), device, stack, offloads, lines, model,
+                         grid_anchor(newest["machine"], newest["versions"], newest["device"])))
     return out
 
 
@@ -310,7 +311,7 @@ def _median(values: pd.Series) -> float | None:
 def answers(latest: pd.DataFrame, grid_anchor) -> Answers:
     """Every engine and type measured (test-only engines left out), on every device class and offload mode: its
     answer, or "not measured". `grid_anchor(machine, versions, device)` names the detail a click opens."""
-    measured = latest[~latest["device_absent"] & (latest["verdict"] != "unavailable")]
+    measured = latest[~latest["device_absent"].astype(bool) & (latest["verdict"] != "unavailable")]
     classes = sorted(set(measured["device_class"]), key=lambda c: (c != "cpu", c))
     if not any(c.startswith("cuda") for c in classes):
         classes.append("cuda")
