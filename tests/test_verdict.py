@@ -168,6 +168,16 @@ def test_a_latency_claim_without_a_paired_timing_is_unchecked_never_judged_on_tw
     assert result.status == "unchecked" and "before pairing" in result.detail
 
 
+@pytest.mark.parametrize("claim", ["less-memory", "less-memory-by:2.5"])
+def test_a_memory_claim_needs_a_model_whose_weights_dominate_its_peak(claim):
+    """A toy model's peak is activations and the process: its memory ratio says nothing of the format."""
+    toy = {**BASE, "param_bytes": 40}  # 40 bytes of weights under a 400-byte peak
+    [result] = check_claims(Expectation(claims=(claim,)), metrics(peak=150), toy)
+    assert result.status == "unchecked" and "weights are 10% of its peak" in result.detail
+    [result] = check_claims(Expectation(claims=(claim,)), metrics(peak=150), BASE)
+    assert result.status == "held"
+
+
 def test_claims_without_a_baseline_are_unchecked_and_do_not_drift():
     expect = Expectation(claims=("smaller", "slower"))
     results = check_claims(expect, metrics(), None)

@@ -19,7 +19,7 @@ import pandas as pd
 
 from harness.cell import AXES, Cell
 from harness.results import VERSIONED, device_was_absent, read_records, rule_versions
-from harness.verdict import Verdict
+from harness.verdict import WEIGHTS_DOMINATE, Verdict
 
 PASSED = tuple(v.value for v in Verdict if v.passed)
 BROKEN = tuple(v.value for v in Verdict if v.broken)
@@ -310,10 +310,6 @@ def machines(frame: pd.DataFrame) -> pd.Series:
 
 
 RATIOS = ("bytes_ratio", "mem_ratio", "latency_ratio", "mem_vs_none", "latency_vs_none")
-# The least share of the float model's peak (no offload) its weights must hold for a peak memory ratio to be
-# shown: measured on the committed records, the CPU toy models' weights are 9-36% of their peak (RSS), dit-s on the
-# H200 52% and dit-l 97% (the allocator's peak)
-WEIGHTS_DOMINATE = 0.5
 
 
 def with_ratios(frame: pd.DataFrame) -> pd.DataFrame:
