@@ -299,3 +299,32 @@ def test_a_document_page_that_is_not_there_is_one_line(tmp_path, capsys):
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert one_line(err) and "[document.page]: no file 'missing.md'" in err
+
+
+def test_a_pickled_weights_file_in_a_model_directory_is_never_read(tmp_path):
+    """A diffusers model directory, and a pipeline's, whose weights are a real malicious pickle (and a torch zip of
+    one) where the safetensors should be: every load the stacks make reads safetensors only, so the pickle is
+    refused unread (diffusers names the missing file), never unpickled."""
+    import torch
+
+    from harness.engines.registry import ENGINES
+    from harness.models.build import build_model
+    from harness.models.pipelines import load_pipeline
+    from harness.stacks.diffusers import load_post
+
+    marker = tmp_path / "PWNED"
+    model = build_model("flux-tiny")
+    pipeline = build_model("flux-tiny-pipe")
+    for kind, write in (("pickle", lambda p: p.write_bytes(pickle.dumps(Payload(marker)))),
+                        ("torch zip", lambda p: torch.save({"w": Payload(marker)}, p))):
+        folder = tmp_path / kind.replace(" ", "-")
+        model.save_pretrained(str(folder / "model"))
+        pipeline.pipe.save_pretrained(str(folder / "pipe"))
+        for weights in [*folder.glob("model/*.safetensors"), *folder.glob("pipe/transformer/*.safetensors")]:
+            weights.unlink()
+            write(weights.with_suffix(".bin"))
+        with pytest.raises(OSError, match="safetensors"):
+            load_post(ENGINES["none"], "-", "flux-tiny", folder / "model", torch.float32, torch.device("cpu"))
+        with pytest.raises(OSError, match="safetensors"):
+            load_pipeline("flux-tiny-pipe", folder / "pipe", torch.bfloat16)
+        assert not marker.exists(), kind

@@ -203,5 +203,7 @@ def capture_inputs(pipe, name: str, seed: int = 0) -> dict[str, dict]:
 
 
 def load_pipeline(name: str, path, dtype: torch.dtype, **kwargs) -> PipelineModel:
-    """A pipeline directory (what `save_pretrained` wrote) loaded back with the pipeline's `from_pretrained`."""
-    return PipelineModel(pipeline_class(name).from_pretrained(str(path), torch_dtype=dtype, **kwargs), name)
+    """A pipeline directory (what `save_pretrained` wrote) loaded back with the pipeline's `from_pretrained`, from
+    safetensors only: a pickled weights file (`*.bin`, `*.pt`) beside them is never read, so never unpickled."""
+    return PipelineModel(pipeline_class(name).from_pretrained(str(path), torch_dtype=dtype, use_safetensors=True,
+                                                              **kwargs), name)

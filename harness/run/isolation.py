@@ -67,8 +67,10 @@ def _tail(path: Path, limit: int = OUTPUT_TAIL_BYTES) -> str | None:
     return (f"[... {size - limit} earlier bytes cut]\n" if size > limit else "") + text
 
 
-def _prepare_main(task: CellTask) -> None:
+def _prepare_main(task: CellTask, run_pid: int | None = None) -> None:
     os.setsid()
+    if run_pid is not None:
+        child.die_with(run_pid)  # a preparation leads its own session too: it ends with the run, however it ends
     from harness.engines.base import IMPORT_LOG, output_to
     from harness.run.execute import prepare_cell
 
@@ -256,7 +258,7 @@ def run_isolated(task: CellTask, *, timeout_s: float, memory_limit_mb: int = 0) 
 
     pool.share_compile_caches(task.workdir)
     if files_to_prepare(task):
-        _run_process(_forkserver(), _prepare_main, (task,), f"prepare {task.cell.id}", timeout_s)
+        _run_process(_forkserver(), _prepare_main, (task, os.getpid()), f"prepare {task.cell.id}", timeout_s)
     with tempfile.TemporaryDirectory(prefix="quantmatrix-cell-") as tmp:
         result, log, stacks = Path(tmp, "outcome.json"), Path(tmp, "output.log"), Path(tmp, "stacks.txt")
         args = (task, str(result), str(log), memory_limit_mb, str(stacks), os.getpid())  # the run: dies with it

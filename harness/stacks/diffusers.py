@@ -224,7 +224,7 @@ def make_prequantized(workdir: Path, engine: Engine, qtype: str, model: str, dty
             engine.save(quantized, qtype, tmp)
             return
         source = float_dir(workdir, model, seed, dtype)
-        loaded = model_class(model).from_pretrained(str(source), torch_dtype=dtype,
+        loaded = model_class(model).from_pretrained(str(source), torch_dtype=dtype, use_safetensors=True,
                                                     quantization_config=quantization_config(engine, qtype, dtype))
         try:
             loaded.save_pretrained(str(tmp))
@@ -358,14 +358,15 @@ def load_on_the_fly(engine: Engine, qtype: str, model: str, source: Path, dtype:
     """Quantized by diffusers while loading: load and quantize are one call, so its time is all `load_s`."""
     config = quantization_config(engine, qtype, dtype)
     t0 = time.perf_counter()
-    loaded = model_class(model).from_pretrained(str(source), torch_dtype=dtype, quantization_config=config)
+    loaded = model_class(model).from_pretrained(str(source), torch_dtype=dtype, quantization_config=config,
+                                                use_safetensors=True)
     return Loaded(loaded, time.perf_counter() - t0, None, _size(source))
 
 
 def load_post(engine: Engine, qtype: str, model: str, source: Path, dtype: torch.dtype,
               device: torch.device) -> Loaded:
     t0 = time.perf_counter()
-    loaded = model_class(model).from_pretrained(str(source), torch_dtype=dtype)
+    loaded = model_class(model).from_pretrained(str(source), torch_dtype=dtype, use_safetensors=True)
     loaded._quantmatrix_name = model  # for engines that trace it with the model's example input (NNCF)
     t1 = time.perf_counter()
     quantized = engine.quantize(loaded, qtype, dtype=dtype, device=device)
@@ -409,6 +410,6 @@ def load_prequantized(engine: Engine, qtype: str, model: str, path: Path, float_
         loaded = cls.from_single_file(str(path), config=str(float_source), torch_dtype=dtype,
                                       quantization_config=quantization_config(engine, qtype, dtype))
     else:
-        loaded = cls.from_pretrained(str(path), torch_dtype=dtype)
+        loaded = cls.from_pretrained(str(path), torch_dtype=dtype, use_safetensors=True)
     hint, detail = check_name(path, found)
     return Loaded(loaded, time.perf_counter() - t0, 0.0, _size(path), hint, detail)

@@ -94,7 +94,8 @@ def float_model(workdir: Path, model: str, seed: int, dtype: torch.dtype) -> nn.
         return load_pipeline(model, float_dir(workdir, model, seed, dtype), dtype)
     from harness.models.real import model_class
 
-    loaded = model_class(model).from_pretrained(str(float_dir(workdir, model, seed, dtype)), torch_dtype=dtype)
+    loaded = model_class(model).from_pretrained(str(float_dir(workdir, model, seed, dtype)), torch_dtype=dtype,
+                                                use_safetensors=True)
     loaded._quantmatrix_name = model
     return loaded
 
