@@ -50,11 +50,23 @@ def records_of(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _missing_engine() -> str:
+    """What a skip for a missing engine says: the harness's own words, or pytest.importorskip's for an engine's
+    module (its top-level module, from the catalog)."""
+    from harness.engines.catalog import CATALOG
+
+    modules = sorted({info.module for info in CATALOG.values() if info.module})
+    return r"engine package .* is not installed|could not import '(" + "|".join(map(re.escape, modules)) + r")\b"
+
+
+MISSING_ENGINE = _missing_engine()
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     """With QUANTMATRIX_REQUIRE_ENGINES=1 (CI), a test skipped because an engine package is not installed fails."""
     report = (yield).get_result()
-    if report.skipped and require_engines() and re.search(r"engine package .* is not installed", str(report.longrepr)):
+    if report.skipped and require_engines() and re.search(MISSING_ENGINE, str(report.longrepr)):
         report.outcome = "failed"
         report.longrepr = f"QUANTMATRIX_REQUIRE_ENGINES=1: {report.longrepr}"
 

@@ -13,6 +13,8 @@ def test_present_devices_are_those_torch_can_use_and_discovery_initializes_none(
               "xpu" if hasattr(torch, "xpu") and torch.xpu.is_available() else None,
               "mps" if torch.backends.mps.is_available() else None} - {None}
     assert set(present_devices()) == usable
+    if torch.version.cuda is None and not getattr(torch.version, "hip", None) and not torch.backends.mps.is_built():
+        assert tuple(present_devices()) == ("cpu",)  # a CPU build (CI): the CPU alone, whatever torch says
     assert not torch.cuda.is_initialized()  # cells forked later can still use CUDA
 
 

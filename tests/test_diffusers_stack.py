@@ -75,6 +75,17 @@ def quantized_layers(engine: str, qtype: str, load: str, workdir) -> set[str]:
     return {n for n, m in model.named_modules() if "Linear" in type(m).__name__ and not is_float_linear(m)}
 
 
+def _block_linears() -> set[str]:
+    from harness.models import real
+
+    return {n for n, m in real.build_skeleton("flux-tiny").named_modules()
+            if isinstance(m, nn.Linear) and n.startswith(("transformer_blocks.", "single_transformer_blocks."))
+            and ".norm" not in n}  # adaLN's modulation: SDNQ keeps it float (SD.Next's defaults)
+
+
+BLOCK_LINEARS = _block_linears()  # flux-tiny's attention and MLP Linears, from its skeleton (not a loader)
+
+
 def is_float_linear(m: nn.Module) -> bool:
     return type(m) is nn.Linear and type(m.weight.data) is torch.Tensor and m.weight.dtype == torch.float32
 
@@ -87,7 +98,9 @@ def test_each_backend_stores_the_bits_per_weight_its_format_implies(engine, qtyp
     outcome = run(cell(engine, qtype, load), workdir)
     assert outcome.status == "ran", outcome.error
     quantized = quantized_layers(engine, qtype, load, workdir)
-    assert quantized, "the engine quantized no layer"
+    # every attention and MLP Linear of the transformer's blocks is quantized (the integrations keep embeddings,
+    # norms and the output projection in float): a too broad modules_to_not_convert leaves some out
+    assert BLOCK_LINEARS <= quantized, sorted(BLOCK_LINEARS - quantized)
     implied = implied_bits_per_weight(engine, qtype, quantized)
     assert outcome.metrics["bits_per_weight"] == pytest.approx(implied, rel=0.01)
     assert outcome.metrics["quantized_layers"] == {"Linear": len(quantized)}
@@ -132,6 +145,7 @@ def test_post_load_on_diffusers_applies_the_engine_to_the_loaded_class(workdir):
     outcome = run(cell("nncf", "int8_sym"), workdir)  # SD.Next's "post" mode: NNCF's own API on the diffusers model
     assert outcome.status == "ran", outcome.error
     assert outcome.metrics["bits_per_weight"] < 9
+    assert outcome.metrics["quantized_layers"]["Linear"] >= len(BLOCK_LINEARS)  # every block's, not one of them
 
 
 @pytest.mark.parametrize("stack", ["direct", "diffusers"])

@@ -121,7 +121,7 @@ def sample_files(workdir):
 
 
 @given(data=st.data())
-@settings(max_examples=60, deadline=5000, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                  HealthCheck.too_slow])
 def test_corrupt_or_truncated_files_give_our_error_and_never_crash(sample_files, tmp_path, data):
     suffix, blob, original = data.draw(st.sampled_from(sample_files))

@@ -84,6 +84,16 @@ def test_diffusers_pipeline_offload_gives_the_same_output(mode, reference):
 
 
 def test_diffusers_stack_offload_runs_the_pipelines_own_methods():
+    """The pipeline's own enable_model_cpu_offload and enable_group_offload, on every component (a module's
+    offload, the direct stack's, would hook the one module it is given)."""
+    pipeline = build_model("flux-tiny-pipe")
+    offload_pipeline(pipeline, "model", "cpu")
+    assert len(pipeline.pipe._all_hooks) == 4  # both text encoders, the transformer, the VAE: chained by the pipe
+    grouped = build_model("flux-tiny-pipe")
+    offload_pipeline(grouped, "group", "cpu", settings=Settings(group_type="block_level"))
+    for name in ("text_encoder", "text_encoder_2", "transformer"):  # the VAE: left out (group_options)
+        hooked = [m._diffusers_hook for m in getattr(grouped.pipe, name).modules() if hasattr(m, "_diffusers_hook")]
+        assert any("group" in hook for registry in hooked for hook in registry.hooks), name
     model = build_model("flux-tiny")
     offload_pipeline(model, "model", "cpu")
     assert type(model._hf_hook).__name__ == "CpuOffload"  # enable_model_cpu_offload's hook

@@ -83,7 +83,6 @@ def test_denoiser_and_te_quantizes_the_text_encoder_too_and_stores_less(stack, l
         assert m["sqnr_db"] > 12 and m["psnr_db"] > 20  # the 8-bit floor
         assert set(m["phases"]) == {"encode", "denoise", "decode"}
         assert all(p["latency_ms"] > 0 and p["peak_mem_bytes"] > 0 for p in m["phases"].values())
-        assert sum(p["latency_ms"] for p in m["phases"].values()) <= m["latency_ms"]["p90"] * 1.5
 
 
 def test_te_alone_leaves_the_denoiser_in_float_and_a_nan_image_fails_with_its_figures_kept(tmp_path):

@@ -103,6 +103,23 @@ def test_a_record_with_an_impossible_figure_is_a_harness_failure_and_is_not_writ
     assert publishable(good) is good
 
 
+def test_a_session_writes_no_record_of_an_impossible_figure(tmp_path, monkeypatch):
+    """Through the run's own MatrixRun: a cell whose process reports an impossible figure (bits per weight above its
+    dtype's width) fails as a harness failure, and its results file stays empty."""
+    from harness.matrix import Matrix, Settings
+    from harness.run.session import HarnessFailure, MatrixRun
+
+    session = object.__new__(MatrixRun)  # the run's own class without pytest's config: its state set here
+    session.id, session.results = "run-x", tmp_path / "r.jsonl"
+    session.writer = ResultsWriter(session.results)
+    session.matrix = Matrix(tmp_path / "m.toml", "m", (CELL,), (), Settings())
+    session.env, session.versions, session.measured, session.done = environment({"none": "x"}), {}, {}, {}
+    monkeypatch.setattr(session, "_execute", lambda cell: Outcome("ran", metrics={**METRICS, "bits_per_weight": 64.0}))
+    with pytest.raises(HarnessFailure, match="bits_per_weight is 64"):
+        session.run(CELL)
+    assert not session.results.exists() or session.results.read_text() == ""
+
+
 def test_no_committed_record_holds_an_impossible_figure():
     from conftest import REFERENCE
 

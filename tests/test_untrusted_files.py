@@ -58,7 +58,7 @@ def mutate(data: bytes, mutation) -> bytes:
     return bytes(out)
 
 
-@settings(max_examples=1000, deadline=5000, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                     HealthCheck.too_slow])
 @given(kind=st.sampled_from(KINDS), mutation=mutations)
 def test_mutated_files_are_refused_clearly_or_read(originals, tmp_path, kind, mutation):

@@ -78,7 +78,8 @@ class FaultEngine(Engine):
             model.forward = slowed
             return model
         if qtype == "orphan":
-            subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=False)
+            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=False)
+            print(f"fault engine: orphan child pid {child.pid}", flush=True)  # in the record's output tail
             return model
         raise AssertionError(f"unknown fault {qtype}")
 

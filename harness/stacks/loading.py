@@ -105,14 +105,9 @@ def float_checkpoint_path(workdir: Path, model: str, seed: int, dtype: torch.dty
     return workdir / "checkpoints" / f"{model}-seed{seed}{stored}.safetensors"
 
 
-def float_checkpoint(workdir: Path, model: str, seed: int, dtype: torch.dtype,
-                     float_model: Callable[[], nn.Module]) -> Path:
-    """The float weights as one safetensors file, stored in `dtype` (what `float_model()` gives): one file per
-    dtype, so cells of two dtypes in one run never read each other's."""
-    return shared_file(float_checkpoint_path(workdir, model, seed, dtype), make_float_checkpoint(float_model))
-
-
 def make_float_checkpoint(float_model: Callable[[], nn.Module]) -> Callable[[Path], object]:
+    """The float weights as one safetensors file, stored in `dtype` (what `float_model()` gives): one file per
+    dtype (float_checkpoint_path), so cells of two dtypes in one run never read each other's."""
     return lambda tmp: ENGINES["none"].save(float_model(), "-", tmp)
 
 
