@@ -6,7 +6,7 @@
 #   scripts/device-matrix.sh [full]     # phases in order of value, each stopped cleanly at the time budget
 #   scripts/device-matrix.sh plan       # dry run: each phase's command and the cells it collects; nothing runs
 #
-# Engines travel as wheels in .whl/, the list in scripts/device-wheels.txt (README, "On a lent GPU machine").
+# Engines travel as wheels in .whl/, the list in scripts/device-wheels.txt (docs/nightly-and-gpu.md, "On a lent GPU machine").
 # Records and logs go to $OUT (results/ when unset): one results file per phase, one log for all. BUDGET_S (default
 # 480) bounds the pytest phases together; a phase cut short by it records its running cell as interrupted, and later
 # phases are skipped. The full run's phases, most valuable first: probe; Flux-sized cells without offload (diffusers

@@ -88,3 +88,24 @@ def test_a_cell_of_a_diffusers_model_class_needs_diffusers_on_either_stack(monke
     grouped = unavailable(Cell("none", "-", "post-load", "group", "cpu", "dit-xs", "float32"))
     assert grouped is not None and "'diffusers'" in grouped.reason  # group offload is diffusers' hooks
     assert unavailable(Cell("none", "-", "post-load", "none", "cpu", "dit-xs", "float32")) is None
+
+
+def test_the_engine_table_in_the_docs_is_the_catalogs():
+    """docs/engines.md's table is generated from the engines' and stacks' catalogs (`python -m
+    harness.report.markdown docs/engines.md` rewrites it), as llama.cpp's docs/ops.md from its test cases."""
+    from harness.report.markdown import ENGINE_TABLE_START, engine_table, with_engine_table
+
+    page = (REPO / "docs" / "engines.md").read_text()
+    assert ENGINE_TABLE_START in page and with_engine_table(page) == page, \
+        "docs/engines.md is stale: run python -m harness.report.markdown docs/engines.md"
+    for name, info in CATALOG.items():
+        assert (f"| `{name}` " in engine_table()) != info.hidden  # every engine but the test-only ones
+
+
+def test_the_readme_is_short_and_points_to_docs_that_exist():
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200
+    linked = re.findall(r"`(docs/[\w.-]+\.md)`", readme)
+    assert linked and all((REPO / path).is_file() for path in linked), linked
+    assert {p.relative_to(REPO).as_posix() for p in (REPO / "docs").glob("*.md")} - set(linked) \
+        == {"docs/sdnext-wiki-quantization.md"}  # every page reachable from the README, the kept wiki page apart

@@ -28,7 +28,7 @@ def test_the_wheel_list_is_the_one_the_readme_downloads():
     wheels = [line for line in (REPO / "scripts" / "device-wheels.txt").read_text().splitlines()
               if line and not line.startswith("#")]
     assert "diffusers==0.42.1" in wheels and all("==" in w for w in wheels)
-    assert "-r scripts/device-wheels.txt" in (REPO / "README.md").read_text()
+    assert "-r scripts/device-wheels.txt" in (REPO / "docs" / "nightly-and-gpu.md").read_text()
 
 
 def test_published_claims_are_rules_on_flux_sized_cells_that_a_cpu_reports_unavailable():

@@ -72,3 +72,54 @@ def render(records: report_data.Records) -> str:
             lines.append(f"- `{r['id']}` on {_escape(r['machine'])}: {_escape(r['note'][:300])}")
         lines.append("")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------ the engine table of docs/engines.md
+
+ENGINE_TABLE_START = "<!-- generated from harness/engines/catalog.py and harness/stacks/catalog.py: " \
+    "python -m harness.report.markdown docs/engines.md -->"
+ENGINE_TABLE_END = "<!-- end of the generated table -->"
+
+
+def engine_table() -> str:
+    """Every engine the catalog offers (test-only ones left out): its package, types, the load modes each stack
+    offers it, and whether SD.Next ships it; as llama.cpp's docs/ops.md comes from its test cases."""
+    from harness.engines.catalog import CATALOG
+    from harness.stacks.catalog import STACK_CATALOG
+
+    stacks = list(STACK_CATALOG.values())
+    lines = ["| engine | package | types | " + " | ".join(f"loads: {s.name} stack" for s in stacks)
+             + " | SD.Next today |", "|" + " --- |" * (4 + len(stacks))]
+    for name, info in CATALOG.items():
+        if info.hidden:
+            continue
+        loads = [_loads(stack, info) for stack in stacks]
+        lines.append(f"| `{name}` ({info.title}) | {info.package or '-'} | "
+                     + ", ".join(f"`{q}`" for q in info.qtypes) + f" | {' | '.join(loads)} | {info.sdnext} |")
+    return "\n".join(lines)
+
+
+def _loads(stack, info) -> str:
+    """The load modes a stack offers an engine, for a denoiser and for a whole pipeline where they differ."""
+    from harness.engines.catalog import ALL_LOADS
+
+    def offered(model: str) -> str:
+        return ", ".join(load for load in ALL_LOADS if stack.offers(info, load, model) is None) or "none"
+
+    alone, whole = offered("flux-tiny"), offered("flux-tiny-pipe")
+    return alone if alone == whole else f"{alone}; pipelines: {whole}"
+
+
+def with_engine_table(text: str) -> str:
+    """`text` (docs/engines.md) with the generated table between its markers replaced by today's."""
+    head, _, rest = text.partition(ENGINE_TABLE_START + "\n")
+    _, _, tail = rest.partition(ENGINE_TABLE_END)
+    return f"{head}{ENGINE_TABLE_START}\n{engine_table()}\n{ENGINE_TABLE_END}{tail}"
+
+
+if __name__ == "__main__":
+    import sys
+    from pathlib import Path
+
+    for page in map(Path, sys.argv[1:]):
+        page.write_text(with_engine_table(page.read_text(encoding="utf-8")), encoding="utf-8")
