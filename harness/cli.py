@@ -277,24 +277,8 @@ def _max_cells(parser: argparse.ArgumentParser) -> None:
                         help=f"refuse a matrix that expands to more cells (default {MAX_CELLS:,})")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="quantmatrix", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="run the matrix through pytest (extra options go to pytest)",
-                   add_help=False).set_defaults(func=_run)
-    p = sub.add_parser("list", help="print the cells a matrix expands to on this host, with their expected outcome")
-    p.add_argument("file", nargs="?", default=str(CHECKOUT / "matrices" / "default.toml"),
-                   help="matrix file (default matrices/default.toml)")
-    p.add_argument("--all-devices", action="store_true", help="list the cells of devices this host lacks too")
-    _max_cells(p)
-    p.set_defaults(func=_list)
-    p = sub.add_parser("validate", help="check matrix files")
-    p.add_argument("files", nargs="+")
-    _max_cells(p)
-    p.set_defaults(func=_validate)
-    p = sub.add_parser("detect", help="detect the engine and type of model files from their contents")
-    p.add_argument("files", nargs="+")
-    p.set_defaults(func=_detect)
+def _report_parser(sub) -> None:
+    """`quantmatrix report`'s options."""
     p = sub.add_parser("report", help="build the HTML report (or --markdown) from results files")
     p.add_argument("results", nargs="+", type=_existing)
     p.add_argument("-o", "--output", help="directory of the HTML report (default reports/latest), or the markdown "
@@ -316,6 +300,27 @@ def main(argv: list[str] | None = None) -> int:
                    help="matrix file whose rules state a page, for --doc-patch and the report's wiki patch "
                         "(default matrices/sdnext.toml; '' for none)")
     p.set_defaults(func=_report)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="quantmatrix", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="run the matrix through pytest (extra options go to pytest)",
+                   add_help=False).set_defaults(func=_run)
+    p = sub.add_parser("list", help="print the cells a matrix expands to on this host, with their expected outcome")
+    p.add_argument("file", nargs="?", default=str(CHECKOUT / "matrices" / "default.toml"),
+                   help="matrix file (default matrices/default.toml)")
+    p.add_argument("--all-devices", action="store_true", help="list the cells of devices this host lacks too")
+    _max_cells(p)
+    p.set_defaults(func=_list)
+    p = sub.add_parser("validate", help="check matrix files")
+    p.add_argument("files", nargs="+")
+    _max_cells(p)
+    p.set_defaults(func=_validate)
+    p = sub.add_parser("detect", help="detect the engine and type of model files from their contents")
+    p.add_argument("files", nargs="+")
+    p.set_defaults(func=_detect)
+    _report_parser(sub)
     p = sub.add_parser("compare", help="changes between two sets of results; exit 1 when something regressed")
     p.add_argument("old", type=_existing)
     p.add_argument("new", type=_existing)

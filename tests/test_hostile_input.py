@@ -18,11 +18,11 @@ from harness.cli import main
 from harness.results import TEXT_LIMIT, ResultsWriter, capped, read_records
 
 REPO = Path(__file__).resolve().parents[1]
-LORA = REFERENCE / "cpu-lora.jsonl"  # small: 27 records
+FEW = REFERENCE / "h200-gpu-large-dit-l.jsonl"  # small: 12 records
 
 
 def first_record() -> dict:
-    return json.loads(LORA.read_text().splitlines()[0])
+    return json.loads(FEW.read_text().splitlines()[0])
 
 
 def one_line(err: str) -> bool:
@@ -37,7 +37,7 @@ BAD = [("error", "boom"), ("env", "linux"), ("expect", ["works"]), ("claims", ["
 
 @pytest.mark.parametrize(("field", "value"), BAD)
 def test_a_wrongly_typed_record_is_a_named_line_and_the_rest_are_reported(field, value, tmp_path, capsys):
-    good = [json.loads(line) for line in LORA.read_text().splitlines()[:3]]
+    good = [json.loads(line) for line in FEW.read_text().splitlines()[:3]]
     bad = {**good[0], field: value}
     results = tmp_path / "r.jsonl"
     results.write_text("".join(json.dumps(r) + "\n" for r in [bad, *good[1:]]))
@@ -124,7 +124,7 @@ def test_an_unknown_filter_value_is_one_line_and_a_filter_of_nothing_runs_nothin
 def test_each_output_problem_is_one_line_and_no_input_is_written_over(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     results = tmp_path / "victim.jsonl"
-    results.write_bytes(LORA.read_bytes())
+    results.write_bytes(FEW.read_bytes())
     (tmp_path / "a-file").write_text("mine")
     cases = [
         (["report", "victim.jsonl", "-o", "a-file", "--rules", ""], "a-file: is a file; expected a folder"),
@@ -139,7 +139,7 @@ def test_each_output_problem_is_one_line_and_no_input_is_written_over(tmp_path, 
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert one_line(err) and problem in err, (argv, err)
-    assert results.read_bytes() == LORA.read_bytes() and (tmp_path / "a-file").read_text() == "mine"
+    assert results.read_bytes() == FEW.read_bytes() and (tmp_path / "a-file").read_text() == "mine"
 
 
 def test_repro_writes_no_script_over_an_input_or_into_a_missing_folder(tmp_path, capsys):

@@ -20,7 +20,7 @@ from conftest import sigint_default
 from harness.cell import Cell
 from harness.matrix import Settings
 from harness.run.execute import CellTask
-from harness.run.isolation import OUTPUT_TAIL_BYTES, run_isolated
+from harness.run.isolation import OUTPUT_TAIL_BYTES, RAN_TAIL_BYTES, run_isolated
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = Settings(warmup=0, min_steps=1, min_time_s=0.0)
@@ -128,13 +128,18 @@ def test_a_flood_of_output_is_kept_as_a_bounded_tail(fault_run):
     tail = fault_run.records["flood"]["output_tail"]
     assert fault_run.records["flood"]["verdict"] == "ok"
     assert tail.startswith("[... ") and "earlier bytes cut" in tail  # 8 MiB of output, a bounded excerpt kept
+    assert len(tail) < RAN_TAIL_BYTES + 100  # a cell that ran: its last lines (its warnings are kept apart)
     assert all(r["output_tail"] is None or len(r["output_tail"]) < OUTPUT_TAIL_BYTES + 100
                for r in fault_run.records.values())
 
 
 def test_processes_a_cell_leaves_behind_are_killed(fault_run):
-    assert fault_run.records["orphan"]["verdict"] == "ok"
-    assert fault_run.orphans_left == set()  # the orphan's child was killed with its cell
+    record = fault_run.records["orphan"]
+    assert record["verdict"] == "ok"
+    started = re.search(r"orphan child pid (\d+)", record["output_tail"] or "")
+    assert started, record["output_tail"]  # the child existed: its cell started it
+    assert int(started[1]) not in {p.pid for p in _sleepers()}  # and was killed with its cell
+    assert fault_run.orphans_left == set()
 
 
 def test_a_run_goes_on_after_every_kind_of_fault_and_records_every_cell(fault_run):

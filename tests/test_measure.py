@@ -103,6 +103,25 @@ def test_paired_timing_alternates_the_cell_and_its_float_model():
     assert paired.lo <= paired.ratio <= paired.hi and paired.float_ms > 0
 
 
+def test_the_paired_ratio_is_the_cell_over_its_float_model(monkeypatch):
+    """On a clock the steps themselves advance (3 ms the cell, 1 ms its float model): the ratio is 3, the cell's
+    latency 3 ms and the float model's 1 ms, exactly; no wall clock decides it."""
+    from types import SimpleNamespace
+
+    from harness.run import measure
+
+    now = [0.0]
+    monkeypatch.setattr(measure, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+
+    def advance(seconds: float):
+        return lambda: now.__setitem__(0, now[0] + seconds)
+
+    latency, paired = time_paired(advance(0.003), advance(0.001), "cpu", warmup=0, min_steps=5, max_steps=5,
+                                  min_time_s=0.0)
+    assert paired.ratio == pytest.approx(3.0) and paired.lo == pytest.approx(3.0) == paired.hi
+    assert latency.median == pytest.approx(3.0) and paired.float_ms == pytest.approx(1.0) and paired.n == 5
+
+
 def test_each_cell_is_timed_beside_its_float_reference_unless_it_would_not_fit(tmp_path):
     from harness.cell import Cell
     from harness.matrix import Settings
@@ -114,3 +133,10 @@ def test_each_cell_is_timed_beside_its_float_reference_unless_it_would_not_fit(t
     assert float_reference(cell.baseline.replace(offload="none")) is None  # the float model itself
     ref = _FloatReference(CellTask(cell, Settings(), tmp_path), float_bytes=1 << 50)  # a petabyte of weights
     assert ref.start() is None and "does not fit beside the cell in the cpu memory left" in ref.why
+
+
+def test_a_repeated_line_is_said_once_with_its_count():
+    from harness.run.measure import runs_counted
+
+    assert runs_counted(["a", "a", "a", "b", "a"]) == ["a (x3)", "b", "a"]
+    assert runs_counted([]) == []

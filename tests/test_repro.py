@@ -66,7 +66,22 @@ def test_repro_script_imports_no_harness_and_states_versions_and_error(cell_id, 
     assert "python this_file.py" in header
     # the model: its constructor arguments inlined, the seeded weights' code copied from harness/models/real.py
     assert "DIFFUSERS_CONFIGS = {'flux-tiny': dict(" in text
-    assert repro.copied_code("models/real.py", ("seed_weights",)) in text
+    # the script's own seed_weights, run on flux-tiny's skeleton, draws the harness's weights to the bit
+    import ast
+    import math
+
+    import torch
+    from torch import nn
+
+    from harness.models import real
+
+    tree = ast.parse(text)
+    copied = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "seed_weights")
+    namespace = {"torch": torch, "nn": nn, "math": math}
+    exec(compile(ast.Module([copied], []), "<script>", "exec"), namespace)  # noqa: S102 - the generated script
+    ours = namespace["seed_weights"](real.build_skeleton("flux-tiny", torch.float32), 0).state_dict()
+    theirs = real.build_model("flux-tiny").state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     # stdout without -o: the same script
     assert main(["repro", cell_id, "--results", str(results)]) == 0
     assert capsys.readouterr().out == text
@@ -269,6 +284,15 @@ def test_the_report_writes_and_links_a_script_for_each_failing_cell(tmp_path):
     assert sorted(folder.glob("*.py")) == sorted([*scripts, folder / "my-own.py"])
     assert (tmp_path / "outside.py").read_text() == "mine" == (folder / "my-own.py").read_text()
     assert {s.path for s in written.values() if s.path} == {f"repro/{p.name}" for p in scripts}
+    # one script per failure: the cells that share one share its verdict, error, raising layer, engine and stack
+    latest = loaded.latest().set_index(["machine", "versions", "id"])
+    by_script: dict[str, list] = {}
+    for key, script in written.items():
+        if script.path:
+            by_script.setdefault(script.path, []).append(key)
+    assert any(len(keys) > 1 for keys in by_script.values())
+    for keys in by_script.values():
+        assert len({tuple(latest.loc[k, f] for f in report_upstream.FAILURE) for k in keys}) == 1
 
 
 # ------------------------------------------------------------------------------------------ upstream drafts

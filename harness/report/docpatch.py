@@ -131,10 +131,13 @@ class Check:
 
 def failures(newest: pd.DataFrame) -> dict[tuple[str, str], str]:
     """(machine, cell id) -> what failed ("TypeError", or the process verdict) for every record; "" where the cell
-    ran or was unavailable."""
+    ran or was unavailable; ("*", cell id) -> the same on the first machine that recorded the cell."""
     bad = ~newest["recorded_verdict"].isin(report_data.RAN) & (newest["recorded_verdict"] != "unavailable")
-    return {(m, i): (e or v) if b else "" for m, i, e, v, b in zip(
+    out = {(m, i): (e or v) if b else "" for m, i, e, v, b in zip(
         newest["machine"], newest["cell_id"], newest["error_type"], newest["recorded_verdict"], bad, strict=True)}
+    for (_, cell_id), what in list(out.items()):  # ("*", id): on any machine, for a cell whose machine lacks it
+        out.setdefault(("*", cell_id), what)
+    return out
 
 
 def _failure(row: dict) -> str:
@@ -149,9 +152,10 @@ def shared_with_baseline(row: dict, failed: dict[tuple[str, str], str]) -> bool:
     if row["engine"] == BASELINE:
         return True
     # its baseline; where none was recorded (a pre-quantized cell's), the float model loaded as usual
-    base = row["baseline_id"] if (row["machine"], row["baseline_id"]) in failed \
+    base = row["baseline_id"] if ("*", row["baseline_id"]) in failed \
         else _post_load_baseline(tuple(row[k] for k in AXES.names))
-    return failed.get((row["machine"], base)) == _failure(row)
+    # on its machine; where that machine did not run it, on another (the same device, stack and versions' failure)
+    return failed.get((row["machine"], base), failed.get(("*", base))) == _failure(row)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -218,8 +222,11 @@ def _whole(row: dict, finding_: Finding, rule: Rule) -> str:
 
 
 def _first_line(message: str) -> str:
-    """An error message's first line, whole (a traceback's or a compiler's explanation follows it)."""
+    """An error message's first line, whole (a traceback's or a compiler's explanation follows it); a first line
+    that announces what follows ("expected one of:") keeps it, on one line."""
     lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if lines and lines[0].endswith(":"):
+        return " ".join(lines)
     return lines[0] if lines else ""
 
 
@@ -239,54 +246,12 @@ def check(rule: Rule, index: int, newest: pd.DataFrame, failed: dict[tuple[str, 
     rows = newest[newest["rule"] == index]
     view = report_data.row_dicts(rows, (*FINDING_FIELDS, *HAPPENED_FIELDS, *AXES.names, "machine", "cell_id",
                                         "baseline_id", "claim_status", "recorded_verdict", "offload_moved", "path"))
-    found: list[Finding | None] = []
-    outside = treated = shared = not_run = hooks_only = 0
-    about_offload = any(o != "none" for o in rule.match.get("offload", ()))
-    for r in view:
-        cell = SimpleNamespace(**{k: r[k] for k in AXES.names})
-        if not rule.untreated(cell):
-            treated += 1
-            found.append(None)
-        elif not rule.judges_cell(cell):
-            outside += 1
-            found.append(None)
-        elif about_offload and r["offload"] != "none" and r["offload_moved"] is not True:
-            hooks_only += 1  # a statement of offloading needs an offload that moved weights between devices
-            found.append(None)
-        elif shared_with_baseline(r, failed):
-            shared += 1
-            found.append(None)
-        elif rule.judged_claims and finding(r) is not Finding.UNCHECKED:
-            f = _claims_finding(r, rule.judged_claims)
-            not_run += f is None
-            found.append(f)
-        else:
-            found.append(finding(r))
-    left_out = []
-    if hooks_only:
-        left_out.append(f"{hooks_only} cell(s) left out: {HOOKS_ONLY}.")
-    if shared:
-        left_out.append(f"{shared} cell(s) left out: the float model fails the same way in the same offload mode, "
-                        "device and stack (the offload's or the stack's failure, not the engine's).")
-    if treated:
-        left_out.append(f"{treated} cell(s) left out: {TREATED}.")
-    if outside:
-        where = " ".join(AXES[k].describe(v) for k, v in rule.judges.items())
-        left_out.append(f"{outside} cell(s) left out: the statement is judged by the cells {where} only.")
-    unclear = [view[i] for i, f in enumerate(found) if f is Finding.UNCHECKED and rule.judged_claims
-               and view[i]["verdict"] in report_data.RAN]
-    if unclear:
-        why = sorted({d for r in unclear for c, (st, d) in (r["claim_status"] or {}).items()
-                      if c in rule.judged_claims and st != "held" and d} or {"no figure to compare"})
-        left_out.append(f"{len(unclear)} cell(s) ran, but their {' and '.join(rule.judged_claims)} claim(s) could not "
-                        f"be judged: {'; '.join(why[:2])}.")
-    if not_run:
-        left_out.append(f"{not_run} cell(s) left out: they did not run to a right output, and the statement is "
-                        f"judged by its {' and '.join(rule.judged_claims)} claim(s) only.")
+    found, left = _sort_out(rule, view, failed)
+    left_out = _left_out_lines(rule, view, found, left)
     keep = [i for i, f in enumerate(found) if f is not None and f is not Finding.UNCHECKED]
     if not keep:
         reason = ("no cell's offload moved weights between devices; needs a run on an accelerator (CPU only: "
-                  "the hooks ran, nothing moved)" if hooks_only == len(view) and hooks_only
+                  "the hooks ran, nothing moved)" if left["hooks_only"] == len(view) and left["hooks_only"]
                   else _unchecked_reason(rule, index, rows, newest, matrix, cells))
         return Check(Finding.UNCHECKED, [f"Not measured: {reason}."] + left_out, None)
     checked = rows.iloc[keep]
@@ -297,24 +262,84 @@ def check(rule: Rule, index: int, newest: pd.DataFrame, failed: dict[tuple[str, 
         shorts[_short(view[position], found[position], rule)].append(position)
         wholes[_whole(view[position], found[position], rule)].append(position)
     by_short = sorted(shorts.items(), key=lambda g: -len(g[1]))
-    devices = _devices(checked)
     lines = [f"{len(keep)} cell(s) checked, on {_where(checked)}: "
              + ", ".join(_counted(len(p), phrase) for phrase, p in by_short) + ".",
              f"Measured with {_versions(checked)}.", *left_out]
     if worst is Finding.HOLDS:
         return Check(worst, lines, None)
+    return Check(worst, lines, _suggestion(rule, by_short, len(keep), _devices(checked)),
+                 _combinations(rows, checked, wholes))
+
+
+def _sort_out(rule: Rule, view: list[dict], failed: dict) -> tuple[list[Finding | None], dict[str, int]]:
+    """Each cell's finding for the statement, or None where it is left out, and how many were left out why."""
+    found: list[Finding | None] = []
+    left = dict.fromkeys(("outside", "treated", "shared", "not_run", "hooks_only"), 0)
+    about_offload = any(o != "none" for o in rule.match.get("offload", ()))
+    for r in view:
+        cell = SimpleNamespace(**{k: r[k] for k in AXES.names})
+        why = ("treated" if not rule.untreated(cell) else "outside" if not rule.judges_cell(cell)
+               # a statement of offloading needs an offload that moved weights between devices
+               else "hooks_only" if about_offload and r["offload"] != "none" and r["offload_moved"] is not True
+               else "shared" if shared_with_baseline(r, failed) else None)
+        if why is not None:
+            left[why] += 1
+            found.append(None)
+        elif rule.judged_claims and finding(r) is not Finding.UNCHECKED:
+            f = _claims_finding(r, rule.judged_claims)
+            left["not_run"] += f is None
+            found.append(f)
+        else:
+            found.append(finding(r))
+    return found, left
+
+
+def _left_out_lines(rule: Rule, view: list[dict], found: list[Finding | None], left: dict[str, int]) -> list[str]:
+    """What was left out of judging the statement, and why, one line each."""
+    lines = []
+    if left["hooks_only"]:
+        lines.append(f"{left['hooks_only']} cell(s) left out: {HOOKS_ONLY}.")
+    if left["shared"]:
+        lines.append(f"{left['shared']} cell(s) left out: the float model fails the same way in the same offload "
+                     "mode, device and stack (the offload's or the stack's failure, not the engine's).")
+    if left["treated"]:
+        lines.append(f"{left['treated']} cell(s) left out: {TREATED}.")
+    if left["outside"]:
+        where = " ".join(AXES[k].describe(v) for k, v in rule.judges.items())
+        lines.append(f"{left['outside']} cell(s) left out: the statement is judged by the cells {where} only.")
+    claims = " and ".join(rule.judged_claims)
+    unclear = [view[i] for i, f in enumerate(found) if f is Finding.UNCHECKED and rule.judged_claims
+               and view[i]["verdict"] in report_data.RAN]
+    if unclear:
+        why = sorted({d for r in unclear for c, (st, d) in (r["claim_status"] or {}).items()
+                      if c in rule.judged_claims and st != "held" and d} or {"no figure to compare"})
+        lines.append(f"{len(unclear)} cell(s) ran, but their {claims} claim(s) could not be judged: "
+                     f"{'; '.join(why[:2])}.")
+    if left["not_run"]:
+        lines.append(f"{left['not_run']} cell(s) left out: they did not run to a right output, and the statement "
+                     f"is judged by its {claims} claim(s) only.")
+    return lines
+
+
+def _suggestion(rule: Rule, by_short: list[tuple[str, list[int]]], checked: int, devices: str) -> str:
+    """The sentence that replaces the statement: at most SUGGESTION_LIMIT characters, counting cells."""
     subject = _subject(rule)
     if len(by_short) == 1:
         suggestion = f"{subject} {by_short[0][0]} on {devices}."
     else:
         parts = ", ".join(_counted(len(p), phrase) for phrase, p in by_short[:2])
         rest = sum(len(p) for _, p in by_short[2:])  # cells, not kinds of outcome
-        suggestion = (f"{subject}, on {devices}: of {len(keep)} cells, {parts}"
+        suggestion = (f"{subject}, on {devices}: of {checked} cells, {parts}"
                       + (f", {rest} otherwise" if rest > 0 else "") + " (the table gives each combination).")
     if len(suggestion) > SUGGESTION_LIMIT:
         suggestion = f"{subject}: what happens differs by combination on {devices} (see the table)."
     if len(suggestion) > SUGGESTION_LIMIT:
         suggestion = f"What happens differs by combination on {devices} (see the table)."
+    return suggestion
+
+
+def _combinations(rows: pd.DataFrame, checked: pd.DataFrame, wholes: dict[str, list[int]]) -> list[str]:
+    """The table of the combinations that differ: cells, what they share, devices, what happened."""
     groups = sorted(wholes.items(), key=lambda g: -len(g[1]))
     table = ["| cells | combination | devices | what happened |", "|---|---|---|---|"]
     for phrase, positions in groups:
@@ -322,7 +347,7 @@ def check(rule: Rule, index: int, newest: pd.DataFrame, failed: dict[tuple[str, 
         narrow = _narrow(frame, checked) or ("the others" if len(groups) > 1 else "all")
         table.append(f"| {len(positions)} | {_cell_text(narrow)} | "
                      f"{', '.join(sorted(set(frame['device'])))} | {_cell_text(phrase)} |")
-    return Check(worst, lines, suggestion, table)
+    return table
 
 
 TREATED = ("they add what the statement does not name (layerwise casting, more components quantized, compile or a "
@@ -446,6 +471,28 @@ def _works(row: dict) -> bool:
     return row["recorded_verdict"] in report_data.RAN and row["recorded_verdict"] != "wrong-output"
 
 
+def _support_entry(mine: list[dict], unit: str, failed: dict, notes: dict[str, int]) -> str:
+    """One entry of a support table: how many `unit`s work among these cells ("⚠ 2/3"), with a footnote number for
+    the commonest failure (added to `notes`)."""
+    units: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in mine:
+        units[r[unit]][r["load"]].append(r)
+    if not units:
+        return ""
+    # a type works where it works in one of its load modes (each of its cells there)
+    working = sum(any(all(_works(r) for r in cells) for cells in loads.values()) for loads in units.values())
+    symbol = "✓" if working == len(units) else "✗" if working == 0 else "⚠"
+    entry = f"{symbol} {working}/{len(units)}"
+    bad = [r for r in mine if not _works(r)]
+    if bad:
+        texts: dict[str, int] = defaultdict(int)
+        for r in bad:
+            texts[_failure_text(r, failed)] += 1
+        text = max(texts, key=lambda t: texts[t])
+        entry += f" [{notes.setdefault(text, len(notes) + 1)}]"
+    return entry
+
+
 def support_tables(newest: pd.DataFrame, row_axis: str = "engine", unit: str = "qtype",
                    failed: dict[tuple[str, str], str] | None = None, legend: str = LEGEND) -> list[str]:
     """Markdown: a table per machine, device and stack, a row per `row_axis` value, a column per offload mode;
@@ -475,29 +522,8 @@ def support_tables(newest: pd.DataFrame, row_axis: str = "engine", unit: str = "
                 "|---|" + "---|" * len(offloads)]
         rows = report_data.row_dicts(group, fields)
         for key in keys:
-            entries = []
-            for offload in offloads:
-                mine = [r for r in rows if r[row_axis] == key and r["offload"] == offload]
-                units: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
-                for r in mine:
-                    units[r[unit]][r["load"]].append(r)
-                if not units:
-                    entries.append("")
-                    continue
-                # a type works where it works in one of its load modes (each of its cells there)
-                working = sum(any(all(_works(r) for r in cells) for cells in loads.values())
-                              for loads in units.values())
-                n = len(units)
-                symbol = "✓" if working == n else "✗" if working == 0 else "⚠"
-                entry = f"{symbol} {working}/{n}"
-                bad = [r for r in mine if not _works(r)]
-                if bad:
-                    texts = defaultdict(int)
-                    for r in bad:
-                        texts[_failure_text(r, failed)] += 1
-                    text = max(texts, key=lambda t: texts[t])
-                    entry += f" [{notes.setdefault(text, len(notes) + 1)}]"
-                entries.append(entry)
+            entries = [_support_entry([r for r in rows if r[row_axis] == key and r["offload"] == offload], unit,
+                                      failed, notes) for offload in offloads]
             out.append(f"| {AXES[row_axis].describe((key,))} | " + " | ".join(entries) + " |")
         out.append("")
     if not out:
@@ -555,14 +581,10 @@ def render(matrix: Matrix, records: report_data.Records) -> str:
     return assess(matrix, records).text
 
 
-def assess(matrix: Matrix, records: report_data.Records) -> Patch:
-    """The patch, and how each statement came out."""
-    newest = judged(matrix, records)
-    failed = failures(newest) if len(newest) else {}
-    cells = _cells(newest) if len(newest) else []
+def _heading(matrix: Matrix) -> list[str]:
+    """The patch's title, the page's address and the note on the engines the tool no longer ships."""
     document = matrix.document
-    title = document.title if document else matrix.name
-    lines = [f"# {title}: what the records show", ""]
+    lines = [f"# {document.title if document else matrix.name}: what the records show", ""]
     if document and document.url:
         lines += [f"Page: <{document.url}>", ""]
     if document and document.removed:
@@ -572,6 +594,27 @@ def assess(matrix: Matrix, records: report_data.Records) -> Patch:
                   f"still documents" + (f" ({document.removed_note})" if document.removed_note else "")
                   + ". Their statements below were checked through diffusers' integrations and the engines' own "
                   "APIs, not through the tool.", ""]
+    return lines
+
+
+def _by_section(matrix: Matrix) -> dict[str, dict[str, list[tuple[int, Rule]]]]:
+    """The rules that document a statement, by the page's section and statement, in the rules' order."""
+    by_section: dict[str, dict[str, list[tuple[int, Rule]]]] = defaultdict(dict)
+    for index, rule in enumerate(matrix.rules):
+        if rule.expect.source is None and rule.expect.statement is None:
+            continue
+        statement = rule.expect.statement or rule.expect.source
+        by_section[rule.expect.section or ""].setdefault(statement, []).append((index, rule))
+    return by_section
+
+
+def assess(matrix: Matrix, records: report_data.Records) -> Patch:
+    """The patch, and how each statement came out."""
+    newest = judged(matrix, records)
+    failed = failures(newest) if len(newest) else {}
+    cells = _cells(newest) if len(newest) else []
+    document = matrix.document
+    lines = _heading(matrix)
     summary_at = len(lines)
     lines += [f"Generated by quantmatrix from the rules in `{matrix.path.name}` and {len(newest)} records (the "
               f"newest of each cell on each machine: {', '.join(sorted(set(newest['machine']))) or 'none'}). Each "
@@ -581,12 +624,7 @@ def assess(matrix: Matrix, records: report_data.Records) -> Patch:
     if table:
         lines += ["## Compatibility (measured)", "", "Engine by offload mode, per device and stack.", "", *table]
     sections = list(document.sections) if document else []
-    by_section: dict[str, dict[str, list[tuple[int, Rule]]]] = defaultdict(dict)
-    for index, rule in enumerate(matrix.rules):
-        if rule.expect.source is None and rule.expect.statement is None:
-            continue
-        statement = rule.expect.statement or rule.expect.source
-        by_section[rule.expect.section or ""].setdefault(statement, []).append((index, rule))
+    by_section = _by_section(matrix)
     tally: dict[Finding, int] = defaultdict(int)
     out: list[Judged] = []
     for section in sections + ([""] if "" in by_section else []):

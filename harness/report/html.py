@@ -83,6 +83,46 @@ def _above(row) -> str:
             "weights dequantized for each forward) beside its resident weights")
 
 
+def _measured(row) -> list[tuple[str, str]]:
+    """The figures of a cell that ran: storage, memory, latency, output error, and its treatments' figures."""
+    out = [
+        ("stored", f"{_mib(row['param_bytes'])} ({_num(row['bytes_ratio'], '.2f')}x baseline), "
+                   f"{_num(row['bits_per_weight'], '.2f')} bits/weight"),
+        ("peak memory", f"{_mib(row['run_mem_bytes'])} above start generating"
+                        + (f" ({_mib(row['resident_mem_bytes'])} resident after loading, the rest the steps' "
+                           "transients)" if report_data.finite(row["resident_mem_bytes"]) else "")
+                        + f", {_mib(row['own_mem_bytes'])} with loading ({row['mem_kind']}); "
+                        + (f"{_num(row['mem_ratio'], '.2f')}x baseline" if report_data.finite(row['mem_ratio'])
+                           else "no ratio: the weights are under half the float model's peak")
+                        + _above(row)),
+        ("latency", f"{_num(row['latency_ms'], '.2f')} ms median (p10 {_num(row['latency_p10_ms'], '.2f')}, "
+                    f"p90 {_num(row['latency_p90_ms'], '.2f')}), " + _paired(row)),
+        ("output error", f"SQNR {_num(row['sqnr_db'], '.1f') or 'exact'} dB, cosine {_num(row['cosine'], '.5f')}"
+                         + (f", image PSNR {_num(row['psnr_db'], '.1f') or 'exact'} dB"
+                            if report_data.finite(row["psnr_db"]) or row["phases"] else "")),
+    ]
+    if report_data.finite(row["compile_first_s"]):
+        out.append(("compile", f"first call {_num(row['compile_first_s'], '.1f')} s (tracing and building), "
+                               f"{row['compile_graphs']:.0f} graphs, "
+                               f"{row['compile_graph_breaks']:.0f} graph breaks, "
+                               f"{row['compile_recompiles']:.0f} recompiles; steps "
+                               f"{_num(row['vs_uncompiled'], '.2f')}x the same cell uncompiled, timed beside it "
+                               f"(90% interval {_num(row['vs_uncompiled_lo'], '.2f')}-"
+                               f"{_num(row['vs_uncompiled_hi'], '.2f')})"))
+    if report_data.finite(row["lora_effect_db"]):
+        out.append(("LoRA", f"{row['lora_layers']:.0f} layers; it moves the float model's output to SQNR "
+                            f"{_num(row['lora_effect_db'], '.1f')} dB; this output against the float model "
+                            f"without it: {_num(row['lora_without_db'], '.1f') or 'exact'} dB; weights on "
+                            f"{_or(row['lora_devices'], 'none left (merged)')}, base layers on "
+                            f"{_or(row['lora_base_devices'], '?')}"))
+    if row["phases"]:  # a pipeline: its generation's phases and the components it quantized
+        out.append(("phases", row["phases"]))
+        out.append(("quantized", row["quantized_components"] or "nothing"))
+    if row["claims"]:
+        out.append(("claims", row["claims"]))
+    return out
+
+
 def figures(row, script: report_upstream.Script | None = None) -> list[tuple[str, str]]:
     """The figures of one cell, as (label, text) pairs, for its hover and detail panel; `script`: its standalone
     reproduction (a failing, drifting or erroring cell), linked from the panel, or why it has none."""
@@ -92,41 +132,7 @@ def figures(row, script: report_upstream.Script | None = None) -> list[tuple[str
     if row["source"]:
         out.append(("documented in", row["source"]))
     if row["verdict"] in report_data.RAN:
-        out += [
-            ("stored", f"{_mib(row['param_bytes'])} ({_num(row['bytes_ratio'], '.2f')}x baseline), "
-                       f"{_num(row['bits_per_weight'], '.2f')} bits/weight"),
-            ("peak memory", f"{_mib(row['run_mem_bytes'])} above start generating"
-                            + (f" ({_mib(row['resident_mem_bytes'])} resident after loading, the rest the steps' "
-                               "transients)" if report_data.finite(row["resident_mem_bytes"]) else "")
-                            + f", {_mib(row['own_mem_bytes'])} with loading ({row['mem_kind']}); "
-                            + (f"{_num(row['mem_ratio'], '.2f')}x baseline" if report_data.finite(row['mem_ratio'])
-                               else "no ratio: the weights are under half the float model's peak")
-                            + _above(row)),
-            ("latency", f"{_num(row['latency_ms'], '.2f')} ms median (p10 {_num(row['latency_p10_ms'], '.2f')}, "
-                        f"p90 {_num(row['latency_p90_ms'], '.2f')}), " + _paired(row)),
-            ("output error", f"SQNR {_num(row['sqnr_db'], '.1f') or 'exact'} dB, cosine {_num(row['cosine'], '.5f')}"
-                             + (f", image PSNR {_num(row['psnr_db'], '.1f') or 'exact'} dB"
-                                if report_data.finite(row["psnr_db"]) or row["phases"] else "")),
-        ]
-        if report_data.finite(row["compile_first_s"]):
-            out.append(("compile", f"first call {_num(row['compile_first_s'], '.1f')} s (tracing and building), "
-                                   f"{row['compile_graphs']:.0f} graphs, "
-                                   f"{row['compile_graph_breaks']:.0f} graph breaks, "
-                                   f"{row['compile_recompiles']:.0f} recompiles; steps "
-                                   f"{_num(row['vs_uncompiled'], '.2f')}x the same cell uncompiled, timed beside it "
-                                   f"(90% interval {_num(row['vs_uncompiled_lo'], '.2f')}-"
-                                   f"{_num(row['vs_uncompiled_hi'], '.2f')})"))
-        if report_data.finite(row["lora_effect_db"]):
-            out.append(("LoRA", f"{row['lora_layers']:.0f} layers; it moves the float model's output to SQNR "
-                                f"{_num(row['lora_effect_db'], '.1f')} dB; this output against the float model "
-                                f"without it: {_num(row['lora_without_db'], '.1f') or 'exact'} dB; weights on "
-                                f"{_or(row['lora_devices'], 'none left (merged)')}, base layers on "
-                                f"{_or(row['lora_base_devices'], '?')}"))
-        if row["phases"]:  # a pipeline: its generation's phases and the components it quantized
-            out.append(("phases", row["phases"]))
-            out.append(("quantized", row["quantized_components"] or "nothing"))
-        if row["claims"]:
-            out.append(("claims", row["claims"]))
+        out += _measured(row)
     if row["error_type"]:
         out.append(("error", f"{row['error_type']}: {row['error_message']}"))
         if row["error_layer"]:
@@ -149,6 +155,9 @@ def figures(row, script: report_upstream.Script | None = None) -> list[tuple[str
     out.append(("run", f"{row['run']} ({row['started']})"))
     if script is not None:
         out.append(("reproduce", script.path or f"no standalone script: {script.why_not}"))
+        if script.path and script.cell != row["id"]:
+            out.append(("the script runs", f"{script.cell}: the same failure (verdict, error, raising layer, "
+                                           "engine and stack)"))
     return out
 
 
@@ -211,23 +220,34 @@ def grids(latest: pd.DataFrame, scripts: dict | None = None, prefix: str = "grid
     return out
 
 
-DETAILS = "cells.js"  # each grid cell's figures, beside the page: a script sets window.QM_FIGURES (file:// too)
+DETAILS = "cells.js"  # each grid cell's figures, beside the pages: a script sets window.QM_* (file:// too)
 
 
 def _details_beside(grid_list: list[dict], table: list[list[str]], out_dir: Path) -> list[dict]:
-    """Move every grid cell's figures, and the rows of the table of every cell, out of the page into DETAILS
-    (figures keyed by a short id the cell carries): inline, they were 1.5 and 0.45 MB of the committed example's
-    2.5 MB page. JSON is JavaScript; record text stays in strings, and the script sets it as text only."""
-    details: dict[str, list] = {}
+    """Move every grid cell's figures, and the rows of the table of every cell, out of the pages into DETAILS:
+    inline, they were 1.5 and 0.45 MB of the committed example's 2.5 MB page. Every distinct text is written once
+    (QM_TEXT; figures and rows hold its index: warnings, versions and notes repeat over hundreds of cells), the
+    figures in the order of the grid cells' `data-key`. JSON is JavaScript; record text stays in strings, and the
+    pages' scripts set it as text only."""
+    texts: dict[str, int] = {}
+
+    def index(text: str) -> int:
+        return texts.setdefault(text, len(texts))
+
+    figures: list[list[list[int]]] = []
     for grid in grid_list:
         for group in grid["groups"]:
             for line in group["lines"]:
                 for cell in filter(None, line["cells"]):
-                    cell["key"] = f"c{len(details)}"
-                    details[cell["key"]] = cell.pop("figures")
-    (out_dir / DETAILS).write_text("window.QM_FIGURES = " + json.dumps(details, ensure_ascii=False) + ";\n"
-                                   + "window.QM_ROWS = " + json.dumps(table, ensure_ascii=False) + ";\n",
-                                   encoding="utf-8")
+                    cell["key"] = len(figures)
+                    figures.append([[index(label), index(text)] for label, text in cell.pop("figures")])
+    rows = [[index(value) for value in row] for row in table]
+
+    def js(value) -> str:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+    (out_dir / DETAILS).write_text(f"window.QM_TEXT = {js(list(texts))};\nwindow.QM_FIGURES = {js(figures)};\n"
+                                   f"window.QM_ROWS = {js(rows)};\n", encoding="utf-8")
     return grid_list
 
 
@@ -319,7 +339,6 @@ def build(records: report_data.Records, out_dir: Path, *, previous: report_data.
     """Write the site into `out_dir`; returns index.html's path. `rules`: a matrix file whose [document] the
     records check (e.g. matrices/sdnext.toml): its wiki patch is written beside (doc-patch.md) and previewed."""
     from harness.report import compare as compare_mod
-    from harness.report import docpatch
 
     out_dir.mkdir(parents=True, exist_ok=True)
     env = _environment()
@@ -330,18 +349,7 @@ def build(records: report_data.Records, out_dir: Path, *, previous: report_data.
     csv = out_dir / "cells.csv"
     spreadsheet_safe(latest[csv_columns()]).to_csv(csv, index=False)
     changes = compare_mod.compare(previous, records) if previous is not None else None
-    patch, wiki, preview = None, [], None
-    if rules is not None and rules.document is not None:
-        patch = docpatch.assess(rules, records)
-        (out_dir / "doc-patch.md").write_text(patch.text + "\n", encoding="utf-8")
-        preview = patch.text
-        if rules.document.page is not None:  # the page as it should read, and its diff
-            from harness.report import wikipage
-
-            edited = wikipage.edit(rules.document, patch)
-            preview = edited.text
-            wiki = [p.relative_to(out_dir).as_posix() for p in wikipage.write(edited, out_dir / "wiki",
-                                                                               rules.document)]
+    patch, wiki, preview = _page_files(rules, records, out_dir)
     said = report_statements.statements(latest)
     if rules is not None:  # records written before rules quoted their statement: the rules file has it
         quoted = {r.expect.source: r.expect.statement for r in rules.rules if r.expect.statement}
@@ -377,6 +385,24 @@ def build(records: report_data.Records, out_dir: Path, *, previous: report_data.
     index = out_dir / "index.html"
     index.write_text(html, encoding="utf-8")
     return index
+
+
+def _page_files(rules: Matrix | None, records: report_data.Records, out_dir: Path):
+    """The judgement of the page the rules state (doc-patch.md), the page as it should read and its diff (wiki/),
+    and the text the site previews: (patch, the wiki files' relative paths, preview), or (None, [], None)."""
+    from harness.report import docpatch
+
+    if rules is None or rules.document is None:
+        return None, [], None
+    patch = docpatch.assess(rules, records)
+    (out_dir / "doc-patch.md").write_text(patch.text + "\n", encoding="utf-8")
+    if rules.document.page is None:
+        return patch, [], patch.text
+    from harness.report import wikipage
+
+    edited = wikipage.edit(rules.document, patch)
+    written = wikipage.write(edited, out_dir / "wiki", rules.document)
+    return patch, [p.relative_to(out_dir).as_posix() for p in written], edited.text
 
 
 @functools.cache

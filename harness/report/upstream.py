@@ -91,11 +91,18 @@ class Script:
 
     path: str | None
     why_not: str = ""
+    cell: str = ""  # the cell the script runs: another cell of the same failure, where it is not this one's own
+
+
+# What makes two cells one failure, with one script for both: the verdict, the error and the layer that raised it,
+# the engine and the stack (the other axes of the first cell, in id order, are the script's)
+FAILURE = ("verdict", "error_type", "error_layer", "engine", "stack")
 
 
 def write_scripts(latest: pd.DataFrame, out_dir: Path, files: Iterable[str]) -> dict[tuple[str, str, str], Script]:
-    """Write the standalone script of every cell of `latest` that failed, drifted or raised into
-    `out_dir/repro/`; returns, per (machine, versions, id), its path or why there is none. Scripts an earlier
+    """Write a standalone script for each failure (FAILURE) among the cells of `latest` that failed, drifted or
+    raised into `out_dir/repro/`; returns, per (machine, versions, id), the path of its failure's script or why
+    there is none. Scripts an earlier
     build of the same directory wrote (its manifest names them) are removed first; no other file is touched."""
     folder = out_dir / REPRO_DIR
     manifest = folder / MANIFEST
@@ -110,14 +117,20 @@ def write_scripts(latest: pd.DataFrame, out_dir: Path, files: Iterable[str]) -> 
     rows = rows[rows["verdict"] != "unavailable"]
     out: dict[tuple[str, str, str], Script] = {}
     wanted: dict[tuple[str, str, str], tuple[str, str, str]] = {}
-    for row in report_data.row_dicts(rows, ("machine", "versions", "id", "run", "started", *AXES.names)):
+    same: dict[tuple, list[tuple[str, str, str]]] = {}  # one failure -> its cells, the first scripted for all
+    for row in report_data.row_dicts(rows.sort_values("id"), ("machine", "versions", "id", "run", "started",
+                                                              "verdict", "error_type", "error_layer",
+                                                              *AXES.names)):
         key = (row["machine"], row["versions"], row["id"])
         cell = _cell(row)
         why = "its cell cannot be read here" if cell is None else repro.unsupported(cell)
         if why:
             out[key] = Script(None, why)
-        else:
+            continue
+        failure = tuple(row[k] for k in FAILURE)
+        if failure not in same:
             wanted[(row["run"], row["id"], row["started"])] = key
+        same.setdefault(failure, []).append(key)
     for raw_key, record in _raw(files, wanted).items():
         key = wanted[raw_key]
         try:
@@ -128,9 +141,12 @@ def write_scripts(latest: pd.DataFrame, out_dir: Path, files: Iterable[str]) -> 
         name = f"{REPRO_DIR}/{_slug(key[2], 100)}-{_digest(*key)}.py"
         folder.mkdir(parents=True, exist_ok=True)
         (out_dir / name).write_text(text, encoding="utf-8")
-        out[key] = Script(name)
+        out[key] = Script(name, cell=key[2])
     for key in wanted.values():
         out.setdefault(key, Script(None, "its record was not found in the results files"))
+    for first, *others in same.values():  # each cell of a failure links the script of its first cell
+        for key in others:
+            out[key] = out[first]
     written = sorted(s.path.split("/", 1)[1] for s in out.values() if s.path)
     if written:
         manifest.write_text("\n".join(written) + "\n", encoding="utf-8")

@@ -329,7 +329,7 @@ def _measure(task: CellTask, progress: _Progress) -> dict:
     if installed.notes:
         metrics["offload_notes"] = installed.notes
     if installed.moves:
-        metrics["offload_moves"] = installed.moves
+        metrics["offload_moves"] = measure.runs_counted(installed.moves)
     if installed.options:
         metrics["offload_options"] = installed.options
     if loaded.name_hint is not None:

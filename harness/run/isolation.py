@@ -41,6 +41,7 @@ from harness.run.execute import CellTask
 from harness.verdict import ErrorInfo, Outcome, Stage, Status
 
 OUTPUT_TAIL_BYTES = 4000
+RAN_TAIL_BYTES = 1000  # a cell that ran: its warnings are recorded apart, the log's last lines are enough
 STACKS_BYTES = 32000  # every thread's stack of a killed cell (faulthandler caps each at 100 frames)
 
 
@@ -268,7 +269,7 @@ def run_isolated(task: CellTask, *, timeout_s: float, memory_limit_mb: int = 0) 
             return Outcome(Status.CRASH, error=ErrorInfo("HarnessError", str(exc), "", Stage.PROCESS),
                            reason="the pool worker for this cell died while importing")
         outcome = _outcome(exitcode, result, overrun, timeout_s, elapsed)
-        outcome.output_tail = _tail(log)
+        outcome.output_tail = _tail(log, RAN_TAIL_BYTES if outcome.status is Status.RAN else OUTPUT_TAIL_BYTES)
     return outcome
 
 

@@ -59,12 +59,6 @@ class FloatLayout:
     weights: dict[str, tuple[str, int, int]]  # layer name -> (kind, weight elements, weight bytes)
     total_bytes: int
 
-    @property
-    def dtype_bits(self) -> float | None:
-        """Bits per weight of the float model itself (its dtype's width)."""
-        elements = sum(n for _, n, _ in self.weights.values())
-        return 8 * sum(b for _, _, b in self.weights.values()) / elements if elements else None
-
 
 def float_layout(skeleton: nn.Module) -> FloatLayout:
     state = skeleton.state_dict(keep_vars=True)
@@ -331,4 +325,19 @@ def kinds_of(parts: list[dict]) -> dict[str, int]:
     for p in parts:
         for kind, n in p["quantized_layers"].items():
             out[kind] = out.get(kind, 0) + n
+    return out
+
+
+def runs_counted(lines: list[str]) -> list[str]:
+    """`lines` with each run of one repeated line said once, with its count ("... (x12)"): an offload's notes
+    repeat every step."""
+    out: list[str] = []
+    last, n = None, 0
+    for line in [*lines, None]:
+        if line == last:
+            n += 1
+            continue
+        if last is not None:
+            out.append(last if n == 1 else f"{last} (x{n})")
+        last, n = line, 1
     return out

@@ -4,7 +4,7 @@
 # FluxTransformer2DModel, seeded random weights), dtype float32, stack diffusers, layerwise casting to
 # float8_e4m3fn.
 #
-# What the harness recorded (run 20261204-190109-vm, 2026-12-04T19:01:41+00:00, host vm):
+# What the harness recorded (run 20261207-111818-vm, 2026-12-07T11:22:10+00:00, host vm):
 #   verdict:   wrong-output
 #   expected:  works
 #   note:      ran, but its output is not the model's: SQNR 4.3 dB < floor 7 dB (the type's floor: fp8 (about 31 dB
@@ -14,7 +14,7 @@
 # Versions (the record's env):
 #   python 3.11.7, torch 2.13.0+cpu, diffusers 0.42.1, accelerate 1.16.0
 #   engines: autoround 0.16.1, bnb 0.50.2, gguf 0.19.0, modelopt 0.43.0, nncf 3.4.0, quanto 0.2.7, sdnq 0.2.8, torchao 0.18.0
-#   os Linux-6.18.44-fc-v1272-x86_64-with-glibc2.36; device cpu: AMD EPYC
+#   os Linux-6.18.44-fc-v1300-x86_64-with-glibc2.36; device cpu: AMD EPYC
 #
 # Run it alone: python this_file.py
 #   needs torch, diffusers, accelerate, safetensors, nvidia-modelopt; writes its files under a temporary directory

@@ -3,7 +3,7 @@
 # as the harness ran it: engine modelopt fp8, load post-load, offload sequential, device cpu, model flux-tiny
 # (diffusers' FluxTransformer2DModel, seeded random weights), dtype float32, stack direct.
 #
-# What the harness recorded (run 20261204-190109-vm, 2026-12-04T19:01:49+00:00, host vm):
+# What the harness recorded (run 20261207-111818-vm, 2026-12-07T11:22:17+00:00, host vm):
 #   verdict:   fail
 #   expected:  works
 #   stage:     offload (of prepare, load, offload, forward)
@@ -15,7 +15,7 @@
 # Versions (the record's env):
 #   python 3.11.7, torch 2.13.0+cpu, diffusers 0.42.1, accelerate 1.16.0
 #   engines: autoround 0.16.1, bnb 0.50.2, gguf 0.19.0, modelopt 0.43.0, nncf 3.4.0, quanto 0.2.7, sdnq 0.2.8, torchao 0.18.0
-#   os Linux-6.18.44-fc-v1272-x86_64-with-glibc2.36; device cpu: AMD EPYC
+#   os Linux-6.18.44-fc-v1300-x86_64-with-glibc2.36; device cpu: AMD EPYC
 #
 # Run it alone: python this_file.py
 #   needs torch, diffusers, accelerate, safetensors, nvidia-modelopt; writes its files under a temporary directory

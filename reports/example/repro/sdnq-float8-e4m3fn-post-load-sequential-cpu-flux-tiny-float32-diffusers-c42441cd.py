@@ -1,0 +1,231 @@
+# Standalone reproduction of the quantmatrix cell
+#   sdnq-float8_e4m3fn/post-load/sequential/cpu/flux-tiny/float32/diffusers
+# as the harness ran it: engine sdnq float8_e4m3fn, load post-load, offload sequential, device cpu, model flux-tiny
+# (diffusers' FluxTransformer2DModel, seeded random weights), dtype float32, stack diffusers.
+#
+# What the harness recorded (run 20261207-111818-vm, 2026-12-07T11:28:51+00:00, host vm):
+#   verdict:   documented-error
+#   expected:  error /TypeError: new\(\) received an invalid combination of arguments - got \(Tensor, requires_grad=bool\)/
+#     measured (accelerate 1.15.0 and 1.16.0, diffusers 0.42.1): enable_sequential_cpu_offload(device='cpu') runs on
+#     cpu:0
+#   stage:     forward (of prepare, load, offload, forward)
+#   error:     TypeError: new() received an invalid combination of arguments - got (Tensor, requires_grad=bool), but expected one of:
+#               * (*, torch.device device = None)
+#                    didn't match because some of the keywords were incorrect: requires_grad
+#               * (torch.Storage storage)
+#               * (Tensor other)
+#               * (tuple of ints size, *, torch.device device = None)
+#               * (object data, *, torch.device device = None)
+#   raised in: accelerate.utils
+#              innermost frames first: modeling.py:373 set_module_tensor_to_device <- hooks.py:399 _offload_weights
+#              <- eval_frame.py:1446 _fn <- hooks.py:46 wrapper
+#
+# Versions (the record's env):
+#   python 3.11.7, torch 2.13.0+cpu, diffusers 0.42.1, accelerate 1.16.0
+#   engines: autoround 0.16.1, bnb 0.50.2, gguf 0.19.0, modelopt 0.43.0, nncf 3.4.0, quanto 0.2.7, sdnq 0.2.8, torchao 0.18.0
+#   os Linux-6.18.44-fc-v1300-x86_64-with-glibc2.36; device cpu: AMD EPYC
+#
+# Run it alone: python this_file.py
+#   needs torch, diffusers, accelerate, safetensors, sdnq; writes its files under a temporary directory it removes;
+#   no network.
+#   It runs up to the forward step, where it should end with the error above:
+#     TypeError: new() received an invalid combination of arguments - got (Tensor, requires_grad=bool), but expected one of:
+# Seed 0 and batch 1: the harness's default settings (every shipped matrix runs with them; records do not carry
+# them).
+# Written by quantmatrix (`quantmatrix repro`, or its report); it imports nothing of quantmatrix.
+
+
+from __future__ import annotations
+
+import math
+import tempfile
+import types
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import accelerate  # noqa: F401 - the model's skeleton and the offload hooks
+import diffusers
+import sdnq  # noqa: F401 - registers SDNQ's quantizer with diffusers
+
+
+CELL = 'sdnq-float8_e4m3fn/post-load/sequential/cpu/flux-tiny/float32/diffusers'
+MODEL = 'flux-tiny'
+QTYPE = 'float8_e4m3fn'
+SEED = 0
+BATCH = 1
+WARMUP = 2  # steps the harness runs after the first, before timing
+DTYPE = torch.float32
+DEVICE = torch.device('cpu')
+
+
+# ---------------------------------------------------------------- the model (quantmatrix's)
+# Its shape (harness/models/specs.py MODELS) and diffusers constructor arguments (DIFFUSERS_CONFIGS).
+REAL_CLASSES = {'flux': 'FluxTransformer2DModel'}
+MODELS = {'flux-tiny': types.SimpleNamespace(kind='flux', width=128, depth=2, heads=4, latent=16, channels=16,
+                                             context_tokens=16, context_dim=128, levels=2, pooled_dim=128,
+                                             shared_weights=False, pipeline=False)}
+DIFFUSERS_CONFIGS = {'flux-tiny': dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                       attention_head_dim=32, num_attention_heads=4, joint_attention_dim=128,
+                                       pooled_projection_dim=128, guidance_embeds=False, axes_dims_rope=(8, 12, 12))}
+
+# Copied from harness/models/real.py: the skeleton, the seeded weights (drawn parameter by parameter in name
+# order: bit-identical to the harness's for the seed) and one denoising step's inputs.
+
+def model_class(name: str) -> type[nn.Module]:
+    import diffusers
+
+    return getattr(diffusers, REAL_CLASSES[MODELS[name].kind])
+
+
+def build_skeleton(name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model with its parameters on the meta device (buffers, which the config computes, stay real)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = model_class(name)(**DIFFUSERS_CONFIGS[name])
+    return nn.Module.to(model, dtype).eval()
+
+
+def seed_weights(module: nn.Module, seed: int) -> nn.Module:
+    """Seeded weights, drawn parameter by parameter in name order (bit-identical for a seed, whatever torch's
+    default initialisers do): fan-in scaled normals, norm scales near 1, small biases. Tied parameters (T5's
+    shared embedding) are drawn once and stay tied."""
+    gen = torch.Generator().manual_seed(seed)
+    drawn: dict[int, nn.Parameter] = {}
+    for pname, p in sorted(module.named_parameters(remove_duplicate=False)):
+        if id(p) not in drawn:
+            if pname.endswith("bias"):
+                value = torch.randn(p.shape, generator=gen) * 0.02
+            elif p.dim() == 1:
+                value = 1 + 0.1 * torch.randn(p.shape, generator=gen)
+            else:
+                value = torch.randn(p.shape, generator=gen) / math.sqrt(p[0].numel())
+            drawn[id(p)] = nn.Parameter(value.to(p.dtype), requires_grad=False)
+        owner, _, leaf = pname.rpartition(".")
+        (module.get_submodule(owner) if owner else module)._parameters[leaf] = drawn[id(p)]
+    return module
+
+
+def build_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model from its skeleton with seeded weights (seed_weights)."""
+    model = seed_weights(build_skeleton(name, torch.float32), seed)
+    return nn.Module.to(model, dtype).eval()
+
+
+def make_inputs(name: str, seed: int = 0, batch: int = 1, dtype: torch.dtype = torch.float32,
+                device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """One denoising step's inputs as the model's pipeline passes them (flat: `call` nests SDXL's added
+    conditions)."""
+    spec = MODELS[name]
+    gen = torch.Generator().manual_seed(seed + 1)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen)
+
+    text = randn(batch, spec.context_tokens, spec.context_dim)
+    pooled = randn(batch, spec.pooled_dim)
+    if spec.kind == "flux":  # packed 2x2 latent patches; positions as the pipeline's image ids
+        h = w = spec.latent // 2
+        ids = torch.zeros(h, w, 3)
+        ids[..., 1] += torch.arange(h)[:, None]
+        ids[..., 2] += torch.arange(w)[None, :]
+        inputs = {"hidden_states": randn(batch, h * w, spec.channels * 4), "encoder_hidden_states": text,
+                  "pooled_projections": pooled, "timestep": torch.rand(batch, generator=gen),
+                  "img_ids": ids.reshape(h * w, 3), "txt_ids": torch.zeros(spec.context_tokens, 3)}
+        if DIFFUSERS_CONFIGS[name].get("guidance_embeds"):
+            inputs["guidance"] = torch.full((batch,), 3.5)
+    elif spec.kind == "sd3":
+        inputs = {"hidden_states": randn(batch, spec.channels, spec.latent, spec.latent),
+                  "encoder_hidden_states": text, "pooled_projections": pooled,
+                  "timestep": torch.randint(0, 1000, (batch,), generator=gen).float()}
+    else:  # sdxl: the pipeline's micro-conditioning (original size, crop, target size) in pixels
+        size = spec.latent * 8
+        inputs = {"sample": randn(batch, spec.channels, spec.latent, spec.latent),
+                  "timestep": torch.randint(0, 1000, (batch,), generator=gen).float(),
+                  "encoder_hidden_states": text, "text_embeds": pooled,
+                  "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * batch, dtype=torch.float32)}
+    return {k: (v if k == "timestep" else v.to(dtype)).to(device) for k, v in inputs.items()}
+
+
+ADDED_CONDITIONS = ("text_embeds", "time_ids")
+
+
+def call_kwargs(inputs: dict[str, torch.Tensor]) -> dict:
+    """The keyword arguments of the model's forward: SDXL's added conditions nested as its UNet takes them."""
+    kwargs = {k: v for k, v in inputs.items() if k not in ADDED_CONDITIONS}
+    added = {k: inputs[k] for k in ADDED_CONDITIONS if k in inputs}
+    if added:
+        kwargs["added_cond_kwargs"] = added
+    return kwargs
+
+
+def run(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(**call_kwargs(inputs), return_dict=False)[0]
+
+
+# ---------------------------------------------------------------- the cell's steps
+def quantize(model: nn.Module) -> nn.Module:
+    """The engine's own API after load."""
+    from sdnq import sdnq_post_load_quant  # harness/engines/sdnq.py quantize
+
+    return sdnq_post_load_quant(model, torch_dtype=DTYPE, weights_dtype='float8_e4m3fn')
+
+
+class ComponentPipeline(diffusers.DiffusionPipeline):
+    """The smallest pipeline: the model as its one component, so that diffusers' own offload methods run on it
+    (harness/offload.py component_pipeline: what the diffusers stack offloads a model alone with)."""
+
+    model_cpu_offload_seq = "transformer"
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.register_modules(transformer=transformer)
+
+
+def prepare(tmp: Path) -> Path | None:
+    """The files the load reads, made as the harness makes them once per run (stage: prepare)."""
+    float_dir = tmp / "float"  # harness/stacks/loading.py make_float_dir: the float32 model, save_pretrained
+    build_model(MODEL, SEED, torch.float32).save_pretrained(str(float_dir))
+    return float_dir
+
+
+def load(source: Path | None, tmp: Path) -> nn.Module:
+    """Load (and quantize) the model (stage: load)."""
+    # harness/stacks/diffusers.py load_post: from_pretrained of the float directory, then the engine's API
+    loaded = model_class(MODEL).from_pretrained(str(source), torch_dtype=DTYPE)
+    return quantize(loaded)
+
+
+def offload(model: nn.Module):
+    """Install the offload mode; returns what to call after each step (stage: offload)."""
+    # harness/offload.py offload_pipeline: the pipeline's own method, the model being its one component
+    pipe = ComponentPipeline(model)
+    pipe.enable_sequential_cpu_offload(device=DEVICE)
+    return lambda: None
+
+
+def main() -> None:
+    torch.manual_seed(SEED)  # harness/run/execute.py prepare_cell
+    inputs = make_inputs(MODEL, SEED, BATCH, DTYPE, DEVICE)
+    with tempfile.TemporaryDirectory(prefix="quantmatrix-repro-") as name:
+        tmp = Path(name)
+        print("prepare", flush=True)
+        source = prepare(tmp)
+        print("load", flush=True)
+        model = load(source, tmp).eval()
+        print("offload", flush=True)
+        after_step = offload(model)
+        print("forward", flush=True)
+        with torch.no_grad():  # the first step, then the warm-up steps (harness/run/execute.py)
+            output = run(model, inputs)
+            after_step()
+            for _ in range(WARMUP):
+                run(model, inputs)
+                after_step()
+    print("ran to the end of the forward step without an error")
+
+
+if __name__ == "__main__":
+    main()
