@@ -587,34 +587,8 @@ def _rule(doc: _Doc, raw: Any, key: str, index: int, document: Document | None =
             raise doc.fail(f"{key}.pattern", f"invalid regular expression ({exc}); expected a Python regex") from None
     if kind == "unavailable" and not table.get("reason"):
         raise doc.fail(f"{key}.reason", "missing; an 'unavailable' rule must say why")
-    versions: dict[str, SpecifierSet | None] = {}
-    for package, spec in doc.table(table.get("versions", {}), f"{key}.versions").items():
-        if package in PACKAGE_ENGINES:  # an engine named by its distribution ("bitsandbytes"): records key engines
-            package = PACKAGE_ENGINES[package]
-        elif package not in CATALOG and package not in VERSIONED:
-            raise doc.fail(f"{key}.versions.{package}", "unknown; expected an engine or its package ("
-                           + ", ".join(sorted({*CATALOG, *PACKAGE_ENGINES} - {"none", "fault"}))
-                           + ") or one of " + ", ".join(VERSIONED))
-        if not isinstance(spec, str):
-            raise doc.fail(f"{key}.versions.{package}", f"expected a version specifier string, got {_kind(spec)}")
-        if spec == "absent":
-            versions[package] = None
-            continue
-        try:
-            versions[package] = SpecifierSet(spec)
-        except InvalidSpecifier:
-            raise doc.fail(f"{key}.versions.{package}",
-                           f"invalid version specifier {spec!r}; expected e.g. '>=2.4,<2.6' or 'absent'") from None
-    claims: list[str] = []
-    if "claims" in table:
-        claims = doc.strings(table["claims"], f"{key}.claims")
-        for c in claims:
-            if parse_claim(c) is None:
-                raise doc.fail(f"{key}.claims", f"unknown claim {c!r}{did_you_mean(c, CLAIMS)}; expected one of "
-                                                f"{list(CLAIMS)}, or {', '.join(f'{k}:F' for k in FACTOR_CLAIMS)} "
-                                                f"with a factor F above 1")
-        if kind != "works":
-            raise doc.fail(f"{key}.claims", f"claims need a cell that runs; expected expect = 'works', got {kind!r}")
+    versions = _rule_versions(doc, table, key)
+    claims = _rule_claims(doc, table, key, kind)
     tolerance = table.get("tolerance", DEFAULT_TOLERANCE)
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1:
         raise doc.fail(f"{key}.tolerance", f"expected a number from 0 up to (not including) 1, got {tolerance!r}")
@@ -635,6 +609,45 @@ def _rule(doc: _Doc, raw: Any, key: str, index: int, document: Document | None =
         raise doc.fail(f"{key}.judges", "judges says which cells test the rule's statement; expected a statement")
     return Rule(match, expect, versions, _selector(doc, judges, f"{key}.judges") if judges else {},
                 tuple(judged_claims))
+
+
+def _rule_versions(doc: _Doc, table: dict, key: str) -> dict[str, SpecifierSet | None]:
+    """A rule's `versions`: package (an engine, its distribution, or one of VERSIONED) -> specifier, or None for
+    "absent"."""
+    versions: dict[str, SpecifierSet | None] = {}
+    for package, spec in doc.table(table.get("versions", {}), f"{key}.versions").items():
+        if package in PACKAGE_ENGINES:  # an engine named by its distribution ("bitsandbytes"): records key engines
+            package = PACKAGE_ENGINES[package]
+        elif package not in CATALOG and package not in VERSIONED:
+            raise doc.fail(f"{key}.versions.{package}", "unknown; expected an engine or its package ("
+                           + ", ".join(sorted({*CATALOG, *PACKAGE_ENGINES} - {"none", "fault"}))
+                           + ") or one of " + ", ".join(VERSIONED))
+        if not isinstance(spec, str):
+            raise doc.fail(f"{key}.versions.{package}", f"expected a version specifier string, got {_kind(spec)}")
+        if spec == "absent":
+            versions[package] = None
+            continue
+        try:
+            versions[package] = SpecifierSet(spec)
+        except InvalidSpecifier:
+            raise doc.fail(f"{key}.versions.{package}",
+                           f"invalid version specifier {spec!r}; expected e.g. '>=2.4,<2.6' or 'absent'") from None
+    return versions
+
+
+def _rule_claims(doc: _Doc, table: dict, key: str, kind: str) -> list[str]:
+    """A rule's `claims`, each a known claim or a factor claim; only a rule that expects the cell to work has any."""
+    claims: list[str] = []
+    if "claims" in table:
+        claims = doc.strings(table["claims"], f"{key}.claims")
+        for c in claims:
+            if parse_claim(c) is None:
+                raise doc.fail(f"{key}.claims", f"unknown claim {c!r}{did_you_mean(c, CLAIMS)}; expected one of "
+                                                f"{list(CLAIMS)}, or {', '.join(f'{k}:F' for k in FACTOR_CLAIMS)} "
+                                                f"with a factor F above 1")
+        if kind != "works":
+            raise doc.fail(f"{key}.claims", f"claims need a cell that runs; expected expect = 'works', got {kind!r}")
+    return claims
 
 
 def parse_matrix(text: str, path: Path | str = "<matrix>", *, present_devices: tuple[str, ...] = ("cpu",),

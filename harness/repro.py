@@ -641,6 +641,37 @@ def _compile_code(cell: Cell) -> str:
             f"    {call}\n")
 
 
+def _main_lines(cast: str, compiled: bool, check: bool, reaches) -> list[str]:
+    """The script's main(): inputs, the float model's output where the output is judged, then each stage the cell
+    reached, as the harness runs them (harness/run/execute.py)."""
+    main = ["def main() -> None:",
+            "    torch.manual_seed(SEED)  # harness/run/execute.py prepare_cell",
+            "    inputs = make_inputs(MODEL, SEED, BATCH, DTYPE, DEVICE)"]
+    if check:
+        main += ["    with torch.no_grad():  # the float model's output (harness/run/execute.py _reference_file)",
+                 "        reference = run(build_model(MODEL, SEED, DTYPE).to(DEVICE), inputs)"]
+    main += ['    with tempfile.TemporaryDirectory(prefix="quantmatrix-repro-") as name:', "        tmp = Path(name)",
+             '        print("prepare", flush=True)', "        source = prepare(tmp)"]
+    if reaches("load"):
+        main += ['        print("load", flush=True)', "        model = load(source, tmp).eval()" + indent(cast, "    ")]
+    if reaches("offload"):
+        main += ['        print("offload", flush=True)', "        after_step = offload(model)"]
+    if compiled and reaches("compile"):
+        main += ['        print("compile", flush=True)', "        compile_model(model)",
+                 f"        with {GUARD}, torch.no_grad():  # the first call compiles",
+                 "            output = run(model, inputs)", "            after_step()"]
+    if reaches("forward"):
+        first = [] if compiled else ["            output = run(model, inputs)", "            after_step()"]
+        main += ['        print("forward", flush=True)',
+                 "        with " + (f"{GUARD}, " if compiled else "") + "torch.no_grad():  # the first step, then the "
+                 "warm-up steps (harness/run/execute.py)", *first,
+                 "            for _ in range(WARMUP):", "                run(model, inputs)",
+                 "                after_step()"]
+        if check:
+            main.append("        check_output(output, reference)")
+    return main
+
+
 def script(record: dict, settings: Settings | None = None, *, settings_from: str = "") -> str:
     """The standalone script of a record's cell (raises Unsupported, naming the cell and what is missing). A record
     is untrusted: one that does not validate gets no script; of one that does, every value becomes a Python
@@ -690,31 +721,7 @@ def script(record: dict, settings: Settings | None = None, *, settings_from: str
         steps += ["def offload(model: nn.Module):",
                   '    """Install the offload mode; returns what to call after each step (stage: offload)."""',
                   indent(offload_body, "    "), "", ""]
-    main = ["def main() -> None:",
-            "    torch.manual_seed(SEED)  # harness/run/execute.py prepare_cell",
-            "    inputs = make_inputs(MODEL, SEED, BATCH, DTYPE, DEVICE)"]
-    if check:
-        main += ["    with torch.no_grad():  # the float model's output (harness/run/execute.py _reference_file)",
-                 "        reference = run(build_model(MODEL, SEED, DTYPE).to(DEVICE), inputs)"]
-    main += ['    with tempfile.TemporaryDirectory(prefix="quantmatrix-repro-") as name:', "        tmp = Path(name)",
-             '        print("prepare", flush=True)', "        source = prepare(tmp)"]
-    if reaches("load"):
-        main += ['        print("load", flush=True)', "        model = load(source, tmp).eval()" + indent(cast, "    ")]
-    if reaches("offload"):
-        main += ['        print("offload", flush=True)', "        after_step = offload(model)"]
-    if compiled and reaches("compile"):
-        main += ['        print("compile", flush=True)', "        compile_model(model)",
-                 f"        with {GUARD}, torch.no_grad():  # the first call compiles",
-                 "            output = run(model, inputs)", "            after_step()"]
-    if reaches("forward"):
-        first = [] if compiled else ["            output = run(model, inputs)", "            after_step()"]
-        main += ['        print("forward", flush=True)',
-                 "        with " + (f"{GUARD}, " if compiled else "") + "torch.no_grad():  # the first step, then the "
-                 "warm-up steps (harness/run/execute.py)", *first,
-                 "            for _ in range(WARMUP):", "                run(model, inputs)",
-                 "                after_step()"]
-        if check:
-            main.append("        check_output(output, reference)")
+    main = _main_lines(cast, compiled, check, reaches)
     main.append(f'    print("ran to the end of the {stop} step without an error")')
     helpers = "\n\n\n".join(h.rstrip("\n") for h in (q_helpers, o_helpers if reaches("offload") else "",
                                                     _compile_code(cell) if compiled and reaches("compile") else "",

@@ -132,3 +132,14 @@ def test_no_import_cycle_among_the_harness_modules():
 
     cycles = [c for m in sorted(modules) if (c := cycle_from(m))]
     assert not cycles, " ; ".join(" -> ".join(c) for c in cycles[:5])
+
+
+def test_no_function_in_the_harness_is_over_60_lines():
+    """A function a reader takes in at once: the long ones were split (#37)."""
+    long = []
+    for path in sorted((REPO / "harness").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} "
+                            f"({node.end_lineno - node.lineno + 1} lines)")
+    assert long == []

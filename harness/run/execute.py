@@ -269,15 +269,7 @@ def _measure(task: CellTask, progress: _Progress) -> dict:
     _cast(model, cell)
     tracker.sample()
     # Storage is counted before offload: offload hooks replace weights with placeholders.
-    param_bytes = measure.stored_bytes(model)
-    if isinstance(model, PipelineModel):
-        named = component_names(cell.model)[cell.components]
-        parts = measure.component_storage(model.parts(), skeleton.parts(), () if engine.name == "none" else named)
-        counted = [parts[name] for name in named]
-        bpw, kinds = measure.bits_of(counted), measure.kinds_of(counted)
-    else:
-        stored = measure.storage(model, measure.float_layout(skeleton))
-        parts, bpw, kinds = None, stored.bits_per_weight, stored.quantized_layers
+    param_bytes, parts, bpw, kinds = _storage(model, skeleton, cell)
 
     progress.stage = Stage.LORA
     lora_figures, lora_weights = _lora(model, cell, s.seed, skeleton)
@@ -292,25 +284,15 @@ def _measure(task: CellTask, progress: _Progress) -> dict:
     steps = _run_steps(task, model, inputs, reference, installed.after_step, tracker,
                        _FloatReference(task, measure.stored_bytes(skeleton)), watch, progress)
     run_peak = max([steps.peak, *(p["peak_mem_bytes"] for p in steps.phases.values())])
-    if lora_figures is not None:  # judged against the float model with the LoRA; without it, it must be farther
-        without = _read_reference(reference_path(task, "-"))  # made by prepare_cell
-        against_plain = measure.output_figures(steps.output, without)
-        lora_figures |= {**loras.devices(compiling.denoiser(model), lora_weights),
-                         "effect_sqnr_db": measure.output_figures(reference, without)["sqnr_db"],
-                         "sqnr_without_lora_db": against_plain["sqnr_db"]}
-        loras.check(steps.figures, against_plain)
+    if lora_figures is not None:
+        lora_figures |= _lora_judged(task, model, reference, steps, lora_weights)
     metrics = {
         "param_bytes": param_bytes,
         "disk_bytes": loaded.disk_bytes if loaded.disk_bytes is not None else param_bytes,
         "disk_is_file": loaded.disk_bytes is not None,
         "bits_per_weight": bpw,
         "quantized_layers": kinds,
-        "peak_mem_bytes": max(load_peak, run_peak),
-        "load_peak_mem_bytes": load_peak,
-        "run_peak_mem_bytes": run_peak,
-        "resident_mem_bytes": resident,
-        "mem_base_bytes": mem_base,
-        "mem_kind": tracker.kind,
+        **_memory(load_peak, run_peak, resident, mem_base, tracker.kind),
         "latency_ms": steps.latency.as_dict(),
         _FloatReference.key(cell): steps.paired,
         "host_load": steps.host_load,
@@ -326,15 +308,50 @@ def _measure(task: CellTask, progress: _Progress) -> dict:
         metrics["compile"] = watch.figures()
     if lora_figures is not None:
         metrics["lora"] = lora_figures
+    return metrics | _offload_figures(installed) | ({} if loaded.name_hint is None else {
+        "name_hint": loaded.name_hint, "name_hint_detail": loaded.name_hint_detail})
+
+
+def _memory(load_peak: int, run_peak: int, resident: int, base: int, kind: str) -> dict:
+    """The cell's memory: its peak, loading's and the generation's apart, what stays resident after loading, and
+    what was in use at its start (every figure absolute: the report subtracts the start)."""
+    return {"peak_mem_bytes": max(load_peak, run_peak), "load_peak_mem_bytes": load_peak,
+            "run_peak_mem_bytes": run_peak, "resident_mem_bytes": resident, "mem_base_bytes": base, "mem_kind": kind}
+
+
+def _storage(model, skeleton, cell: Cell) -> tuple[int, dict | None, float | None, dict]:
+    """Bytes stored, a pipeline's components (None for a denoiser alone), bits per weight over what the engine
+    quantized, and the quantized layers by kind."""
+    param_bytes = measure.stored_bytes(model)
+    if isinstance(model, PipelineModel):
+        named = component_names(cell.model)[cell.components]
+        parts = measure.component_storage(model.parts(), skeleton.parts(), () if cell.engine == "none" else named)
+        counted = [parts[name] for name in named]
+        return param_bytes, parts, measure.bits_of(counted), measure.kinds_of(counted)
+    stored = measure.storage(model, measure.float_layout(skeleton))
+    return param_bytes, None, stored.bits_per_weight, stored.quantized_layers
+
+
+def _lora_judged(task: CellTask, model, reference, steps: _Steps, lora_weights) -> dict:
+    """A LoRA cell is judged against the float model with the LoRA; without it, its output must be farther."""
+    without = _read_reference(reference_path(task, "-"))  # made by prepare_cell
+    against_plain = measure.output_figures(steps.output, without)
+    loras.check(steps.figures, against_plain)
+    return {**loras.devices(compiling.denoiser(model), lora_weights),
+            "effect_sqnr_db": measure.output_figures(reference, without)["sqnr_db"],
+            "sqnr_without_lora_db": against_plain["sqnr_db"]}
+
+
+def _offload_figures(installed) -> dict:
+    """What the offload recorded: its notes, its moves (repeats counted), the options it ran with."""
+    out = {}
     if installed.notes:
-        metrics["offload_notes"] = installed.notes
+        out["offload_notes"] = installed.notes
     if installed.moves:
-        metrics["offload_moves"] = measure.runs_counted(installed.moves)
+        out["offload_moves"] = measure.runs_counted(installed.moves)
     if installed.options:
-        metrics["offload_options"] = installed.options
-    if loaded.name_hint is not None:
-        metrics["name_hint"], metrics["name_hint_detail"] = loaded.name_hint, loaded.name_hint_detail
-    return metrics
+        out["offload_options"] = installed.options
+    return out
 
 
 def _cast(model, cell: Cell) -> None:
@@ -436,6 +453,30 @@ class _Steps:
     phases: dict
 
 
+def _timed(task: CellTask, step, after_step, inputs: dict, float_reference: _FloatReference) -> tuple:
+    """The cell's timed steps, paired with its float reference's where that can run beside it (its warm-up steps
+    first); alone otherwise. (latency, the paired ratio's figures or why there are none.)"""
+    cell, s = task.cell, task.settings
+    timing = dict(warmup=s.warmup, min_steps=s.min_steps, max_steps=s.max_steps, min_time_s=s.min_time_s)
+    started = float_reference.start()
+    paired: dict = {"unpaired": float_reference.why}
+    if started is not None:
+        float_model, float_after = started
+        try:
+            for _ in range(s.warmup):
+                run(float_model, inputs)
+                float_after()
+            latency, ratio = measure.time_paired(step, lambda: run(float_model, inputs), cell.device,
+                                                 after_step=after_step, after_reference=float_after, **timing)
+            return latency, {**ratio.as_dict(), "against": float_reference.cell.id}
+        except Exception as exc:  # noqa: BLE001 - the baseline cell's finding; time the cell alone
+            paired = {"unpaired": f"the float reference failed: {type(exc).__name__}: {str(exc)[:200]}"}
+        finally:
+            del float_model
+    latency = measure.time_steps(step, cell.device, after_step=after_step, **{**timing, "warmup": 0})
+    return measure.Latency(latency.median, latency.p10, latency.p90, latency.n, s.warmup), paired
+
+
 def _run_steps(task: CellTask, model, inputs: dict, reference, after_step, tracker,
                float_reference: _FloatReference, watch: compiling.Watch | None, progress: _Progress) -> _Steps:
     """The first step's (generation's) output and its error against the float model's, the warm-up steps, then
@@ -443,7 +484,7 @@ def _run_steps(task: CellTask, model, inputs: dict, reference, after_step, track
     generation is also measured per phase (latency and peak memory); its timed generations give each phase's
     median latency. A compiled model's first call compiles it (the Watch times it); every later call is checked
     to have run compiled."""
-    cell, s = task.cell, task.settings
+    s = task.settings
     pipeline = isinstance(model, PipelineModel)
     phase_peaks: dict[str, int] = {}
     if pipeline:
@@ -472,27 +513,8 @@ def _run_steps(task: CellTask, model, inputs: dict, reference, after_step, track
             step()
             after_step()
         peak = tracker.peak()
-        started = float_reference.start()
-        paired: dict = {"unpaired": float_reference.why}
-        timing = dict(warmup=s.warmup, min_steps=s.min_steps, max_steps=s.max_steps, min_time_s=s.min_time_s)
         with measure.HostLoad() as load:
-            if started is not None:
-                float_model, float_after = started
-                try:
-                    for _ in range(s.warmup):
-                        run(float_model, inputs)
-                        float_after()
-                    latency, ratio = measure.time_paired(step, lambda: run(float_model, inputs), cell.device,
-                                                         after_step=after_step, after_reference=float_after,
-                                                         **timing)
-                    paired = {**ratio.as_dict(), "against": float_reference.cell.id}
-                except Exception as exc:  # noqa: BLE001 - the baseline cell's finding; time the cell alone
-                    paired = {"unpaired": f"the float reference failed: {type(exc).__name__}: {str(exc)[:200]}"}
-                    started = None
-                del float_model
-            if started is None:
-                latency = measure.time_steps(step, cell.device, after_step=after_step, **{**timing, "warmup": 0})
-                latency = measure.Latency(latency.median, latency.p10, latency.p90, latency.n, s.warmup)
+            latency, paired = _timed(task, step, after_step, inputs, float_reference)
     phases = {}
     if pipeline:
         steps = inputs["num_inference_steps"]
