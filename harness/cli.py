@@ -3,6 +3,7 @@
     quantmatrix run [pytest options]      run the matrix (same as `pytest -m matrix` in a checkout)
     quantmatrix list [FILE]               print the cells a matrix expands to here, with their expected outcome
     quantmatrix validate FILE...          check matrix files; exit 2 with a clear message on the first mistake
+    quantmatrix check MODEL [--memory 8GiB]   what works for a model on this machine, in what memory and time
     quantmatrix detect FILE...            print the engine and quant type found in model files' contents
                                           (exit 1 when a file's conventional name says otherwise, 2 when a
                                           file cannot be read: each file is reported)
@@ -102,6 +103,14 @@ def _validate(args: argparse.Namespace, rest: list[str]) -> int:
         matrix = load_matrix(path, max_cells=args.max_cells)
         print(f"{path}: ok, {len(matrix.cells)} cells, {len(matrix.rules)} rules")
     return 0
+
+
+def _check(args: argparse.Namespace, rest: list[str]) -> int:
+    from harness import check
+
+    budget = check.memory_size(args.memory) if args.memory else None
+    return check.run(args.model, device=args.device, budget=budget,
+                     results=Path(args.results) if args.results else None, workers=args.workers)
 
 
 def _detect(args: argparse.Namespace, rest: list[str]) -> int:
@@ -317,6 +326,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("files", nargs="+")
     _max_cells(p)
     p.set_defaults(func=_validate)
+    p = sub.add_parser("check", help="which engine, type and offload mode work for a model on this machine, in "
+                                      "what memory and time")
+    p.add_argument("model", help="a built-in model (e.g. flux-tiny-pipe)")
+    p.add_argument("--memory", metavar="SIZE", help="the memory you have (e.g. 8GiB): which combinations fit, and "
+                                                    "the best that does")
+    p.add_argument("--device", help="the device to check on (default: this host's accelerator, else the CPU)")
+    p.add_argument("--results", metavar="FILE", help="append records here (default results/check-MODEL.jsonl)")
+    p.add_argument("-n", dest="workers", type=int, default=0, help="pytest-xdist workers (default: none)")
+    p.set_defaults(func=_check)
     p = sub.add_parser("detect", help="detect the engine and type of model files from their contents")
     p.add_argument("files", nargs="+")
     p.set_defaults(func=_detect)
