@@ -46,8 +46,15 @@ def require_engines() -> bool:
     return os.environ.get("QUANTMATRIX_REQUIRE_ENGINES", "0") not in ("", "0")
 
 
+def lines_of(path: Path) -> list[str]:
+    """A results file's record lines, plain or gzipped (the committed references are)."""
+    from harness.results import file_lines
+
+    return [line.rstrip("\n") for _, line in file_lines(path)]
+
+
 def records_of(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in lines_of(path)]
 
 
 def _missing_engine() -> str:
@@ -75,7 +82,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 def reference_records() -> Path:
     """The default matrix as measured on this kind of host (2 CPU cores; 891 cells on both stacks), committed in
     results/reference/: what the report tests read."""
-    return REFERENCE / "cpu-default.jsonl"
+    return REFERENCE / "cpu-default.jsonl.gz"
 
 
 def sigint_default() -> None:

@@ -38,7 +38,7 @@ from harness.engines.catalog import CATALOG, output_floor
 from harness.errors import QuantMatrixError, printable
 from harness.matrix import Settings
 from harness.models.specs import DIFFUSERS_CONFIGS, MODELS, REAL_CLASSES
-from harness.results import validate_record
+from harness.results import file_lines, validate_record
 from harness.verdict import Stage
 
 HARNESS = Path(__file__).resolve().parent
@@ -89,11 +89,7 @@ def raw_records(path: Path, ids: set[str] | None = None) -> tuple[list[dict], li
     and "file:line: problems" for each of those lines that is not a valid record (results.validate_record). Only
     a valid record is ever returned: a script is written from it."""
     out, refused = [], []
-    try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError as exc:
-        raise QuantMatrixError(f"cannot read results file: {exc.strerror}", path=path) from None
-    for number, line in enumerate(lines, 1):
+    for number, line in file_lines(path):
         if ids is not None:
             match = _ID.search(line)
             if match is None or match.group(1) not in ids:

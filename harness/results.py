@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import fcntl
 import functools
+import gzip
 import json
 import logging
 import math
@@ -17,6 +18,7 @@ from typing import Any
 
 from harness.cell import Cell, unknown_values
 from harness.engines.catalog import CATALOG
+from harness.errors import QuantMatrixError
 from harness.matrix import VERSIONED, Expectation, ExpectKind
 from harness.stacks.catalog import STACK_CATALOG
 from harness.verdict import Absence, ClaimResult, Outcome, Stage, Verdict
@@ -351,7 +353,7 @@ def _mend_torn_line(fd: int) -> None:
 def read_records(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """Valid records of a results file, and a description of each line skipped (torn, not JSON, bad schema)."""
     records, skipped = [], []
-    for number, line in _lines(Path(path)):
+    for number, line in file_lines(Path(path)):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
@@ -367,8 +369,25 @@ def read_records(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     return records, skipped
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                yield number, line
+# The most a gzipped results file may hold once decompressed (a 1228-cell run is 4 MB): more is refused, so a small
+# crafted file cannot fill the memory of whoever reads it
+GZIP_LIMIT = 1 << 30
+
+
+def file_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """The non-blank lines of a results file with their numbers: plain JSONL, or gzipped (`.jsonl.gz`, how the
+    committed reference records are kept), each a clear error when the file cannot be read."""
+    read, zipped = 0, path.suffix == ".gz"
+    try:
+        with (gzip.open(path, "rt", encoding="utf-8", errors="replace") if zipped
+              else open(path, encoding="utf-8", errors="replace")) as f:
+            for number, line in enumerate(f, 1):
+                read += len(line)
+                if zipped and read > GZIP_LIMIT:
+                    raise QuantMatrixError(f"holds more than {GZIP_LIMIT >> 20} MiB of records once decompressed; "
+                                           "expected a results file", path=path)
+                if line.strip():
+                    yield number, line
+    except (OSError, EOFError) as exc:  # gzip's "not a gzipped file" and a truncated stream among them
+        raise QuantMatrixError(f"cannot read results file: {getattr(exc, 'strerror', None) or exc}",
+                               path=path) from None

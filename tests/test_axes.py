@@ -7,6 +7,7 @@ import json
 import pytest
 from _pytest.config.argparsing import Parser
 
+from conftest import lines_of
 from harness.cell import AXES, Axis, Cell
 from harness.cli import run_help
 from harness.matrix import parse_matrix
@@ -67,7 +68,7 @@ dtype = ["float32"]
 
 
 def test_a_registered_axis_reaches_the_report_columns_grids_and_cells_csv(flavour, reference_records, tmp_path):
-    records = [json.loads(line) for line in reference_records.read_text().splitlines()[:40]]
+    records = [json.loads(line) for line in lines_of(reference_records)[:40]]
     sweet = json.loads(json.dumps(next(r for r in records if r["verdict"] == "ok" and r["cell"]["engine"] != "none")))
     sweet["cell"]["flavour"] = "sweet"
     sweet["id"] = Cell(**sweet["cell"]).id

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import lines_of
 from harness import check
 from harness.errors import QuantMatrixError
 from harness.matrix import parse_matrix
@@ -44,7 +45,7 @@ def check_records(tmp_path: Path) -> report_data.Records:
     """The committed records of the cells a check of flux-tiny-pipe runs on this host's CPU."""
     matrix = parse_matrix(check.curated_matrix("flux-tiny-pipe", "cpu"))
     wanted = {c.id for c in matrix.cells}
-    lines = [line for line in (REPO / "results" / "reference" / "cpu-default.jsonl").read_text().splitlines()
+    lines = [line for line in lines_of(REPO / "results" / "reference" / "cpu-default.jsonl.gz")
              if json.loads(line)["id"] in wanted]
     path = tmp_path / "check.jsonl"
     path.write_text("\n".join(lines) + "\n")

@@ -151,7 +151,7 @@ def test_a_closed_pipe_ends_the_listing_quietly():
 def test_a_closed_pipe_ends_the_doc_patch_quietly():
     """`report --doc-patch | head -60`: the patch fits the pipe's buffer, so the reader goes away while Python still
     holds unflushed output; that too ends with exit 0 and no traceback."""
-    proc = subprocess.run(f"{sys.executable} -m harness.cli report results/reference/cpu-default.jsonl --doc-patch"
+    proc = subprocess.run(f"{sys.executable} -m harness.cli report results/reference/cpu-default.jsonl.gz --doc-patch"
                           " | head -60; exit ${PIPESTATUS[0]}", shell=True, executable="/bin/bash", cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr and "Exception" not in proc.stderr, \

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import lines_of
 from harness import compile as compiling
 from harness.cell import Cell
 from harness.run.execute import error_info, float_reference, unavailable
@@ -136,7 +137,7 @@ def test_the_report_shows_a_compiled_cells_figures(reference_records, tmp_path):
     from harness.report import data as report_data
     from harness.report.html import figures
 
-    ok = next(json.loads(line) for line in reference_records.read_text().splitlines()
+    ok = next(json.loads(line) for line in lines_of(reference_records)
               if '"verdict": "ok"' in line and '"flux-tiny"' in line and '"diffusers"' in line)
     ok["cell"]["compile"] = "regional"
     ok["id"] = Cell(**ok["cell"]).id

@@ -143,11 +143,11 @@ def test_each_output_problem_is_one_line_and_no_input_is_written_over(tmp_path, 
 
 
 def test_repro_writes_no_script_over_an_input_or_into_a_missing_folder(tmp_path, capsys):
-    upstream = REFERENCE / "cpu-upstream.jsonl"
+    upstream = REFERENCE / "cpu-upstream.jsonl.gz"
     cell = "gguf-Q8_0/prequantized/sequential/cpu/flux-tiny/float32/diffusers"
     assert main(["repro", cell, "--results", str(upstream), "-o", str(tmp_path / "missing" / "x.py")]) == 2
     assert one_line(err := capsys.readouterr().err) and "cannot write: no folder" in err
-    copy = tmp_path / "u.jsonl"
+    copy = tmp_path / "u.jsonl.gz"
     copy.write_bytes(upstream.read_bytes())
     assert main(["repro", cell, "--results", str(copy), "-o", str(copy)]) == 2
     assert one_line(err := capsys.readouterr().err) and "is an input of this command" in err
@@ -328,3 +328,22 @@ def test_a_pickled_weights_file_in_a_model_directory_is_never_read(tmp_path):
         with pytest.raises(OSError, match="safetensors"):
             load_pipeline("flux-tiny-pipe", folder / "pipe", torch.bfloat16)
         assert not marker.exists(), kind
+
+
+def test_a_gzipped_results_file_is_read_within_a_bound_and_a_broken_one_is_one_line(tmp_path, monkeypatch, capsys):
+    """The committed references are gzipped; a crafted .gz that decompresses past the bound, or a file that is not
+    gzip at all, is one line naming it, never a traceback or a full memory."""
+    import gzip
+
+    from harness import results
+
+    good = tmp_path / "good.jsonl.gz"
+    good.write_bytes(gzip.compress(FEW.read_bytes()))
+    assert len(read_records(good)[0]) == len(FEW.read_text().splitlines())  # read as the plain file is
+    monkeypatch.setattr(results, "GZIP_LIMIT", 1000)
+    assert main(["report", str(good), "--markdown"]) == 2
+    assert one_line(err := capsys.readouterr().err) and "good.jsonl.gz: holds more than" in err
+    fake = tmp_path / "fake.jsonl.gz"
+    fake.write_text("not gzip\n")
+    assert main(["report", str(fake), "--markdown"]) == 2
+    assert one_line(err := capsys.readouterr().err) and "fake.jsonl.gz: cannot read results file" in err

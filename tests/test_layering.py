@@ -30,7 +30,7 @@ def run_python(code: str, *, block: bool) -> subprocess.CompletedProcess:
 
 
 def test_report_and_compare_run_in_a_fresh_interpreter_without_torch_engines_or_runner(tmp_path):
-    records = sorted(str(p) for p in (REPO / "results" / "reference").glob("*.jsonl"))
+    records = sorted(str(p) for p in (REPO / "results" / "reference").glob("*.jsonl*"))
     code = f"""
 import sys
 from harness.cli import main

@@ -5,6 +5,7 @@ check that fails a cell whose LoRA was lost. The matrix's LoRA cells (every engi
 import pytest
 import torch
 
+from conftest import lines_of
 from harness import lora as loras
 from harness.cell import AXES, Cell
 from harness.engines.registry import ENGINES
@@ -119,7 +120,7 @@ def test_a_lora_cell_needs_peft_and_the_report_shows_its_figures(reference_recor
     from harness.stacks.catalog import packages_needed
 
     assert "peft" in packages_needed(_lora_cell()) and "peft" not in packages_needed(_lora_cell(lora="-"))
-    ok = next(json.loads(line) for line in reference_records.read_text().splitlines()
+    ok = next(json.loads(line) for line in lines_of(reference_records)
               if '"verdict": "ok"' in line and '"flux-tiny"' in line and '"diffusers"' in line)
     ok["cell"] |= {"lora": "r4", "lora_fuse": "unfused"}
     ok["id"] = Cell(**ok["cell"]).id

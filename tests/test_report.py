@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import lines_of
 from harness.cli import main
 from harness.matrix import load_matrix
 from harness.report import data as report_data
@@ -65,7 +66,7 @@ def slow_down(record: dict, factor: float) -> None:
 
 
 def records_of(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in lines_of(path)]
 
 
 def element(html: str, tag: str, id_: str) -> str:
@@ -472,7 +473,7 @@ def test_the_patch_says_only_what_its_evidence_can_show():
     """Claims within the evidence: a statement about an offload mode is never judged by a CPU cell (its offload
     moved nothing), and a device whose cells never took SD.Next's path is said to be on the control path only."""
     matrix = load_matrix(SDNEXT)
-    records = report_data.load(sorted((REPO / "results" / "reference").glob("*.jsonl")))
+    records = report_data.load(sorted((REPO / "results" / "reference").glob("*.jsonl*")))
     assert set(records.frame["path"]) == {"sdnext", "control"}
     assert not records.frame[records.frame["device"] == "cpu"]["offload_moved"].fillna(False).any()
     patch = docpatch.assess(matrix, records)
@@ -492,11 +493,11 @@ def test_the_patch_says_only_what_its_evidence_can_show():
 
 
 def test_doc_patch_of_every_reference_record_can_be_pasted():
-    """`report results/reference/*.jsonl --doc-patch`: one sentence of at most 200 characters per suggestion, no
+    """`report results/reference/*.jsonl* --doc-patch`: one sentence of at most 200 characters per suggestion, no
     error text cut, the compatibility table and the note on removed engines, and no statement judged by a failure
     the float model shares."""
     matrix = load_matrix(SDNEXT)
-    records = report_data.load(sorted((REPO / "results" / "reference").glob("*.jsonl")))
+    records = report_data.load(sorted((REPO / "results" / "reference").glob("*.jsonl*")))
     text = docpatch.render(matrix, records)
     suggestions = [line.split("Suggested: ", 1)[1] for line in text.splitlines() if "Suggested: " in line]
     assert suggestions and all(len(s) <= 200 and s.count(". ") == 0 and s.endswith(".") for s in suggestions)
@@ -609,7 +610,7 @@ def test_the_fault_engines_test_cells_reach_no_count(tmp_path):
     """The committed H200 fault cell (a hang, on purpose) is shown under its machine in a section of its own, and
     counted nowhere: not in the verdict counts, the overview, the answer table or the engine table."""
     fault = REPO / "results" / "reference" / "h200-fault-hang.jsonl"
-    records = report_data.load([fault, *REFERENCE, REPO / "results" / "reference" / "cpu-default.jsonl"])
+    records = report_data.load([fault, *REFERENCE, REPO / "results" / "reference" / "cpu-default.jsonl.gz"])
     # its run never named its GPU (the cell hung first): it is the H200 box's, not the Intel CPU host's
     assert set(records.frame[records.frame["engine"] == "fault"]["machine"]) == {"vm · NVIDIA H200"}
     index = build(records, tmp_path / "site")
@@ -628,7 +629,7 @@ def test_memory_is_a_cost_only_where_the_weights_dominate_the_peak():
     """A toy model's peak is activations and the process (flux-tiny's 4 MB of weights under a 74 MiB RSS peak):
     its memory ratios are left out; where the weights hold most of the float model's peak (dit-mem on a CPU,
     dit-l on the H200) they are shown, and what stays resident after loading is what the format stores."""
-    frame = report_data.load(sorted((REPO / "results" / "reference").glob("*.jsonl"))).frame
+    frame = report_data.load(sorted((REPO / "results" / "reference").glob("*.jsonl*"))).frame
     ran = frame[frame["verdict"].isin(report_data.RAN) & (frame["engine"] != "none")]
     cpu = ran[ran["device"] == "cpu"]
     toy = cpu[cpu["model"] != "dit-mem"]
@@ -643,7 +644,7 @@ def test_memory_is_a_cost_only_where_the_weights_dominate_the_peak():
     mem = cpu[cpu["model"] == "dit-mem"]
     close = (mem["resident_mem_bytes"] - mem["param_bytes"]).abs() < 0.5 * mem["param_bytes"]
     assert close.sum() >= len(mem) - 1, mem[~close][["id", "resident_mem_bytes", "param_bytes"]]
-    table = render(report_data.load([REPO / "results" / "reference" / "cpu-default.jsonl"]))
+    table = render(report_data.load([REPO / "results" / "reference" / "cpu-default.jsonl.gz"]))
     sections = re.split(r"^## ", table, flags=re.M)
     assert [sec.split("\n", 1)[0] for sec in sections if "x mem" in sec] == ["vm · AMD EPYC: cpu, dit-mem, bfloat16"]
 
@@ -653,7 +654,7 @@ def test_the_wiki_page_as_it_should_read_and_a_diff_that_applies(tmp_path):
     each broken or drifted statement replaced by its measured sentence), and a diff that applies to the kept page;
     no local path, no CUDA claim beyond the path its cells took, at most three times the page's length."""
     page = REPO / "docs" / "sdnext-wiki-quantization.md"
-    references = sorted((REPO / "results" / "reference").glob("*.jsonl"))
+    references = sorted((REPO / "results" / "reference").glob("*.jsonl*"))
     assert main(["report", *map(str, references), "--wiki", str(tmp_path / "wiki")]) == 0
     edited = (tmp_path / "wiki" / page.name).read_text()
     diff = tmp_path / "wiki" / f"{page.stem}.diff"
@@ -686,7 +687,7 @@ def test_the_first_screen_answers_and_the_tables_filter_to_one_engine_in_a_brows
     in cells.js); its first screen (1400 x 1000) says what was measured, and its first table answers "SDNQ uint4
     with balanced offload on CUDA" with its figures or "not measured"; the answer table and the table of every cell
     filter to one engine."""
-    references = sorted((REPO / "results" / "reference").glob("*.jsonl"))
+    references = sorted((REPO / "results" / "reference").glob("*.jsonl*"))
     records = report_data.load(references)
     index = build(records, tmp_path / "site", rules=load_matrix(SDNEXT))
     assert index.stat().st_size < 500_000
@@ -733,7 +734,7 @@ def test_no_statement_is_judged_by_a_treatment_it_does_not_name():
     compile, a LoRA, layerwise casting or quantized text encoders do to them: those cells are left out, and said
     to be; the table's errors are one line each."""
     matrix = load_matrix(SDNEXT)
-    records = report_data.load(sorted((REPO / "results" / "reference").glob("*.jsonl")))
+    records = report_data.load(sorted((REPO / "results" / "reference").glob("*.jsonl*")))
     newest = docpatch.judged(matrix, records)
     failed = docpatch.failures(newest)
     nncf = next(i for i, r in enumerate(matrix.rules) if r.expect.source == "seed: NNCF (storage-only, works on any "

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import lines_of
 from harness import repro
 from harness.cell import Cell
 from harness.cli import main
@@ -23,8 +24,8 @@ from harness.report import upstream as report_upstream
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO / "results" / "reference"
-UPSTREAM = REFERENCE / "cpu-upstream.jsonl"
-DEFAULT = REFERENCE / "cpu-default.jsonl"
+UPSTREAM = REFERENCE / "cpu-upstream.jsonl.gz"
+DEFAULT = REFERENCE / "cpu-default.jsonl.gz"
 GGUF_SEQUENTIAL = "gguf-Q8_0/prequantized/sequential/cpu/flux-tiny/float32/diffusers"  # diffusers#14691
 CPU0_FLOAT = "none/post-load/sequential/cpu/flux-tiny/float32/diffusers"  # the cpu:0 finding, on the float model
 MUST_SHOW = [(GGUF_SEQUENTIAL, UPSTREAM), (CPU0_FLOAT, DEFAULT)]
@@ -190,7 +191,7 @@ PAYLOAD = "x\n__import__('os').system('touch PWNED')\r\x0b\x0c\x1c\x85\u2028\u20
 
 def _crafted(tmp_path: Path) -> tuple[str, Path]:
     """The probe of issue 36: a real failing record whose cell.dtype carries code, its id made to match."""
-    record = json.loads(next(line for line in UPSTREAM.read_text().splitlines() if GGUF_SEQUENTIAL in line))
+    record = json.loads(next(line for line in lines_of(UPSTREAM) if GGUF_SEQUENTIAL in line))
     record["cell"]["dtype"] = "float32; __import__('os').system('touch PWNED')"
     record["id"] = Cell(**record["cell"]).id
     (tmp_path / "inj.jsonl").write_text(json.dumps(record) + "\n")
@@ -257,7 +258,7 @@ def test_no_text_of_a_record_becomes_code_in_its_script():
 # ------------------------------------------------------------------------------------------ the report
 
 def test_the_report_writes_and_links_a_script_for_each_failing_cell(tmp_path):
-    lines = [line for line in UPSTREAM.read_text().splitlines() if line.strip()]
+    lines = [line for line in lines_of(UPSTREAM) if line.strip()]
     some = [line for line in lines if '"flux-tiny"' in line and ('"sequential"' in line or '"balanced"' in line)
             and '"bnb"' in line or GGUF_SEQUENTIAL in line]  # failing cells, some it cannot express, some working
     (tmp_path / "r.jsonl").write_text("\n".join(some) + "\n")
@@ -284,15 +285,20 @@ def test_the_report_writes_and_links_a_script_for_each_failing_cell(tmp_path):
     assert sorted(folder.glob("*.py")) == sorted([*scripts, folder / "my-own.py"])
     assert (tmp_path / "outside.py").read_text() == "mine" == (folder / "my-own.py").read_text()
     assert {s.path for s in written.values() if s.path} == {f"repro/{p.name}" for p in scripts}
-    # one script per failure: the cells that share one share its verdict, error, raising layer, engine and stack
+    # one script per failure: the cells that share one share its error and raising layer, and its engine or, where
+    # engines differ, a float model that fails the same way
     latest = loaded.latest().set_index(["machine", "versions", "id"])
     by_script: dict[str, list] = {}
     for key, script in written.items():
         if script.path:
             by_script.setdefault(script.path, []).append(key)
     assert any(len(keys) > 1 for keys in by_script.values())
+    errors = {i: e for (_, _, i), e in latest["error_type"].items()}
     for keys in by_script.values():
-        assert len({tuple(latest.loc[k, f] for f in report_upstream.FAILURE) for k in keys}) == 1
+        assert len({(latest.loc[k, "error_type"], latest.loc[k, "error_layer"]) for k in keys}) == 1
+        if len({latest.loc[k, "engine"] for k in keys}) > 1:
+            assert all(latest.loc[k, "engine"] == "none" or errors.get(latest.loc[k, "baseline_id"])
+                       == latest.loc[k, "error_type"] for k in keys)
 
 
 # ------------------------------------------------------------------------------------------ upstream drafts
@@ -334,8 +340,8 @@ def test_upstream_drafts_group_identical_failures_and_skip_reported_ones(drafted
 def test_the_committed_cpu0_draft_is_what_the_command_generates(drafted):
     committed = REPO / "reports" / "upstream" / CPU0_DRAFT
     assert committed.read_text() == (drafted[0] / CPU0_DRAFT).read_text(), \
-        "regenerate it: quantmatrix report results/reference/cpu-default.jsonl results/reference/cpu-upstream.jsonl " \
-        "--upstream DIR, and copy DIR/" + CPU0_DRAFT + " to reports/upstream/"
+        "regenerate it: quantmatrix report results/reference/cpu-default.jsonl.gz " \
+        "results/reference/cpu-upstream.jsonl.gz --upstream DIR, and copy DIR/" + CPU0_DRAFT + " to reports/upstream/"
 
 
 # ------------------------------------------------------------------------------------------ slow: run them
