@@ -154,10 +154,18 @@ def _return_freed_pages() -> None:
     """Hand the pages of freed tensors back to the system (glibc's malloc_trim; elsewhere a no-op): glibc keeps
     freed heap pages resident, so without it a quantized model's peak would include its float weights' freed
     pages, and a cell the previous cell's."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, loaded once; None where there is none (musl, macOS)."""
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):
-        pass
+        return None
 
 
 class CpuTracker(MemoryTracker):

@@ -156,8 +156,8 @@ def figures(row, script: report_upstream.Script | None = None) -> list[tuple[str
     if script is not None:
         out.append(("reproduce", script.path or f"no standalone script: {script.why_not}"))
         if script.path and script.cell != row["id"]:
-            out.append(("the script runs", f"{script.cell}: the same failure (verdict, error, raising layer, "
-                                           "engine and stack)"))
+            out.append(("the script runs", f"{script.cell}: the same failure (error, raising layer and engine, "
+                                           "or the float model's where it fails so too)"))
     return out
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from harness import repro
-from harness.cell import AXES, Cell
+from harness.cell import AXES, BASELINE, Cell
 from harness.report import data as report_data
 from harness.report.statements import REFERENCE
 
@@ -94,16 +94,25 @@ class Script:
     cell: str = ""  # the cell the script runs: another cell of the same failure, where it is not this one's own
 
 
-# What makes two cells one failure, with one script for both: the verdict, the error and the layer that raised it,
-# the engine and the stack (the other axes of the first cell, in id order, are the script's)
-FAILURE = ("verdict", "error_type", "error_layer", "engine", "stack")
+# What makes two cells one failure, with one script for both: the error, the layer that raised it and the engine
+# (a wrong output: its engine). A quantized cell that fails as its float model does in the same offload mode (the
+# offload's or the stack's failure, not the engine's) is the float model's failure. Its script is the float model's
+# cell, or the direct stack's (the engine's own API: the shortest way to the error), else the first in id order.
+FAILURE = ("error_type", "error_layer", "engine")
+
+
+def _failure(row: dict, failed: dict[tuple[str, str], str]) -> tuple[str, ...]:
+    """The cell's failure: the float model's where it fails so too (docpatch.shared_with_baseline)."""
+    from harness.report.docpatch import shared_with_baseline
+
+    return (row["error_type"], row["error_layer"], "none" if shared_with_baseline(row, failed) else row["engine"])
 
 
 def write_scripts(latest: pd.DataFrame, out_dir: Path, files: Iterable[str]) -> dict[tuple[str, str, str], Script]:
     """Write a standalone script for each failure (FAILURE) among the cells of `latest` that failed, drifted or
     raised into `out_dir/repro/`; returns, per (machine, versions, id), the path of its failure's script or why
-    there is none. Scripts an earlier
-    build of the same directory wrote (its manifest names them) are removed first; no other file is touched."""
+    there is none. Scripts an earlier build of the same directory wrote (its manifest names them) are removed
+    first; no other file is touched."""
     folder = out_dir / REPRO_DIR
     manifest = folder / MANIFEST
     if manifest.is_file():
@@ -118,16 +127,20 @@ def write_scripts(latest: pd.DataFrame, out_dir: Path, files: Iterable[str]) -> 
     out: dict[tuple[str, str, str], Script] = {}
     wanted: dict[tuple[str, str, str], tuple[str, str, str]] = {}
     same: dict[tuple, list[tuple[str, str, str]]] = {}  # one failure -> its cells, the first scripted for all
-    for row in report_data.row_dicts(rows.sort_values("id"), ("machine", "versions", "id", "run", "started",
-                                                              "verdict", "error_type", "error_layer",
-                                                              *AXES.names)):
+    from harness.report.docpatch import failures
+
+    rows = rows.assign(recorded_verdict=rows["verdict"], _float=rows["engine"] != BASELINE,
+                       _control=rows["stack"] != AXES["stack"].control).sort_values(["_float", "_control", "id"])
+    failed = failures(latest.assign(recorded_verdict=latest["verdict"]))
+    for row in report_data.row_dicts(rows, ("machine", "versions", "id", "run", "started", "cell_id", "baseline_id",
+                                            "recorded_verdict", "error_type", "error_layer", *AXES.names)):
         key = (row["machine"], row["versions"], row["id"])
         cell = _cell(row)
         why = "its cell cannot be read here" if cell is None else repro.unsupported(cell)
         if why:
             out[key] = Script(None, why)
             continue
-        failure = tuple(row[k] for k in FAILURE)
+        failure = _failure(row, failed)
         if failure not in same:
             wanted[(row["run"], row["id"], row["started"])] = key
         same.setdefault(failure, []).append(key)
