@@ -77,8 +77,8 @@ def table(records: report_data.Records, budget: int | None = None) -> pd.DataFra
     return rows.sort_values(["engine", "type", "offload"], key=lambda c: c.map(_order)).reset_index(drop=True)
 
 
-def _order(value):
-    return (value != "none", value) if isinstance(value, str) else value
+def _order(value: str) -> tuple[bool, str]:
+    return value != "none", value
 
 
 def recommend(rows: pd.DataFrame, budget: int | None) -> str:
@@ -158,18 +158,17 @@ def run(model: str, *, device: str | None = None, budget: int | None = None, res
     if device not in present:
         raise QuantMatrixError(f"--device {device!r}: not present here; expected one of {list(present)}")
     text = curated_matrix(model, device)
-    checkout = Path(__file__).resolve().parents[1]
     results = (results or Path("results") / f"check-{model}.jsonl").resolve()  # the run's folder is the checkout
     results.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="quantmatrix-check-") as tmp:
         matrix = Path(tmp) / "check.toml"
         matrix.write_text(text, encoding="utf-8")
-        command = [sys.executable, "-m", "pytest", "-m", "matrix", "--matrix", str(matrix), "--results",
-                   str(results), "--drift", "warn", "-p", "no:cacheprovider", "-q", "--rootdir", str(checkout),
-                   "-c", str(checkout / "pyproject.toml"), str(checkout / "tests" / "test_matrix.py")]
-        if workers:
-            command += ["-n", str(workers)]
-        subprocess.run(command, cwd=checkout, check=False)  # cells that fail are findings, shown in the table
+        from harness.launch import CHECKOUT, matrix_pytest_args
+
+        options = ["--matrix", str(matrix), "--results", str(results), "--drift", "warn", "-p", "no:cacheprovider",
+                   "-q", *(["-n", str(workers)] if workers else [])]
+        # its own process: the cells' output streams to the terminal, this one stays free of torch's state
+        subprocess.run([sys.executable, "-m", "pytest", *matrix_pytest_args(options)], cwd=CHECKOUT, check=False)
     if not results.exists():
         raise QuantMatrixError("the check's run wrote no record", path=results)
     rows = table(report_data.load([results]), budget)

@@ -28,8 +28,7 @@ import sys
 from pathlib import Path
 
 from harness.errors import QuantMatrixError, positive, printable
-
-CHECKOUT = Path(__file__).resolve().parents[1]
+from harness.launch import CHECKOUT, matrix_pytest_args
 
 
 def _run(args: argparse.Namespace, rest: list[str]) -> int:
@@ -38,13 +37,7 @@ def _run(args: argparse.Namespace, rest: list[str]) -> int:
     if "-h" in rest or "--help" in rest:  # the harness's own options first, not at line 450 of pytest's help
         print(run_help())
         return 0
-    generic = CHECKOUT / "tests" / "test_matrix.py"
-    if not generic.exists():
-        print("quantmatrix run: needs the quantmatrix checkout (tests/test_matrix.py); "
-              "install it with `pip install -e .` from a clone", file=sys.stderr)
-        return 2
-    return int(pytest.main(["-m", "matrix", "--rootdir", str(CHECKOUT), "-c", str(CHECKOUT / "pyproject.toml"),
-                            str(generic), *rest]))
+    return int(pytest.main(matrix_pytest_args(rest)))
 
 
 def run_help() -> str:

@@ -266,7 +266,7 @@ class Answer:
     """One engine's type in one offload mode on one device class: whether its cells there ran to a right output
     (every cell, some, none; "not measured" without a cell), on which path, and the figures of its largest model."""
 
-    verdict: str  # "works" | "some" | "fails" | "not measured"
+    verdict: str  # "works" | "some" | "fails" (an entry without cells is "not measured": no Answer)
     right: int = 0
     measured: int = 0
     sdnext: bool = False  # a cell on SD.Next's path (the diffusers stack, a whole pipeline) among them
@@ -277,7 +277,7 @@ class Answer:
     sqnr: float | None = None  # dB against the float model's output
     grid: str = ""  # the detail grid's anchor
 
-    SYMBOLS = {"works": ("✓", "ok"), "some": ("⚠", "some"), "fails": ("✗", "fail"), "not measured": ("–", "na")}
+    SYMBOLS = {"works": ("✓", "ok"), "some": ("⚠", "some"), "fails": ("✗", "fail")}
 
     @property
     def symbol(self) -> str:
@@ -290,7 +290,7 @@ class Answer:
     @property
     def limits(self) -> list[str]:
         """What the evidence cannot speak for, said beside the entry."""
-        out = [] if self.sdnext or self.verdict == "not measured" else ["control path only"]
+        out = [] if self.sdnext else ["control path only"]
         return out + (["nothing moved"] if self.moved is False else [])
 
 
@@ -321,10 +321,10 @@ def answers(latest: pd.DataFrame, grid_anchor) -> Answers:
     for (engine, qtype, offload, device_class), rows in measured.groupby(keys, sort=True):
         right = rows[rows["verdict"].isin(RIGHT)]
         verdict = "works" if len(right) == len(rows) else "some" if len(right) else "fails"
-        first = rows.sort_values("started").iloc[-1]
+        newest = rows.sort_values("started").iloc[-1]
         answer = Answer(verdict, len(right), len(rows), bool((rows["path"] == "sdnext").any()),
                         None if offload == "none" else bool(rows["offload_moved"].eq(True).any()),
-                        grid=grid_anchor(first["machine"], first["versions"], first["device"]))
+                        grid=grid_anchor(newest["machine"], newest["versions"], newest["device"]))
         if len(right):
             answer.model = report_data.largest_model(right)
             top = right[right["model"] == answer.model]
