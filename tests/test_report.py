@@ -8,10 +8,12 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from conftest import lines_of
+from harness.cell import AXES, Cell
 from harness.cli import main
 from harness.matrix import load_matrix
 from harness.report import data as report_data
@@ -753,3 +755,30 @@ def test_no_statement_is_judged_by_a_treatment_it_does_not_name():
             for axis, word in (("compile", "compile"), ("lora", "LoRA"), ("cast", "layerwise casting")):
                 assert axis in named or word not in combination, (rule.expect.source, row)
             assert "\n" not in happened and "Explanation:" not in happened, row  # the error's first line only
+
+
+def test_a_statement_of_loading_is_not_judged_by_a_type_wrong_however_loaded():
+    """"Pre-quantized type is auto-determined" speaks of loading: a type whose output is wrong loaded post-load
+    too (quanto qint2 on the toy models) is left out, and said to be; a wrong output only when pre-quantized
+    would still judge it."""
+    matrix = load_matrix(SDNEXT)
+    records = report_data.load(sorted((REPO / "results" / "reference").glob("*.jsonl*")))
+    newest = docpatch.judged(matrix, records)
+    failed = docpatch.failures(newest)
+    index = next(i for i, r in enumerate(matrix.rules) if r.match.get("load") == ("prequantized",)
+                 and "engine" not in r.match)
+    rule = matrix.rules[index]
+    mine = newest[(newest["rule"] == index) & (newest["offload"] == "none")]
+    wrong = [r for r in report_data.row_dicts(mine, (*AXES.names, "machine", "cell_id", "recorded_verdict"))
+             if r["recorded_verdict"] == "wrong-output" and rule.untreated(SimpleNamespace(**r))]
+    assert wrong and all(docpatch.wrong_in_every_load(r, failed) for r in wrong)
+    text = " ".join(docpatch.check(rule, index, newest, failed, matrix).lines)
+    assert f"{len(wrong)} cell(s) left out: their type runs to a wrong output however it is loaded" in text
+    assert "wrong output" not in text.split("left out")[0]
+    # its twins loaded otherwise made right: the wrong output is the load's, and judges the statement
+    for r in wrong:
+        for load in ("post-load", "on-the-fly"):
+            twin = Cell(**{k: r[k] for k in AXES.names}).replace(load=load).id
+            failed[(r["machine"], twin)] = failed[("*", twin)] = ""
+    assert not any(docpatch.wrong_in_every_load(r, failed) for r in wrong)
+    assert "run to a wrong output" in " ".join(docpatch.check(rule, index, newest, failed, matrix).lines)

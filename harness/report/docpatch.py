@@ -26,7 +26,7 @@ from harness.engines.catalog import output_floor
 from harness.matrix import Matrix, Rule
 from harness.report import data as report_data
 from harness.report.statements import FINDING_FIELDS, HAPPENED_FIELDS, Finding, finding, what_happened
-from harness.verdict import ErrorInfo, Outcome, Status, check_claims, judge
+from harness.verdict import ErrorInfo, Outcome, Status, Verdict, check_claims, judge
 
 PROCESS_STATUS = {"crash": Status.CRASH, "timeout": Status.TIMEOUT, "hang": Status.HANG, "oom": Status.OOM,
                   "interrupted": Status.INTERRUPTED}
@@ -130,9 +130,11 @@ class Check:
 
 
 def failures(newest: pd.DataFrame) -> dict[tuple[str, str], str]:
-    """(machine, cell id) -> what failed ("TypeError", or the process verdict) for every record; "" where the cell
-    ran or was unavailable; ("*", cell id) -> the same on the first machine that recorded the cell."""
-    bad = ~newest["recorded_verdict"].isin(report_data.RAN) & (newest["recorded_verdict"] != "unavailable")
+    """(machine, cell id) -> what failed ("TypeError", the process verdict, or "wrong-output") for every record; ""
+    where the cell ran to a right output or was unavailable; ("*", cell id) -> the same on the first machine that
+    recorded the cell."""
+    bad = (~newest["recorded_verdict"].isin(report_data.RAN) & (newest["recorded_verdict"] != "unavailable")) \
+        | (newest["recorded_verdict"] == WRONG)
     out = {(m, i): (e or v) if b else "" for m, i, e, v, b in zip(
         newest["machine"], newest["cell_id"], newest["error_type"], newest["recorded_verdict"], bad, strict=True)}
     for (_, cell_id), what in list(out.items()):  # ("*", id): on any machine, for a cell whose machine lacks it
@@ -156,6 +158,23 @@ def shared_with_baseline(row: dict, failed: dict[tuple[str, str], str]) -> bool:
         else _post_load_baseline(tuple(row[k] for k in AXES.names))
     # on its machine; where that machine did not run it, on another (the same device, stack and versions' failure)
     return failed.get((row["machine"], base), failed.get(("*", base))) == _failure(row)
+
+
+def wrong_in_every_load(row: dict, failed: dict[tuple[str, str], str]) -> bool:
+    """Whether a cell runs to a wrong output and so does its twin loaded post-load (or, for a post-load cell, its
+    pre-quantized twin): the type's output quality, which a statement of loading does not speak of."""
+    if row["recorded_verdict"] != WRONG:
+        return False
+    twins = [_twin(tuple(row[k] for k in AXES.names), load) for load in AXES["load"].known() if load != row["load"]]
+    return any(failed.get((row["machine"], t), failed.get(("*", t))) == WRONG for t in twins if t)
+
+
+@functools.lru_cache(maxsize=4096)
+def _twin(values: tuple[str, ...], load: str) -> str:
+    try:
+        return Cell(**dict(zip(AXES.names, values, strict=True))).replace(load=load).id
+    except ValueError:
+        return ""
 
 
 @functools.lru_cache(maxsize=4096)
@@ -274,14 +293,17 @@ def check(rule: Rule, index: int, newest: pd.DataFrame, failed: dict[tuple[str, 
 def _sort_out(rule: Rule, view: list[dict], failed: dict) -> tuple[list[Finding | None], dict[str, int]]:
     """Each cell's finding for the statement, or None where it is left out, and how many were left out why."""
     found: list[Finding | None] = []
-    left = dict.fromkeys(("outside", "treated", "shared", "not_run", "hooks_only"), 0)
+    left = dict.fromkeys(("outside", "treated", "shared", "not_run", "hooks_only", "type_output"), 0)
     about_offload = any(o != "none" for o in rule.match.get("offload", ()))
+    about_load = "load" in rule.match and "engine" not in rule.match and "type" not in rule.match
     for r in view:
         cell = SimpleNamespace(**{k: r[k] for k in AXES.names})
         why = ("treated" if not rule.untreated(cell) else "outside" if not rule.judges_cell(cell)
                # a statement of offloading needs an offload that moved weights between devices
                else "hooks_only" if about_offload and r["offload"] != "none" and r["offload_moved"] is not True
-               else "shared" if shared_with_baseline(r, failed) else None)
+               else "shared" if shared_with_baseline(r, failed)
+               # a statement of loading is not judged by a type's output, wrong whichever way it is loaded
+               else "type_output" if about_load and wrong_in_every_load(r, failed) else None)
         if why is not None:
             left[why] += 1
             found.append(None)
@@ -304,6 +326,8 @@ def _left_out_lines(rule: Rule, view: list[dict], found: list[Finding | None], l
                      "mode, device and stack (the offload's or the stack's failure, not the engine's).")
     if left["treated"]:
         lines.append(f"{left['treated']} cell(s) left out: {TREATED}.")
+    if left["type_output"]:
+        lines.append(f"{left['type_output']} cell(s) left out: {TYPE_OUTPUT}.")
     if left["outside"]:
         where = " ".join(AXES[k].describe(v) for k, v in rule.judges.items())
         lines.append(f"{left['outside']} cell(s) left out: the statement is judged by the cells {where} only.")
@@ -352,6 +376,9 @@ def _combinations(rows: pd.DataFrame, checked: pd.DataFrame, wholes: dict[str, l
 
 TREATED = ("they add what the statement does not name (layerwise casting, more components quantized, compile or a "
            "LoRA), which has statements of its own")
+WRONG = Verdict.WRONG_OUTPUT.value
+TYPE_OUTPUT = ("their type runs to a wrong output however it is loaded (the type's quality, which the statement "
+               "does not speak of)")
 HOOKS_ONLY = "on the CPU the offload's hooks run but no weight moves between devices (its execution device is the CPU)"
 
 
