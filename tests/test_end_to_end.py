@@ -25,6 +25,9 @@ def test_default_matrix_baseline_runs_in_every_offload_mode_on_both_stacks(tmp_p
     proc = run_matrix(results, "--engine", "none")
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "quantmatrix" in proc.stdout and str(results) in proc.stdout  # the summary names where results went
+    assert "+regional" not in results.read_text()  # compiled cells are the compile matrix's (appended below)
+    proc = run_matrix(results, "--engine", "none", "--matrix", "matrices/compile.toml")
+    assert proc.returncode == 0, proc.stdout[-3000:]
     records, skipped = read_records(results)  # read_records validates each record against the schema
     assert skipped == [] and records
     verdicts, compiled, lora = defaultdict(dict), {}, {}

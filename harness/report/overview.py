@@ -4,6 +4,7 @@ engine's best type saves and costs at the largest model measured. Reads result r
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 
 import pandas as pd
@@ -261,6 +262,13 @@ def coverage(latest: pd.DataFrame) -> Coverage:
     return Coverage(rows, missing)
 
 
+def _largest_model(rows: list[dict]) -> str:
+    """The model whose baseline stores the most bytes among these cells (report_data.largest_model, over dicts)."""
+    sized = [(r["param_bytes"] / r["bytes_ratio"], r["model"]) for r in rows
+             if report_data.finite(r["param_bytes"]) and report_data.finite(r["bytes_ratio"]) and r["bytes_ratio"]]
+    return str(max(sized, key=lambda s: s[0])[1]) if sized else str(sorted(r["model"] for r in rows)[-1])
+
+
 @dataclass
 class Answer:
     """One engine's type in one offload mode on one device class: whether its cells there ran to a right output
@@ -303,9 +311,14 @@ class Answers:
     rows: list[tuple[str, str, dict[tuple[str, str], Answer]]]  # engine, type, (offload, class) -> answer
 
 
-def _median(values: pd.Series) -> float | None:
-    values = values[values.map(report_data.finite)]
-    return float(values.median()) if len(values) else None
+def _median(values: list) -> float | None:
+    values = [v for v in values if report_data.finite(v)]
+    return float(statistics.median(values)) if values else None
+
+
+ANSWER_FIELDS = ("engine", "qtype", "offload", "device_class", "verdict", "started", "machine", "versions", "device",
+                 "path", "offload_moved", "model", "param_bytes", "bytes_ratio", "mem_ratio", "latency_ratio",
+                 "sqnr_db")
 
 
 def answers(latest: pd.DataFrame, grid_anchor) -> Answers:
@@ -316,20 +329,22 @@ def answers(latest: pd.DataFrame, grid_anchor) -> Answers:
     if not any(c.startswith("cuda") for c in classes):
         classes.append("cuda")
     offloads = report_data.offload_order(latest["offload"])
+    groups: dict[tuple[str, str, str, str], list[dict]] = {}
+    for r in report_data.row_dicts(measured, ANSWER_FIELDS):  # plain dicts: a frame per group was most of the time
+        groups.setdefault((r["engine"], r["qtype"], r["offload"], r["device_class"]), []).append(r)
     entries: dict[tuple[str, str], dict[tuple[str, str], Answer]] = {}
-    keys = ["engine", "qtype", "offload", "device_class"]
-    for (engine, qtype, offload, device_class), rows in measured.groupby(keys, sort=True):
-        right = rows[rows["verdict"].isin(RIGHT)]
-        verdict = "works" if len(right) == len(rows) else "some" if len(right) else "fails"
-        newest = rows.sort_values("started").iloc[-1]
-        answer = Answer(verdict, len(right), len(rows), bool((rows["path"] == "sdnext").any()),
-                        None if offload == "none" else bool(rows["offload_moved"].eq(True).any()),
+    for (engine, qtype, offload, device_class), rows in sorted(groups.items()):
+        right = [r for r in rows if r["verdict"] in RIGHT]
+        verdict = "works" if len(right) == len(rows) else "some" if right else "fails"
+        newest = max(rows, key=lambda r: r["started"])
+        answer = Answer(verdict, len(right), len(rows), any(r["path"] == "sdnext" for r in rows),
+                        None if offload == "none" else any(r["offload_moved"] is True for r in rows),
                         grid=grid_anchor(newest["machine"], newest["versions"], newest["device"]))
-        if len(right):
-            answer.model = report_data.largest_model(right)
-            top = right[right["model"] == answer.model]
-            answer.mem, answer.latency, answer.sqnr = (_median(top[c]) for c in ("mem_ratio", "latency_ratio",
-                                                                                  "sqnr_db"))
+        if right:
+            answer.model = _largest_model(right)
+            top = [r for r in right if r["model"] == answer.model]
+            answer.mem, answer.latency, answer.sqnr = (_median([r[c] for r in top]) for c in ("mem_ratio",
+                                                                                           "latency_ratio", "sqnr_db"))
         entries.setdefault((engine, qtype), {})[(offload, device_class)] = answer
     rows = [(e, q, entries[(e, q)]) for e, q in sorted(entries, key=lambda eq: (eq[0] != "none", eq))]
     return Answers(classes, offloads, rows)
