@@ -158,12 +158,12 @@ AXES = Axes(
     # (models.specs.component_names). The baseline quantizes nothing: its components are the default.
     Axis("components", "harness.models.specs:COMPONENT_VALUES", "quantized components", default="denoiser",
          join="+", omit="denoiser", baseline="denoiser", phrase="{} quantized", preposition="with"),
-    # torch.compile of the denoiser, applied last (harness/compile.py): diffusers' compile_repeated_blocks
+    # torch.compile of the denoiser, applied last (harness/treatments/compiling.py): diffusers' compile_repeated_blocks
     # (`regional`) or the whole module (`full`), with diffusers' tests' options per offload mode. "-": not compiled.
     Axis("compile", ("-", "regional", "full"), "torch.compile mode", default="-", join="+", omit="-",
          phrase="{} compile", preposition="with"),
-    # A LoRA on the quantized denoiser (harness/lora.py): made offline per model, rank 4 or 16. "-": none. The
-    # baseline carries the same LoRA: the cell is judged against the float model with it.
+    # A LoRA on the quantized denoiser (harness/treatments/lora.py): made offline per model, rank 4 or 16. "-":
+    # none. The baseline carries the same LoRA: the cell is judged against the float model with it.
     Axis("lora", ("-", "r4", "r16"), "LoRA", default="-", join="+", omit="-", phrase="a {} LoRA",
          preposition="with"),
     # How the LoRA is applied: peft's layers beside the quantized ones (diffusers' load_lora_adapter), merged into

@@ -122,7 +122,7 @@ def unsupported(cell: Cell, settings: Settings | None = None) -> str | None:
     if spec.pipeline:
         return "whole pipelines (text encoders, tokenizers, VAE) are not written yet; only a model class alone"
     if cell.lora != "-":
-        return "a LoRA (harness/lora.py: its weights, loading, fusing, SDNQ's merge) is not written yet"
+        return "a LoRA (harness/treatments/lora.py: its weights, loading, fusing, SDNQ's merge) is not written yet"
     if not spec.real:
         return f"{cell.model} is one of the harness's own imitation models, not a diffusers class"
     if spec.shared_weights:
@@ -625,12 +625,13 @@ GUARD = "torch._dynamo.config.patch(error_on_recompile=ERROR_ON_RECOMPILE)"
 
 
 def _compile_code(cell: Cell) -> str:
-    """The compile step as harness/compile.py applies it: in place, after offload, with the options diffusers'
-    quantization tests use in the offload mode (compile.options, restated here: the script imports no harness)."""
+    """The compile step as harness/treatments/compiling.py applies it: in place, after offload, with the options
+    diffusers' quantization tests use in the offload mode (compiling.options, restated here: the script imports
+    no harness)."""
     fullgraph = cell.offload != "group"
     call = ("model.compile_repeated_blocks(fullgraph=FULLGRAPH)  # diffusers: each class in _repeated_blocks"
             if cell.compile == "regional" else "model.compile(fullgraph=FULLGRAPH)  # the whole module, in place")
-    return (f"FULLGRAPH = {fullgraph!r}  # harness/compile.py options: fullgraph except with group offload\n"
+    return (f"FULLGRAPH = {fullgraph!r}  # harness's compile options: fullgraph except with group offload\n"
             f"ERROR_ON_RECOMPILE = {cell.offload == 'none'!r}  # and a recompile an error without offload\n\n\n"
             "def compile_model(model: nn.Module) -> None:\n"
             '    """torch.compile, applied last (stage: compile; the first call below compiles)."""\n'

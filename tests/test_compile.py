@@ -1,15 +1,15 @@
-"""The compile axis (harness/compile.py): real torch.compile on small modules (dynamo with its `eager` backend,
-so no C++ build), the Watch that checks compiled code ran, and how a compiler error is attributed. The compiled
-matrix cells (inductor on flux-tiny) are the slow tier's."""
+"""The compile axis (harness/treatments/compiling.py): real torch.compile on small modules (dynamo with its
+`eager` backend, so no C++ build), the Watch that checks compiled code ran, and how a compiler error is
+attributed. The compiled matrix cells (inductor on flux-tiny) are the slow tier's."""
 
 import pytest
 import torch
 from torch import nn
 
 from conftest import lines_of
-from harness import compile as compiling
 from harness.cell import Cell
 from harness.run.execute import error_info, float_reference, unavailable
+from harness.treatments import compiling
 from harness.verdict import Stage
 
 

@@ -1,18 +1,19 @@
-"""The LoRA axes (harness/lora.py) on the real tiny Flux transformer: the offline LoRA's naming and seed, diffusers'
-load_lora_adapter and fuse_lora on it, SD.Next's dequantize-merge-requantize path on a real SDNQ model, and the
-check that fails a cell whose LoRA was lost. The matrix's LoRA cells (every engine) are the slow tier's."""
+"""The LoRA axes (harness/treatments/lora.py) on the real tiny Flux transformer: the offline LoRA's naming and
+seed, diffusers' load_lora_adapter and fuse_lora on it, SD.Next's dequantize-merge-requantize path on a real
+SDNQ model, and the check that fails a cell whose LoRA was lost. The matrix's LoRA cells (every engine) are the
+slow tier's."""
 
 import pytest
 import torch
 
 from conftest import lines_of
-from harness import lora as loras
 from harness.cell import AXES, Cell
 from harness.engines.registry import ENGINES
 from harness.matrix import lora_fused
 from harness.models.build import build_model, make_inputs, run
 from harness.run import measure
 from harness.run.execute import float_reference, unavailable
+from harness.treatments import lora as loras
 
 MODEL = "flux-tiny"
 

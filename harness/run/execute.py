@@ -12,15 +12,13 @@ import statistics
 import traceback
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from harness import compile as compiling
-from harness import devices
-from harness import lora as loras
+from harness import devices, treatments
 from harness.cell import Cell
 from harness.engines.base import NotOffered
 from harness.engines.catalog import CATALOG
@@ -51,7 +49,7 @@ def unavailable(cell: Cell) -> Outcome | None:
     reason = devices.unavailable_reason(cell.device)
     if reason:
         return Outcome.unavailable(Absence.DEVICE, absent_device_reason(cell.device, reason))
-    reason = not_offered(cell) or compiling.not_offered(cell) or loras.not_offered(cell) or \
+    reason = not_offered(cell) or treatments.not_offered(cell) or \
         ENGINES[cell.engine].device_reason(cell.qtype, cell.device)
     if reason:
         return Outcome.unavailable(Absence.NOT_OFFERED, reason)
@@ -132,41 +130,40 @@ def recorded_warnings(into: list[str], limit: int = 10) -> Iterator[None]:
                     into.append(text)
 
 
-def reference_path(task: CellTask, lora: str | None = None) -> Path:
+def reference_path(task: CellTask, plain: bool = False) -> Path:
+    """The float model's output file for the cell (`plain`: without what its treatments add to it)."""
     cell, s = task.cell, task.settings
-    lora = cell.lora if lora is None else lora
-    with_lora = "" if lora == "-" else f"-lora-{lora}"
+    added = "" if plain else treatments.reference_suffix(cell)
     return (task.workdir / "references"
-            / f"{cell.model}-{cell.dtype}-{cell.device}-seed{s.seed}-b{s.batch}{with_lora}.safetensors")
+            / f"{cell.model}-{cell.dtype}-{cell.device}-seed{s.seed}-b{s.batch}{added}.safetensors")
 
 
-def _reference_file(task: CellTask, inputs: dict[str, torch.Tensor] | None, lora: str) -> SharedFile:
-    """The unquantized model's output for this model, dtype, device and seed (with the cell's LoRA, unfused),
-    computed once per run."""
+def _reference_file(task: CellTask, inputs: dict[str, torch.Tensor] | None, plain: bool) -> SharedFile:
+    """The unquantized model's output for this model, dtype, device and seed (with what the cell's treatments add
+    to it, a LoRA unfused, unless `plain`), computed once per run."""
     cell, s = task.cell, task.settings
 
     def make(tmp: Path) -> None:
         from safetensors.torch import save_file
 
         model = loading.float_model(task.workdir, cell.model, s.seed, getattr(torch, cell.dtype))
-        if lora != "-":
-            denoiser = compiling.denoiser(model)
-            loras.apply(denoiser, loras.state_dict(denoiser, lora, s.seed), "unfused")
+        if not plain:
+            treatments.on_reference(model, cell, s.seed)
         model = model.to(devices.torch_device(cell.device))
         with torch.no_grad():
             output = run(model, inputs)
         outputs = output if isinstance(output, dict) else {"output": output}
         save_file({k: v.cpu().contiguous() for k, v in outputs.items()}, str(tmp))
 
-    return SharedFile(reference_path(task, lora), make, source=False)
+    return SharedFile(reference_path(task, plain), make, source=False)
 
 
 def shared_files(task: CellTask, inputs: dict[str, torch.Tensor] | None = None) -> list[SharedFile]:
     """Every shared file the cell needs: its stack's (float model, checkpoint, pre-quantized file), then the float
-    model's reference output (with a LoRA cell's LoRA; the one without it before). The one place their keys are
-    worked out."""
-    without = [_reference_file(task, inputs, "-")] if task.cell.lora != "-" else []
-    return [*stack_of(task.cell).files(task), *without, _reference_file(task, inputs, task.cell.lora)]
+    model's reference output (with what the cell's treatments add, a LoRA; the plain one before). The one place
+    their keys are worked out."""
+    plain = [_reference_file(task, inputs, True)] if reference_path(task) != reference_path(task, True) else []
+    return [*stack_of(task.cell).files(task), *plain, _reference_file(task, inputs, False)]
 
 
 def files_to_prepare(task: CellTask) -> list[Path]:
@@ -209,6 +206,9 @@ class _Progress:
     def __init__(self) -> None:
         self.stage = Stage.PREPARE
         self.device: dict = {}
+
+    def set_stage(self, stage: Stage) -> None:
+        self.stage = stage
 
 
 def execute_cell(task: CellTask) -> Outcome:
@@ -266,26 +266,25 @@ def _measure(task: CellTask, progress: _Progress) -> dict:
     progress.stage = Stage.LOAD
     loaded = stack.load(task, engine, source)
     model = loaded.model.eval()
-    _cast(model, cell)
+    context, stage = treatments.Context(s.seed, lambda: skeleton), progress.set_stage
+    done = treatments.apply(model, cell, context, treatments.AT_LOAD, stage)
     tracker.sample()
     # Storage is counted before offload: offload hooks replace weights with placeholders.
     param_bytes, parts, bpw, kinds = _storage(model, skeleton, cell)
 
-    progress.stage = Stage.LORA
-    lora_figures, lora_weights = _lora(model, cell, s.seed, skeleton)
+    done += treatments.apply(model, cell, context, treatments.BEFORE_OFFLOAD, stage)
     progress.stage = Stage.OFFLOAD
     installed = stack.offload(model, cell.offload, cell.device, components=components(cell.model, model),
                               settings=s)
-    progress.stage = Stage.COMPILE if cell.compile != "-" else Stage.FORWARD
-    watch = compiling.apply(model, cell.compile, cell.offload)
+    done += treatments.apply(model, cell, context, treatments.AFTER_OFFLOAD, stage)
+    progress.stage = next((t.stage for t, _ in done if t.first_call), Stage.FORWARD)
     load_peak = tracker.peak()
     tracker.reset_peak()  # the generation's own peak: loading's transients (a float copy being quantized) apart
     resident = tracker.current()  # what stays after loading: the run peak less this is the steps' transients
     steps = _run_steps(task, model, inputs, reference, installed.after_step, tracker,
-                       _FloatReference(task, measure.stored_bytes(skeleton)), watch, progress)
+                       _FloatReference(task, measure.stored_bytes(skeleton)), done, progress)
     run_peak = max([steps.peak, *(p["peak_mem_bytes"] for p in steps.phases.values())])
-    if lora_figures is not None:
-        lora_figures |= _lora_judged(task, model, reference, steps, lora_weights)
+    _judged(task, done, reference, steps)
     metrics = {
         "param_bytes": param_bytes,
         "disk_bytes": loaded.disk_bytes if loaded.disk_bytes is not None else param_bytes,
@@ -304,10 +303,7 @@ def _measure(task: CellTask, progress: _Progress) -> dict:
     }
     if parts is not None:
         metrics["components"], metrics["phases"] = parts, steps.phases
-    if watch is not None:
-        metrics["compile"] = watch.figures()
-    if lora_figures is not None:
-        metrics["lora"] = lora_figures
+    metrics |= {t.metric: applied.figures() for t, applied in done if t.metric}
     return metrics | _offload_figures(installed) | ({} if loaded.name_hint is None else {
         "name_hint": loaded.name_hint, "name_hint_detail": loaded.name_hint_detail})
 
@@ -332,14 +328,15 @@ def _storage(model, skeleton, cell: Cell) -> tuple[int, dict | None, float | Non
     return param_bytes, None, stored.bits_per_weight, stored.quantized_layers
 
 
-def _lora_judged(task: CellTask, model, reference, steps: _Steps, lora_weights) -> dict:
-    """A LoRA cell is judged against the float model with the LoRA; without it, its output must be farther."""
-    without = _read_reference(reference_path(task, "-"))  # made by prepare_cell
-    against_plain = measure.output_figures(steps.output, without)
-    loras.check(steps.figures, against_plain)
-    return {**loras.devices(compiling.denoiser(model), lora_weights),
-            "effect_sqnr_db": measure.output_figures(reference, without)["sqnr_db"],
-            "sqnr_without_lora_db": against_plain["sqnr_db"]}
+def _judged(task: CellTask, done: treatments.Done, reference, steps: _Steps) -> None:
+    """Each treatment that judges its own effect (a LoRA: the output nearer the float model with it than without)
+    against the float model's plain output (made by prepare_cell)."""
+    judges = [applied.judge for _, applied in done if applied.judge is not None]
+    if judges:
+        plain = _read_reference(reference_path(task, plain=True))
+        against_plain, reference_against_plain = (measure.output_figures(o, plain) for o in (steps.output, reference))
+        for judge in judges:
+            judge(steps.figures, against_plain, reference_against_plain)
 
 
 def _offload_figures(installed) -> dict:
@@ -354,31 +351,14 @@ def _offload_figures(installed) -> dict:
     return out
 
 
-def _cast(model, cell: Cell) -> None:
-    """Layerwise casting as SD.Next applies it: on the loaded (quantized) model (a pipeline's denoiser)."""
-    if cell.cast != "-":
-        compiling.denoiser(model).enable_layerwise_casting(storage_dtype=getattr(torch, cell.cast),
-                                                           compute_dtype=getattr(torch, cell.dtype))
-
-
-def _lora(model, cell: Cell, seed: int, skeleton=None) -> tuple[dict | None, dict | None]:
-    """The cell's LoRA on the loaded model's denoiser (its layers named as the float skeleton's, built here when
-    not given): what it did, and the LoRA's weights; (None, None) without a LoRA."""
-    if cell.lora == "-":
-        return None, None
-    skeleton = skeleton if skeleton is not None else build_skeleton(cell.model, getattr(torch, cell.dtype))
-    weights = loras.state_dict(compiling.denoiser(skeleton), cell.lora, seed)
-    return ({"rank": loras.RANKS[cell.lora], "fuse": cell.lora_fuse,
-             **loras.apply(compiling.denoiser(model), weights, cell.lora_fuse)}, weights)
-
-
 def float_reference(cell: Cell) -> Cell | None:
-    """The cell a cell's steps are timed beside: for a compiled cell, the same cell uncompiled (what compiling
-    buys: metrics.latency_vs_uncompiled); else its baseline (the unquantized model in the same stack, load and
-    offload mode: what quantizing costs); for a baseline in an offload mode, the same float model without offload
-    (what the offload mode costs); None for the float model without offload itself."""
-    if cell.compile != "-":
-        return cell.replace(compile="-")
+    """The cell a cell's steps are timed beside: where a treatment names one, that (a compiled cell: itself
+    uncompiled, what compiling buys: metrics.latency_vs_uncompiled); else its baseline (the unquantized model in
+    the same stack, load and offload mode: what quantizing costs); for a baseline in an offload mode, the same
+    float model without offload (what the offload mode costs); None for the float model without offload itself."""
+    beside = treatments.timed_beside(cell)
+    if beside is not None:
+        return beside[0]
     if cell.baseline != cell:
         return cell.baseline
     return cell.replace(offload="none") if cell.offload != "none" else None
@@ -398,8 +378,10 @@ class _FloatReference:
 
     @staticmethod
     def key(cell: Cell) -> str:
-        """The metric the paired ratio is recorded as: a compiled cell's is to itself uncompiled."""
-        return "latency_vs_uncompiled" if cell.compile != "-" else "latency_vs_float"
+        """The metric the paired ratio is recorded as: a treatment's where it names the cell (a compiled cell's is
+        to itself uncompiled), else to the float model."""
+        beside = treatments.timed_beside(cell)
+        return "latency_vs_float" if beside is None else beside[1]
 
     def start(self):
         task, base = self.task, self.cell
@@ -418,10 +400,13 @@ class _FloatReference:
             with warnings.catch_warnings():  # the reference's warnings are the baseline cell's, not this one's
                 warnings.simplefilter("ignore")
                 model = stack.load(btask, ENGINES[base.engine], _source(stack.files(btask))).model.eval()
-                _cast(model, base)
-                _lora(model, base, task.settings.seed)
+                context = treatments.Context(task.settings.seed,
+                                             lambda: build_skeleton(base.model, getattr(torch, base.dtype)))
+                for when in (treatments.AT_LOAD, treatments.BEFORE_OFFLOAD):
+                    treatments.apply(model, base, context, when)
                 installed = stack.offload(model, base.offload, base.device,
                                           components=components(base.model, model), settings=task.settings)
+                treatments.apply(model, base, context, treatments.AFTER_OFFLOAD)
         except Exception as exc:  # noqa: BLE001 - the baseline cell records it as its own finding
             self.why = f"the float reference failed: {type(exc).__name__}: {str(exc)[:200]}"
             return None
@@ -478,12 +463,12 @@ def _timed(task: CellTask, step, after_step, inputs: dict, float_reference: _Flo
 
 
 def _run_steps(task: CellTask, model, inputs: dict, reference, after_step, tracker,
-               float_reference: _FloatReference, watch: compiling.Watch | None, progress: _Progress) -> _Steps:
+               float_reference: _FloatReference, done: treatments.Done, progress: _Progress) -> _Steps:
     """The first step's (generation's) output and its error against the float model's, the warm-up steps, then
     the timed steps, paired with the float reference's where it can run beside the cell. A pipeline's first
     generation is also measured per phase (latency and peak memory); its timed generations give each phase's
-    median latency. A compiled model's first call compiles it (the Watch times it); every later call is checked
-    to have run compiled."""
+    median latency. Every call runs in the applied treatments' `call` (a compiled model's first compiles it, timed;
+    every later one is checked to have run compiled)."""
     s = task.settings
     pipeline = isinstance(model, PipelineModel)
     phase_peaks: dict[str, int] = {}
@@ -491,7 +476,8 @@ def _run_steps(task: CellTask, model, inputs: dict, reference, after_step, track
         model.phase_mark = _PhasePeaks(tracker, phase_peaks)
     timed: list[dict[str, float]] = []
 
-    calling = watch.call if watch is not None else nullcontext
+    def calling():
+        return treatments.calls(done)
 
     def step() -> None:
         with calling():

@@ -224,7 +224,7 @@ class ComponentPipeline(diffusers.DiffusionPipeline):
         self.register_modules(transformer=transformer)
 
 
-FULLGRAPH = True  # harness/compile.py options: fullgraph except with group offload
+FULLGRAPH = True  # harness's compile options: fullgraph except with group offload
 ERROR_ON_RECOMPILE = False  # and a recompile an error without offload
 
 

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from harness.cell import AXES
+from harness.treatments.base import BEFORE_OFFLOAD, Applied, Context, Treatment, denoiser
+from harness.verdict import Stage
 
 RANKS = {"r4": 4, "r16": 16}
 FUSES = AXES["lora_fuse"].known()
@@ -157,3 +159,39 @@ def check(figures: dict, without: dict) -> None:
     if without_db >= with_db:
         raise LoraNotApplied(f"the output is nearer the float model without the LoRA (SQNR {without_db:.1f} dB) "
                              f"than with it ({with_db:.1f} dB): the LoRA was lost")
+
+
+class Lora(Treatment):
+    """The LoRA on the loaded model's denoiser, before offload and compile; the float reference carries it too
+    (unfused): the output a user expects. Judged after the steps: nearer the float model with it than without."""
+
+    axis, order, stage, metric, when = "lora", 1, Stage.LORA, "lora", BEFORE_OFFLOAD
+
+    def not_offered(self, cell) -> str | None:
+        return not_offered(cell)
+
+    def apply(self, model: nn.Module, cell, context: Context) -> Applied | None:
+        if not self.present(cell):
+            return None
+        weights = state_dict(denoiser(context.skeleton), cell.lora, context.seed)
+        figures = {"rank": RANKS[cell.lora], "fuse": cell.lora_fuse,
+                   **apply(denoiser(model), weights, cell.lora_fuse)}
+
+        def judge(against_reference: dict, against_plain: dict, reference_against_plain: dict) -> dict:
+            check(against_reference, against_plain)
+            figures.update(devices(denoiser(model), weights), effect_sqnr_db=reference_against_plain["sqnr_db"],
+                           sqnr_without_lora_db=against_plain["sqnr_db"])
+            return figures
+
+        return Applied(figures=lambda: figures, judge=judge)
+
+    def reference_suffix(self, cell) -> str:
+        return f"-lora-{cell.lora}" if self.present(cell) else ""
+
+    def on_reference(self, model: nn.Module, cell, seed: int) -> None:
+        if self.present(cell):
+            module = denoiser(model)
+            apply(module, state_dict(module, cell.lora, seed), "unfused")
+
+
+TREATMENT = Lora()

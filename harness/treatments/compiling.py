@@ -27,6 +27,8 @@ import torch
 from torch import nn
 
 from harness.cell import AXES
+from harness.treatments.base import AFTER_OFFLOAD, Applied, Context, Treatment, denoiser
+from harness.verdict import Stage
 
 MODES = AXES["compile"].known()
 
@@ -63,11 +65,6 @@ def not_offered(cell) -> str | None:
         return (f"diffusers' {REAL_CLASSES[MODELS[cell.model].kind]} declares no _repeated_blocks: "
                 f"compile_repeated_blocks raises ValueError for it")
     return None
-
-
-def denoiser(model: nn.Module) -> nn.Module:
-    """The module users compile: a pipeline's denoiser (`pipe.transformer.compile()`), else the model itself."""
-    return getattr(model, "denoiser", model)
 
 
 def _targets(module: nn.Module, mode: str) -> list[nn.Module]:
@@ -160,3 +157,24 @@ def apply(model: nn.Module, mode: str, offload: str) -> Watch | None:
     else:
         raise ValueError(f"unknown compile mode {mode!r}; expected one of {MODES}")
     return watch
+
+
+class Compiling(Treatment):
+    """torch.compile of the denoiser, after the offload; its first call compiles (the record's compile stage).
+    Timed beside the same cell uncompiled: what compiling buys."""
+
+    axis, order, stage, metric, when = "compile", 2, Stage.COMPILE, "compile", AFTER_OFFLOAD
+    first_call, paired_metric = True, "latency_vs_uncompiled"
+
+    def not_offered(self, cell) -> str | None:
+        return not_offered(cell)
+
+    def apply(self, model: nn.Module, cell, context: Context) -> Applied | None:
+        watch = apply(model, cell.compile, cell.offload)
+        return None if watch is None else Applied(figures=watch.figures, call=watch.call)
+
+    def timed_beside(self, cell):
+        return cell.replace(compile="-") if self.present(cell) else None
+
+
+TREATMENT = Compiling()
