@@ -154,3 +154,25 @@ def test_the_baseline_is_a_cell_of_the_default_components_whichever_are_asked_fo
     # an [[include]] inherits [axes]' components: a model that lacks them narrows, it is no error
     inherited = parse_matrix(text + '[[include]]\nmodel = "flux-tiny"\nengine = "none"\n', "m.toml")
     assert "none/post-load/none/cpu/flux-tiny/bfloat16/direct" in [c.id for c in inherited.cells]
+
+
+def test_an_int8_matmul_pipelines_text_encoder_gets_no_quantized_matmul_as_in_sdnext():
+    """SD.Next quantizes a text encoder with the model's weight type and no quantized matmul unless set
+    (sdnq_quantize_matmul_mode_te defaults to "disabled"): during load (diffusers' per-component configs) and after
+    it (the engine's API per component) the T5 gets int8 weights without the denoiser's int8 matmul."""
+    from harness.engines.registry import ENGINES
+    from harness.stacks.diffusers import pipeline_quantization_config
+    from harness.stacks.loading import load_post_pipeline
+
+    engine, cpu = ENGINES["sdnq"], torch.device("cpu")
+    mapping = pipeline_quantization_config(engine, "int8-matmul", "flux-tiny-pipe", "denoiser+te",
+                                           torch.bfloat16).quant_mapping
+    assert mapping["transformer"].use_quantized_matmul is True
+    assert mapping["text_encoder_2"].use_quantized_matmul is False and mapping["text_encoder_2"].weights_dtype == "int8"
+    pipe = load_post_pipeline(engine, "int8-matmul", "flux-tiny-pipe", "denoiser+te",
+                              lambda: build_model("flux-tiny-pipe", 0, torch.bfloat16), torch.bfloat16, cpu).model.pipe
+
+    def matmul(module: nn.Module) -> set[bool]:
+        return {m.sdnq_dequantizer.use_quantized_matmul for m in module.modules() if hasattr(m, "sdnq_dequantizer")}
+
+    assert matmul(pipe.transformer) == {True} and matmul(pipe.text_encoder_2) == {False}

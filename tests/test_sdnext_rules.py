@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.cell import Cell
+from harness.cell import AXES, Cell
 from harness.matrix import load_matrix
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,3 +104,24 @@ def test_gguf_with_model_offload_documents_no_message_so_any_error_holds_it_and_
     for error in (ErrorInfo("RuntimeError", "dequantized on the device"), ErrorInfo("ValueError", "")):
         assert judge(expect, Outcome("error", error=error))[0] is Verdict.DOCUMENTED_ERROR
     assert judge(expect, Outcome("ran", metrics={}))[0] is Verdict.DRIFT_WORKS
+
+
+def test_sdnext_today_runs_sdnqs_types_as_sdnext_lists_them_in_its_compute_dtype(capsys):
+    """matrices/sdnext-today.toml: SD.Next's 18 SDNQ weight types (not int4, the package's own), a weight x matmul
+    override, pre-quantized models in every offload mode, fp32 on a CPU and bf16 on a GPU (SD.Next's dtypes)."""
+    from harness.cli import main
+    from harness.engines.sdnq import SDNEXT_WEIGHTS
+
+    today = load_matrix(ROOT / "matrices" / "sdnext-today.toml", present_devices=("cpu", "cuda"))
+    types = {c.qtype for c in today.cells if c.engine == "sdnq"}
+    assert set(SDNEXT_WEIGHTS) <= types and "int4" not in types and "uint4-matmul-fp8" in types
+    assert {c.dtype for c in today.cells if c.device == "cpu"} == {"float32"}
+    assert {c.dtype for c in today.cells if c.device == "cuda"} == {"bfloat16"}
+    assert {c.offload for c in today.cells if c.engine == "sdnq" and c.load == "prequantized"} == set(
+        AXES["offload"].known())
+    assert main(["list", "--all-devices", str(ROOT / "matrices" / "sdnext-today.toml")]) == 0
+    listed = capsys.readouterr().out.split()
+    for qtype in ("uint8", "uint3", "uint2", "float4_e2m1fn", "float2_e1m0fn", "uint4-matmul-fp8"):
+        assert f"sdnq-{qtype}/post-load/none/cpu/flux-tiny-pipe/float32/diffusers" in listed
+    assert "sdnq-int8/prequantized/sequential/cpu/flux-tiny-pipe/float32/diffusers" in listed
+    assert not [c for c in listed if "/cpu/" in c and "/bfloat16/" in c]

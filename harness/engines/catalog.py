@@ -9,6 +9,7 @@ tox's pins and the device wheels read (or are checked against) this table.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 ALL_LOADS = ("post-load", "on-the-fly", "prequantized")
@@ -62,6 +63,8 @@ class EngineInfo:
     file_suffix: str = ".safetensors"  # of the files `save` writes
     traces: bool = False  # quantizing traces the model with an example input (a pipeline's are captured)
     floors: dict[str, Floor] = field(default_factory=dict)  # per type (FLOORS by bits where not given)
+    # the type a text encoder gets where it differs from the model's, as SD.Next's defaults give it
+    text_encoder_types: dict[str, str] = field(default_factory=dict)
     # SD.Next today (vladmandic/sdnext@058a7f0): "ships", "removed" (its 2026-04-01 release, commit 53839e464) or
     # "not offered"; what the report's engine table says
     sdnext: str = "not offered"
@@ -102,6 +105,30 @@ _BNB4 = Bits(4 + 32 / 64)  # 4-bit codes, one fp32 absmax per block of 64
 _BNB4_DQ = Bits(4 + 8 / 64 + 32 / (64 * 256))  # absmax as uint8, one fp32 per 256 absmax
 _PER_ROW8 = Bits(8, 32)  # int8 codes, one fp32 scale per output row
 
+# SDNQ's plain weight types: SD.Next's 18 (vladmandic/sdnext@058a7f0 modules/shared_items.py:182, the same at dev
+# d11a619) and int4, the package's own (not an SD.Next choice); harness/engines/sdnq.py OPTIONS.
+SDNQ_PLAIN = ("int8", "uint8", "int6", "uint6", "uint5", "uint4", "uint3", "uint2", "float8_e4m3fn", "float8_e3m4fn",
+              "float6_e3m2fn", "float5_e2m2fn", "float4_e2m1fn", "float3_e1m1fn", "float2_e1m0fn", "int16", "uint16",
+              "float16", "int4")
+
+
+def _sdnq_code_bits(qtype: str) -> int:
+    return int(re.search(r"\d+", qtype).group())  # int8 -> 8, float6_e3m2fn -> 6
+
+
+def _sdnq_bits(qtype: str) -> Bits:
+    """sdnq's automatic group for a Linear: 2 ** (2 + code bits) inputs, with an fp32 scale (and for unsigned types
+    an fp32 zero point) per group; measured over 128x128 and 256x1024 layers with sdnq 0.2.8 (2026-12-07)."""
+    bits = _sdnq_code_bits(qtype)
+    return Bits(bits, per_group=64 if qtype.startswith("uint") else 32, group=2 ** (2 + bits))
+
+
+def _sdnq_floor(qtype: str) -> Floor:
+    bits = _sdnq_code_bits(qtype)
+    return (FLOOR_8BIT if bits >= 8 and not qtype.startswith("float8") else FLOOR_FP8 if bits == 8
+            else FLOOR_6BIT if bits >= 5 else FLOOR_4BIT if bits == 4 else FLOOR_2BIT)
+
+
 CATALOG: dict[str, EngineInfo] = {e.name: e for e in (
     EngineInfo("none", ("-",), "harness.engines.none:NoneEngine", ALL_LOADS, title="the unquantized model", sdnext="-",
                floors={"-": FLOOR_FLOAT}),
@@ -132,20 +159,22 @@ CATALOG: dict[str, EngineInfo] = {e.name: e for e in (
     # defaults modules/ui_definitions.py:176-195) as its reference models name them ("uint4-svd-r32"):
     # harness/engines/sdnq.py OPTIONS. Bits in float32 (scales, zero points and SVD factors in the compute dtype);
     # the group is sdnq's automatic one for a Linear, 2 ** (2 + code bits (+1 with SVD)) inputs, unless set.
-    EngineInfo("sdnq", ("int8", "int6", "int4", "uint4", "float8_e4m3fn", "uint4-svd-r32", "int8-matmul",
-                        "uint4-g32", "uint4-dynamic", "uint4-hadamard"), "harness.engines.sdnq:SDNQEngine",
+    EngineInfo("sdnq", (*SDNQ_PLAIN, "uint4-svd-r32", "int8-matmul", "uint4-matmul-fp8", "uint4-g32",
+                        "uint4-dynamic", "uint4-hadamard"), "harness.engines.sdnq:SDNQEngine",
                ALL_LOADS, "sdnq", title="SDNQ", sdnext="ships",
-               bits={"int8": Bits(8, per_group=32, group=1024), "float8_e4m3fn": Bits(8, per_group=32, group=1024),
+               bits={**{t: _sdnq_bits(t) for t in SDNQ_PLAIN},
                      "int8-matmul": Bits(8, 32),  # quantized matmul: one scale per output row
-                     "int6": Bits(6, per_group=32, group=256), "int4": Bits(4, per_group=32, group=64),  # scale only
-                     "uint4": Bits(4, per_group=64, group=64),  # scale and zero point per group
+                     "uint4-matmul-fp8": _sdnq_bits("uint4"),  # the matmul's type leaves the storage as it is
                      "uint4-g32": Bits(4, per_group=64, group=32),
-                     "uint4-hadamard": Bits(4, per_group=64, group=64),  # rotated weights, the same storage
+                     "uint4-hadamard": _sdnq_bits("uint4"),  # rotated weights, the same storage
                      "uint4-svd-r32": Bits(4, per_group=64, group=128, rank=32, rank_bits=32)},
-               floors={"int8": FLOOR_8BIT, "int6": FLOOR_6BIT, "int4": FLOOR_4BIT, "uint4": FLOOR_4BIT,
-                       "float8_e4m3fn": FLOOR_FP8, "int8-matmul": FLOOR_8BIT,
-                       **dict.fromkeys(("uint4-svd-r32", "uint4-g32", "uint4-dynamic", "uint4-hadamard"),
-                                       FLOOR_4BIT)}),
+               # SD.Next quantizes a text encoder with the model's weight type ("Same as model") and without a
+               # quantized matmul unless set (vladmandic/sdnext@d11a619 modules/ui_definitions.py:178-179,
+               # modules/model_quant.py:104-119: sdnq_quantize_matmul_mode_te defaults to "disabled")
+               text_encoder_types={"int8-matmul": "int8", "uint4-matmul-fp8": "uint4"},
+               floors={**{t: _sdnq_floor(t) for t in SDNQ_PLAIN}, "int8-matmul": FLOOR_8BIT,
+                       **dict.fromkeys(("uint4-svd-r32", "uint4-matmul-fp8", "uint4-g32", "uint4-dynamic",
+                                        "uint4-hadamard"), FLOOR_4BIT)}),
     EngineInfo("torchao", ("int8_weight_only", "int8_dynamic", "float8_weight_only", "int4_weight_only"),
                "harness.engines.torchao_engine:TorchAOEngine", ("post-load", "on-the-fly"), "torchao",
                title="torchao", sdnext="removed",
@@ -176,6 +205,11 @@ CATALOG: dict[str, EngineInfo] = {e.name: e for e in (
 )}
 
 ENGINE_NAMES = tuple(CATALOG)
+
+
+def text_encoder_type(engine: str, qtype: str) -> str:
+    """The type a text encoder is quantized with when the model's is `qtype` (EngineInfo.text_encoder_types)."""
+    return CATALOG[engine].text_encoder_types.get(qtype, qtype) if engine in CATALOG else qtype
 
 
 def output_floor(engine: str, qtype: str, cast: str = "-") -> Floor | None:

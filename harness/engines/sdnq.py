@@ -22,21 +22,45 @@ CONFIG_KEY = "sdnq.quantization_config"
 # Each type's SDNQConfig options beyond sdnq's defaults, as SD.Next sets them (vladmandic/sdnext@058a7f0
 # modules/model_quant.py:148-169: sdnq_use_svd, sdnq_svd_rank (default 32), sdnq_svd_steps (8), sdnq_group_size,
 # sdnq_use_dynamic_quantization, sdnq_use_hadamard, sdnq_quantize_matmul_mode; modules/ui_definitions.py:176-195).
+# The plain weight types are SD.Next's 18 (modules/shared_items.py:182 sdnq_quant_modes, unchanged at dev d11a619,
+# line 184) and int4, the package's own (not an SD.Next choice). A quantized matmul's type is a second choice
+# (shared_items.py:183 sdnq_matmul_modes: disabled, enabled, int8, uint8, float8_e4m3fn, float16): `-matmul` is
+# "enabled" (sdnq picks int8 for integer weights), `-matmul-fp8` an override.
+SDNEXT_WEIGHTS = ("int8", "uint8", "int6", "uint6", "uint5", "uint4", "uint3", "uint2", "float8_e4m3fn",
+                  "float8_e3m4fn", "float6_e3m2fn", "float5_e2m2fn", "float4_e2m1fn", "float3_e1m1fn",
+                  "float2_e1m0fn", "int16", "uint16", "float16")
+# a literal (the repro generator reads it without importing this module): each weight type alone, then options
 OPTIONS = {
     "int8": {"weights_dtype": "int8"},
+    "uint8": {"weights_dtype": "uint8"},
     "int6": {"weights_dtype": "int6"},
-    "int4": {"weights_dtype": "int4"},
+    "uint6": {"weights_dtype": "uint6"},
+    "uint5": {"weights_dtype": "uint5"},
     "uint4": {"weights_dtype": "uint4"},
+    "uint3": {"weights_dtype": "uint3"},
+    "uint2": {"weights_dtype": "uint2"},
     "float8_e4m3fn": {"weights_dtype": "float8_e4m3fn"},
+    "float8_e3m4fn": {"weights_dtype": "float8_e3m4fn"},
+    "float6_e3m2fn": {"weights_dtype": "float6_e3m2fn"},
+    "float5_e2m2fn": {"weights_dtype": "float5_e2m2fn"},
+    "float4_e2m1fn": {"weights_dtype": "float4_e2m1fn"},
+    "float3_e1m1fn": {"weights_dtype": "float3_e1m1fn"},
+    "float2_e1m0fn": {"weights_dtype": "float2_e1m0fn"},
+    "int16": {"weights_dtype": "int16"},
+    "uint16": {"weights_dtype": "uint16"},
+    "float16": {"weights_dtype": "float16"},
+    "int4": {"weights_dtype": "int4"},
     "uint4-svd-r32": {"weights_dtype": "uint4", "use_svd": True, "svd_rank": 32, "svd_steps": 8},
     "int8-matmul": {"weights_dtype": "int8", "use_quantized_matmul": True},
+    "uint4-matmul-fp8": {"weights_dtype": "uint4", "use_quantized_matmul": True,
+                         "quantized_matmul_dtype": "float8_e4m3fn"},
     "uint4-g32": {"weights_dtype": "uint4", "group_size": 32},
     "uint4-dynamic": {"weights_dtype": "uint4", "use_dynamic_quantization": True},
     "uint4-hadamard": {"weights_dtype": "uint4", "use_hadamard": True},
 }
 # What tells the types apart in a saved config, with sdnq's defaults (a key a config lacks has its default)
-SIGNATURE = {"weights_dtype": None, "use_svd": False, "use_quantized_matmul": False, "group_size": 0,
-             "use_dynamic_quantization": False, "use_hadamard": False}
+SIGNATURE = {"weights_dtype": None, "use_svd": False, "use_quantized_matmul": False, "quantized_matmul_dtype": None,
+             "group_size": 0, "use_dynamic_quantization": False, "use_hadamard": False}
 
 
 def qtype_of(config: dict) -> str | None:

@@ -30,6 +30,7 @@ import torch
 
 from harness import devices, offload
 from harness.engines.base import Engine, NotOffered
+from harness.engines.catalog import text_encoder_type
 from harness.engines.registry import ENGINES
 from harness.errors import QuantMatrixError
 from harness.models.pipelines import load_pipeline
@@ -273,12 +274,14 @@ def make_prequantized_pipeline(workdir: Path, engine: Engine, qtype: str, model:
 
 def check_saved_pipeline(path: Path, engine: Engine, qtype: str, model: str, components: str) -> None:
     """Each component the cell quantizes must say, in its saved config, that it holds this engine's type (a text
-    encoder saved without its quantization would otherwise load as a float one, unnoticed)."""
-    for attr in component_names(model)[components] if engine.name != "none" else [PIPELINES[model].denoiser]:
-        found = detect_saved(path / attr)
-        if found != (engine.name, qtype):
+    encoder saved without its quantization would otherwise load as a float one, unnoticed): the denoiser the
+    cell's, a text encoder the one SD.Next's defaults give it (catalog: text_encoder_types)."""
+    denoiser = PIPELINES[model].denoiser
+    for attr in component_names(model)[components] if engine.name != "none" else [denoiser]:
+        found, own = detect_saved(path / attr), qtype if attr == denoiser else text_encoder_type(engine.name, qtype)
+        if found != (engine.name, own):
             raise QuantMatrixError(f"the {attr}'s config says engine {found[0]!r} type {found[1]!r}; expected "
-                                   f"{engine.name!r} type {qtype!r}", path=path / attr)
+                                   f"{engine.name!r} type {own!r}", path=path / attr)
 
 
 class DiffusersStack(Stack):
@@ -325,7 +328,8 @@ def pipeline_quantization_config(engine: Engine, qtype: str, model: str, compone
 
     integration = INTEGRATIONS[engine.name]
     denoiser = PIPELINES[model].denoiser
-    mapping = {attr: (integration.config if attr == denoiser else integration.te_config)(qtype, dtype)
+    te_qtype = text_encoder_type(engine.name, qtype)  # as SD.Next's defaults give a text encoder
+    mapping = {attr: integration.config(qtype, dtype) if attr == denoiser else integration.te_config(te_qtype, dtype)
                for attr in component_names(model)[components]}
     mapping = {k: v for k, v in mapping.items() if v is not None}
     return PipelineQuantizationConfig(quant_mapping=mapping) if mapping else None

@@ -148,8 +148,9 @@ def load_post_pipeline(engine: Engine, qtype: str, model: str, components: str,
                        seed: int = 0) -> Loaded:
     """The float pipeline (`float_model()`, a PipelineModel), then the engine's own API on each component the
     `components` value names; for an engine that traces (NNCF), each with the inputs it got in a real call."""
-    from harness.engines.catalog import CATALOG
+    from harness.engines.catalog import CATALOG, text_encoder_type
     from harness.models.pipelines import PipelineModel, capture_inputs, quantize_components
+    from harness.models.specs import PIPELINES
 
     t0 = time.perf_counter()
     pipe = float_model().pipe
@@ -159,7 +160,8 @@ def load_post_pipeline(engine: Engine, qtype: str, model: str, components: str,
     def quantize(attr: str, module: nn.Module) -> nn.Module:
         if attr in examples:
             module._quantmatrix_example = examples[attr]
-        return engine.quantize(module, qtype, dtype=dtype, device=device)
+        own = qtype if attr == PIPELINES[model].denoiser else text_encoder_type(engine.name, qtype)
+        return engine.quantize(module, own, dtype=dtype, device=device)
 
     quantize_components(pipe, model, components, quantize)
     return Loaded(PipelineModel(pipe, model), t1 - t0, time.perf_counter() - t1)
