@@ -70,6 +70,7 @@ def table(records: report_data.Records, budget: int | None = None) -> pd.DataFra
         "peak_mib": latest["run_mem_bytes"] / 2**20, "mem_x": latest["mem_ratio"],
         "time_x": latest["latency_ratio"],
         "error_db": latest["psnr_db"].where(latest["psnr_db"].map(report_data.finite), latest["sqnr_db"]),
+        "ssim": latest["ssim"],
     })
     rows["right"] = rows["verdict"].isin(RIGHT)
     if budget is not None:
@@ -122,7 +123,7 @@ def _x(v) -> str:
 
 def render(rows: pd.DataFrame, device: str, model: str) -> str:
     """The check's table as text, then what the figures can and cannot say here."""
-    head = ["engine", "type", "offload", "result", "peak MiB", "mem x", "time x", "error dB"] + \
+    head = ["engine", "type", "offload", "result", "peak MiB", "mem x", "time x", "error dB", "SSIM"] + \
         (["fits"] if "fits" in rows else [])
     lines = []
     for _, r in rows.iterrows():
@@ -130,7 +131,8 @@ def render(rows: pd.DataFrame, device: str, model: str) -> str:
         cells = [r["engine"], r["type"], r["offload"], result,
                  f"{r['peak_mib']:.0f}" if report_data.finite(r["peak_mib"]) else "-",
                  _x(r["mem_x"]), _x(r["time_x"]),
-                 (f"{r['error_db']:.1f}" if report_data.finite(r["error_db"]) else "exact") if r["right"] else "-"]
+                 (f"{r['error_db']:.1f}" if report_data.finite(r["error_db"]) else "exact") if r["right"] else "-",
+                 f"{r['ssim']:.4f}" if r["right"] and report_data.finite(r["ssim"]) else "-"]
         if "fits" in rows:
             cells.append("yes" if r["fits"] else "no")
         lines.append(cells)
@@ -138,7 +140,9 @@ def render(rows: pd.DataFrame, device: str, model: str) -> str:
     out = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [head, *lines]]
     notes = [f"{model} on {device}: peak memory is the generation's, above the cell's start; mem x only where "
              "the weights dominate the float model's peak; time x against the float model timed beside it; error "
-             "dB is the image's PSNR (a pipeline) or the output's SQNR against the float model's (higher is closer)."]
+             "dB is the image's PSNR (a pipeline) or the output's SQNR against the float model's (higher is "
+             "closer); SSIM the image's structural similarity (1: the same; a pipeline only; LPIPS is not "
+             "measured: its network is a download)."]
     if not rows["mem_x"].map(report_data.finite).any():
         notes.append(f"{model}'s weights are under half of its float model's peak: these peaks are this model's "
                      "activations and the process, not what a checkpoint of real size needs.")

@@ -296,6 +296,7 @@ def impossible_figures(metrics: dict[str, Any], dtype: str) -> list[str]:
     for key in ("median", "p10", "p90"):
         need(f"latency_ms.{key}", (metrics.get("latency_ms") or {}).get(key))
     need("cosine", metrics.get("cosine"), -1, 1)
+    need("ssim", metrics.get("ssim"), -1, 1)
     for key in ("sqnr_db", "psnr_db"):
         need(key, metrics.get(key), None)
     for name in ("latency_vs_float", "latency_vs_uncompiled"):

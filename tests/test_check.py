@@ -72,7 +72,7 @@ def test_the_memory_given_changes_the_recommendation(tmp_path):
 def test_the_table_says_what_its_figures_cannot(tmp_path):
     text = check.render(check.table(check_records(tmp_path), 8 << 30), "cpu", "flux-tiny-pipe")
     assert text.splitlines()[0].split() == ["engine", "type", "offload", "result", "peak", "MiB", "mem", "x",
-                                            "time", "x", "error", "dB", "fits"]
+                                            "time", "x", "error", "dB", "SSIM", "fits"]
     assert "these peaks are this model's activations" in text and "On a CPU no offload mode is checked" in text
 
 

@@ -12,6 +12,9 @@ from harness.run.measure import (
     float_layout,
     median_interval,
     output_error,
+    output_figures,
+    psnr_db,
+    ssim,
     storage,
     stored_bytes,
     tensor_bytes,
@@ -70,6 +73,20 @@ def test_output_error_against_noise_of_known_power():
     assert 0.9999 < err.cosine < 1.0
     exact = output_error(ref, ref)
     assert exact.sqnr_db is None and exact.max_abs_error == 0 and exact.cosine == pytest.approx(1.0)
+
+
+def test_ssim_sees_structure_where_psnr_sees_only_pixel_error():
+    """A smooth image brightened keeps its structure (SSIM near 1 though every pixel moved); the same pixels
+    shuffled lose it (SSIM near 0 with the same histogram); a pipeline's figures carry it and say why LPIPS not."""
+    y, x = torch.meshgrid(torch.linspace(0, 1, 32), torch.linspace(0, 1, 32), indexing="ij")
+    image = torch.stack([x, y, (x + y) / 2])[None] * 0.8 + 0.1
+    brighter = (image + 0.08).clamp(0, 1)
+    shuffled = image.flatten(2)[..., torch.randperm(32 * 32, generator=torch.Generator().manual_seed(0))].view_as(image)
+    assert ssim(image, image) == pytest.approx(1.0)
+    assert ssim(image, brighter) > 0.9 > 0.2 > ssim(image, shuffled)
+    assert psnr_db(image, brighter) < 25  # PSNR: every pixel 0.08 off
+    figures = output_figures({"latents": image, "image": brighter}, {"latents": image, "image": image})
+    assert figures["ssim"] == pytest.approx(ssim(image, brighter)) and "download" in figures["lpips_not_measured"]
 
 
 def test_latency_does_warmup_then_enough_timed_steps():

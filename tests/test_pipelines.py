@@ -81,6 +81,7 @@ def test_denoiser_and_te_quantizes_the_text_encoder_too_and_stores_less(stack, l
     assert with_te["param_bytes"] == sum(c["bytes"] for c in with_te["components"].values())
     for m in (alone, with_te):
         assert m["sqnr_db"] > 12 and m["psnr_db"] > 20  # the 8-bit floor
+        assert 0.9 < m["ssim"] < 1 and m["lpips_not_measured"]  # the image's structure, near the float model's
         assert set(m["phases"]) == {"encode", "denoise", "decode"}
         assert all(p["latency_ms"] > 0 and p["peak_mem_bytes"] > 0 for p in m["phases"].values())
 

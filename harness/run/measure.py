@@ -288,14 +288,33 @@ def psnr_db(image: torch.Tensor, reference: torch.Tensor) -> float | None:
     return None if mse == 0 else 10 * math.log10(1 / mse)
 
 
+def ssim(image: torch.Tensor, reference: torch.Tensor) -> float:
+    """Structural similarity of an image in [0, 1] with the reference image (pytorch-msssim's SSIM: a Gaussian
+    window of 11, or the largest odd one the image fits; 1 for identical images). MS-SSIM needs images of at
+    least 160 px per side (five scales of that window): the tiny pipelines' 32 px images have none."""
+    from pytorch_msssim import ssim as structural
+
+    image, reference = (t.detach().float().cpu() for t in (image, reference))
+    if image.dim() == 3:
+        image, reference = image[None], reference[None]
+    window = min(11, min(image.shape[-2:]) - (1 - min(image.shape[-2:]) % 2))
+    return float(structural(image, reference, data_range=1.0, size_average=True, win_size=window))
+
+
+# LPIPS compares images through a trained network's features; its weights are a download (AlexNet/VGG), which the
+# harness never makes at run time: pipeline records say so instead of a figure.
+LPIPS_NOT_MEASURED = "LPIPS needs a trained network's weights (a download); none is on this machine"
+
+
 def output_figures(output: torch.Tensor | dict[str, torch.Tensor],
-                   reference: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, float | None]:
+                   reference: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, float | str | None]:
     """The output's error against the float model's: SQNR, cosine and max error of the output (a pipeline's
-    final latents), and for a pipeline the decoded image's PSNR."""
+    final latents), and for a pipeline the decoded image's PSNR and SSIM (LPIPS: why it is not measured)."""
     if not isinstance(output, dict):
         return output_error(output, reference).as_dict()
     return {**output_error(output["latents"], reference["latents"]).as_dict(),
-            "psnr_db": psnr_db(output["image"], reference["image"])}
+            "psnr_db": psnr_db(output["image"], reference["image"]), "ssim": ssim(output["image"], reference["image"]),
+            "lpips_not_measured": LPIPS_NOT_MEASURED}
 
 
 def digest_all(output: torch.Tensor | dict[str, torch.Tensor]) -> str:
