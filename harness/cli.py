@@ -229,7 +229,7 @@ def _report(args: argparse.Namespace, rest: list[str]) -> int:
 
     previous = report_data.load(args.previous) if args.previous else None
     folder = _output_folder(Path(args.output or CHECKOUT / "reports" / "latest"), inputs)
-    index = _writing(build, records, folder, previous=previous, rules=rules)
+    index = _writing(build, records, folder, previous=previous, rules=rules, repro_limit=args.repro_limit)
     print(f"report: {index} ({len(records.frame)} records, {len(records.skipped)} skipped)"
           + ("" if len(records.frame) else ": no valid record"))
     return 0
@@ -297,6 +297,9 @@ def _report_parser(sub) -> None:
     p.add_argument("--wiki", metavar="DIR",
                    help="write the page the rules state as it should read (DIR/<page>.md) and its unified diff "
                         "against the page as received (DIR/<page>.diff)")
+    p.add_argument("--repro-limit", type=positive(int), metavar="N",
+                   help="write at most N repro scripts: findings before documented errors, then the failures of "
+                        "most cells (the others' panels give the `quantmatrix repro` command); default: every one")
     sdnext = CHECKOUT / "matrices" / "sdnext.toml"
     p.add_argument("--rules", default=str(sdnext) if sdnext.exists() else None, metavar="MATRIX",
                    help="matrix file whose rules state a page, for --doc-patch and the report's wiki patch "

@@ -301,6 +301,25 @@ def test_the_report_writes_and_links_a_script_for_each_failing_cell(tmp_path):
                        == latest.loc[k, "error_type"] for k in keys)
 
 
+def test_a_repro_limit_keeps_the_findings_of_most_cells_and_names_the_command_for_the_rest(tmp_path):
+    """--repro-limit N: at most N scripts, findings before documented errors and, among them, the failures of
+    most cells; every other failing cell's panel gives the command that writes its script."""
+    loaded = report_data.load([UPSTREAM])
+    every = report_upstream.write_scripts(loaded.latest(), tmp_path / "all", loaded.files)
+    limited = report_upstream.write_scripts(loaded.latest(), tmp_path / "two", loaded.files, limit=2)
+    paths = {s.path for s in every.values() if s.path}
+    kept = {s.path for s in limited.values() if s.path}
+    assert len(paths) > 2 and len(kept) <= 2 and kept <= paths
+    assert sorted(p.name for p in (tmp_path / "two" / "repro").glob("*.py")) == sorted(p[6:] for p in kept)
+    latest = loaded.latest().set_index(["machine", "versions", "id"])
+    cells = {p: [k for k, s in every.items() if s.path == p] for p in paths}
+    worth = {p: (latest.loc[keys[0], "verdict"] == "documented-error", -len(keys)) for p, keys in cells.items()}
+    assert max(worth[p] for p in kept) <= min(worth[p] for p in paths - kept)
+    for key, script in limited.items():
+        if every[key].path and every[key].path not in kept:
+            assert script.path is None and "`quantmatrix repro " in script.why_not
+
+
 # ------------------------------------------------------------------------------------------ upstream drafts
 
 CPU0_DRAFT = "accelerate-typeerror-new-received-an-invalid-combination-of-arguments-146fc907.md"

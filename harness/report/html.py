@@ -336,9 +336,10 @@ def _cell_value(value) -> str:
 
 
 def build(records: report_data.Records, out_dir: Path, *, previous: report_data.Records | None = None,
-          rules: Matrix | None = None, title: str = "quantmatrix report") -> Path:
+          rules: Matrix | None = None, title: str = "quantmatrix report", repro_limit: int | None = None) -> Path:
     """Write the site into `out_dir`; returns index.html's path. `rules`: a matrix file whose [document] the
-    records check (e.g. matrices/sdnext.toml): its wiki patch is written beside (doc-patch.md) and previewed."""
+    records check (e.g. matrices/sdnext.toml): its wiki patch is written beside (doc-patch.md) and previewed.
+    `repro_limit`: at most that many repro scripts (upstream.write_scripts)."""
     from harness.report import compare as compare_mod
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -346,7 +347,7 @@ def build(records: report_data.Records, out_dir: Path, *, previous: report_data.
     latest = records.latest()
     broke = latest[latest["integration_broke"]]
     plots = report_plots.write_all(latest, out_dir / "plots")
-    scripts = report_upstream.write_scripts(latest, out_dir, records.files)  # repro/*.py, linked from the panel
+    scripts = report_upstream.write_scripts(latest, out_dir, records.files, repro_limit)  # repro/*.py, in the panel
     csv = out_dir / "cells.csv"
     spreadsheet_safe(latest[csv_columns()]).to_csv(csv, index=False)
     changes = compare_mod.compare(previous, records) if previous is not None else None

@@ -108,11 +108,13 @@ def _failure(row: dict, failed: dict[tuple[str, str], str]) -> tuple[str, ...]:
     return (row["error_type"], row["error_layer"], "none" if shared_with_baseline(row, failed) else row["engine"])
 
 
-def write_scripts(latest: pd.DataFrame, out_dir: Path, files: Iterable[str]) -> dict[tuple[str, str, str], Script]:
+def write_scripts(latest: pd.DataFrame, out_dir: Path, files: Iterable[str],
+                  limit: int | None = None) -> dict[tuple[str, str, str], Script]:
     """Write a standalone script for each failure (FAILURE) among the cells of `latest` that failed, drifted or
     raised into `out_dir/repro/`; returns, per (machine, versions, id), the path of its failure's script or why
-    there is none. Scripts an earlier build of the same directory wrote (its manifest names them) are removed
-    first; no other file is touched."""
+    there is none. With a `limit`, at most that many: findings before documented errors, then the failures of
+    most cells. Scripts an earlier build of the same directory wrote (its manifest names them) are removed first;
+    no other file is touched."""
     folder = out_dir / REPRO_DIR
     manifest = folder / MANIFEST
     if manifest.is_file():
@@ -127,6 +129,7 @@ def write_scripts(latest: pd.DataFrame, out_dir: Path, files: Iterable[str]) -> 
     out: dict[tuple[str, str, str], Script] = {}
     wanted: dict[tuple[str, str, str], tuple[str, str, str]] = {}
     same: dict[tuple, list[tuple[str, str, str]]] = {}  # one failure -> its cells, the first scripted for all
+    documented: dict[tuple[str, str, str], bool] = {}  # a failure's first cell -> whether a rule documents it
     from harness.report.docpatch import failures
 
     rows = rows.assign(recorded_verdict=rows["verdict"], _float=rows["engine"] != BASELINE,
@@ -143,18 +146,16 @@ def write_scripts(latest: pd.DataFrame, out_dir: Path, files: Iterable[str]) -> 
         failure = _failure(row, failed)
         if failure not in same:
             wanted[(row["run"], row["id"], row["started"])] = key
+            documented[key] = row["recorded_verdict"] == "documented-error"
         same.setdefault(failure, []).append(key)
-    for raw_key, record in _raw(files, wanted).items():
-        key = wanted[raw_key]
-        try:
-            text = repro.script(record)
-        except repro.Unsupported as exc:
-            out[key] = Script(None, str(exc).split(": no standalone script: ", 1)[-1])
-            continue
-        name = f"{REPRO_DIR}/{_slug(key[2], 100)}-{_digest(*key)}.py"
-        folder.mkdir(parents=True, exist_ok=True)
-        (out_dir / name).write_text(text, encoding="utf-8")
-        out[key] = Script(name, cell=key[2])
+    # in order: findings before documented errors, then the failures of more cells; past the limit, none
+    rank = {keys[0]: (documented[keys[0]], -len(keys), keys[0][2]) for keys in same.values()}
+    raw = {key: record for raw_key, record in _raw(files, wanted).items() for key in [wanted[raw_key]]}
+    for key in sorted(raw, key=rank.__getitem__):
+        written = sum(1 for s in out.values() if s.path)
+        out[key] = _script(raw[key], key, out_dir) if limit is None or written < limit else Script(
+            None, f"past this report's {limit} scripts (findings first, then the failures of most cells): "
+                  f"`quantmatrix repro {key[2]}` writes it")
     for key in wanted.values():
         out.setdefault(key, Script(None, "its record was not found in the results files"))
     for first, *others in same.values():  # each cell of a failure links the script of its first cell
@@ -164,6 +165,18 @@ def write_scripts(latest: pd.DataFrame, out_dir: Path, files: Iterable[str]) -> 
     if written:
         manifest.write_text("\n".join(written) + "\n", encoding="utf-8")
     return out
+
+
+def _script(record: dict, key: tuple[str, str, str], out_dir: Path) -> Script:
+    """The failure's script written into out_dir/repro/, or why none can be."""
+    try:
+        text = repro.script(record)
+    except repro.Unsupported as exc:
+        return Script(None, str(exc).split(": no standalone script: ", 1)[-1])
+    name = f"{REPRO_DIR}/{_slug(key[2], 100)}-{_digest(*key)}.py"
+    (out_dir / REPRO_DIR).mkdir(parents=True, exist_ok=True)
+    (out_dir / name).write_text(text, encoding="utf-8")
+    return Script(name, cell=key[2])
 
 
 # ------------------------------------------------------------------------------------------ upstream drafts
