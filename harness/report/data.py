@@ -218,10 +218,14 @@ def finite(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def largest_model(rows: pd.DataFrame) -> str:
-    """The model whose baseline stores the most bytes among these cells (the largest measured)."""
-    sized = rows.assign(_base=rows["param_bytes"] / rows["bytes_ratio"]).dropna(subset=["_base"])
-    return str(sized.sort_values("_base").iloc[-1]["model"]) if len(sized) else str(sorted(rows["model"])[-1])
+def largest_model(rows: pd.DataFrame | list[dict]) -> str:
+    """The model whose baseline stores the most bytes among these cells (the largest measured); rows as a frame
+    or as plain dicts (row_dicts)."""
+    if isinstance(rows, pd.DataFrame):
+        rows = row_dicts(rows, ("param_bytes", "bytes_ratio", "model"))
+    sized = [(r["param_bytes"] / r["bytes_ratio"], r["model"]) for r in rows
+             if finite(r["param_bytes"]) and finite(r["bytes_ratio"]) and r["bytes_ratio"]]
+    return str(max(sized, key=lambda s: s[0])[1]) if sized else str(sorted(r["model"] for r in rows)[-1])
 
 
 def all_device_absent(rows: pd.DataFrame) -> bool:

@@ -262,13 +262,6 @@ def coverage(latest: pd.DataFrame) -> Coverage:
     return Coverage(rows, missing)
 
 
-def _largest_model(rows: list[dict]) -> str:
-    """The model whose baseline stores the most bytes among these cells (report_data.largest_model, over dicts)."""
-    sized = [(r["param_bytes"] / r["bytes_ratio"], r["model"]) for r in rows
-             if report_data.finite(r["param_bytes"]) and report_data.finite(r["bytes_ratio"]) and r["bytes_ratio"]]
-    return str(max(sized, key=lambda s: s[0])[1]) if sized else str(sorted(r["model"] for r in rows)[-1])
-
-
 @dataclass
 class Answer:
     """One engine's type in one offload mode on one device class: whether its cells there ran to a right output
@@ -341,7 +334,7 @@ def answers(latest: pd.DataFrame, grid_anchor) -> Answers:
                         None if offload == "none" else any(r["offload_moved"] is True for r in rows),
                         grid=grid_anchor(newest["machine"], newest["versions"], newest["device"]))
         if right:
-            answer.model = _largest_model(right)
+            answer.model = report_data.largest_model(right)
             top = [r for r in right if r["model"] == answer.model]
             answer.mem, answer.latency, answer.sqnr = (_median([r[c] for r in top]) for c in ("mem_ratio",
                                                                                            "latency_ratio", "sqnr_db"))

@@ -74,7 +74,8 @@ class Treatment:
         return None
 
     def apply(self, model: nn.Module, cell, context: Context) -> Applied | None:
-        """Apply it to the loaded model as users do; None where the cell has none of it."""
+        """Apply it to the loaded model as users do (called only for a cell that has it: present()); None where it
+        records nothing."""
         raise NotImplementedError
 
     def reference_suffix(self, cell) -> str:

@@ -13,8 +13,6 @@ class Casting(Treatment):
     axis, order, stage = "cast", 0, Stage.LOAD
 
     def apply(self, model, cell, context: Context) -> Applied | None:
-        if not self.present(cell):
-            return None
         denoiser(model).enable_layerwise_casting(storage_dtype=getattr(torch, cell.cast),
                                                  compute_dtype=getattr(torch, cell.dtype))
         return Applied()

@@ -171,8 +171,6 @@ class Lora(Treatment):
         return not_offered(cell)
 
     def apply(self, model: nn.Module, cell, context: Context) -> Applied | None:
-        if not self.present(cell):
-            return None
         weights = state_dict(denoiser(context.skeleton), cell.lora, context.seed)
         figures = {"rank": RANKS[cell.lora], "fuse": cell.lora_fuse,
                    **apply(denoiser(model), weights, cell.lora_fuse)}
