@@ -303,7 +303,8 @@ def ssim(image: torch.Tensor, reference: torch.Tensor) -> float:
 
 # LPIPS compares images through a trained network's features; its weights are a download (AlexNet/VGG), which the
 # harness never makes at run time: pipeline records say so instead of a figure.
-LPIPS_NOT_MEASURED = "LPIPS needs a trained network's weights, which the harness never downloads (nor looks for on disk yet)"
+LPIPS_NOT_MEASURED = ("LPIPS needs a trained network's weights, which the harness never downloads (nor looks for "
+                      "on disk yet)")
 
 
 def output_figures(output: torch.Tensor | dict[str, torch.Tensor],
