@@ -175,7 +175,13 @@ def test_report_of_two_machines_in_a_real_browser(cpu_results, tmp_path):
     assert figures["run"].startswith(f"{clicked['run']} ("), (clicked["id"], detail)
     import pandas as pd
 
-    assert len(pd.read_csv(tmp_path / "site" / "cells.csv")) == 2 * len(cpu)
+    table = pd.read_csv(tmp_path / "site" / "cells.csv")
+    assert len(table) == 2 * len(cpu)
+    measured = {r["id"]: r["metrics"]["param_bytes"] for r in records_of(gpu)
+                if (r["metrics"] or {}).get("param_bytes")}
+    stored = dict(zip(table["id"], table["param_bytes"], strict=True))
+    assert measured and all(stored[i] == b for i, b in measured.items())  # byte counts whole, not rounded
+    assert table["latency_ms"].dropna().map(lambda v: len(repr(v).strip("0.-").replace(".", "")) <= 6).all()
     assert list((tmp_path / "site" / "plots").glob("*.svg"))
 
 

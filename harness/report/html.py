@@ -305,6 +305,18 @@ CSV_FIGURES = ["verdict", "note", "reason", "error_type", "error_message",
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
+# Figures to six significant digits (no measurement here has more); byte counts as whole numbers
+CSV_FLOAT = "%.6g"
+
+
+def csv_table(latest: pd.DataFrame) -> pd.DataFrame:
+    """cells.csv's rows: the columns above, byte counts as integers, every text spreadsheet-safe."""
+    table = latest[csv_columns()].copy()
+    for column in [c for c in table.columns if c.endswith("_bytes")]:
+        table[column] = pd.to_numeric(table[column], errors="coerce").round().astype("Int64")
+    return spreadsheet_safe(table)
+
+
 def spreadsheet_safe(table: pd.DataFrame) -> pd.DataFrame:
     """`table` with every text that a spreadsheet would run as a formula neutralised (a leading `'`)."""
     out = table.copy()
@@ -349,7 +361,7 @@ def build(records: report_data.Records, out_dir: Path, *, previous: report_data.
     plots = report_plots.write_all(latest, out_dir / "plots")
     scripts = report_upstream.write_scripts(latest, out_dir, records.files, repro_limit)  # repro/*.py, in the panel
     csv = out_dir / "cells.csv"
-    spreadsheet_safe(latest[csv_columns()]).to_csv(csv, index=False)
+    csv_table(latest).to_csv(csv, index=False, float_format=CSV_FLOAT)
     changes = compare_mod.compare(previous, records) if previous is not None else None
     patch, wiki, preview = _page_files(rules, records, out_dir)
     said = report_statements.statements(latest)
