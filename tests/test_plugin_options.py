@@ -50,3 +50,13 @@ def test_a_matrix_file_outside_the_checkout_is_found_with_the_option_and_its_val
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     records = [json.loads(line) for line in results.read_text().splitlines()]
     assert records and {r["verdict"] for r in records} == {"ok"}
+
+
+def test_run_from_another_folder_without_a_matrix_option_reads_the_checkouts_default(tmp_path):
+    """`quantmatrix run` in a folder of one's own: matrices/default.toml of the checkout (it once looked in
+    harness/, where there is none)."""
+    proc = subprocess.run([sys.executable, "-m", "harness.cli", "run", "--collect-only", "-q", "--engine", "none",
+                           "--model", "dit-xs", "--offload", "none", "-p", "no:cacheprovider"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-2000:]
+    assert "none/post-load/none/cpu/dit-xs/float32" in proc.stdout

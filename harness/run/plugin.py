@@ -133,7 +133,7 @@ def _check_filters(config: pytest.Config, matrix: Matrix) -> None:
 def _default_matrix(config: pytest.Config) -> Path:
     """matrices/default.toml of the folder pytest runs in, else of the checkout this package runs from."""
     here = Path(config.invocation_params.dir, DEFAULT_MATRIX)
-    return here if here.exists() else Path(__file__).resolve().parents[1] / DEFAULT_MATRIX
+    return here if here.exists() else Path(__file__).resolve().parents[2] / DEFAULT_MATRIX
 
 
 def _wanted(config: pytest.Config, axis: str) -> list[str] | None:
