@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -42,6 +43,9 @@ class Axis:
     narrows: bool = True
     label: str = ""  # the report's heading for it (default: the name)
     option: bool = True  # a pytest / `quantmatrix run` option --<name> selects cells by it
+    # Values a record may carry besides the known ones: a regex of names users give (their own models, named in
+    # another run's matrix); plain names only, so they stay safe in ids, paths and pages. None: known values only.
+    named: str | None = None
 
     def known(self) -> tuple[str, ...]:
         if isinstance(self.values, tuple):
@@ -141,7 +145,8 @@ AXES = Axes(
          phrase="{} offload", preposition="with"),
     Axis("device", ("cpu", "cuda", "rocm", "xpu", "mps"), "device", wildcards=("*", "present"), preposition="on",
          narrows=False),
-    Axis("model", "harness.models.specs:MODELS", "model", preposition="for"),
+    Axis("model", "harness.models.specs:MODELS", "model", preposition="for",
+         named=r"[a-z0-9][a-z0-9._-]{0,47}"),  # harness/models/sources.py NAME: a matrix's [models.NAME]
     Axis("dtype", ("float32", "bfloat16", "float16"), "compute dtype", preposition="in", narrows=False),
     # Whose code loads, quantizes and offloads the model: the engine's own API on the module (`direct`, the
     # control), or diffusers' quantizer integrations and pipeline offload methods (`diffusers`, what SD.Next and
@@ -293,7 +298,8 @@ def unknown_values(values: dict[str, object]) -> list[str]:
     for name, value in values.items():
         if name not in AXES:
             problems.append(f"cell.{name}: no such axis (expected {', '.join(AXES.names)})")
-        elif value not in AXES[name].known():
+        elif value not in AXES[name].known() and not (AXES[name].named and isinstance(value, str)
+                                                         and re.fullmatch(AXES[name].named, value)):
             problems.append(f"cell.{name}: {value!r} is not a known {AXES[name].help} here")
     return problems
 

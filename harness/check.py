@@ -1,16 +1,18 @@
-"""`quantmatrix check MODEL`: the user's question on the user's machine. For a built-in model, on this host's device,
-a curated matrix (each installed engine's SD.Next-style 8-bit and 4-bit types on the path SD.Next takes, the
-offload modes this device can use), run as any matrix is (records written per cell, progress as it goes), then one
-table: works or why not, peak memory, latency against the float model, output error; with `--memory SIZE`, which
-combinations fit and the best that does.
+"""`quantmatrix check MODEL`: the user's question on the user's machine. For a built-in model or a diffusers
+directory on disk, on this host's device, a curated matrix (each installed engine's SD.Next-style 8-bit and 4-bit
+types on the path SD.Next takes, the offload modes this device can use), run as any matrix is (records written per
+cell, progress as it goes), then one table: works or why not, peak memory, latency against the float model, output
+error; with `--memory SIZE`, which combinations fit and the best that does.
 
     quantmatrix check flux-tiny-pipe [--memory 8GiB] [--device cuda] [--results FILE] [-n 2]
+    quantmatrix check /data/FLUX.1-dev       # a diffusers pipeline (or model) directory of your own
 
 Records go to `results/check-MODEL.jsonl` (appended: the newest record of each cell is shown).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import subprocess
@@ -30,24 +32,41 @@ TYPES = ("-", "int8", "uint4", "nf4", "qint8", "qint4", "Q8_0", "Q4_0", "int8_sy
 OFFLOADS = ("none", "model", "sequential", "balanced", "group")
 
 
+def model_source(model: str) -> tuple[str, str]:
+    """(the check's model name, its [models] table): a built-in name as it is; a path on disk (a diffusers pipeline
+    or model directory) a model of its own, named after its folder (models/sources.py), registered here."""
+    from harness.models import sources
+    from harness.models.specs import MODELS
+
+    path = Path(model).expanduser()
+    if model in MODELS or not path.exists():
+        return model, ""
+    name = re.sub(r"[^a-z0-9_-]+", "-", path.stem.lower()).strip("-_")[:40] or "model"
+    name = f"{name}-local" if name in MODELS and not MODELS[name].source else name
+    table = f"[models.{name}]\npath = {json.dumps(str(path.resolve()))}\n\n"
+    sources.register(sources.from_table(name, {"path": str(path.resolve())}, Path.cwd() / "check.toml"))
+    return name, table
+
+
 def curated_matrix(model: str, device: str) -> str:
     """The matrix file of a check: every engine and its TYPES, quantized right after load (SD.Next's "post"), in
     bf16, through diffusers where the model is one of its classes (the path SD.Next takes), else the engines' own
     API; without offload on a CPU (there an offload moves nothing: its hooks run, no memory is saved), in each
-    offload mode on an accelerator."""
+    offload mode on an accelerator. `model`: a built-in name or a path on disk."""
     from harness.models.specs import MODELS
 
+    model, table = model_source(model)
     if model not in MODELS:
         from harness.errors import did_you_mean
 
         raise QuantMatrixError(f"unknown model {model!r}{did_you_mean(model, list(MODELS))}; expected a built-in "
-                               "model (a model from a path on disk is not supported yet)")
+                               "model or the path of a diffusers pipeline or model directory")
     stack = "diffusers" if MODELS[model].real else "direct"
     offloads = ("none",) if device == "cpu" else OFFLOADS
-    return (f'[matrix]\nname = "check-{model}"\ndescription = "quantmatrix check {model} on {device}"\n\n'
-            f'[axes]\nengine = ["*"]\nqtype = {list(TYPES)!r}\nload = ["post-load"]\noffload = {list(offloads)!r}\n'
-            f'device = [{device!r}]\nmodel = [{model!r}]\ndtype = ["bfloat16"]\nstack = [{stack!r}]\n'
-            ).replace("'", '"')
+    return table + (f'[matrix]\nname = "check-{model}"\ndescription = "quantmatrix check {model} on {device}"\n\n'
+                    f'[axes]\nengine = ["*"]\nqtype = {list(TYPES)!r}\nload = ["post-load"]\n'
+                    f'offload = {list(offloads)!r}\ndevice = [{device!r}]\nmodel = [{model!r}]\n'
+                    f'dtype = ["bfloat16"]\nstack = [{stack!r}]\n').replace("'", '"')
 
 
 def memory_size(text: str) -> int:
@@ -162,6 +181,7 @@ def run(model: str, *, device: str | None = None, budget: int | None = None, res
     if device not in present:
         raise QuantMatrixError(f"--device {device!r}: not present here; expected one of {list(present)}")
     text = curated_matrix(model, device)
+    model = model_source(model)[0]
     results = (results or Path("results") / f"check-{model}.jsonl").resolve()  # the run's folder is the checkout
     results.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="quantmatrix-check-") as tmp:

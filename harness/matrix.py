@@ -1,6 +1,11 @@
 """The matrix model: cells, expectation rules, loading a matrix file and expanding it.
 
-A matrix file (TOML) declares axes, optional include/exclude tables and expectation rules:
+A matrix file (TOML) declares axes, optional models from disk, include/exclude tables and expectation rules:
+
+    [models.my-flux]           # optional: a model read from disk (models/sources.py), named in [axes] model
+    path = "/data/FLUX.1-dev"  # pipeline dir (model_index.json), model dir (config.json), or a .safetensors file
+    config = "..."             # the single file's architecture (a directory with config.json)
+    call = { height = 512 }    # pipelines: the call's arguments over the defaults (2 steps, 32 latent pixels)
 
     [axes]
     engine  = ["*"]            # "*": every registered engine
@@ -12,6 +17,10 @@ A matrix file (TOML) declares axes, optional include/exclude tables and expectat
     dtype   = ["float32"]
     stack   = ["direct", "diffusers"]   # optional (default "direct"); diffusers runs only the real model classes
     cast    = ["-", "float8_e4m3fn"]     # optional (default "-"): diffusers' layerwise casting, diffusers stack only
+    components = ["denoiser", "denoiser+te"]   # optional (default "denoiser"): a pipeline's quantized components
+    compile = ["-", "regional"]  # optional (default "-"): torch.compile, "regional" or "full"
+    lora    = ["-", "r4"]        # optional (default "-"): a LoRA of rank 4 or 16 on the denoiser
+    lora_fuse = ["unfused"]      # optional: "unfused" | "fused" | "merged" (SD.Next's SDNQ path), with a LoRA
 
     [[exclude]]                # drop cells matching every field given (a value or a list of values)
     offload = "balanced"
@@ -56,7 +65,7 @@ import math
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +75,8 @@ from packaging.version import InvalidVersion, Version
 from harness.cell import AXES, BASELINE, Cell
 from harness.engines.catalog import CATALOG
 from harness.errors import QuantMatrixError, did_you_mean
+from harness.models import sources
+from harness.models.sources import Source
 from harness.models.specs import MODELS, component_names
 from harness.stacks.catalog import STACK_CATALOG
 
@@ -195,6 +206,7 @@ class Settings:
     group_blocks: int = 1  # blocks per group (block_level)
     group_stream: bool = False  # CUDA streams (accelerators only: a CPU cell runs without)
     group_low_cpu_mem: bool = False  # diffusers' low_cpu_mem_usage (SD.Next passes False)
+    models: tuple[Source, ...] = ()  # [models.NAME]: models read from disk (registered in each cell's process)
 
 
 @dataclass(frozen=True)
@@ -238,7 +250,7 @@ class Matrix:
 
 # ---------------------------------------------------------------------------------------------- loading
 
-_TOP_KEYS = {"matrix", "axes", "include", "exclude", "rule", "settings", "offload", "document"}
+_TOP_KEYS = {"matrix", "models", "axes", "include", "exclude", "rule", "settings", "offload", "document"}
 # What a rule's `versions` may name besides an engine (or its package), as a record's env notes it.
 VERSIONED = ("torch", "triton", "diffusers", "accelerate", "cuda_capability")
 PACKAGE_ENGINES = {e.package: e.name for e in CATALOG.values() if e.package and e.package != e.name}
@@ -490,7 +502,7 @@ _GROUP = {"group_type": "type", "group_blocks": "blocks_per_group", "group_strea
 def _settings(doc: _Doc, data: dict) -> Settings:
     raw = dict(doc.table(data.get("settings", {}), "settings"))
     defaults = Settings()
-    allowed = {f.name for f in fields(Settings)} - {"high_watermark", "low_watermark"} - set(_GROUP)
+    allowed = {f.name for f in fields(Settings)} - {"high_watermark", "low_watermark", "models"} - set(_GROUP)
     doc.check_keys(raw, allowed, "settings")
     offload = doc.table(data.get("offload", {}), "offload")
     doc.check_keys(offload, ["balanced", "group"], "offload")
@@ -664,21 +676,8 @@ def parse_matrix(text: str, path: Path | str = "<matrix>", *, present_devices: t
     doc.check_keys(data, _TOP_KEYS, "")
     meta = doc.table(data.get("matrix", {}), "matrix")
     doc.check_keys(meta, ["name", "description"], "matrix")
-    if "axes" not in data:
-        raise doc.fail("axes", "missing; expected a table with the keys " + ", ".join(AXES.names)
-                       + f" ({', '.join(optional_axes())} optional)")
-    raw_axes = doc.table(data["axes"], "axes")
-    doc.check_keys(raw_axes, AXES.names, "axes")
-    axes = {a: _axis_values(doc, a, raw_axes[a], f"axes.{a}", wildcards=True, table=raw_axes)
-            for a in AXES.names if a in raw_axes}
-    optional = optional_axes()
-    for axis in AXES.names:
-        if axis not in axes and axis in optional:
-            axes[axis] = optional[axis]
-        elif axis not in axes:
-            raise doc.fail(f"axes.{axis}", "missing; expected a string or list of strings")
-
-    _check_components(doc, "axes", axes)
+    models = _models(doc, data)  # before the axes: they may name these models
+    axes = _axes(doc, data)
     expansion = _expansion(axes, present_devices)
     total = _bounded(doc, "axes", expansion, 0, max_cells)
     cells = _product(expansion)
@@ -709,7 +708,35 @@ def parse_matrix(text: str, path: Path | str = "<matrix>", *, present_devices: t
     name = meta.get("name", path.stem)
     if not isinstance(name, str):
         raise doc.fail("matrix.name", f"expected a string, got {_kind(name)}")
-    return Matrix(path, name, tuple(cells), rules, _settings(doc, data), document)
+    return Matrix(path, name, tuple(cells), rules, replace(_settings(doc, data), models=models), document)
+
+
+def _axes(doc: _Doc, data: dict) -> dict[str, list[str]]:
+    """[axes], every axis's values (an optional axis left out: its default)."""
+    if "axes" not in data:
+        raise doc.fail("axes", "missing; expected a table with the keys " + ", ".join(AXES.names)
+                       + f" ({', '.join(optional_axes())} optional)")
+    raw_axes = doc.table(data["axes"], "axes")
+    doc.check_keys(raw_axes, AXES.names, "axes")
+    axes = {a: _axis_values(doc, a, raw_axes[a], f"axes.{a}", wildcards=True, table=raw_axes)
+            for a in AXES.names if a in raw_axes}
+    optional = optional_axes()
+    for axis in AXES.names:
+        if axis not in axes and axis in optional:
+            axes[axis] = optional[axis]
+        elif axis not in axes:
+            raise doc.fail(f"axes.{axis}", "missing; expected a string or list of strings")
+    _check_components(doc, "axes", axes)
+    return axes
+
+
+def _models(doc: _Doc, data: dict) -> tuple[Source, ...]:
+    """The [models.NAME] tables, each read from disk (configs only) and registered among the models."""
+    raw = doc.table(data.get("models", {}), "models")
+    out = tuple(sources.from_table(name, table, doc.path) for name, table in raw.items())
+    for source in out:
+        sources.register(source)
+    return out
 
 
 def _array(doc: _Doc, data: dict, key: str) -> list:

@@ -325,7 +325,8 @@ def _imports(cell: Cell) -> str:
 
 def _model_section(cell: Cell) -> str:
     spec = MODELS[cell.model]
-    fields = _call("types.SimpleNamespace", dataclasses.asdict(spec), len("MODELS = {") + len(repr(cell.model)) + 2)
+    shape = {k: v for k, v in dataclasses.asdict(spec).items() if k != "source"}  # a built-in: no source
+    fields = _call("types.SimpleNamespace", shape, len("MODELS = {") + len(repr(cell.model)) + 2)
     config = _call("dict", DIFFUSERS_CONFIGS[cell.model], len("DIFFUSERS_CONFIGS = {") + len(repr(cell.model)) + 2)
     return "\n".join([
         "# ---------------------------------------------------------------- the model (quantmatrix's)",

@@ -40,7 +40,9 @@ def test_a_complete_record_validates_and_a_broken_one_does_not():
 @pytest.mark.parametrize("field, value, problem", [
     ("dtype", "float32; __import__('os').system('touch x')", "cell.dtype: \"float32; __import__('os').system"),
     ("engine", "bnbx", "cell.engine: 'bnbx' is not a known engine"),
-    ("model", "flux-9000", "cell.model: 'flux-9000' is not a known model"),
+    # a model name no matrix could give (a user's own model, [models.NAME], is a plain lowercase name)
+    ("model", "flux;import os", "cell.model: 'flux;import os' is not a known model"),
+    ("model", "Flux-9000", "cell.model: 'Flux-9000' is not a known model"),
     ("qtype", "nf4", "cell.qtype: 'nf4' is not a type of engine 'none'"),  # a type of another engine
 ])
 def test_a_cell_value_its_axis_does_not_know_is_refused(field, value, problem):

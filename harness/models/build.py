@@ -23,8 +23,12 @@ def is_pipeline(name: str) -> bool:
 
 
 def build_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The float model on the CPU with seeded weights (bit-identical for a seed); a pipeline as a
-    pipelines.PipelineModel."""
+    """The float model on the CPU with seeded weights (bit-identical for a seed), or a model's from the user's disk
+    (models/sources.py); a pipeline as a pipelines.PipelineModel."""
+    if MODELS[name].source:  # the user's checkpoint: its own weights, whatever the seed
+        from harness.models.sources import load_float
+
+        return load_float(name, dtype)
     if is_pipeline(name):
         return pipelines.PipelineModel(pipelines.build_pipeline(name, seed, dtype), name)
     model = _kind(name).build_model(name, seed, dtype)
@@ -34,6 +38,10 @@ def build_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) ->
 
 def build_skeleton(name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The model with its weights on the meta device: what on-the-fly and pre-quantized loading fill in."""
+    if is_pipeline(name) and MODELS[name].source:  # the user's pipeline: from its directory's configs
+        from harness.models.sources import skeleton_pipeline
+
+        return pipelines.PipelineModel(skeleton_pipeline(name, dtype), name)
     if is_pipeline(name):
         return pipelines.PipelineModel(pipelines.build_skeleton_pipeline(name, dtype), name)
     model = _kind(name).build_skeleton(name, dtype)

@@ -67,7 +67,7 @@ def pipeline_class(name: str) -> type:
     return getattr(diffusers, PIPELINES[name].pipeline)
 
 
-def _assemble(name: str, parts: dict):
+def assemble(name: str, parts: dict):
     cls = pipeline_class(name)
     accepted = inspect.signature(cls.__init__).parameters
     optional = {k: None for k in ("image_encoder", "feature_extractor") if k in accepted}
@@ -80,7 +80,7 @@ def build_pipeline(name: str, seed: int = 0, dtype: torch.dtype = torch.float32)
     for i, (attr, part) in enumerate(sorted(parts.items())):
         if isinstance(part, nn.Module):
             parts[attr] = nn.Module.to(seed_weights(part, seed * 1000 + i), dtype).eval()
-    return _assemble(name, parts)
+    return assemble(name, parts)
 
 
 def build_skeleton_pipeline(name: str, dtype: torch.dtype = torch.float32):
@@ -89,7 +89,7 @@ def build_skeleton_pipeline(name: str, dtype: torch.dtype = torch.float32):
     for attr, part in parts.items():
         if isinstance(part, nn.Module):
             parts[attr] = nn.Module.to(part, dtype).eval()
-    return _assemble(name, parts)
+    return assemble(name, parts)
 
 
 def make_inputs(name: str, seed: int = 0, batch: int = 1, dtype: torch.dtype = torch.float32,

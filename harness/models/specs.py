@@ -26,6 +26,7 @@ class ModelSpec:
     # diffusers model directory that every cell of the run loads (stacks.loading.float_model).
     shared_weights: bool = False
     pipeline: bool = False  # a whole diffusers pipeline (PIPELINES has its components), not a denoiser alone
+    source: str = ""  # read from the user's disk (models/sources.py: a matrix's [models.NAME]), not built here
 
     @property
     def real(self) -> bool:

@@ -73,7 +73,7 @@ def _row(record: dict) -> dict:
         "peak_mem_bytes": peak, "own_mem_bytes": None if peak is None else peak - (base or 0),
         "run_mem_bytes": None if run_peak is None else run_peak - (base or 0),
         "resident_mem_bytes": None if m.get("resident_mem_bytes") is None else m["resident_mem_bytes"] - (base or 0),
-        "mem_kind": m.get("mem_kind"),
+        "mem_kind": m.get("mem_kind"), "weights": m.get("weights") or "",
         "latency_ms": lat.get("median"), "latency_p10_ms": lat.get("p10"), "latency_p90_ms": lat.get("p90"),
         **_paired(m), **_compiled(m), **_lora(m),
         "sqnr_db": m.get("sqnr_db"), "cosine": m.get("cosine"), "max_abs_error": m.get("max_abs_error"),

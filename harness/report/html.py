@@ -97,7 +97,9 @@ def _measured(row) -> list[tuple[str, str]]:
                         + _above(row)),
         ("latency", f"{_num(row['latency_ms'], '.2f')} ms median (p10 {_num(row['latency_p10_ms'], '.2f')}, "
                     f"p90 {_num(row['latency_p90_ms'], '.2f')}), " + _paired(row)),
-        ("output error", f"SQNR {_num(row['sqnr_db'], '.1f') or 'exact'} dB, cosine {_num(row['cosine'], '.5f')}"
+        ("output error", ("of a checkpoint's weights (floors calibrated on seeded ones): "
+                          if row["weights"] == "checkpoint" else "")
+                         + f"SQNR {_num(row['sqnr_db'], '.1f') or 'exact'} dB, cosine {_num(row['cosine'], '.5f')}"
                          + (f", image PSNR {_num(row['psnr_db'], '.1f') or 'exact'} dB"
                             if report_data.finite(row["psnr_db"]) or row["phases"] else "")
                          + (f", SSIM {_num(row['ssim'], '.4f')}" if report_data.finite(row["ssim"]) else "")),
@@ -295,7 +297,7 @@ CSV_FIGURES = ["verdict", "note", "reason", "error_type", "error_message",
                "error_layer", "expect", "source",
                "claims", "param_bytes", "disk_bytes", "bits_per_weight", "peak_mem_bytes", "own_mem_bytes",
                "run_mem_bytes", "resident_mem_bytes",
-               "mem_kind", "latency_ms", "latency_p10_ms", "latency_p90_ms", "sqnr_db", "cosine", "psnr_db",
+               "mem_kind", "weights", "latency_ms", "latency_p10_ms", "latency_p90_ms", "sqnr_db", "cosine", "psnr_db",
                "ssim", "quantize_s",
                "load_s", "bytes_ratio", "mem_ratio", "latency_ratio", "mem_vs_none", "latency_vs_none",
                "integration_broke", "host", "device_name", "versions", "started", "duration_s"]

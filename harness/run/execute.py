@@ -26,7 +26,8 @@ from harness.engines.registry import ENGINES
 from harness.matrix import Settings
 from harness.models.build import build_skeleton, components, make_inputs, run
 from harness.models.pipelines import PipelineModel
-from harness.models.specs import component_names
+from harness.models.sources import register_all
+from harness.models.specs import MODELS, component_names
 from harness.results import absent_device_reason
 from harness.run import measure
 from harness.stacks import loading
@@ -176,6 +177,7 @@ def prepare_cell(task: CellTask) -> tuple[dict, torch.Tensor | dict[str, torch.T
     per run. The runner calls this in a process of its own first, so that building the float model for them
     leaves nothing behind (freed heap, imports) in the process whose memory is measured."""
     cell, s = task.cell, task.settings
+    register_all(s.models)  # the matrix's models from disk, in this process too
     dtype, device = getattr(torch, cell.dtype), devices.torch_device(cell.device)
     torch.manual_seed(s.seed)
     inputs = make_inputs(cell.model, s.seed, s.batch, dtype, device)
@@ -213,6 +215,7 @@ class _Progress:
 
 def execute_cell(task: CellTask) -> Outcome:
     """Run the cell and turn what happened into an Outcome: measured, unavailable, or the error and its stage."""
+    register_all(task.settings.models)  # the matrix's models from disk, in this process too
     absent = unavailable(task.cell)
     if absent is not None:
         return absent
@@ -300,6 +303,9 @@ def _measure(task: CellTask, progress: _Progress) -> dict:
         **steps.figures,
         "output_sha256": measure.digest_all(steps.output),
         "output_finite": measure.finite(steps.output),
+        # the float model's weights: a checkpoint from the user's disk, or drawn from the seed (the catalog's
+        # output floors are calibrated on those: a checkpoint's output is judged by the same floors)
+        "weights": "checkpoint" if MODELS[cell.model].source else "seeded",
     }
     if parts is not None:
         metrics["components"], metrics["phases"] = parts, steps.phases

@@ -68,6 +68,9 @@ def stored_dtype(model: str, dtype: torch.dtype) -> torch.dtype:
 
 
 def float_dir_path(workdir: Path, model: str, seed: int, dtype: torch.dtype = torch.float32) -> Path:
+    source = MODELS[model].source
+    if source and Path(source).is_dir():  # the user's diffusers directory, read where it lies
+        return Path(source)
     stored = stored_dtype(model, dtype)
     return workdir / "diffusers" / (f"{model}-seed{seed}" + ("" if stored == torch.float32
                                                              else f"-{_dtype_name(stored)}"))
