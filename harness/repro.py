@@ -48,8 +48,8 @@ WIDTH = 116  # of the header's prose lines
 CHECKED = ("ok", "drift-works", "drift-claim", "wrong-output")
 
 # The functions and names of models/real.py the script copies, in the order they are defined there
-MODEL_CODE = ("model_class", "build_skeleton", "seed_weights", "build_model", "make_inputs", "ADDED_CONDITIONS",
-              "call_kwargs", "run")
+MODEL_CODE = ("model_class", "build_skeleton", "seed_weights", "build_model", "to_dtype", "make_inputs",
+              "ADDED_CONDITIONS", "call_kwargs", "run")
 
 
 class Unsupported(QuantMatrixError):

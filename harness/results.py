@@ -248,7 +248,7 @@ def validate_record(record: Any) -> list[str]:
         lat = metrics.get("latency_ms") or {}
         if not all(isinstance(lat.get(k), (int, float)) for k in ("median", "p10", "p90", "n")):
             problems.append("metrics.latency_ms lacks median/p10/p90/n")
-        problems += impossible_figures(metrics, cell.dtype)
+        problems += impossible_figures(metrics)
     elif verdict is not Verdict.UNAVAILABLE and not record.get("error") and not record.get("reason"):
         problems.append(f"verdict {verdict.value} without an error or reason")
     for key in ("torch", "python", "host", "engines"):
@@ -257,16 +257,14 @@ def validate_record(record: Any) -> list[str]:
     return problems
 
 
-DTYPE_BITS = {"float32": 32, "bfloat16": 16, "float16": 16}
-
-
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def impossible_figures(metrics: dict[str, Any], dtype: str) -> list[str]:
-    """Figures no measurement can give: negative bytes or times, bits per weight not above 0 or above the
-    compute dtype's width (a quantized model storing more than its float weights), a non-finite number, a cosine
+def impossible_figures(metrics: dict[str, Any]) -> list[str]:
+    """Figures no measurement can give: negative bytes or times, bits per weight not above 0 or above float32's
+    width (a model storing more than float32 weights; not the compute dtype's: diffusers keeps a class's
+    `_keep_in_fp32_modules`, Wan's time embedder, in float32 in a bf16 model), a non-finite number, a cosine
     outside [-1, 1], a paired latency interval that does not hold its ratio. Each problem names the field."""
     problems = []
 
@@ -287,7 +285,7 @@ def impossible_figures(metrics: dict[str, Any], dtype: str) -> list[str]:
     for key in ("param_bytes", "disk_bytes", "peak_mem_bytes", "mem_base_bytes", "quantize_s", "load_s",
                 "max_abs_error", "load_peak_mem_bytes", "run_peak_mem_bytes", "resident_mem_bytes"):  # last 3: 2026-12
         need(key, metrics.get(key))
-    bits = DTYPE_BITS.get(dtype, 32)
+    bits = 32  # float32's width, whatever the compute dtype (see above)
     need("bits_per_weight", metrics.get("bits_per_weight"), 0, bits, strict=True)
     for name, part in (metrics.get("components") or {}).items():
         if isinstance(part, dict):

@@ -12,6 +12,7 @@ from harness.devices import cuda_capability
 from harness.results import read_records
 
 REPO = Path(__file__).resolve().parents[1]
+FAMILIES = ("wan-tiny-pipe", "chroma-tiny-pipe", "qwenimage-tiny-pipe", "zimage-tiny-pipe")
 
 
 def run_matrix(results: Path, *args: str) -> subprocess.CompletedProcess:
@@ -41,7 +42,9 @@ def test_default_matrix_baseline_runs_in_every_offload_mode_on_both_stacks(tmp_p
             verdicts[c["model"], c["stack"]][c["offload"]] = r["verdict"]
     models = ("flux-tiny", "sd3-tiny", "sdxl-tiny", "flux-tiny-pipe", "sd3-tiny-pipe", "sdxl-tiny-pipe")
     assert set(verdicts) == {(m, s) for m in models for s in ("direct", "diffusers")} | {
-        ("dit-xs", "direct"), ("dit-mem", "direct")}  # dit-mem: the memory rows (weights dominate its peak)
+        ("dit-xs", "direct"), ("dit-mem", "direct")} | {  # dit-mem: the memory rows (weights dominate its peak)
+        (m, "diffusers") for m in FAMILIES}  # the newer families: float, no offload (families.toml has the rest)
+    assert all(verdicts[m, "diffusers"] == {"none": "ok"} for m in FAMILIES)
     assert verdicts["flux-tiny-pipe", "direct"] == dict.fromkeys(AXES["offload"].known(), "ok")
     assert verdicts["flux-tiny", "direct"] == dict.fromkeys(AXES["offload"].known(), "ok")
     # diffusers' enable_sequential_cpu_offload on a CPU-only host: documented in default.toml (runs on cpu:0)
@@ -63,6 +66,28 @@ def test_default_matrix_baseline_runs_in_every_offload_mode_on_both_stacks(tmp_p
     assert all(r["env"]["device_name"] and r["env"]["torch"] and r["env"]["diffusers"] for r in records)
     # the GPU's compute capability (rules may name it) is in every record: None on a host without an NVIDIA GPU
     assert {r["env"]["cuda_capability"] for r in records} == {cuda_capability()}
+
+
+@pytest.mark.slow
+def test_the_wan_pipeline_runs_in_every_offload_mode_and_its_video_is_judged(tmp_path):
+    """diffusers#13488's ground (Wan t2v failing after the first step in every offload mode, in the UniPC
+    scheduler): the float Wan pipeline and SDNQ int8 through diffusers in the five offload modes, each generation
+    two steps; ok, but sequential's documented cpu:0 error on a CPU-only host; SDNQ's video judged per frame and in
+    time."""
+    results = tmp_path / "wan.jsonl"
+    proc = run_matrix(results, "--matrix", "matrices/families.toml", "--model", "wan-tiny-pipe", "--engine",
+                      "none,sdnq")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    records, _ = read_records(results)
+    verdicts = {(r["cell"]["engine"], r["cell"]["offload"]): r for r in records}
+    sequential_here = "documented-error" if cuda_capability() is None else "ok"
+    assert {k: r["verdict"] for k, r in verdicts.items()} == {
+        (e, o): sequential_here if o == "sequential" else "ok" for e in ("none", "sdnq")
+        for o in AXES["offload"].known()}
+    for offload in ("none", "model", "balanced", "group"):
+        m = verdicts["sdnq", offload]["metrics"]
+        assert 8 < m["bits_per_weight"] < 9 and m["psnr_db"] > 30 and m["ssim"] > 0.9, m
+        assert m["frames_min_psnr_db"] <= m["psnr_db"] and m["temporal_psnr_db"] > 30
 
 
 @pytest.mark.slow

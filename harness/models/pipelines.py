@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from harness.models.real import seed_weights
+from harness.models.real import seed_weights, to_dtype
 from harness.models.specs import MODELS, PIPELINES, REAL_CLASSES, component_names
 
 PROMPT = "a photo of an astronaut riding a horse on the moon"
@@ -26,8 +26,15 @@ _WORDS = PROMPT.split()
 SPECIAL = ("<s>", "<pad>", "</s>", "<unk>")  # CLIP's bos/pad/eos ids 0/1/2 (T5 pads with 0 and ends with 1)
 
 
-def tokenizer(max_length: int, vocab: int = 1000):
-    """A word-level tokenizer (whitespace split, unknown words to <unk>), padded to `max_length`."""
+# A Qwen pipeline's prompt as a chat (Z-Image applies the tokenizer's template; Qwen-Image writes its own)
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tokenizer(max_length: int, vocab: int = 1000, chat: bool = False):
+    """A word-level tokenizer (whitespace split, unknown words to <unk>), padded to `max_length`; `chat`: words and
+    punctuation apart (a Qwen prompt template is dozens of tokens, as with Qwen's own tokenizer) and a chat
+    template."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -36,9 +43,13 @@ def tokenizer(max_length: int, vocab: int = 1000):
         words.setdefault(w, len(words))
     words.update({f"w{i}": i for i in range(len(words), vocab)})
     tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_length, bos_token="<s>",
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]) \
+        if chat else pre_tokenizers.WhitespaceSplit()
+    made = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_length, bos_token="<s>",
                                    eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    if chat:
+        made.chat_template = CHAT_TEMPLATE
+    return made
 
 
 def _components(name: str, empty: bool) -> dict:
@@ -51,13 +62,13 @@ def _components(name: str, empty: bool) -> dict:
     with torch.device("meta") if empty else contextlib.nullcontext():
         for attr, (cls, config) in spec.text_encoders.items():
             config_cls = getattr(transformers, cls.replace("ModelWithProjection", "Config").replace(
-                "EncoderModel", "Config").replace("Model", "Config"))
+                "ForConditionalGeneration", "Config").replace("EncoderModel", "Config").replace("Model", "Config"))
             parts[attr] = getattr(transformers, cls)(config_cls(**config))
         parts[spec.denoiser] = getattr(diffusers, REAL_CLASSES[MODELS[name].kind])(**spec.denoiser_config)
-        parts["vae"] = diffusers.AutoencoderKL(**spec.vae)
+        parts["vae"] = getattr(diffusers, spec.vae_class)(**spec.vae)
     for attr, length in spec.tokenizers.items():
-        parts[attr] = tokenizer(length, spec.vocab)
-    parts["scheduler"] = getattr(diffusers, spec.scheduler)()
+        parts[attr] = tokenizer(length, spec.vocab, spec.chat)
+    parts["scheduler"] = getattr(diffusers, spec.scheduler)(**spec.scheduler_config)
     return parts
 
 
@@ -79,7 +90,7 @@ def build_pipeline(name: str, seed: int = 0, dtype: torch.dtype = torch.float32)
     parts = _components(name, empty=False)
     for i, (attr, part) in enumerate(sorted(parts.items())):
         if isinstance(part, nn.Module):
-            parts[attr] = nn.Module.to(seed_weights(part, seed * 1000 + i), dtype).eval()
+            parts[attr] = to_dtype(seed_weights(part, seed * 1000 + i), dtype).eval()
     return assemble(name, parts)
 
 
@@ -88,7 +99,7 @@ def build_skeleton_pipeline(name: str, dtype: torch.dtype = torch.float32):
     parts = _components(name, empty=True)
     for attr, part in parts.items():
         if isinstance(part, nn.Module):
-            parts[attr] = nn.Module.to(part, dtype).eval()
+            parts[attr] = to_dtype(part, dtype).eval()
     return assemble(name, parts)
 
 
@@ -129,7 +140,8 @@ class PipelineModel(nn.Module):
         return module_components(self.pipe)
 
     def forward(self, prompt, seed: int, **call) -> dict[str, torch.Tensor]:
-        """One generation: the pipeline's own call; the last step's latents and the decoded image ([0, 1])."""
+        """One generation: the pipeline's own call; the last step's latents and the decoded image ([0, 1]), or a
+        video's frames."""
         latents: dict[str, torch.Tensor] = {}
         steps = call["num_inference_steps"]
 
@@ -167,8 +179,9 @@ class PipelineModel(nn.Module):
         try:
             generator = torch.Generator("cpu").manual_seed(seed)
             mark("encode")
-            image = self.pipe(prompt=prompt, generator=generator, output_type="pt", callback_on_step_end=on_step_end,
-                              callback_on_step_end_tensor_inputs=["latents"], **call).images
+            made = self.pipe(prompt=prompt, generator=generator, output_type="pt", callback_on_step_end=on_step_end,
+                             callback_on_step_end_tensor_inputs=["latents"], **call)
+            image = made.frames if self.spec.video else made.images  # frames: B x F x C x H x W
             mark(None)
         finally:
             handle.remove()

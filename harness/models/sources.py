@@ -240,9 +240,6 @@ def _max_length(source: Source, directory: Path) -> int:
 
 def load_float(name: str, dtype):
     """The float model from the user's files on the CPU, in `dtype`: a pipeline as a PipelineModel."""
-    import torch
-    from torch import nn
-
     from harness.models import pipelines, real
 
     source = SOURCES[name]
@@ -253,7 +250,7 @@ def load_float(name: str, dtype):
         model = cls.from_single_file(source.path, config=source.config, torch_dtype=dtype)
     else:
         model = cls.from_pretrained(source.path, torch_dtype=dtype, use_safetensors=True)
-    model = nn.Module.to(model, dtype).eval() if dtype != torch.float32 else model.eval()
+    model = model.eval()  # in `dtype` as from_pretrained casts (a class's keep-in-fp32 modules stay float32)
     model._quantmatrix_name = name
     return model
 
@@ -266,7 +263,7 @@ def skeleton_pipeline(name: str, dtype):
     import transformers
     from torch import nn
 
-    from harness.models import pipelines
+    from harness.models import pipelines, real
 
     source, spec = SOURCES[name], specs.PIPELINES[name]
     index = json.loads((Path(source.path) / "model_index.json").read_text(encoding="utf-8"))
@@ -284,5 +281,5 @@ def skeleton_pipeline(name: str, dtype):
         else:
             parts[attr] = cls.from_pretrained(sub)
         if isinstance(parts[attr], nn.Module):
-            parts[attr] = nn.Module.to(parts[attr], dtype).eval()
+            parts[attr] = real.to_dtype(parts[attr], dtype).eval()
     return pipelines.assemble(name, parts)

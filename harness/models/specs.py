@@ -7,7 +7,7 @@ sizes of 32 and 64 apply); `flux-dev` and `sdxl` are the real shapes, with the i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,12 @@ MODELS: dict[str, ModelSpec] = {
     "flux-tiny-pipe": ModelSpec("flux", width=128, depth=2, heads=4, latent=16, channels=16, pipeline=True),
     "sd3-tiny-pipe": ModelSpec("sd3", width=128, depth=2, heads=4, latent=16, channels=16, pipeline=True),
     "sdxl-tiny-pipe": ModelSpec("sdxl", width=64, depth=1, heads=2, latent=16, channels=4, pipeline=True),
+    # The families people run now (FAMILIES below): Wan 2.x text-to-video, Chroma, Qwen-Image, Z-Image
+    "wan-tiny-pipe": ModelSpec("wan", width=128, depth=2, heads=4, latent=4, channels=16, pipeline=True),
+    "chroma-tiny-pipe": ModelSpec("chroma", width=128, depth=2, heads=4, latent=16, channels=16, pipeline=True),
+    "qwenimage-tiny-pipe": ModelSpec("qwenimage", width=128, depth=2, heads=4, latent=8, channels=16,
+                                     pipeline=True),
+    "zimage-tiny-pipe": ModelSpec("zimage", width=192, depth=2, heads=6, latent=16, channels=16, pipeline=True),
     # Real configurations (Flux-dev with CLIP-L and T5-XXL; SDXL-base with CLIP-L and OpenCLIP bigG), for GPU
     # boxes: their float pipeline is written once per run and loaded by every cell.
     "flux-dev-pipe": ModelSpec("flux", width=3072, depth=19, heads=24, latent=128, channels=16, pipeline=True,
@@ -76,7 +82,10 @@ MODELS: dict[str, ModelSpec] = {
                            shared_weights=True),
 }
 
-REAL_CLASSES = {"flux": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel", "sdxl": "UNet2DConditionModel"}
+REAL_CLASSES = {"flux": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel", "sdxl": "UNet2DConditionModel",
+                # the newer families, as whole pipelines only (their denoisers' inputs are not made alone)
+                "wan": "WanTransformer3DModel", "chroma": "ChromaTransformer2DModel",
+                "qwenimage": "QwenImageTransformer2DModel", "zimage": "ZImageTransformer2DModel"}
 
 # Constructor arguments of the real classes. flux-dev: the class defaults are Flux's (19 double, 38 single blocks,
 # 24 heads of 128), plus Flux-dev's guidance embedding; sdxl: SDXL-base's UNet config.
@@ -125,6 +134,10 @@ class PipelineSpec:
     quantized_te: tuple[str, ...]
     call: dict  # the pipeline call's arguments besides prompt and generator
     vocab: int = 1000
+    vae_class: str = "AutoencoderKL"
+    scheduler_config: dict = field(default_factory=dict)
+    chat: bool = False  # a Qwen tokenizer: words and punctuation apart, with a chat template (Qwen-Image, Z-Image)
+    video: bool = False  # it generates frames (`.frames`, B x F x C x H x W), not images
 
 
 def _clip(hidden: int, *, projection: int = 0, layers: int = 2, heads: int = 2, vocab: int = 1000,
@@ -138,11 +151,30 @@ def _clip(hidden: int, *, projection: int = 0, layers: int = 2, heads: int = 2, 
 
 
 def _t5(d_model: int, *, layers: int = 2, heads: int = 4, d_kv: int = 32, d_ff: int | None = None,
-        vocab: int = 1000) -> tuple[str, dict]:
-    return "T5EncoderModel", dict(vocab_size=vocab, d_model=d_model, d_kv=d_kv, d_ff=d_ff or 2 * d_model,
-                                  num_layers=layers, num_heads=heads, feed_forward_proj="gated-gelu",
-                                  relative_attention_num_buckets=32, pad_token_id=0, eos_token_id=1,
-                                  decoder_start_token_id=0)
+        vocab: int = 1000, umt5: bool = False) -> tuple[str, dict]:
+    return "UMT5EncoderModel" if umt5 else "T5EncoderModel", dict(
+        vocab_size=vocab, d_model=d_model, d_kv=d_kv, d_ff=d_ff or 2 * d_model, num_layers=layers, num_heads=heads,
+        feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0)
+
+
+def _qwen(hidden: int, *, layers: int = 2, heads: int = 2, vocab: int = 1000,
+          vl: bool = False) -> tuple[str, dict]:
+    """Qwen3's language model (Z-Image's text encoder), or Qwen2.5-VL with a tiny vision tower (Qwen-Image's: the
+    pipeline runs its language model on the prompt; the ids of its vision tokens are in the vocabulary, never in a
+    prompt)."""
+    text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=256,
+                bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    if not vl:
+        return "Qwen3Model", {**text, "head_dim": hidden // heads}
+    unit = hidden // heads // 16  # mrope's three sections split half of a head's dimensions: 2 : 3 : 3
+    return "Qwen2_5_VLForConditionalGeneration", dict(
+        text_config={**text, "rope_scaling": {"mrope_section": [2 * unit, 3 * unit, 3 * unit],
+                                              "rope_type": "default", "type": "default"}},
+        vision_config=dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=hidden),
+        vocab_size=vocab, hidden_size=hidden, image_token_id=vocab - 5, video_token_id=vocab - 4,
+        vision_start_token_id=vocab - 3, vision_end_token_id=vocab - 2, vision_token_id=vocab - 1)
 
 
 def _vae(latent_channels: int, blocks: tuple[int, ...] = (32, 64), **extra) -> dict:
@@ -191,6 +223,51 @@ PIPELINES: dict[str, PipelineSpec] = {
         "EulerDiscreteScheduler", ("text_encoder", "text_encoder_2"),
         dict(height=1024, width=1024, num_inference_steps=4), vocab=49408),
 }
+
+# The families people run now, at tiny shapes (every Linear at least 64 wide, the blocks' at least 128 x 128:
+# SDNQ leaves layers under 16,384 elements unquantized, sdnq quantizer.py minimum_allowed_numel), each with the
+# text encoder its release uses, which SD.Next quantizes with "TE" (vladmandic/sdnext@d11a619: model_wanai.py:11
+# get_dit_args(module='TE'); model_chroma.py:19, model_qwen.py:70 and model_z_image.py:49 through
+# generic.load_text_encoder; Z-Image's is Qwen3ForCausalLM there, diffusers' Qwen3Model here). Wan: UMT5, its causal
+# video VAE, the UniPC flow scheduler its release ships (diffusers#13488 lives there), 5 frames; Qwen-Image:
+# Qwen2.5-VL's language model and its own VAE; Z-Image: Qwen3 and a chat-template prompt.
+_WAN_VAE = dict(base_dim=16, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                temperal_downsample=[False, True, True])
+FAMILIES: dict[str, PipelineSpec] = {
+    "wan-tiny-pipe": PipelineSpec(
+        "WanPipeline", "transformer",
+        dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=16, out_channels=16,
+             text_dim=128, freq_dim=256, ffn_dim=256, num_layers=2, cross_attn_norm=True,
+             qk_norm="rms_norm_across_heads", rope_max_seq_len=32),
+        {"text_encoder": _t5(128, umt5=True)}, {"tokenizer": 16}, _WAN_VAE, "UniPCMultistepScheduler",
+        ("text_encoder",), dict(height=32, width=32, num_frames=5, num_inference_steps=2, max_sequence_length=16),
+        vae_class="AutoencoderKLWan", video=True,
+        scheduler_config=dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)),
+    "chroma-tiny-pipe": PipelineSpec(
+        "ChromaPipeline", "transformer",
+        dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=32,
+             num_attention_heads=4, joint_attention_dim=128, axes_dims_rope=(8, 12, 12), approximator_hidden_dim=64,
+             approximator_layers=1, approximator_num_channels=64),
+        {"text_encoder": _t5(128)}, {"tokenizer": 16}, _vae(16, shift_factor=0.1159, scaling_factor=0.3611),
+        "FlowMatchEulerDiscreteScheduler", ("text_encoder",), {**_TINY_CALL, "max_sequence_length": 16}),
+    "qwenimage-tiny-pipe": PipelineSpec(
+        "QwenImagePipeline", "transformer",
+        dict(patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=32,
+             num_attention_heads=4, joint_attention_dim=64, guidance_embeds=False, axes_dims_rope=(8, 12, 12)),
+        {"text_encoder": _qwen(64, vl=True)}, {"tokenizer": 128},
+        dict(base_dim=32, z_dim=16, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True],
+             latents_mean=[0.0] * 16, latents_std=[1.0] * 16),
+        "FlowMatchEulerDiscreteScheduler", ("text_encoder",), {**_TINY_CALL, "max_sequence_length": 16},
+        vae_class="AutoencoderKLQwenImage", chat=True),
+    "zimage-tiny-pipe": PipelineSpec(
+        "ZImagePipeline", "transformer",
+        dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=192, n_layers=2, n_refiner_layers=1,
+             n_heads=6, n_kv_heads=6, norm_eps=1e-5, qk_norm=True, cap_feat_dim=64, rope_theta=256.0,
+             t_scale=1000.0, axes_dims=[16, 8, 8], axes_lens=[256, 32, 32]),
+        {"text_encoder": _qwen(64)}, {"tokenizer": 16}, _vae(16, shift_factor=0.1159, scaling_factor=0.3611),
+        "FlowMatchEulerDiscreteScheduler", ("text_encoder",), {**_TINY_CALL, "max_sequence_length": 16}, chat=True),
+}
+PIPELINES.update(FAMILIES)
 
 # The `components` axis: which of a model's components a cell quantizes.
 COMPONENT_VALUES = ("denoiser", "denoiser+te", "te")

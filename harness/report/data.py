@@ -78,6 +78,7 @@ def _row(record: dict) -> dict:
         **_paired(m), **_compiled(m), **_lora(m),
         "sqnr_db": m.get("sqnr_db"), "cosine": m.get("cosine"), "max_abs_error": m.get("max_abs_error"),
         "psnr_db": m.get("psnr_db"), "ssim": m.get("ssim"),
+        "frames_min_psnr_db": m.get("frames_min_psnr_db"), "temporal_psnr_db": m.get("temporal_psnr_db"),
         "phases": "; ".join(f"{k} {v.get('latency_ms', 0):.1f} ms" for k, v in (m.get("phases") or {}).items()),
         "quantized_layers": ", ".join(f"{k} {v}" for k, v in (m.get("quantized_layers") or {}).items()),
         "quantized_components": ", ".join(f"{k} {v.get('bits_per_weight') or 0:.2f} b/w"

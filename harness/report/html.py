@@ -102,7 +102,10 @@ def _measured(row) -> list[tuple[str, str]]:
                          + f"SQNR {_num(row['sqnr_db'], '.1f') or 'exact'} dB, cosine {_num(row['cosine'], '.5f')}"
                          + (f", image PSNR {_num(row['psnr_db'], '.1f') or 'exact'} dB"
                             if report_data.finite(row["psnr_db"]) or row["phases"] else "")
-                         + (f", SSIM {_num(row['ssim'], '.4f')}" if report_data.finite(row["ssim"]) else "")),
+                         + (f", SSIM {_num(row['ssim'], '.4f')}" if report_data.finite(row["ssim"]) else "")
+                         + (f"; video: worst frame {_num(row['frames_min_psnr_db'], '.1f')} dB, motion (frame "
+                            f"differences) {_num(row['temporal_psnr_db'], '.1f')} dB"
+                            if report_data.finite(row["frames_min_psnr_db"]) else "")),
     ]
     if report_data.finite(row["compile_first_s"]):
         out.append(("compile", f"first call {_num(row['compile_first_s'], '.1f')} s (tracing and building), "
@@ -298,7 +301,7 @@ CSV_FIGURES = ["verdict", "note", "reason", "error_type", "error_message",
                "claims", "param_bytes", "disk_bytes", "bits_per_weight", "peak_mem_bytes", "own_mem_bytes",
                "run_mem_bytes", "resident_mem_bytes",
                "mem_kind", "weights", "latency_ms", "latency_p10_ms", "latency_p90_ms", "sqnr_db", "cosine", "psnr_db",
-               "ssim", "quantize_s",
+               "ssim", "frames_min_psnr_db", "temporal_psnr_db", "quantize_s",
                "load_s", "bytes_ratio", "mem_ratio", "latency_ratio", "mem_vs_none", "latency_vs_none",
                "integration_broke", "host", "device_name", "versions", "started", "duration_s"]
 

@@ -313,9 +313,23 @@ def output_figures(output: torch.Tensor | dict[str, torch.Tensor],
     final latents), and for a pipeline the decoded image's PSNR and SSIM (LPIPS: why it is not measured)."""
     if not isinstance(output, dict):
         return output_error(output, reference).as_dict()
-    return {**output_error(output["latents"], reference["latents"]).as_dict(),
-            "psnr_db": psnr_db(output["image"], reference["image"]), "ssim": ssim(output["image"], reference["image"]),
-            "lpips_not_measured": LPIPS_NOT_MEASURED}
+    image, ref = output["image"], reference["image"]
+    video = image.dim() == 5  # B x F x C x H x W: the frames as images, then the motion between them
+    figures = {**output_error(output["latents"], reference["latents"]).as_dict(), "psnr_db": psnr_db(image, ref),
+               "ssim": ssim(image.flatten(0, 1), ref.flatten(0, 1)) if video else ssim(image, ref),
+               "lpips_not_measured": LPIPS_NOT_MEASURED}
+    return figures | (video_figures(image, ref) if video else {})
+
+
+def video_figures(frames: torch.Tensor, reference: torch.Tensor) -> dict[str, float | None]:
+    """A video against the float model's: the worst frame's PSNR, and the temporal error: PSNR of the frame-to-frame
+    differences (their range is [-1, 1], a peak of 2) against the reference's, which a video whose frames are each
+    right but move wrongly fails. None: identical."""
+    worst = [psnr_db(frames[:, i], reference[:, i]) for i in range(frames.shape[1])]
+    motion, ref_motion = (t.detach().double().cpu().diff(dim=1) for t in (frames, reference))
+    mse = (motion - ref_motion).pow(2).mean().item()
+    return {"frames_min_psnr_db": min((w for w in worst if w is not None), default=None),
+            "temporal_psnr_db": None if mse == 0 else 10 * math.log10(4 / mse)}
 
 
 def digest_all(output: torch.Tensor | dict[str, torch.Tensor]) -> str:
