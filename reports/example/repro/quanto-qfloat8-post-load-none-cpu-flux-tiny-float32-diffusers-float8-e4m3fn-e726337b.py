@@ -78,7 +78,7 @@ def build_skeleton(name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
 
     with init_empty_weights():
         model = model_class(name)(**DIFFUSERS_CONFIGS[name])
-    return nn.Module.to(model, dtype).eval()
+    return to_dtype(model, dtype).eval()
 
 
 def seed_weights(module: nn.Module, seed: int) -> nn.Module:
@@ -104,7 +104,27 @@ def seed_weights(module: nn.Module, seed: int) -> nn.Module:
 def build_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The model from its skeleton with seeded weights (seed_weights)."""
     model = seed_weights(build_skeleton(name, torch.float32), seed)
-    return nn.Module.to(model, dtype).eval()
+    return to_dtype(model, dtype).eval()
+
+
+def to_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """`module` in `dtype` as from_pretrained leaves it, so a model built here stores and computes what the same
+    model loaded does: the buffers its constructor computes and no file holds (a rotary embedding's inv_freq) keep
+    their dtype, and the parameters of a diffusers class's `_keep_in_fp32_modules` (Wan's time embedder and norms)
+    stay in float32 (model_loading_utils load_model_dict_into_meta). nn.Module.to casts: ModelMixin.to would warn
+    about those modules."""
+    computed = {(owner, name): buffer for owner in module.modules() for name, buffer in owner._buffers.items()
+                if name in owner._non_persistent_buffers_set and buffer is not None}
+    keep = getattr(type(module), "_keep_in_fp32_modules", None) if type(module).__module__.startswith(
+        "diffusers.") and dtype.is_floating_point else None
+    kept = {p: p.data.to(torch.float32) for name, p in module.named_parameters()
+            if keep and any(part in keep for part in name.split("."))}
+    module = nn.Module.to(module, dtype)
+    for (owner, name), buffer in computed.items():  # made by the constructor, never loaded: as it made them
+        owner._buffers[name] = buffer
+    for param, data in kept.items():
+        param.data = data
+    return module
 
 
 def make_inputs(name: str, seed: int = 0, batch: int = 1, dtype: torch.dtype = torch.float32,
