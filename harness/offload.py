@@ -217,7 +217,7 @@ def _sequential_offload(model: nn.Module, execution: torch.device) -> None:
 NO_SPLIT = ["Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
             "Embedding", "SDNQLinear", "SDNQConv1d", "SDNQConv2d", "SDNQConv3d", "SDNQConvTranspose1d",
             "SDNQConvTranspose2d", "SDNQConvTranspose3d", "SDNQEmbedding", "WanTransformerBlock"]
-SDNEXT_REVISION = "vladmandic/sdnext@058a7f0cf326f39c0135c6257d7b7e61073e51fd (2026-07-23), modules/sd_offload.py"
+SDNEXT_REVISION = "vladmandic/sdnext@d11a619a643e6dbce0e0bf3cd0a56cfdf0588140 (2026-07-24), modules/sd_offload.py"
 CPU_WATERMARK = 0.9  # diffusers_offload_max_cpu_memory's default
 
 
@@ -235,6 +235,11 @@ def module_size(module: nn.Module) -> int:
     elements times their size): the order in which balanced offload places components, largest first."""
     tensors = set(itertools.chain(module.parameters(recurse=True), module.buffers(recurse=True)))
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _never_offloads(module: nn.Module) -> bool:
+    """SD.Next's OffloadHook.offload_allowed, but for its model-type list (empty by default)."""
+    return hasattr(module, "offload_never") or any(hasattr(n, "offload_never") for n in getattr(module, "nets", ()))
 
 
 class BalancedOffload:
@@ -260,9 +265,10 @@ class BalancedOffload:
     `moves`, in turn: "T5EncoderModel cpu -> cpu (always)" (on a CPU-only host a move to the CPU is SD.Next's
     decision with nothing to move).
 
-    Between steps (`next_generation`), what happens when the next generation's text encoder starts: its
-    pre-forward applies the offload to every component not on the CPU again, so each timed step pays SD.Next's
-    onload.
+    Between steps (`next_generation`) nothing, as in SD.Next (its apply is skipped while the hook is cached): the
+    next generation's text encoder starts, and its pre-forward applies the offload to every other component not
+    on the CPU, so each timed step pays SD.Next's onload. Not modelled: `evict_aux` (SD.Next's auxiliary models,
+    which a cell has none of) and the model types not to offload (none by default).
     """
 
     MAX_MOVES = 64  # recorded per cell (each generation repeats them)
@@ -285,6 +291,7 @@ class BalancedOffload:
         self.options = (f"balanced: {memory_class} watermarks low {low:g} high {high:g}, always "
                         f"{sorted(self.always) or '-'}, never {sorted(self.never) or '-'}")
         self.last_pre: int | None = None
+        self.last_cls: str | None = None
         owner = self
 
         class OffloadHook(ModelHook):
@@ -305,10 +312,13 @@ class BalancedOffload:
             self.notes.append(text)
 
     def next_generation(self) -> None:
-        for module in self.components:
-            if _device_of(module).type != "cpu":
-                self.apply_to(module)
-        self.last_pre = None
+        """Between generations SD.Next's processing calls apply_balanced_offload (processing_args.py:205,
+        processing_diffusers.py:98 and 470), which returns at once while its hook is cached and offload during
+        pre-forward is on (sd_offload.py:544, "op=apply skip"): nothing is re-applied, and the hook keeps the last
+        module that started, so the next generation's first component applies the offload to every other one, not
+        to itself."""
+        if len(self.moves) < self.MAX_MOVES:
+            self.moves.append("generation ends: apply_balanced_offload skips (hook cached, offload during pre-forward)")
 
     def apply_to(self, module: nn.Module) -> None:
         """apply_balanced_offload_to_module: hooks off, to the CPU by the move rule, offload hook on, torch_gc."""
@@ -348,7 +358,12 @@ class BalancedOffload:
         import accelerate
         from accelerate.hooks import add_hook_to_module, remove_hook_from_module
 
-        if self.last_pre != id(module):
+        # a new module, or a class other than the last one that offloaded (sd_offload.py:242), unless the module
+        # says never (offload_allowed: an `offload_never` attribute; SD.Next's model types not to offload are none
+        # by default)
+        started = self.last_pre != id(module) or type(module).__name__ != self.last_cls
+        if started and not _never_offloads(module):
+            self.last_cls = type(module).__name__
             others = [o for o in self.components if o is not module and type(o).__name__ not in self.never]
             away = [o for o in others if _device_of(o).type != "cpu"]
             if len(self.moves) < self.MAX_MOVES:

@@ -208,3 +208,30 @@ def test_balanced_offload_goes_on_where_sdnext_swallows_an_error_and_records_it(
     assert all(p.device.type == "cpu" for p in part.parameters())
     assert any("dispatch of Sequential failed" in n for n in offload.notes), offload.notes
     assert any("to_empty: its weights are uninitialised" in n for n in offload.notes), offload.notes
+
+
+def test_between_generations_balanced_offload_applies_nothing_and_a_start_spares_itself(monkeypatch):
+    """SD.Next's apply between generations returns at once while its hook is cached (sd_offload.py:544): the next
+    generation's first component applies the offload to every other one off the CPU, never to itself; a component
+    that says offload_never applies it to none. Where the components lie is a GPU's placement, which no device here
+    has: reported (the one stand-in), while the hooks and the rules are the real ones."""
+    from harness import offload as offload_module_
+
+    text, denoiser, vae = nn.Linear(64, 64), nn.Conv1d(4, 4, 1), nn.Sequential(nn.Linear(64, 64))
+    offload = BalancedOffload([text, denoiser, vae], "cpu", high=0.6, low=0.2)
+    on_gpu = {id(denoiser), id(vae)}
+    monkeypatch.setattr(offload_module_, "_device_of",
+                        lambda m: torch.device("cuda" if id(m) in on_gpu else "cpu"))
+    applied = []
+    monkeypatch.setattr(offload, "apply_to", lambda m: applied.append(type(m).__name__))
+    offload.last_pre = id(vae)  # the last generation ended with the VAE
+    offload.next_generation()
+    assert applied == [] and offload.moves[-1].startswith("generation ends: apply_balanced_offload skips")
+    offload.pre_forward(text)  # the next generation's text encoder starts
+    assert applied == ["Conv1d", "Sequential"]  # the others off the CPU; not itself
+    offload.pre_forward(text)  # again: the same module and class, nothing to do
+    assert applied == ["Conv1d", "Sequential"]
+    text.offload_never = True
+    offload.last_pre = None
+    offload.pre_forward(text)  # SD.Next's offload_allowed: a module that says never offloads none of the others
+    assert applied == ["Conv1d", "Sequential"]
