@@ -48,8 +48,8 @@ WIDTH = 116  # of the header's prose lines
 CHECKED = ("ok", "drift-works", "drift-claim", "wrong-output")
 
 # The functions and names of models/real.py the script copies, in the order they are defined there
-MODEL_CODE = ("model_class", "build_skeleton", "seed_weights", "build_model", "to_dtype", "make_inputs",
-              "ADDED_CONDITIONS", "call_kwargs", "run")
+MODEL_CODE = ("model_class", "build_skeleton", "seed_weights", "build_model", "to_dtype")
+INPUT_CODE = ("make_inputs", "ADDED_CONDITIONS", "call_kwargs", "run")  # only where a step runs or NNCF traces
 
 
 class Unsupported(QuantMatrixError):
@@ -170,19 +170,31 @@ def _module_source(relative: str) -> tuple[str, ast.Module]:
 
 
 @functools.cache
-def copied_code(relative: str, names: tuple[str, ...]) -> str:
-    """The source text of the top-level functions and assignments `names` of a harness module, in its order."""
+def copied_code(relative: str, names: tuple[str, ...], bare: bool = False) -> str:
+    """The source text of the top-level functions and assignments `names` of a harness module, in its order;
+    `bare`: without the functions' docstrings (the script's comments say where each comes from)."""
     text, tree = _module_source(relative)
     wanted, out = set(names), []
     for node in tree.body:
         name = node.name if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
             node.targets[0].id if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name) else None
         if name in wanted:
-            out.append(ast.get_source_segment(text, node))
+            out.append(_without_docstring(ast.get_source_segment(text, node), node) if bare else
+                       ast.get_source_segment(text, node))
             wanted.discard(name)
     if wanted:
         raise RuntimeError(f"harness/{relative} has no {sorted(wanted)}: the repro generator copies them")
     return "\n\n\n".join(out)
+
+
+def _without_docstring(source: str, node: ast.AST) -> str:
+    body = getattr(node, "body", None)
+    if not body or len(body) < 2 or not isinstance(body[0], ast.Expr) or not isinstance(body[0].value, ast.Constant) \
+            or not isinstance(body[0].value.value, str):
+        return source
+    lines = source.splitlines()
+    first, last = body[0].lineno - node.lineno, body[0].end_lineno - node.lineno
+    return "\n".join(lines[:first] + lines[last + 1:])
 
 
 def module_constant(relative: str, name: str):
@@ -216,10 +228,12 @@ def _lines(text: str, prefix: str = "#   ", width: int = 0) -> str:
     characters are escaped, so none can end its comment); `width`: long lines wrapped (prose, not a message, whose
     lines are kept as raised)."""
     out = []
+    more = "#" + " " * (len(prefix) - 1)  # a wrapped line's continuation: under the text, not its label again
     for line in str(text or "").splitlines() or [""]:
         line = printable(line)
         pieces = textwrap.wrap(line, width - len(prefix), break_on_hyphens=False) if width else [line]
-        out += [(prefix + piece).rstrip() for piece in pieces or [""]]
+        for piece in pieces or [""]:
+            out.append(((more if out else prefix) + piece).rstrip())
     return "\n".join(out)
 
 
@@ -252,12 +266,9 @@ def header(record: dict, cell: Cell, stop: str, settings_note: str) -> str:
             + ("" if cell.compile == "-" else f", {cell.compile} torch.compile"))
     expected = expect.get("kind", "works") + (f" /{expect['pattern']}/" if expect.get("pattern") else "")
     out = [
-        "# Standalone reproduction of the quantmatrix cell",
-        f"#   {cell.id}",
+        f"# Standalone reproduction of the quantmatrix cell {cell.id}",
         _lines("as the harness ran it: " + what + ".", "# ", WIDTH),
-        "#",
-        _lines(f"What the harness recorded (run {record.get('run')}, {record.get('started')}, host "
-               f"{env.get('host')}):", "# "),
+        _lines(f"Recorded (run {record.get('run')}, {record.get('started')}, host {env.get('host')}):", "# "),
         _lines(record.get("verdict"), "#   verdict:   "),
         _lines(expected, "#   expected:  "),
     ]
@@ -274,26 +285,18 @@ def header(record: dict, cell: Cell, stop: str, settings_note: str) -> str:
                           WIDTH))
     elif record.get("note"):
         out.append(_lines(record["note"], "#   note:      ", WIDTH))
+    ending = (f"It runs up to the {stop} step, where it should end with the error above."
+              if err.get("type") else "It runs the cell's first steps and checks the output against the float "
+                                      "model's.")
     out += [
-        "#",
-        "# Versions (the record's env):",
-        _lines(f"python {env.get('python')}, torch {env.get('torch')}, diffusers {env.get('diffusers')}, "
-               f"accelerate {env.get('accelerate')}"),
-        _lines(f"engines: {_engine_versions(env)}"),
-        _lines(f"os {env.get('os')}; device {cell.device}: {env.get('device_name') or '?'}"
-               + (f", driver {env['driver']}" if env.get("driver") else "")),
-        "#",
-        "# Run it alone: python this_file.py",
-        _lines(f"needs {', '.join(needs)}; writes its files under a temporary directory it removes; no network.",
-               "#   ", WIDTH),
+        _lines(f"Versions: python {env.get('python')}, torch {env.get('torch')}, diffusers {env.get('diffusers')}, "
+               f"accelerate {env.get('accelerate')}; os {env.get('os')}", "# "),
+        _lines(f"engines: {_engine_versions(env)}; device {cell.device}: {env.get('device_name') or '?'}"
+               + (f", driver {env['driver']}" if env.get("driver") else ""), "#   "),
+        _lines(f"Run it alone: python this_file.py (needs {', '.join(needs)}; its files go to a temporary directory "
+               f"it removes; no network). {ending} {settings_note}", "# ", WIDTH),
+        "# Written by quantmatrix (`quantmatrix repro`, or its report); it imports nothing of quantmatrix.",
     ]
-    if err.get("type"):
-        out.append(f"#   It runs up to the {stop} step, where it should end with the error above:")
-        out.append(_lines(f"{err['type']}: {err.get('message') or ''}".split("\n", 1)[0], "#     "))
-    else:
-        out.append("#   It runs the cell's first steps and checks the output against the float model's.")
-    out += [_lines(settings_note, "# ", WIDTH),
-            "# Written by quantmatrix (`quantmatrix repro`, or its report); it imports nothing of quantmatrix."]
     return _comments(out)
 
 
@@ -323,7 +326,9 @@ def _imports(cell: Cell) -> str:
     return "\n".join(lines)
 
 
-def _model_section(cell: Cell) -> str:
+def _model_section(cell: Cell, inputs: bool) -> str:
+    """The model's shape and the code of models/real.py that builds it; `inputs`: and makes a step's inputs and
+    runs it (a script that stops before the first step, but for NNCF's trace, needs neither)."""
     spec = MODELS[cell.model]
     shape = {k: v for k, v in dataclasses.asdict(spec).items() if k != "source"}  # a built-in: no source
     fields = _call("types.SimpleNamespace", shape, len("MODELS = {") + len(repr(cell.model)) + 2)
@@ -336,9 +341,10 @@ def _model_section(cell: Cell) -> str:
         f"DIFFUSERS_CONFIGS = {{{cell.model!r}: {config}}}",
         "",
         "# Copied from harness/models/real.py: the skeleton, the seeded weights (drawn parameter by parameter in name",
-        "# order: bit-identical to the harness's for the seed) and one denoising step's inputs.",
+        "# order: bit-identical to the harness's for the seed)"
+        + (" and one denoising step's inputs." if inputs else "."),
         "",
-        copied_code("models/real.py", MODEL_CODE),
+        copied_code("models/real.py", MODEL_CODE + (INPUT_CODE if inputs else ()), bare=True),
     ])
 
 
@@ -643,8 +649,9 @@ def _main_lines(cast: str, compiled: bool, check: bool, reaches) -> list[str]:
     """The script's main(): inputs, the float model's output where the output is judged, then each stage the cell
     reached, as the harness runs them (harness/run/execute.py)."""
     main = ["def main() -> None:",
-            "    torch.manual_seed(SEED)  # harness/run/execute.py prepare_cell",
-            "    inputs = make_inputs(MODEL, SEED, BATCH, DTYPE, DEVICE)"]
+            "    torch.manual_seed(SEED)  # harness/run/execute.py prepare_cell"]
+    if check or reaches("forward"):
+        main.append("    inputs = make_inputs(MODEL, SEED, BATCH, DTYPE, DEVICE)")
     if check:
         main += ["    with torch.no_grad():  # the float model's output (harness/run/execute.py _reference_file)",
                  "        reference = run(build_model(MODEL, SEED, DTYPE).to(DEVICE), inputs)"]
@@ -668,6 +675,16 @@ def _main_lines(cast: str, compiled: bool, check: bool, reaches) -> list[str]:
         if check:
             main.append("        check_output(output, reference)")
     return main
+
+
+def _constants(cell: Cell, s: Settings, check: bool) -> str:
+    floor = output_floor(cell.engine, cell.qtype, cell.cast)
+    return "\n".join([
+        f"CELL = {cell.id!r}", f"MODEL = {cell.model!r}", f"QTYPE = {cell.qtype!r}", f"SEED = {s.seed!r}",
+        f"BATCH = {s.batch!r}", f"WARMUP = {s.warmup!r}  # steps the harness runs after the first, before timing",
+        f"DTYPE = {_torch_dtype(cell.dtype)}", f"DEVICE = torch.device({_device(cell.device)!r})",
+        *([f"FLOOR_DB = {floor.sqnr_db if floor else None!r}  # the type's SQNR floor"] if check else []),
+    ])
 
 
 def script(record: dict, settings: Settings | None = None, *, settings_from: str = "") -> str:
@@ -697,16 +714,10 @@ def script(record: dict, settings: Settings | None = None, *, settings_from: str
                           "carry them)."))
     q_helpers, prepare_body, load_body = _prepare_and_load(cell)
     o_helpers, offload_body = _offload_code(cell, settings)
-    floor = output_floor(cell.engine, cell.qtype, cell.cast)
     cast = "" if cell.cast == "-" else (
         "\n    # as SD.Next applies it, and the harness (harness/run/execute.py): on the loaded model\n"
         f"    model.enable_layerwise_casting(storage_dtype={_torch_dtype(cell.cast)}, compute_dtype=DTYPE)")
-    constants = "\n".join([
-        f"CELL = {cell.id!r}", f"MODEL = {cell.model!r}", f"QTYPE = {cell.qtype!r}", f"SEED = {s.seed!r}",
-        f"BATCH = {s.batch!r}", f"WARMUP = {s.warmup!r}  # steps the harness runs after the first, before timing",
-        f"DTYPE = {_torch_dtype(cell.dtype)}", f"DEVICE = torch.device({_device(cell.device)!r})",
-        *([f"FLOOR_DB = {floor.sqnr_db if floor else None!r}  # the type's SQNR floor"] if check else []),
-    ])
+    constants = _constants(cell, s, check)
     steps = [
         "def prepare(tmp: Path) -> Path | None:",
         '    """The files the load reads, made as the harness makes them once per run (stage: prepare)."""',
@@ -724,7 +735,8 @@ def script(record: dict, settings: Settings | None = None, *, settings_from: str
     helpers = "\n\n\n".join(h.rstrip("\n") for h in (q_helpers, o_helpers if reaches("offload") else "",
                                                     _compile_code(cell) if compiled and reaches("compile") else "",
                                                     CHECK_OUTPUT if check and reaches("forward") else "") if h)
-    parts = [header(record, cell, stop, settings_note), _imports(cell), constants, _model_section(cell)]
+    inputs = reaches("forward") or check or cell.engine == "nncf"  # NNCF traces the model with a step's inputs
+    parts = [header(record, cell, stop, settings_note), _imports(cell), constants, _model_section(cell, inputs)]
     parts.append("# ---------------------------------------------------------------- the cell's steps\n" +
                  (helpers + "\n\n\n" if helpers else "") + "\n".join(steps).rstrip("\n"))
     parts += ["\n".join(main), 'if __name__ == "__main__":\n    main()']
