@@ -119,6 +119,7 @@ def test_a_cell_of_a_model_from_disk_runs_and_is_judged(disk, registry, model, s
     ('path = "pickled"', "pickled: no *.safetensors weights; expected what save_pretrained writes"),
     ('path = "pipe/model_index.json"', "model_index.json: expected a diffusers directory or a .safetensors file"),
     ('path = "den"\nweights = 1', "unknown key 'weights'"),
+    ('path = "quantized"', "quantized/config.json: pre-quantized (sdnq); expected a float checkpoint"),
     ('path = "vae"', "a model of class 'AutoencoderKL': alone, only FluxTransformer2DModel, SD3Transformer2DModel, "
                      "UNet2DConditionModel run"),
 ])
@@ -127,6 +128,10 @@ def test_a_path_that_is_not_a_model_is_one_line_naming_it(disk, registry, table,
     (disk / "pickled").mkdir(exist_ok=True)
     (disk / "pickled" / "config.json").write_text((disk / "den" / "config.json").read_text())
     (disk / "pickled" / "diffusion_pytorch_model.bin").write_bytes(b"not read")
+    (disk / "quantized").mkdir(exist_ok=True)  # as SD.Next's SDNQ reference models are saved: a config that says so
+    config = json.loads((disk / "den" / "config.json").read_text())
+    (disk / "quantized" / "config.json").write_text(json.dumps({**config, "quantization_config": {
+        "quant_method": "sdnq", "weights_dtype": "uint4"}}))
     (disk / "vae").mkdir(exist_ok=True)
     (disk / "vae" / "config.json").write_text((disk / "pipe" / "vae" / "config.json").read_text())
     with pytest.raises(QuantMatrixError) as raised:

@@ -112,8 +112,10 @@ def register(source: Source) -> specs.ModelSpec:
     if path.is_dir() and (path / "model_index.json").exists():
         spec = _register_pipeline(source, path)
     elif path.is_dir():
-        spec = _register_denoiser(source, read_json(source, path / "config.json", "a diffusers pipeline directory "
-                                                    "(model_index.json) or model directory (config.json)"))
+        config = read_json(source, path / "config.json", "a diffusers pipeline directory (model_index.json) or "
+                                                         "model directory (config.json)")
+        _float_only(source, path / "config.json", config)
+        spec = _register_denoiser(source, config)
         _weights(source, path)
     elif path.suffix == ".safetensors" and path.is_file():
         if not source.config:
@@ -136,6 +138,16 @@ def register_all(sources: tuple[Source, ...]) -> None:
 
 
 SOURCES: dict[str, Source] = {}
+
+
+def _float_only(source: Source, path: Path, config: dict) -> None:
+    """A model source is the float model every cell is judged against: a pre-quantized checkpoint (diffusers' or
+    transformers' `quantization_config`, as SD.Next's SDNQ reference models have) cannot be one."""
+    if "quantization_config" in config:
+        method = (config["quantization_config"] or {}).get("quant_method", "?") if isinstance(
+            config["quantization_config"], dict) else "?"
+        raise _fail(source, f"{path}: pre-quantized ({method}); expected a float checkpoint (a pre-quantized one as a "
+                            "source of its own is not supported yet: `quantmatrix detect` names its engine and type)")
 
 
 def _weights(source: Source, directory: Path) -> None:
@@ -204,7 +216,8 @@ def _register_pipeline(source: Source, path: Path) -> specs.ModelSpec:
     configs = {a: read_json(source, path / a / "config.json", f"the {a}'s config.json")
                for a, (library, _) in parts.items() if library in ("diffusers", "transformers")
                and not a.startswith(("scheduler", "tokenizer"))}
-    for attr in configs:
+    for attr, config in configs.items():
+        _float_only(source, path / attr / "config.json", config)
         _weights(source, path / attr)
     pipeline_class = str(index.get("_class_name"))
     denoiser_class = parts[denoiser][1]
