@@ -1,9 +1,7 @@
-# Standalone reproduction of the quantmatrix cell
-#   bnb-fp4-dq/post-load/sequential/cpu/flux-tiny/float32/direct
+# Standalone reproduction of the quantmatrix cell bnb-fp4-dq/post-load/sequential/cpu/flux-tiny/float32/direct
 # as the harness ran it: engine bnb fp4-dq, load post-load, offload sequential, device cpu, model flux-tiny
 # (diffusers' FluxTransformer2DModel, seeded random weights), dtype float32, stack direct.
-#
-# What the harness recorded (run 20261207-111818-vm, 2026-12-07T11:20:54+00:00, host vm):
+# Recorded (run 20261207-111818-vm, 2026-12-07T11:20:54+00:00, host vm):
 #   verdict:   fail
 #   expected:  works
 #   stage:     forward (of prepare, load, offload, forward)
@@ -11,19 +9,12 @@
 #   raised in: bitsandbytes
 #              innermost frames first: functional.py:582 to <- modules.py:431 to <- modeling.py:363
 #              set_module_tensor_to_device <- hooks.py:382 _onload_weights
-#
-# Versions (the record's env):
-#   python 3.11.7, torch 2.13.0+cpu, diffusers 0.42.1, accelerate 1.16.0
-#   engines: autoround 0.16.1, bnb 0.50.2, gguf 0.19.0, modelopt 0.43.0, nncf 3.4.0, quanto 0.2.7, sdnq 0.2.8, torchao 0.18.0
-#   os Linux-6.18.44-fc-v1300-x86_64-with-glibc2.36; device cpu: AMD EPYC
-#
-# Run it alone: python this_file.py
-#   needs torch, diffusers, accelerate, safetensors, bitsandbytes; writes its files under a temporary directory it
-#   removes; no network.
-#   It runs up to the forward step, where it should end with the error above:
-#     NotImplementedError: Cannot copy out of meta tensor; no data!
-# Seed 0 and batch 1: the harness's default settings (every shipped matrix runs with them; records do not carry
-# them).
+# Versions: python 3.11.7, torch 2.13.0+cpu, diffusers 0.42.1, accelerate 1.16.0; os Linux-6.18.44-fc-v1300-x86_64-with-glibc2.36
+#   engines: autoround 0.16.1, bnb 0.50.2, gguf 0.19.0, modelopt 0.43.0, nncf 3.4.0, quanto 0.2.7, sdnq 0.2.8, torchao 0.18.0; device cpu: AMD EPYC
+# Run it alone: python this_file.py (needs torch, diffusers, accelerate, safetensors, bitsandbytes; its files go to
+# a temporary directory it removes; no network). It runs up to the forward step, where it should end with the error
+# above. Seed 0 and batch 1: the harness's default settings (every shipped matrix runs with them; records do not
+# carry them).
 # Written by quantmatrix (`quantmatrix repro`, or its report); it imports nothing of quantmatrix.
 
 
@@ -72,7 +63,6 @@ def model_class(name: str) -> type[nn.Module]:
 
 
 def build_skeleton(name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The model with its parameters on the meta device (buffers, which the config computes, stay real)."""
     from accelerate import init_empty_weights
 
     with init_empty_weights():
@@ -81,9 +71,6 @@ def build_skeleton(name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
 
 
 def seed_weights(module: nn.Module, seed: int) -> nn.Module:
-    """Seeded weights, drawn parameter by parameter in name order (bit-identical for a seed, whatever torch's
-    default initialisers do): fan-in scaled normals, norm scales near 1, small biases. Tied parameters (T5's
-    shared embedding) are drawn once and stay tied."""
     gen = torch.Generator().manual_seed(seed)
     drawn: dict[int, nn.Parameter] = {}
     for pname, p in sorted(module.named_parameters(remove_duplicate=False)):
@@ -101,17 +88,11 @@ def seed_weights(module: nn.Module, seed: int) -> nn.Module:
 
 
 def build_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The model from its skeleton with seeded weights (seed_weights)."""
     model = seed_weights(build_skeleton(name, torch.float32), seed)
     return to_dtype(model, dtype).eval()
 
 
 def to_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """`module` in `dtype` as from_pretrained leaves it, so a model built here stores and computes what the same
-    model loaded does: the buffers its constructor computes and no file holds (a rotary embedding's inv_freq) keep
-    their dtype, and the parameters of a diffusers class's `_keep_in_fp32_modules` (Wan's time embedder and norms)
-    stay in float32 (model_loading_utils load_model_dict_into_meta). nn.Module.to casts: ModelMixin.to would warn
-    about those modules."""
     computed = {(owner, name): buffer for owner in module.modules() for name, buffer in owner._buffers.items()
                 if name in owner._non_persistent_buffers_set and buffer is not None}
     keep = getattr(type(module), "_keep_in_fp32_modules", None) if type(module).__module__.startswith(
@@ -128,8 +109,6 @@ def to_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 def make_inputs(name: str, seed: int = 0, batch: int = 1, dtype: torch.dtype = torch.float32,
                 device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """One denoising step's inputs as the model's pipeline passes them (flat: `call` nests SDXL's added
-    conditions)."""
     spec = MODELS[name]
     gen = torch.Generator().manual_seed(seed + 1)
 
@@ -165,7 +144,6 @@ ADDED_CONDITIONS = ("text_embeds", "time_ids")
 
 
 def call_kwargs(inputs: dict[str, torch.Tensor]) -> dict:
-    """The keyword arguments of the model's forward: SDXL's added conditions nested as its UNet takes them."""
     kwargs = {k: v for k, v in inputs.items() if k not in ADDED_CONDITIONS}
     added = {k: inputs[k] for k in ADDED_CONDITIONS if k in inputs}
     if added:

@@ -1,9 +1,7 @@
-# Standalone reproduction of the quantmatrix cell
-#   modelopt-fp8/post-load/sequential/cpu/flux-tiny/float32/direct
+# Standalone reproduction of the quantmatrix cell modelopt-fp8/post-load/sequential/cpu/flux-tiny/float32/direct
 # as the harness ran it: engine modelopt fp8, load post-load, offload sequential, device cpu, model flux-tiny
 # (diffusers' FluxTransformer2DModel, seeded random weights), dtype float32, stack direct.
-#
-# What the harness recorded (run 20261207-111818-vm, 2026-12-07T11:22:17+00:00, host vm):
+# Recorded (run 20261207-111818-vm, 2026-12-07T11:22:17+00:00, host vm):
 #   verdict:   fail
 #   expected:  works
 #   stage:     offload (of prepare, load, offload, forward)
@@ -11,19 +9,12 @@
 #   raised in: modelopt.torch.quantization
 #              innermost frames first: base_qtensor.py:118 to <- modeling.py:334 set_module_tensor_to_device <-
 #              hooks.py:326 init_hook <- hooks.py:176 add_hook_to_module
-#
-# Versions (the record's env):
-#   python 3.11.7, torch 2.13.0+cpu, diffusers 0.42.1, accelerate 1.16.0
-#   engines: autoround 0.16.1, bnb 0.50.2, gguf 0.19.0, modelopt 0.43.0, nncf 3.4.0, quanto 0.2.7, sdnq 0.2.8, torchao 0.18.0
-#   os Linux-6.18.44-fc-v1300-x86_64-with-glibc2.36; device cpu: AMD EPYC
-#
-# Run it alone: python this_file.py
-#   needs torch, diffusers, accelerate, safetensors, nvidia-modelopt; writes its files under a temporary directory
-#   it removes; no network.
-#   It runs up to the offload step, where it should end with the error above:
-#     RuntimeError: Attempted to call `variable.set_data(tensor)`, but `variable` and `tensor` have incompatible tensor type.
-# Seed 0 and batch 1: the harness's default settings (every shipped matrix runs with them; records do not carry
-# them).
+# Versions: python 3.11.7, torch 2.13.0+cpu, diffusers 0.42.1, accelerate 1.16.0; os Linux-6.18.44-fc-v1300-x86_64-with-glibc2.36
+#   engines: autoround 0.16.1, bnb 0.50.2, gguf 0.19.0, modelopt 0.43.0, nncf 3.4.0, quanto 0.2.7, sdnq 0.2.8, torchao 0.18.0; device cpu: AMD EPYC
+# Run it alone: python this_file.py (needs torch, diffusers, accelerate, safetensors, nvidia-modelopt; its files go
+# to a temporary directory it removes; no network). It runs up to the offload step, where it should end with the
+# error above. Seed 0 and batch 1: the harness's default settings (every shipped matrix runs with them; records do
+# not carry them).
 # Written by quantmatrix (`quantmatrix repro`, or its report); it imports nothing of quantmatrix.
 
 
@@ -65,7 +56,7 @@ DIFFUSERS_CONFIGS = {'flux-tiny': dict(patch_size=1, in_channels=64, num_layers=
                                        pooled_projection_dim=128, guidance_embeds=False, axes_dims_rope=(8, 12, 12))}
 
 # Copied from harness/models/real.py: the skeleton, the seeded weights (drawn parameter by parameter in name
-# order: bit-identical to the harness's for the seed) and one denoising step's inputs.
+# order: bit-identical to the harness's for the seed).
 
 def model_class(name: str) -> type[nn.Module]:
     import diffusers
@@ -74,7 +65,6 @@ def model_class(name: str) -> type[nn.Module]:
 
 
 def build_skeleton(name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The model with its parameters on the meta device (buffers, which the config computes, stay real)."""
     from accelerate import init_empty_weights
 
     with init_empty_weights():
@@ -83,9 +73,6 @@ def build_skeleton(name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
 
 
 def seed_weights(module: nn.Module, seed: int) -> nn.Module:
-    """Seeded weights, drawn parameter by parameter in name order (bit-identical for a seed, whatever torch's
-    default initialisers do): fan-in scaled normals, norm scales near 1, small biases. Tied parameters (T5's
-    shared embedding) are drawn once and stay tied."""
     gen = torch.Generator().manual_seed(seed)
     drawn: dict[int, nn.Parameter] = {}
     for pname, p in sorted(module.named_parameters(remove_duplicate=False)):
@@ -103,17 +90,11 @@ def seed_weights(module: nn.Module, seed: int) -> nn.Module:
 
 
 def build_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The model from its skeleton with seeded weights (seed_weights)."""
     model = seed_weights(build_skeleton(name, torch.float32), seed)
     return to_dtype(model, dtype).eval()
 
 
 def to_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """`module` in `dtype` as from_pretrained leaves it, so a model built here stores and computes what the same
-    model loaded does: the buffers its constructor computes and no file holds (a rotary embedding's inv_freq) keep
-    their dtype, and the parameters of a diffusers class's `_keep_in_fp32_modules` (Wan's time embedder and norms)
-    stay in float32 (model_loading_utils load_model_dict_into_meta). nn.Module.to casts: ModelMixin.to would warn
-    about those modules."""
     computed = {(owner, name): buffer for owner in module.modules() for name, buffer in owner._buffers.items()
                 if name in owner._non_persistent_buffers_set and buffer is not None}
     keep = getattr(type(module), "_keep_in_fp32_modules", None) if type(module).__module__.startswith(
@@ -126,57 +107,6 @@ def to_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     for param, data in kept.items():
         param.data = data
     return module
-
-
-def make_inputs(name: str, seed: int = 0, batch: int = 1, dtype: torch.dtype = torch.float32,
-                device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """One denoising step's inputs as the model's pipeline passes them (flat: `call` nests SDXL's added
-    conditions)."""
-    spec = MODELS[name]
-    gen = torch.Generator().manual_seed(seed + 1)
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen)
-
-    text = randn(batch, spec.context_tokens, spec.context_dim)
-    pooled = randn(batch, spec.pooled_dim)
-    if spec.kind == "flux":  # packed 2x2 latent patches; positions as the pipeline's image ids
-        h = w = spec.latent // 2
-        ids = torch.zeros(h, w, 3)
-        ids[..., 1] += torch.arange(h)[:, None]
-        ids[..., 2] += torch.arange(w)[None, :]
-        inputs = {"hidden_states": randn(batch, h * w, spec.channels * 4), "encoder_hidden_states": text,
-                  "pooled_projections": pooled, "timestep": torch.rand(batch, generator=gen),
-                  "img_ids": ids.reshape(h * w, 3), "txt_ids": torch.zeros(spec.context_tokens, 3)}
-        if DIFFUSERS_CONFIGS[name].get("guidance_embeds"):
-            inputs["guidance"] = torch.full((batch,), 3.5)
-    elif spec.kind == "sd3":
-        inputs = {"hidden_states": randn(batch, spec.channels, spec.latent, spec.latent),
-                  "encoder_hidden_states": text, "pooled_projections": pooled,
-                  "timestep": torch.randint(0, 1000, (batch,), generator=gen).float()}
-    else:  # sdxl: the pipeline's micro-conditioning (original size, crop, target size) in pixels
-        size = spec.latent * 8
-        inputs = {"sample": randn(batch, spec.channels, spec.latent, spec.latent),
-                  "timestep": torch.randint(0, 1000, (batch,), generator=gen).float(),
-                  "encoder_hidden_states": text, "text_embeds": pooled,
-                  "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * batch, dtype=torch.float32)}
-    return {k: (v if k == "timestep" else v.to(dtype)).to(device) for k, v in inputs.items()}
-
-
-ADDED_CONDITIONS = ("text_embeds", "time_ids")
-
-
-def call_kwargs(inputs: dict[str, torch.Tensor]) -> dict:
-    """The keyword arguments of the model's forward: SDXL's added conditions nested as its UNet takes them."""
-    kwargs = {k: v for k, v in inputs.items() if k not in ADDED_CONDITIONS}
-    added = {k: inputs[k] for k in ADDED_CONDITIONS if k in inputs}
-    if added:
-        kwargs["added_cond_kwargs"] = added
-    return kwargs
-
-
-def run(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    return model(**call_kwargs(inputs), return_dict=False)[0]
 
 
 # ---------------------------------------------------------------- the cell's steps
@@ -239,7 +169,6 @@ def offload(model: nn.Module):
 
 def main() -> None:
     torch.manual_seed(SEED)  # harness/run/execute.py prepare_cell
-    inputs = make_inputs(MODEL, SEED, BATCH, DTYPE, DEVICE)
     with tempfile.TemporaryDirectory(prefix="quantmatrix-repro-") as name:
         tmp = Path(name)
         print("prepare", flush=True)

@@ -1,10 +1,8 @@
-# Standalone reproduction of the quantmatrix cell
-#   nncf-int8_sym/post-load/model/cpu/flux-tiny/float32/diffusers+regional
+# Standalone reproduction of the quantmatrix cell nncf-int8_sym/post-load/model/cpu/flux-tiny/float32/diffusers+regional
 # as the harness ran it: engine nncf int8_sym, load post-load, offload model, device cpu, model flux-tiny
 # (diffusers' FluxTransformer2DModel, seeded random weights), dtype float32, stack diffusers, regional
 # torch.compile.
-#
-# What the harness recorded (run 20261207-111818-vm, 2026-12-07T11:26:48+00:00, host vm):
+# Recorded (run 20261207-111818-vm, 2026-12-07T11:26:48+00:00, host vm):
 #   verdict:   fail
 #   expected:  works
 #   stage:     compile (of prepare, load, offload, compile, forward)
@@ -46,19 +44,12 @@
 #   raised in: torch._dynamo
 #              innermost frames first: eval_frame.py:1177 compile_wrapper <- module.py:1776 _wrapped_call_impl <-
 #              transformer_flux.py:769 forward <- peft_utils.py:323 wrapper
-#
-# Versions (the record's env):
-#   python 3.11.7, torch 2.13.0+cpu, diffusers 0.42.1, accelerate 1.16.0
-#   engines: autoround 0.16.1, bnb 0.50.2, gguf 0.19.0, modelopt 0.43.0, nncf 3.4.0, quanto 0.2.7, sdnq 0.2.8, torchao 0.18.0
-#   os Linux-6.18.44-fc-v1300-x86_64-with-glibc2.36; device cpu: AMD EPYC
-#
-# Run it alone: python this_file.py
-#   needs torch, diffusers, accelerate, safetensors, nncf; writes its files under a temporary directory it removes;
-#   no network.
-#   It runs up to the compile step, where it should end with the error above:
-#     Unsupported: Attempted to call a super() attribute that is not a function or method
-# Seed 0 and batch 1: the harness's default settings (every shipped matrix runs with them; records do not carry
-# them).
+# Versions: python 3.11.7, torch 2.13.0+cpu, diffusers 0.42.1, accelerate 1.16.0; os Linux-6.18.44-fc-v1300-x86_64-with-glibc2.36
+#   engines: autoround 0.16.1, bnb 0.50.2, gguf 0.19.0, modelopt 0.43.0, nncf 3.4.0, quanto 0.2.7, sdnq 0.2.8, torchao 0.18.0; device cpu: AMD EPYC
+# Run it alone: python this_file.py (needs torch, diffusers, accelerate, safetensors, nncf; its files go to a
+# temporary directory it removes; no network). It runs up to the compile step, where it should end with the error
+# above. Seed 0 and batch 1: the harness's default settings (every shipped matrix runs with them; records do not
+# carry them).
 # Written by quantmatrix (`quantmatrix repro`, or its report); it imports nothing of quantmatrix.
 
 
@@ -118,7 +109,6 @@ def model_class(name: str) -> type[nn.Module]:
 
 
 def build_skeleton(name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The model with its parameters on the meta device (buffers, which the config computes, stay real)."""
     from accelerate import init_empty_weights
 
     with init_empty_weights():
@@ -127,9 +117,6 @@ def build_skeleton(name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
 
 
 def seed_weights(module: nn.Module, seed: int) -> nn.Module:
-    """Seeded weights, drawn parameter by parameter in name order (bit-identical for a seed, whatever torch's
-    default initialisers do): fan-in scaled normals, norm scales near 1, small biases. Tied parameters (T5's
-    shared embedding) are drawn once and stay tied."""
     gen = torch.Generator().manual_seed(seed)
     drawn: dict[int, nn.Parameter] = {}
     for pname, p in sorted(module.named_parameters(remove_duplicate=False)):
@@ -147,17 +134,11 @@ def seed_weights(module: nn.Module, seed: int) -> nn.Module:
 
 
 def build_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The model from its skeleton with seeded weights (seed_weights)."""
     model = seed_weights(build_skeleton(name, torch.float32), seed)
     return to_dtype(model, dtype).eval()
 
 
 def to_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """`module` in `dtype` as from_pretrained leaves it, so a model built here stores and computes what the same
-    model loaded does: the buffers its constructor computes and no file holds (a rotary embedding's inv_freq) keep
-    their dtype, and the parameters of a diffusers class's `_keep_in_fp32_modules` (Wan's time embedder and norms)
-    stay in float32 (model_loading_utils load_model_dict_into_meta). nn.Module.to casts: ModelMixin.to would warn
-    about those modules."""
     computed = {(owner, name): buffer for owner in module.modules() for name, buffer in owner._buffers.items()
                 if name in owner._non_persistent_buffers_set and buffer is not None}
     keep = getattr(type(module), "_keep_in_fp32_modules", None) if type(module).__module__.startswith(
@@ -174,8 +155,6 @@ def to_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 def make_inputs(name: str, seed: int = 0, batch: int = 1, dtype: torch.dtype = torch.float32,
                 device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """One denoising step's inputs as the model's pipeline passes them (flat: `call` nests SDXL's added
-    conditions)."""
     spec = MODELS[name]
     gen = torch.Generator().manual_seed(seed + 1)
 
@@ -211,7 +190,6 @@ ADDED_CONDITIONS = ("text_embeds", "time_ids")
 
 
 def call_kwargs(inputs: dict[str, torch.Tensor]) -> dict:
-    """The keyword arguments of the model's forward: SDXL's added conditions nested as its UNet takes them."""
     kwargs = {k: v for k, v in inputs.items() if k not in ADDED_CONDITIONS}
     added = {k: inputs[k] for k in ADDED_CONDITIONS if k in inputs}
     if added:
@@ -277,7 +255,6 @@ def offload(model: nn.Module):
 
 def main() -> None:
     torch.manual_seed(SEED)  # harness/run/execute.py prepare_cell
-    inputs = make_inputs(MODEL, SEED, BATCH, DTYPE, DEVICE)
     with tempfile.TemporaryDirectory(prefix="quantmatrix-repro-") as name:
         tmp = Path(name)
         print("prepare", flush=True)
