@@ -310,8 +310,9 @@ def test_compare_flags_exactly_the_cell_made_slower(cpu_results, tmp_path, capsy
         r["run"] = "tonight"
         if r.get("metrics"):  # a slower night is no regression: compare reads the cells' pairs with their float model
             r["metrics"]["latency_ms"]["median"] *= 1.7
-    target = next(r for r in new if r["verdict"] == "ok" and r["cell"]["engine"] == "gguf"
-                  and "ratio" in r["metrics"]["latency_vs_float"])
+    target = next(r for r in new if r["verdict"] == "ok" and r["cell"]["engine"] == "gguf"  # an interval narrow
+                  and "ratio" in r["metrics"]["latency_vs_float"]  # enough that 3x its time lies wholly above it
+                  and r["metrics"]["latency_vs_float"]["lo"] * 3 > 1.3 * r["metrics"]["latency_vs_float"]["hi"])
     slow_down(target, 3)
     a, b = write(tmp_path / "old.jsonl", old), write(tmp_path / "new.jsonl", new)
     changes = compare(report_data.load([a]), report_data.load([b]))
@@ -652,9 +653,11 @@ def test_memory_is_a_cost_only_where_the_weights_dominate_the_peak():
     mem = cpu[cpu["model"] == "dit-mem"]
     close = (mem["resident_mem_bytes"] - mem["param_bytes"]).abs() < 0.5 * mem["param_bytes"]
     assert close.sum() >= len(mem) - 1, mem[~close][["id", "resident_mem_bytes", "param_bytes"]]
-    table = render(report_data.load([REPO / "results" / "reference" / "cpu-default.jsonl.gz"]))
+    default = report_data.load([REPO / "results" / "reference" / "cpu-default.jsonl.gz"])
+    table = render(default)
     sections = re.split(r"^## ", table, flags=re.M)
-    assert [sec.split("\n", 1)[0] for sec in sections if "x mem" in sec] == ["vm · AMD EPYC: cpu, dit-mem, bfloat16"]
+    machine = default.frame.loc[default.frame["model"] == "dit-mem", "machine"].unique()
+    assert [sec.split("\n", 1)[0] for sec in sections if "x mem" in sec] == [f"{machine[0]}: cpu, dit-mem, bfloat16"]
 
 
 def test_the_wiki_page_as_it_should_read_and_a_diff_that_applies(tmp_path):

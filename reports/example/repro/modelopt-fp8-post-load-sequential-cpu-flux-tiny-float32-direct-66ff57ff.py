@@ -1,20 +1,20 @@
-# Standalone reproduction of the quantmatrix cell modelopt-int4/on-the-fly/none/cpu/flux-tiny/float32/diffusers
-# as the harness ran it: engine modelopt int4, load on-the-fly, offload none, device cpu, model flux-tiny
-# (diffusers' FluxTransformer2DModel, seeded random weights), dtype float32, stack diffusers.
-# Recorded (run 20261207-111818-vm, 2026-12-07T11:22:21+00:00, host vm):
+# Standalone reproduction of the quantmatrix cell modelopt-fp8/post-load/sequential/cpu/flux-tiny/float32/direct
+# as the harness ran it: engine modelopt fp8, load post-load, offload sequential, device cpu, model flux-tiny
+# (diffusers' FluxTransformer2DModel, seeded random weights), dtype float32, stack direct.
+# Recorded (run 20261207-173221-vm, 2026-12-07T17:35:04+00:00, host vm):
 #   verdict:   fail
 #   expected:  works
-#   stage:     load (of prepare, load, offload, forward)
-#   error:     TypeError: '<' not supported between instances of 'str' and 'int'
-#   raised in: diffusers.models.modeling_utils
-#              innermost frames first: encoder.py:258 iterencode <- encoder.py:200 encode <- __init__.py:238 dumps
-#              <- modeling_utils.py:1206 from_pretrained
+#   stage:     offload (of prepare, load, offload, forward)
+#   error:     RuntimeError: Attempted to call `variable.set_data(tensor)`, but `variable` and `tensor` have incompatible tensor type.
+#   raised in: modelopt.torch.quantization
+#              innermost frames first: base_qtensor.py:118 to <- modeling.py:334 set_module_tensor_to_device <-
+#              hooks.py:326 init_hook <- hooks.py:176 add_hook_to_module
 # Versions: python 3.11.7, torch 2.13.0+cpu, diffusers 0.42.1, accelerate 1.16.0; os Linux-6.18.44-fc-v1300-x86_64-with-glibc2.36
-#   engines: autoround 0.16.1, bnb 0.50.2, gguf 0.19.0, modelopt 0.43.0, nncf 3.4.0, quanto 0.2.7, sdnq 0.2.8, torchao 0.18.0; device cpu: AMD EPYC
+#   engines: autoround 0.16.1, bnb 0.50.2, gguf 0.19.0, modelopt 0.43.0, nncf 3.4.0, quanto 0.2.7, sdnq 0.2.8, torchao 0.18.0; device cpu: Intel(R) Xeon(R) Processor
 # Run it alone: python this_file.py (needs torch, diffusers, accelerate, safetensors, nvidia-modelopt; its files go
-# to a temporary directory it removes; no network). It runs up to the load step, where it should end with the error
-# above. Seed 0 and batch 1: the harness's default settings (every shipped matrix runs with them; records do not
-# carry them).
+# to a temporary directory it removes; no network). It runs up to the offload step, where it should end with the
+# error above. Seed 0 and batch 1: the harness's default settings (every shipped matrix runs with them; records do
+# not carry them).
 # Written by quantmatrix (`quantmatrix repro`, or its report); it imports nothing of quantmatrix.
 
 
@@ -35,9 +35,9 @@ import copy
 import modelopt.torch.quantization as mtq
 
 
-CELL = 'modelopt-int4/on-the-fly/none/cpu/flux-tiny/float32/diffusers'
+CELL = 'modelopt-fp8/post-load/sequential/cpu/flux-tiny/float32/direct'
 MODEL = 'flux-tiny'
-QTYPE = 'int4'
+QTYPE = 'fp8'
 SEED = 0
 BATCH = 1
 WARMUP = 2  # steps the harness runs after the first, before timing
@@ -110,17 +110,61 @@ def to_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 # ---------------------------------------------------------------- the cell's steps
+SDNEXT = {
+    "int8": {"quant_type": "INT8", "modules_to_not_convert": []},
+    "int4": {"quant_type": "INT4", "block_quantize": 128, "channel_quantize": -1,
+             "modules_to_not_convert": ["conv", "patch_embed"]},
+    "fp8": {"quant_type": "FP8", "modules_to_not_convert": []},
+    "nf4": {"quant_type": "NF4", "block_quantize": 128, "channel_quantize": -1, "scale_block_quantize": 8,
+            "scale_channel_quantize": -1, "modules_to_not_convert": ["conv"]},
+    "nvfp4": {"quant_type": "NVFP4", "block_quantize": 128, "channel_quantize": -1,
+              "modules_to_not_convert": ["conv"]},
+}
+
+
+WEIGHTS = {
+    "int8": {"num_bits": 8},
+    "int4": {"num_bits": 4, "block_sizes": {-1: 128}},
+    "fp8": {"num_bits": (4, 3)},
+    "nf4": {"num_bits": 4, "block_sizes": {-1: 128, "scale_bits": 8, "scale_block_sizes": {-1: 8}}},
+    "nvfp4": {"num_bits": (2, 1), "block_sizes": {-1: 128}},
+}
+
+
+def quant_config(qtype: str) -> dict:
+    """modelopt's quantize config: weight-only (activations stay float, as in SD.Next's), every other quantizer
+    off, max calibration (the weights' own ranges: no calibration data)."""
+    skipped = {f"*{name}*": {"enable": False} for name in SDNEXT[qtype]["modules_to_not_convert"]}
+    return {"quant_cfg": {"*weight_quantizer": {**copy.deepcopy(WEIGHTS[qtype]), "fake_quant": False},
+                          "*input_quantizer": {"enable": False}, "*output_quantizer": {"enable": False},
+                          **skipped, "default": {"enable": False}},
+            "algorithm": "max"}
+
+def quantize(model: nn.Module) -> nn.Module:
+    """The engine's own API after load."""
+    # harness/engines/modelopt_engine.py quantize: weight-only, max calibration, then real-quantized modules
+    mtq.quantize(model, quant_config(QTYPE), forward_loop=None)
+    mtq.compress(model)
+    return model
+
+
 def prepare(tmp: Path) -> Path | None:
     """The files the load reads, made as the harness makes them once per run (stage: prepare)."""
-    float_dir = tmp / "float"  # harness/stacks/loading.py make_float_dir: the float32 model, save_pretrained
-    build_model(MODEL, SEED, torch.float32).save_pretrained(str(float_dir))
-    return float_dir
+    return None  # drawn in memory: no file
 
 
 def load(source: Path | None, tmp: Path) -> nn.Module:
     """Load (and quantize) the model (stage: load)."""
-    # harness/stacks/diffusers.py load_on_the_fly: diffusers quantizes while loading
-    return model_class(MODEL).from_pretrained(str(source), torch_dtype=DTYPE, quantization_config=diffusers.NVIDIAModelOptConfig(quant_method="modelopt", quant_type='INT4', block_quantize=128, channel_quantize=-1, modules_to_not_convert=['conv', 'patch_embed']))
+    # harness/stacks/loading.py load_post: the float model drawn from its seed, then the engine's API
+    return quantize(build_model(MODEL, SEED, DTYPE))
+
+
+def offload(model: nn.Module):
+    """Install the offload mode; returns what to call after each step (stage: offload)."""
+    # harness/offload.py offload_module: accelerate's functions on the module itself
+    model.to("cpu")
+    accelerate.cpu_offload(model, execution_device=DEVICE, offload_buffers=len(model._parameters) > 0)
+    return lambda: None
 
 
 def main() -> None:
@@ -131,7 +175,9 @@ def main() -> None:
         source = prepare(tmp)
         print("load", flush=True)
         model = load(source, tmp).eval()
-    print("ran to the end of the load step without an error")
+        print("offload", flush=True)
+        after_step = offload(model)
+    print("ran to the end of the offload step without an error")
 
 
 if __name__ == "__main__":

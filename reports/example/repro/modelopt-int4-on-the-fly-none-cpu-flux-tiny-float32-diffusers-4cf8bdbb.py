@@ -1,18 +1,17 @@
-# Standalone reproduction of the quantmatrix cell quanto-qfloat8/post-load/none/cpu/flux-tiny/float32/diffusers+float8_e4m3fn
-# as the harness ran it: engine quanto qfloat8, load post-load, offload none, device cpu, model flux-tiny
-# (diffusers' FluxTransformer2DModel, seeded random weights), dtype float32, stack diffusers, layerwise casting to
-# float8_e4m3fn.
-# Recorded (run 20261207-111818-vm, 2026-12-07T11:26:41+00:00, host vm):
+# Standalone reproduction of the quantmatrix cell modelopt-int4/on-the-fly/none/cpu/flux-tiny/float32/diffusers
+# as the harness ran it: engine modelopt int4, load on-the-fly, offload none, device cpu, model flux-tiny
+# (diffusers' FluxTransformer2DModel, seeded random weights), dtype float32, stack diffusers.
+# Recorded (run 20261207-173221-vm, 2026-12-07T17:35:08+00:00, host vm):
 #   verdict:   fail
 #   expected:  works
 #   stage:     load (of prepare, load, offload, forward)
-#   error:     ValueError: The dtype of a weights Tensor cannot be changed
-#   raised in: optimum.quanto
-#              innermost frames first: qbytes.py:294 __torch_dispatch__ <- qbytes.py:274 __torch_function__ <-
-#              module.py:1369 convert <- module.py:964 _apply
+#   error:     TypeError: '<' not supported between instances of 'str' and 'int'
+#   raised in: diffusers.models.modeling_utils
+#              innermost frames first: encoder.py:258 iterencode <- encoder.py:200 encode <- __init__.py:238 dumps
+#              <- modeling_utils.py:1206 from_pretrained
 # Versions: python 3.11.7, torch 2.13.0+cpu, diffusers 0.42.1, accelerate 1.16.0; os Linux-6.18.44-fc-v1300-x86_64-with-glibc2.36
-#   engines: autoround 0.16.1, bnb 0.50.2, gguf 0.19.0, modelopt 0.43.0, nncf 3.4.0, quanto 0.2.7, sdnq 0.2.8, torchao 0.18.0; device cpu: AMD EPYC
-# Run it alone: python this_file.py (needs torch, diffusers, accelerate, safetensors, optimum-quanto; its files go
+#   engines: autoround 0.16.1, bnb 0.50.2, gguf 0.19.0, modelopt 0.43.0, nncf 3.4.0, quanto 0.2.7, sdnq 0.2.8, torchao 0.18.0; device cpu: Intel(R) Xeon(R) Processor
+# Run it alone: python this_file.py (needs torch, diffusers, accelerate, safetensors, nvidia-modelopt; its files go
 # to a temporary directory it removes; no network). It runs up to the load step, where it should end with the error
 # above. Seed 0 and batch 1: the harness's default settings (every shipped matrix runs with them; records do not
 # carry them).
@@ -31,12 +30,14 @@ from torch import nn
 
 import accelerate  # noqa: F401 - the model's skeleton and the offload hooks
 import diffusers
-import optimum.quanto
+import copy
+
+import modelopt.torch.quantization as mtq
 
 
-CELL = 'quanto-qfloat8/post-load/none/cpu/flux-tiny/float32/diffusers+float8_e4m3fn'
+CELL = 'modelopt-int4/on-the-fly/none/cpu/flux-tiny/float32/diffusers'
 MODEL = 'flux-tiny'
-QTYPE = 'qfloat8'
+QTYPE = 'int4'
 SEED = 0
 BATCH = 1
 WARMUP = 2  # steps the harness runs after the first, before timing
@@ -109,13 +110,6 @@ def to_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 # ---------------------------------------------------------------- the cell's steps
-def quantize(model: nn.Module) -> nn.Module:
-    """The engine's own API after load."""
-    optimum.quanto.quantize(model, weights=optimum.quanto.qfloat8)  # harness/engines/quanto.py quantize
-    optimum.quanto.freeze(model)
-    return model
-
-
 def prepare(tmp: Path) -> Path | None:
     """The files the load reads, made as the harness makes them once per run (stage: prepare)."""
     float_dir = tmp / "float"  # harness/stacks/loading.py make_float_dir: the float32 model, save_pretrained
@@ -125,9 +119,8 @@ def prepare(tmp: Path) -> Path | None:
 
 def load(source: Path | None, tmp: Path) -> nn.Module:
     """Load (and quantize) the model (stage: load)."""
-    # harness/stacks/diffusers.py load_post: from_pretrained of the float directory, then the engine's API
-    loaded = model_class(MODEL).from_pretrained(str(source), torch_dtype=DTYPE)
-    return quantize(loaded)
+    # harness/stacks/diffusers.py load_on_the_fly: diffusers quantizes while loading
+    return model_class(MODEL).from_pretrained(str(source), torch_dtype=DTYPE, quantization_config=diffusers.NVIDIAModelOptConfig(quant_method="modelopt", quant_type='INT4', block_quantize=128, channel_quantize=-1, modules_to_not_convert=['conv', 'patch_embed']))
 
 
 def main() -> None:
@@ -138,8 +131,6 @@ def main() -> None:
         source = prepare(tmp)
         print("load", flush=True)
         model = load(source, tmp).eval()
-        # as SD.Next applies it, and the harness (harness/run/execute.py): on the loaded model
-        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=DTYPE)
     print("ran to the end of the load step without an error")
 
 

@@ -2,7 +2,7 @@
 # as the harness ran it: engine nncf int8_sym, load post-load, offload model, device cpu, model flux-tiny
 # (diffusers' FluxTransformer2DModel, seeded random weights), dtype float32, stack diffusers, regional
 # torch.compile.
-# Recorded (run 20261207-111818-vm, 2026-12-07T11:26:48+00:00, host vm):
+# Recorded (run 20261207-174718-vm, 2026-12-07T17:49:39+00:00, host vm):
 #   verdict:   fail
 #   expected:  works
 #   stage:     compile (of prepare, load, offload, compile, forward)
@@ -45,7 +45,7 @@
 #              innermost frames first: eval_frame.py:1177 compile_wrapper <- module.py:1776 _wrapped_call_impl <-
 #              transformer_flux.py:769 forward <- peft_utils.py:323 wrapper
 # Versions: python 3.11.7, torch 2.13.0+cpu, diffusers 0.42.1, accelerate 1.16.0; os Linux-6.18.44-fc-v1300-x86_64-with-glibc2.36
-#   engines: autoround 0.16.1, bnb 0.50.2, gguf 0.19.0, modelopt 0.43.0, nncf 3.4.0, quanto 0.2.7, sdnq 0.2.8, torchao 0.18.0; device cpu: AMD EPYC
+#   engines: autoround 0.16.1, bnb 0.50.2, gguf 0.19.0, modelopt 0.43.0, nncf 3.4.0, quanto 0.2.7, sdnq 0.2.8, torchao 0.18.0; device cpu: Intel(R) Xeon(R) Processor
 # Run it alone: python this_file.py (needs torch, diffusers, accelerate, safetensors, nncf; its files go to a
 # temporary directory it removes; no network). It runs up to the compile step, where it should end with the error
 # above. Seed 0 and batch 1: the harness's default settings (every shipped matrix runs with them; records do not

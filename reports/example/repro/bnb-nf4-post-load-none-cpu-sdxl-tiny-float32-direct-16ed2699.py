@@ -1,13 +1,13 @@
 # Standalone reproduction of the quantmatrix cell bnb-nf4/post-load/none/cpu/sdxl-tiny/float32/direct
 # as the harness ran it: engine bnb nf4, load post-load, offload none, device cpu, model sdxl-tiny (diffusers'
 # UNet2DConditionModel, seeded random weights), dtype float32, stack direct.
-# Recorded (run 20261207-111818-vm, 2026-12-07T11:20:55+00:00, host vm):
+# Recorded (run 20261207-173221-vm, 2026-12-07T17:34:00+00:00, host vm):
 #   verdict:   wrong-output
 #   expected:  works
 #   note:      ran, but its output is not the model's: SQNR -0.0 dB < floor 3 dB (the type's floor: 4-bit codes
 #              (about 18 dB by arithmetic, 8-28 dB measured): SQNR 3 dB, image PSNR 14 dB)
 # Versions: python 3.11.7, torch 2.13.0+cpu, diffusers 0.42.1, accelerate 1.16.0; os Linux-6.18.44-fc-v1300-x86_64-with-glibc2.36
-#   engines: autoround 0.16.1, bnb 0.50.2, gguf 0.19.0, modelopt 0.43.0, nncf 3.4.0, quanto 0.2.7, sdnq 0.2.8, torchao 0.18.0; device cpu: AMD EPYC
+#   engines: autoround 0.16.1, bnb 0.50.2, gguf 0.19.0, modelopt 0.43.0, nncf 3.4.0, quanto 0.2.7, sdnq 0.2.8, torchao 0.18.0; device cpu: Intel(R) Xeon(R) Processor
 # Run it alone: python this_file.py (needs torch, diffusers, accelerate, safetensors, bitsandbytes; its files go to
 # a temporary directory it removes; no network). It runs the cell's first steps and checks the output against the
 # float model's. Seed 0 and batch 1: the harness's default settings (every shipped matrix runs with them; records do

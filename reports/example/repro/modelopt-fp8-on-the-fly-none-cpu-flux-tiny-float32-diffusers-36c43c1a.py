@@ -1,7 +1,7 @@
 # Standalone reproduction of the quantmatrix cell modelopt-fp8/on-the-fly/none/cpu/flux-tiny/float32/diffusers
 # as the harness ran it: engine modelopt fp8, load on-the-fly, offload none, device cpu, model flux-tiny (diffusers'
 # FluxTransformer2DModel, seeded random weights), dtype float32, stack diffusers.
-# Recorded (run 20261207-111818-vm, 2026-12-07T11:24:02+00:00, host vm):
+# Recorded (run 20261207-173221-vm, 2026-12-07T17:35:16+00:00, host vm):
 #   verdict:   fail
 #   expected:  works
 #   stage:     forward (of prepare, load, offload, forward)
@@ -10,7 +10,7 @@
 #              innermost frames first: linear.py:134 forward <- quant_module.py:192 forward <- quant_module.py:240
 #              forward <- module.py:1789 _call_impl
 # Versions: python 3.11.7, torch 2.13.0+cpu, diffusers 0.42.1, accelerate 1.16.0; os Linux-6.18.44-fc-v1300-x86_64-with-glibc2.36
-#   engines: autoround 0.16.1, bnb 0.50.2, gguf 0.19.0, modelopt 0.43.0, nncf 3.4.0, quanto 0.2.7, sdnq 0.2.8, torchao 0.18.0; device cpu: AMD EPYC
+#   engines: autoround 0.16.1, bnb 0.50.2, gguf 0.19.0, modelopt 0.43.0, nncf 3.4.0, quanto 0.2.7, sdnq 0.2.8, torchao 0.18.0; device cpu: Intel(R) Xeon(R) Processor
 # Run it alone: python this_file.py (needs torch, diffusers, accelerate, safetensors, nvidia-modelopt; its files go
 # to a temporary directory it removes; no network). It runs up to the forward step, where it should end with the
 # error above. Seed 0 and batch 1: the harness's default settings (every shipped matrix runs with them; records do

@@ -1,20 +1,21 @@
-# Standalone reproduction of the quantmatrix cell modelopt-fp8/post-load/sequential/cpu/flux-tiny/float32/direct
-# as the harness ran it: engine modelopt fp8, load post-load, offload sequential, device cpu, model flux-tiny
-# (diffusers' FluxTransformer2DModel, seeded random weights), dtype float32, stack direct.
-# Recorded (run 20261207-111818-vm, 2026-12-07T11:22:17+00:00, host vm):
+# Standalone reproduction of the quantmatrix cell quanto-qfloat8/post-load/none/cpu/flux-tiny/float32/diffusers+float8_e4m3fn
+# as the harness ran it: engine quanto qfloat8, load post-load, offload none, device cpu, model flux-tiny
+# (diffusers' FluxTransformer2DModel, seeded random weights), dtype float32, stack diffusers, layerwise casting to
+# float8_e4m3fn.
+# Recorded (run 20261207-173221-vm, 2026-12-07T17:38:48+00:00, host vm):
 #   verdict:   fail
 #   expected:  works
-#   stage:     offload (of prepare, load, offload, forward)
-#   error:     RuntimeError: Attempted to call `variable.set_data(tensor)`, but `variable` and `tensor` have incompatible tensor type.
-#   raised in: modelopt.torch.quantization
-#              innermost frames first: base_qtensor.py:118 to <- modeling.py:334 set_module_tensor_to_device <-
-#              hooks.py:326 init_hook <- hooks.py:176 add_hook_to_module
+#   stage:     load (of prepare, load, offload, forward)
+#   error:     ValueError: The dtype of a weights Tensor cannot be changed
+#   raised in: optimum.quanto
+#              innermost frames first: qbytes.py:294 __torch_dispatch__ <- qbytes.py:274 __torch_function__ <-
+#              module.py:1369 convert <- module.py:964 _apply
 # Versions: python 3.11.7, torch 2.13.0+cpu, diffusers 0.42.1, accelerate 1.16.0; os Linux-6.18.44-fc-v1300-x86_64-with-glibc2.36
-#   engines: autoround 0.16.1, bnb 0.50.2, gguf 0.19.0, modelopt 0.43.0, nncf 3.4.0, quanto 0.2.7, sdnq 0.2.8, torchao 0.18.0; device cpu: AMD EPYC
-# Run it alone: python this_file.py (needs torch, diffusers, accelerate, safetensors, nvidia-modelopt; its files go
-# to a temporary directory it removes; no network). It runs up to the offload step, where it should end with the
-# error above. Seed 0 and batch 1: the harness's default settings (every shipped matrix runs with them; records do
-# not carry them).
+#   engines: autoround 0.16.1, bnb 0.50.2, gguf 0.19.0, modelopt 0.43.0, nncf 3.4.0, quanto 0.2.7, sdnq 0.2.8, torchao 0.18.0; device cpu: Intel(R) Xeon(R) Processor
+# Run it alone: python this_file.py (needs torch, diffusers, accelerate, safetensors, optimum-quanto; its files go
+# to a temporary directory it removes; no network). It runs up to the load step, where it should end with the error
+# above. Seed 0 and batch 1: the harness's default settings (every shipped matrix runs with them; records do not
+# carry them).
 # Written by quantmatrix (`quantmatrix repro`, or its report); it imports nothing of quantmatrix.
 
 
@@ -30,14 +31,12 @@ from torch import nn
 
 import accelerate  # noqa: F401 - the model's skeleton and the offload hooks
 import diffusers
-import copy
-
-import modelopt.torch.quantization as mtq
+import optimum.quanto
 
 
-CELL = 'modelopt-fp8/post-load/sequential/cpu/flux-tiny/float32/direct'
+CELL = 'quanto-qfloat8/post-load/none/cpu/flux-tiny/float32/diffusers+float8_e4m3fn'
 MODEL = 'flux-tiny'
-QTYPE = 'fp8'
+QTYPE = 'qfloat8'
 SEED = 0
 BATCH = 1
 WARMUP = 2  # steps the harness runs after the first, before timing
@@ -110,61 +109,25 @@ def to_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 # ---------------------------------------------------------------- the cell's steps
-SDNEXT = {
-    "int8": {"quant_type": "INT8", "modules_to_not_convert": []},
-    "int4": {"quant_type": "INT4", "block_quantize": 128, "channel_quantize": -1,
-             "modules_to_not_convert": ["conv", "patch_embed"]},
-    "fp8": {"quant_type": "FP8", "modules_to_not_convert": []},
-    "nf4": {"quant_type": "NF4", "block_quantize": 128, "channel_quantize": -1, "scale_block_quantize": 8,
-            "scale_channel_quantize": -1, "modules_to_not_convert": ["conv"]},
-    "nvfp4": {"quant_type": "NVFP4", "block_quantize": 128, "channel_quantize": -1,
-              "modules_to_not_convert": ["conv"]},
-}
-
-
-WEIGHTS = {
-    "int8": {"num_bits": 8},
-    "int4": {"num_bits": 4, "block_sizes": {-1: 128}},
-    "fp8": {"num_bits": (4, 3)},
-    "nf4": {"num_bits": 4, "block_sizes": {-1: 128, "scale_bits": 8, "scale_block_sizes": {-1: 8}}},
-    "nvfp4": {"num_bits": (2, 1), "block_sizes": {-1: 128}},
-}
-
-
-def quant_config(qtype: str) -> dict:
-    """modelopt's quantize config: weight-only (activations stay float, as in SD.Next's), every other quantizer
-    off, max calibration (the weights' own ranges: no calibration data)."""
-    skipped = {f"*{name}*": {"enable": False} for name in SDNEXT[qtype]["modules_to_not_convert"]}
-    return {"quant_cfg": {"*weight_quantizer": {**copy.deepcopy(WEIGHTS[qtype]), "fake_quant": False},
-                          "*input_quantizer": {"enable": False}, "*output_quantizer": {"enable": False},
-                          **skipped, "default": {"enable": False}},
-            "algorithm": "max"}
-
 def quantize(model: nn.Module) -> nn.Module:
     """The engine's own API after load."""
-    # harness/engines/modelopt_engine.py quantize: weight-only, max calibration, then real-quantized modules
-    mtq.quantize(model, quant_config(QTYPE), forward_loop=None)
-    mtq.compress(model)
+    optimum.quanto.quantize(model, weights=optimum.quanto.qfloat8)  # harness/engines/quanto.py quantize
+    optimum.quanto.freeze(model)
     return model
 
 
 def prepare(tmp: Path) -> Path | None:
     """The files the load reads, made as the harness makes them once per run (stage: prepare)."""
-    return None  # drawn in memory: no file
+    float_dir = tmp / "float"  # harness/stacks/loading.py make_float_dir: the float32 model, save_pretrained
+    build_model(MODEL, SEED, torch.float32).save_pretrained(str(float_dir))
+    return float_dir
 
 
 def load(source: Path | None, tmp: Path) -> nn.Module:
     """Load (and quantize) the model (stage: load)."""
-    # harness/stacks/loading.py load_post: the float model drawn from its seed, then the engine's API
-    return quantize(build_model(MODEL, SEED, DTYPE))
-
-
-def offload(model: nn.Module):
-    """Install the offload mode; returns what to call after each step (stage: offload)."""
-    # harness/offload.py offload_module: accelerate's functions on the module itself
-    model.to("cpu")
-    accelerate.cpu_offload(model, execution_device=DEVICE, offload_buffers=len(model._parameters) > 0)
-    return lambda: None
+    # harness/stacks/diffusers.py load_post: from_pretrained of the float directory, then the engine's API
+    loaded = model_class(MODEL).from_pretrained(str(source), torch_dtype=DTYPE)
+    return quantize(loaded)
 
 
 def main() -> None:
@@ -175,9 +138,9 @@ def main() -> None:
         source = prepare(tmp)
         print("load", flush=True)
         model = load(source, tmp).eval()
-        print("offload", flush=True)
-        after_step = offload(model)
-    print("ran to the end of the offload step without an error")
+        # as SD.Next applies it, and the harness (harness/run/execute.py): on the loaded model
+        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=DTYPE)
+    print("ran to the end of the load step without an error")
 
 
 if __name__ == "__main__":

@@ -1,18 +1,18 @@
-# Standalone reproduction of the quantmatrix cell bnb-fp4-dq/post-load/sequential/cpu/flux-tiny/float32/direct
-# as the harness ran it: engine bnb fp4-dq, load post-load, offload sequential, device cpu, model flux-tiny
+# Standalone reproduction of the quantmatrix cell nncf-int4_asym/post-load/sequential/cpu/flux-tiny/float32/direct
+# as the harness ran it: engine nncf int4_asym, load post-load, offload sequential, device cpu, model flux-tiny
 # (diffusers' FluxTransformer2DModel, seeded random weights), dtype float32, stack direct.
-# Recorded (run 20261207-111818-vm, 2026-12-07T11:20:54+00:00, host vm):
+# Recorded (run 20261207-173221-vm, 2026-12-07T17:36:51+00:00, host vm):
 #   verdict:   fail
 #   expected:  works
 #   stage:     forward (of prepare, load, offload, forward)
 #   error:     NotImplementedError: Cannot copy out of meta tensor; no data!
-#   raised in: bitsandbytes
-#              innermost frames first: functional.py:582 to <- modules.py:431 to <- modeling.py:363
-#              set_module_tensor_to_device <- hooks.py:382 _onload_weights
+#   raised in: nncf
+#              innermost frames first: hook_executor_mode.py:228 __torch_function__ <- operations.py:158
+#              send_to_device <- operations.py:163 <genexpr> <- operations.py:82 honor_type
 # Versions: python 3.11.7, torch 2.13.0+cpu, diffusers 0.42.1, accelerate 1.16.0; os Linux-6.18.44-fc-v1300-x86_64-with-glibc2.36
-#   engines: autoround 0.16.1, bnb 0.50.2, gguf 0.19.0, modelopt 0.43.0, nncf 3.4.0, quanto 0.2.7, sdnq 0.2.8, torchao 0.18.0; device cpu: AMD EPYC
-# Run it alone: python this_file.py (needs torch, diffusers, accelerate, safetensors, bitsandbytes; its files go to
-# a temporary directory it removes; no network). It runs up to the forward step, where it should end with the error
+#   engines: autoround 0.16.1, bnb 0.50.2, gguf 0.19.0, modelopt 0.43.0, nncf 3.4.0, quanto 0.2.7, sdnq 0.2.8, torchao 0.18.0; device cpu: Intel(R) Xeon(R) Processor
+# Run it alone: python this_file.py (needs torch, diffusers, accelerate, safetensors, nncf; its files go to a
+# temporary directory it removes; no network). It runs up to the forward step, where it should end with the error
 # above. Seed 0 and batch 1: the harness's default settings (every shipped matrix runs with them; records do not
 # carry them).
 # Written by quantmatrix (`quantmatrix repro`, or its report); it imports nothing of quantmatrix.
@@ -30,12 +30,23 @@ from torch import nn
 
 import accelerate  # noqa: F401 - the model's skeleton and the offload hooks
 import diffusers
-import bitsandbytes as bnb
+import os
+
+# quantmatrix imports NNCF with its telemetry declined, as CI does (no network at run time)
+os.environ.setdefault("NNCF_CI", "1")
+_ci = os.environ.get("CI")
+os.environ["CI"] = "true"
+import nncf  # noqa: E402
+
+if _ci is None:
+    del os.environ["CI"]
+else:
+    os.environ["CI"] = _ci
 
 
-CELL = 'bnb-fp4-dq/post-load/sequential/cpu/flux-tiny/float32/direct'
+CELL = 'nncf-int4_asym/post-load/sequential/cpu/flux-tiny/float32/direct'
 MODEL = 'flux-tiny'
-QTYPE = 'fp4-dq'
+QTYPE = 'int4_asym'
 SEED = 0
 BATCH = 1
 WARMUP = 2  # steps the harness runs after the first, before timing
@@ -156,30 +167,13 @@ def run(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- the cell's steps
-def replace_linears(model: nn.Module, make) -> nn.Module:
-    """Every plain nn.Linear of the model replaced by make(layer) (harness/engines/base.py replace_linears)."""
-    for name, module in list(model.named_modules()):
-        if type(module) is nn.Linear:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, make(module))
-    return model
-
-
-def quantize_layer(layer: nn.Linear) -> nn.Module:
-    """harness/engines/bnb.py quantize_layer: bitsandbytes quantizes when the layer moves to the device."""
-    weight = layer.weight.data.to("cpu")
-    bias = None if layer.bias is None else nn.Parameter(layer.bias.data.to("cpu"), requires_grad=False)
-    q = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=bias is not None, compute_dtype=DTYPE,
-                          quant_type='fp4', compress_statistics=True, device="meta")
-    q.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type='fp4',
-                                 compress_statistics=True)
-    q.bias = bias
-    return q.to(DEVICE)
-
-
 def quantize(model: nn.Module) -> nn.Module:
     """The engine's own API after load."""
-    return replace_linears(model, quantize_layer)  # harness/engines/bnb.py quantize
+    # harness/engines/nncf_engine.py quantize: traced with the model's example input (harness/models/build.py
+    # example_inputs: make_inputs with seed 0 and batch 1, on the CPU)
+    example = call_kwargs(make_inputs(MODEL, dtype=DTYPE, device="cpu"))
+    return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT4_ASYM,
+                                 dataset=nncf.Dataset([example]), group_size=64, ratio=1.0)
 
 
 def prepare(tmp: Path) -> Path | None:
