@@ -188,3 +188,16 @@ def test_check_takes_a_directory_on_disk_as_its_model(disk, registry, monkeypatc
     assert {c.engine for c in checked.cells} >= {"none", "sdnq", "gguf"}
     with pytest.raises(QuantMatrixError, match="expected a built-in model or the path of a diffusers"):
         curated_matrix(str(disk / "no-such-dir"), "cpu")
+
+
+def test_a_video_pipeline_from_disk_generates_frames(tmp_path, registry):
+    """A Wan pipeline directory: what kind of output it makes is read from the call's result, not from a spec (a
+    directory has none), so its frames are judged as a video."""
+    from harness.models.build import make_inputs, run
+
+    build_model("wan-tiny-pipe").save_pretrained(str(tmp_path / "wan"))
+    parse_matrix('[models.my-wan]\npath = "wan"\n' + AXES.replace('"my-pipe", "my-den", "my-file"', '"my-wan"'),
+                 tmp_path / "m.toml")
+    with torch.no_grad():
+        out = run(build_model("my-wan"), make_inputs("my-wan"))
+    assert out["image"].dim() == 5 and out["image"].shape[1] == 5  # batch x frames x channels x height x width

@@ -183,3 +183,22 @@ def test_an_int8_matmul_pipelines_text_encoder_gets_no_quantized_matmul_as_in_sd
         return {m.sdnq_dequantizer.use_quantized_matmul for m in module.modules() if hasattr(m, "sdnq_dequantizer")}
 
     assert matmul(pipe.transformer) == {True} and matmul(pipe.text_encoder_2) == {False}
+
+
+@pytest.mark.parametrize("name", ["wan-tiny-pipe", "zimage-tiny-pipe"])
+def test_a_pipeline_built_here_is_the_same_pipeline_loaded_from_its_files(name, tmp_path):
+    """The float reference a cell is judged against is built, the cell's model loaded by from_pretrained: they must
+    agree to the bit, dtypes too (Wan keeps its `_keep_in_fp32_modules` in float32 in a bf16 model; Qwen3's rotary
+    inv_freq is made by its constructor, never loaded, and keeps float32)."""
+    from harness.models.pipelines import load_pipeline
+
+    build_model(name, 0, torch.float32).save_pretrained(str(tmp_path))
+    built, loaded = build_model(name, 0, torch.bfloat16), load_pipeline(name, tmp_path, torch.bfloat16)
+    for attr, part in built.parts().items():
+        mine, theirs = part.state_dict(), loaded.parts()[attr].state_dict()
+        assert mine.keys() == theirs.keys(), attr
+        assert all(mine[k].dtype == theirs[k].dtype and torch.equal(mine[k], theirs[k]) for k in mine), attr
+        assert {n: b.dtype for n, b in part.named_buffers()} == {
+            n: b.dtype for n, b in loaded.parts()[attr].named_buffers()}, attr
+    assert {p.dtype for p in built.pipe.transformer.parameters()} >= {torch.bfloat16} and (
+        name != "wan-tiny-pipe" or torch.float32 in {p.dtype for p in built.pipe.transformer.parameters()})

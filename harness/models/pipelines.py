@@ -181,7 +181,8 @@ class PipelineModel(nn.Module):
             mark("encode")
             made = self.pipe(prompt=prompt, generator=generator, output_type="pt", callback_on_step_end=on_step_end,
                              callback_on_step_end_tensor_inputs=["latents"], **call)
-            image = made.frames if self.spec.video else made.images  # frames: B x F x C x H x W
+            # a video pipeline's output has frames (B x F x C x H x W), an image pipeline's images
+            image = made.frames if hasattr(made, "frames") else made.images
             mark(None)
         finally:
             handle.remove()

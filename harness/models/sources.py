@@ -228,8 +228,10 @@ def _register_pipeline(source: Source, path: Path) -> specs.ModelSpec:
     vae = _arguments(configs["vae"])
     scale = 2 ** (len(vae.get("block_out_channels", (0,))) - 1)
     call = {**SMALL_CALL, "height": 32 * scale, "width": 32 * scale}
-    if template is not None and "max_sequence_length" in template.call:
-        call["max_sequence_length"] = min([*tokenizers.values(), template.call["max_sequence_length"]])
+    if template is not None:  # the built-in pipeline of the class: its call's other arguments (Wan's frames)
+        call.update({k: v for k, v in template.call.items() if k not in ("height", "width")})
+        if "max_sequence_length" in template.call:
+            call["max_sequence_length"] = min([*tokenizers.values(), template.call["max_sequence_length"]])
     call.update(dict(source.call))
     specs.PIPELINES[source.name] = specs.PipelineSpec(
         pipeline_class, denoiser, _arguments(configs[denoiser]), encoders, tokenizers, vae, parts["scheduler"][1]

@@ -137,7 +137,6 @@ class PipelineSpec:
     vae_class: str = "AutoencoderKL"
     scheduler_config: dict = field(default_factory=dict)
     chat: bool = False  # a Qwen tokenizer: words and punctuation apart, with a chat template (Qwen-Image, Z-Image)
-    video: bool = False  # it generates frames (`.frames`, B x F x C x H x W), not images
 
 
 def _clip(hidden: int, *, projection: int = 0, layers: int = 2, heads: int = 2, vocab: int = 1000,
@@ -241,7 +240,7 @@ FAMILIES: dict[str, PipelineSpec] = {
              qk_norm="rms_norm_across_heads", rope_max_seq_len=32),
         {"text_encoder": _t5(128, umt5=True)}, {"tokenizer": 16}, _WAN_VAE, "UniPCMultistepScheduler",
         ("text_encoder",), dict(height=32, width=32, num_frames=5, num_inference_steps=2, max_sequence_length=16),
-        vae_class="AutoencoderKLWan", video=True,
+        vae_class="AutoencoderKLWan",
         scheduler_config=dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)),
     "chroma-tiny-pipe": PipelineSpec(
         "ChromaPipeline", "transformer",
