@@ -60,16 +60,29 @@ def test_the_diffusers_stack_declares_the_integrations_it_implements():
     assert "does not offer" in stacks["direct"].offers(CATALOG["torchao"], "prequantized")
 
 
+def _comparisons(names) -> re.Pattern:
+    """`x == "name"`, `"name" != x` for any of the names."""
+    name = "|".join(map(re.escape, names))
+    return re.compile(rf"(==|!=)\s*\(?[\"']({name})[\"']|[\"']({name})[\"']\s*(==|!=)")
+
+
 def test_no_module_outside_the_stacks_compares_stack_names():
-    stack_name = "|".join(STACK_CATALOG)
-    compared = re.compile(rf"(==|!=)\s*\(?[\"']({stack_name})[\"']|[\"']({stack_name})[\"']\s*(==|!=)")
+    compared = _comparisons(STACK_CATALOG)
     for path in (REPO / "harness").rglob("*.py"):
-        # repro.py writes each stack's path as the text of a standalone script: a second copy of the stacks, to be
-        # moved into them (a writer per stack module); until then the one other module allowed
-        if path.is_relative_to(REPO / "harness" / "stacks") or path == REPO / "harness" / "repro.py":
+        if path.is_relative_to(REPO / "harness" / "stacks"):
             continue
         for number, line in enumerate(path.read_text().splitlines(), 1):
             assert not compared.search(line), f"{path.relative_to(REPO)}:{number}: {line.strip()}"
+
+
+def test_the_repro_skeleton_names_no_engine_and_no_stack():
+    """Standalone scripts are assembled from each engine's, stack's and treatment's own fragment (its REPRO): the
+    skeleton compares no engine or stack name, and names none in a string (but diffusers, the package)."""
+    text = (REPO / "harness" / "repro.py").read_text()
+    assert not _comparisons([*CATALOG, *STACK_CATALOG]).search(text)
+    named = [n for n in [*CATALOG, *STACK_CATALOG] if n != "diffusers"]
+    quoted = re.compile(rf"[\"']({'|'.join(map(re.escape, named))})[\"']")
+    assert not quoted.search(text), quoted.search(text)
 
 
 def test_a_cell_of_a_diffusers_model_class_needs_diffusers_on_either_stack(monkeypatch):

@@ -18,6 +18,34 @@ FORMAT_KEY = "quantmatrix.format"
 FOUR_BIT = {"nf4": ("nf4", False), "nf4-dq": ("nf4", True), "fp4": ("fp4", False), "fp4-dq": ("fp4", True)}
 
 
+# This engine in a standalone repro script: its fragment (harness/repro.py says how it is read and filled)
+REPRO = {
+    "imports": "import bitsandbytes as bnb",
+    "tables": ("FOUR_BIT",),
+    "helpers": {"int8": """\
+def quantize_layer(layer: nn.Linear) -> nn.Module:  # harness/engines/bnb.py quantize_layer
+    bias = None if layer.bias is None else nn.Parameter(layer.bias.data.to("cpu"), requires_grad=False)
+    q = bnb.nn.Linear8bitLt(layer.in_features, layer.out_features, bias=bias is not None, has_fp16_weights=False,
+                            device="meta")
+    q.weight = bnb.nn.Int8Params(layer.weight.data.to("cpu"), requires_grad=False, has_fp16_weights=False)
+    q.bias = bias
+    return q.to(DEVICE)  # bitsandbytes quantizes here""", "*": """\
+def quantize_layer(layer: nn.Linear) -> nn.Module:  # harness/engines/bnb.py quantize_layer
+    bias = None if layer.bias is None else nn.Parameter(layer.bias.data.to("cpu"), requires_grad=False)
+    q = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=bias is not None, compute_dtype=DTYPE,
+                          quant_type={FOUR_BIT[0]!r}, compress_statistics={FOUR_BIT[1]!r}, device="meta")
+    q.weight = bnb.nn.Params4bit(layer.weight.data.to("cpu"), requires_grad=False, quant_type={FOUR_BIT[0]!r},
+                                 compress_statistics={FOUR_BIT[1]!r})
+    q.bias = bias
+    return q.to(DEVICE)  # bitsandbytes quantizes here"""},
+    "quantize": """\
+for name, layer in list(model.named_modules()):  # every plain Linear (harness/engines/base.py replace_linears)
+    if type(layer) is nn.Linear:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, quantize_layer(layer))""",
+}
+
+
 class BitsAndBytesEngine(Engine):
     name = "bnb"
 

@@ -131,6 +131,41 @@ def check_denoiser_only(path: Path, tensors: dict) -> None:
                                       "transformer from a GGUF file and the other components separately")
 
 
+# This engine in a standalone repro script (harness/repro.py reads it as text, without importing this module):
+# GGUF after load is this module's own kernels, not an upstream API, so a script writes only the file `save`
+# writes (`write_file`: the float model quantized layer by layer, as `quantize` then `save` do) for diffusers'
+# from_single_file to read; `{qtype}` is filled with the type.
+REPRO = {
+    "imports": "import gguf\nimport numpy as np",
+    "needs": ("numpy",),
+    "why_not": {"post-load": "GGUF after load runs the harness's own kernels (harness/engines/gguf_engine.py), not an "
+                             "upstream API; only its .gguf file, read by diffusers, is written",
+                "on-the-fly": "GGUF while loading is the harness's own kernels too, not an upstream API"},
+    "helpers": """\
+def write_gguf(model: nn.Module, path: Path) -> Path:  # harness/engines/gguf_engine.py quantize, then save
+    kind, state = gguf.GGMLQuantizationType.{qtype}, model.state_dict()
+    linears = {{name for name, module in model.named_modules() if type(module) is nn.Linear}}
+    order = []  # the quantized model's state dict: a quantized Linear holds its bias before its packed weight
+    for name in state:
+        owner, _, leaf = name.rpartition(".")
+        if not (owner in linears and leaf == "weight" and f"{{owner}}.bias" in state):
+            order += [name, f"{{owner}}.weight"] if owner in linears and leaf == "bias" else [name]
+    writer = gguf.GGUFWriter(str(path), "quantmatrix")
+    for name in order:
+        tensor = state[name].detach().float().cpu().numpy()
+        if name.rpartition(".")[0] in linears and name.endswith(".weight"):
+            writer.add_tensor(name, np.ascontiguousarray(gguf.quants.quantize(tensor, kind)), raw_dtype=kind)
+        else:
+            writer.add_tensor(name, tensor)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path""",
+    "write_file": "write_gguf(build_model(), tmp / 'model.gguf')",
+}
+
+
 class GGUFEngine(Engine):
     name = "gguf"
 

@@ -52,6 +52,12 @@ def quant_config(qtype: str) -> dict:
             "algorithm": "max"}
 
 
+# This engine in a standalone repro script: its fragment (harness/repro.py says how it is read and filled)
+REPRO = {"imports": "import modelopt.torch.quantization as mtq",
+         "tables": ("SDNEXT",), "values": {"QUANT_CFG": ("quant_config", ("SDNEXT", "WEIGHTS", "quant_config"))},
+         "quantize": "mtq.quantize(model, QUANT_CFG, forward_loop=None)\nmtq.compress(model)"}
+
+
 class ModelOptEngine(Engine):
     name = "modelopt"
 

@@ -15,7 +15,28 @@ from torch import nn
 from harness.engines.base import Engine
 from harness.models.build import example_inputs
 
-DEFAULT_GROUP_SIZE = 64
+# Each type's compression mode and options (int4 in groups of 64, NNCF's default, or of 128)
+COMPRESS = {"int8_sym": ("INT8_SYM", {}), "int8_asym": ("INT8_ASYM", {}),
+            "int4_sym": ("INT4_SYM", {"group_size": 64, "ratio": 1.0}),
+            "int4_asym": ("INT4_ASYM", {"group_size": 64, "ratio": 1.0}),
+            "int4_sym-g128": ("INT4_SYM", {"group_size": 128, "ratio": 1.0}),
+            "int4_asym-g128": ("INT4_ASYM", {"group_size": 128, "ratio": 1.0})}
+
+
+# This engine in a standalone repro script: its fragment (harness/repro.py says how it is read and filled)
+REPRO = {
+    "imports": """\
+import os  # noqa: I001 - NNCF imported with its telemetry declined, as CI does (no network at run time)
+os.environ.setdefault("NNCF_CI", "1")
+_ci, os.environ["CI"] = os.environ.get("CI"), "true"
+import nncf  # noqa: E402
+os.environ.pop("CI") if _ci is None else os.environ.update(CI=_ci)""",
+    "tables": ("COMPRESS",),
+    # traced with the model's example input (harness/models/build.py example_inputs: seed 0, batch 1, the CPU)
+    "quantize": "model = nncf.compress_weights(\n"
+                "    model, mode=nncf.CompressWeightsMode.{COMPRESS[0]}, dataset=nncf.Dataset([{example}])"
+                "{COMPRESS[1]:,kw})",
+}
 
 
 class NNCFEngine(Engine):
@@ -41,7 +62,6 @@ class NNCFEngine(Engine):
     def quantize(self, model: nn.Module, qtype: str, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
         import nncf
 
-        mode, _, group = qtype.partition("-g")
-        options = {} if mode.startswith("int8") else {"group_size": int(group or DEFAULT_GROUP_SIZE), "ratio": 1.0}
-        return nncf.compress_weights(model, mode=nncf.CompressWeightsMode[mode.upper()],
+        mode, options = COMPRESS[qtype]
+        return nncf.compress_weights(model, mode=nncf.CompressWeightsMode[mode],
                                      dataset=nncf.Dataset([example_inputs(model, dtype)]), **options)

@@ -13,6 +13,10 @@ from harness.engines.base import Engine
 FORMAT_KEY = "quantmatrix.format"
 
 
+# This engine in a standalone repro script: its fragment (harness/repro.py says how it is read and filled)
+REPRO = {"quantize": ""}  # the float model as loaded
+
+
 class NoneEngine(Engine):
     name = "none"
 

@@ -34,6 +34,10 @@ def real_nunchaku() -> Path | None:
     return root if any(root.glob("_C*.so")) or any(root.glob("_C*.pyd")) else None
 
 
+# Not in standalone repro scripts (harness/repro.py): no checkpoint can be made here (NO_WRITER)
+REPRO = {"why_not": "a Nunchaku checkpoint cannot be made here (its quantizer is CUDA-only and not on PyPI)"}
+
+
 class NunchakuEngine(Engine):
     name = "nunchaku"
 

@@ -19,6 +19,11 @@ QMAP_KEY = "quanto.quantization_map"
 DIFFUSERS_WEIGHTS = {"qint8": "int8", "qint4": "int4", "qint2": "int2", "qfloat8": "float8"}
 
 
+# This engine in a standalone repro script: its fragment (harness/repro.py says how it is read and filled)
+REPRO = {"imports": "import optimum.quanto",
+         "quantize": "optimum.quanto.quantize(model, weights=optimum.quanto.{qtype})\noptimum.quanto.freeze(model)"}
+
+
 class QuantoEngine(Engine):
     name = "quanto"
 

@@ -73,6 +73,11 @@ def qtype_of(config: dict) -> str | None:
     return next((q for q, options in OPTIONS.items() if signature(options) == found), None)
 
 
+# This engine in a standalone repro script: its fragment (harness/repro.py says how it is read and filled)
+REPRO = {"imports": "import sdnq  # also registers SDNQ's quantizer with diffusers", "tables": ("OPTIONS",),
+         "quantize": "model = sdnq.sdnq_post_load_quant(model, torch_dtype=DTYPE, {OPTIONS:kw})"}
+
+
 class SDNQEngine(Engine):
     name = "sdnq"
 

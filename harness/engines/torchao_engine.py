@@ -17,6 +17,11 @@ CONFIGS = {
 }
 
 
+# This engine in a standalone repro script: its fragment (harness/repro.py says how it is read and filled)
+REPRO = {"imports": "import torchao.quantization as tq", "tables": ("CONFIGS",),
+         "quantize": "tq.quantize_(model, tq.{CONFIGS}())"}
+
+
 class TorchAOEngine(Engine):
     name = "torchao"
 

@@ -32,18 +32,13 @@ def build_skeleton(name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
 
 def seed_weights(module: nn.Module, seed: int) -> nn.Module:
     """Seeded weights, drawn parameter by parameter in name order (bit-identical for a seed, whatever torch's
-    default initialisers do): fan-in scaled normals, norm scales near 1, small biases. Tied parameters (T5's
+    default initialisers do): small biases, norm scales near 1, fan-in scaled normals. Tied parameters (T5's
     shared embedding) are drawn once and stay tied."""
-    gen = torch.Generator().manual_seed(seed)
-    drawn: dict[int, nn.Parameter] = {}
+    gen, drawn = torch.Generator().manual_seed(seed), {}
     for pname, p in sorted(module.named_parameters(remove_duplicate=False)):
         if id(p) not in drawn:
-            if pname.endswith("bias"):
-                value = torch.randn(p.shape, generator=gen) * 0.02
-            elif p.dim() == 1:
-                value = 1 + 0.1 * torch.randn(p.shape, generator=gen)
-            else:
-                value = torch.randn(p.shape, generator=gen) / math.sqrt(p[0].numel())
+            z = torch.randn(p.shape, generator=gen)
+            value = z * 0.02 if pname.endswith("bias") else 1 + 0.1 * z if p.dim() == 1 else z / math.sqrt(p[0].numel())
             drawn[id(p)] = nn.Parameter(value.to(p.dtype), requires_grad=False)
         owner, _, leaf = pname.rpartition(".")
         (module.get_submodule(owner) if owner else module)._parameters[leaf] = drawn[id(p)]
@@ -78,37 +73,45 @@ def to_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 def make_inputs(name: str, seed: int = 0, batch: int = 1, dtype: torch.dtype = torch.float32,
                 device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """One denoising step's inputs as the model's pipeline passes them (flat: `call` nests SDXL's added
-    conditions)."""
+    """One denoising step's inputs as the model's pipeline passes them (flat: `call_kwargs` nests SDXL's added
+    conditions), drawn by the kind's function below from one generator."""
     spec = MODELS[name]
-    gen = torch.Generator().manual_seed(seed + 1)
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen)
-
-    text = randn(batch, spec.context_tokens, spec.context_dim)
-    pooled = randn(batch, spec.pooled_dim)
-    if spec.kind == "flux":  # packed 2x2 latent patches; positions as the pipeline's image ids
-        h = w = spec.latent // 2
-        ids = torch.zeros(h, w, 3)
-        ids[..., 1] += torch.arange(h)[:, None]
-        ids[..., 2] += torch.arange(w)[None, :]
-        inputs = {"hidden_states": randn(batch, h * w, spec.channels * 4), "encoder_hidden_states": text,
-                  "pooled_projections": pooled, "timestep": torch.rand(batch, generator=gen),
-                  "img_ids": ids.reshape(h * w, 3), "txt_ids": torch.zeros(spec.context_tokens, 3)}
-        if DIFFUSERS_CONFIGS[name].get("guidance_embeds"):
-            inputs["guidance"] = torch.full((batch,), 3.5)
-    elif spec.kind == "sd3":
-        inputs = {"hidden_states": randn(batch, spec.channels, spec.latent, spec.latent),
-                  "encoder_hidden_states": text, "pooled_projections": pooled,
-                  "timestep": torch.randint(0, 1000, (batch,), generator=gen).float()}
-    else:  # sdxl: the pipeline's micro-conditioning (original size, crop, target size) in pixels
-        size = spec.latent * 8
-        inputs = {"sample": randn(batch, spec.channels, spec.latent, spec.latent),
-                  "timestep": torch.randint(0, 1000, (batch,), generator=gen).float(),
-                  "encoder_hidden_states": text, "text_embeds": pooled,
-                  "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * batch, dtype=torch.float32)}
+    inputs = INPUTS[spec.kind](spec, batch, torch.Generator().manual_seed(seed + 1), DIFFUSERS_CONFIGS[name])
     return {k: (v if k == "timestep" else v.to(dtype)).to(device) for k, v in inputs.items()}
+
+
+def flux_inputs(spec, batch: int, gen: torch.Generator, config: dict) -> dict[str, torch.Tensor]:
+    """Packed 2x2 latent patches; positions as the pipeline's image ids."""
+    text, pooled = torch.randn(batch, spec.context_tokens, spec.context_dim, generator=gen), torch.randn(
+        batch, spec.pooled_dim, generator=gen)
+    h, rows = spec.latent // 2, torch.arange(spec.latent // 2, dtype=torch.float32)
+    ids = torch.stack([torch.zeros(h, h), *torch.meshgrid(rows, rows, indexing="ij")], -1).reshape(h * h, 3)
+    return {"hidden_states": torch.randn(batch, h * h, spec.channels * 4, generator=gen),
+            "encoder_hidden_states": text, "pooled_projections": pooled, "timestep": torch.rand(batch, generator=gen),
+            "img_ids": ids, "txt_ids": torch.zeros(spec.context_tokens, 3),
+            **({"guidance": torch.full((batch,), 3.5)} if config.get("guidance_embeds") else {})}
+
+
+def sd3_inputs(spec, batch: int, gen: torch.Generator, config: dict) -> dict[str, torch.Tensor]:
+    text, pooled = torch.randn(batch, spec.context_tokens, spec.context_dim, generator=gen), torch.randn(
+        batch, spec.pooled_dim, generator=gen)
+    return {"hidden_states": torch.randn(batch, spec.channels, spec.latent, spec.latent, generator=gen),
+            "encoder_hidden_states": text, "pooled_projections": pooled,
+            "timestep": torch.randint(0, 1000, (batch,), generator=gen).float()}
+
+
+def sdxl_inputs(spec, batch: int, gen: torch.Generator, config: dict) -> dict[str, torch.Tensor]:
+    """The pipeline's micro-conditioning (original size, crop, target size) in pixels."""
+    text, pooled = torch.randn(batch, spec.context_tokens, spec.context_dim, generator=gen), torch.randn(
+        batch, spec.pooled_dim, generator=gen)
+    size = spec.latent * 8
+    return {"sample": torch.randn(batch, spec.channels, spec.latent, spec.latent, generator=gen),
+            "timestep": torch.randint(0, 1000, (batch,), generator=gen).float(), "encoder_hidden_states": text,
+            "text_embeds": pooled, "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * batch,
+                                                            dtype=torch.float32)}
+
+
+INPUTS = {"flux": flux_inputs, "sd3": sd3_inputs, "sdxl": sdxl_inputs}
 
 
 ADDED_CONDITIONS = ("text_embeds", "time_ids")

@@ -200,6 +200,55 @@ INTEGRATIONS: dict[str, Integration] = {
 }
 
 
+# This stack in a standalone repro script (harness/repro.py reads it as text, without importing this module): per
+# load mode the files it prepares and the statements that load `model` (as `files` and `load` below), per offload
+# mode the statements that install it and the one to run after each step (harness/offload.py offload_pipeline),
+# and each engine's quantization config (INTEGRATIONS' `config`); `{cls}` is the model's diffusers class,
+# `{config}` the engine's config, `{quantize}` its statements after load, `{write_file}` its own file's writer.
+_FLOAT_DIR = ('float_dir = tmp / "float"  # the float32 model as save_pretrained writes it (loading.make_float_dir)\n'
+              "build_model(torch.float32).save_pretrained(str(float_dir))")
+REPRO = {
+    "needs": ("safetensors",),
+    "prepare": {"*": _FLOAT_DIR,
+                "prequantized": _FLOAT_DIR + "\n"
+                "saved = tmp / \"prequantized\"  # what save_pretrained writes of the model quantized while loading\n"
+                "{cls}.from_pretrained(\n"
+                "    str(float_dir), torch_dtype=DTYPE, quantization_config={config}).save_pretrained(str(saved))",
+                "prequantized+file": _FLOAT_DIR + "\nsaved = {write_file}  # the engine's file of the float model"},
+    "load": {"post-load": "model = {cls}.from_pretrained(str(float_dir), torch_dtype=DTYPE)\n{quantize}",
+             "on-the-fly": "model = {cls}.from_pretrained(\n"
+                           "    str(float_dir), torch_dtype=DTYPE, quantization_config={config})",
+             "prequantized": "model = {cls}.from_pretrained(str(saved), torch_dtype=DTYPE)",
+             "prequantized+file": "model = {cls}.from_single_file(\n"
+                                  "    str(saved), config=str(float_dir), torch_dtype=DTYPE,\n"
+                                  "    quantization_config={config})"},
+    "offload_helpers": '''\
+class ComponentPipeline(diffusers.DiffusionPipeline):  # the model as the one component (offload.component_pipeline)
+    model_cpu_offload_seq = "transformer"
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.register_modules(transformer=transformer)''',
+    "offload": {"none": ("pipe = ComponentPipeline(model)\npipe.to(DEVICE)", ""),
+                "model": ("pipe = ComponentPipeline(model)\npipe.enable_model_cpu_offload(device=DEVICE)",
+                          "pipe.maybe_free_model_hooks()"),
+                "sequential": ("pipe = ComponentPipeline(model)\n"
+                               "pipe.enable_sequential_cpu_offload(device=DEVICE)", ""),
+                "group": ("pipe = ComponentPipeline(model)\npipe.enable_group_offload({group_pipeline})", "")},
+    "why_not_offload": "balanced offload is SD.Next's algorithm as the harness implements it (harness/offload.py), "
+                       "not an upstream API",
+    "configs": {"none": "None",
+                "bnb": {"int8": "diffusers.BitsAndBytesConfig(load_in_8bit=True)",
+                        "*": "diffusers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type={FOUR_BIT[0]!r}, "
+                             "bnb_4bit_use_double_quant={FOUR_BIT[1]!r}, bnb_4bit_compute_dtype=DTYPE)"},
+                "quanto": "diffusers.QuantoConfig(weights_dtype={DIFFUSERS_WEIGHTS!r})",
+                "sdnq": "sdnq.SDNQConfig({OPTIONS:kw})",
+                "torchao": "diffusers.TorchAoConfig(tq.{CONFIGS}())",
+                "gguf": "diffusers.GGUFQuantizationConfig(compute_dtype=DTYPE)",
+                "modelopt": 'diffusers.NVIDIAModelOptConfig(quant_method="modelopt", {SDNEXT:kw})'},
+}
+
+
 def quantization_config(engine: Engine, qtype: str, dtype: torch.dtype) -> object:
     return INTEGRATIONS[engine.name].config(qtype, dtype)
 

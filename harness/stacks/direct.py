@@ -16,6 +16,25 @@ from harness.models.specs import MODELS
 from harness.stacks import loading
 from harness.stacks.base import SharedFile, Stack
 
+# This stack in a standalone repro script (harness/repro.py reads it as text, without importing this module): the
+# float model drawn in memory and the engine's statements after load (`{quantize}`), then accelerate's functions
+# on the module per offload mode (harness/offload.py offload_module): the statements, and the one after each step.
+REPRO = {
+    "prepare": {"post-load": ""},
+    "load": {"post-load": "model = build_model()  # drawn from its seed (loading.load_post)\n{quantize}"},
+    "why_not": "the direct stack's on-the-fly and pre-quantized loads are the harness's own loader and file layout; "
+               "only post-load is written for it",
+    "offload": {"none": ("model.to(DEVICE)", ""),
+                "model": ('model.to("cpu")\n_, hook = accelerate.cpu_offload_with_hook(model, DEVICE)',
+                          "hook.offload()"),
+                "sequential": ('model.to("cpu")\naccelerate.cpu_offload(model, execution_device=DEVICE, '
+                               "offload_buffers=len(model._parameters) > 0)", ""),
+                "group": ("from diffusers.hooks import apply_group_offloading\n\n"
+                          "apply_group_offloading(model, {group})", "")},
+    "why_not_offload": "balanced offload is SD.Next's algorithm as the harness implements it (harness/offload.py), "
+                       "not an upstream API",
+}
+
 
 class DirectStack(Stack):
     name = "direct"

@@ -8,6 +8,9 @@ import torch
 from harness.treatments.base import Applied, Context, Treatment, denoiser
 from harness.verdict import Stage
 
+# In a standalone repro script (harness/repro.py reads it as text): after the load, as `apply` below
+REPRO = {"axis": "cast", "load": "model.enable_layerwise_casting(storage_dtype=torch.{cast}, compute_dtype=DTYPE)"}
+
 
 class Casting(Treatment):
     axis, order, stage = "cast", 0, Stage.LOAD

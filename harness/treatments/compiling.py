@@ -159,6 +159,17 @@ def apply(model: nn.Module, mode: str, offload: str) -> Watch | None:
     return watch
 
 
+# In a standalone repro script (harness/repro.py reads it as text): `options` per offload mode as constants
+# (tests/test_repro.py checks they agree), the call per mode (as `apply`), and what each call runs under.
+REPRO = {"axis": "compile",
+         "constants": {"none": "FULLGRAPH, ERROR_ON_RECOMPILE = True, True  # diffusers' tests' compile options",
+                       "group": "FULLGRAPH, ERROR_ON_RECOMPILE = False, False  # diffusers' tests' compile options",
+                       "*": "FULLGRAPH, ERROR_ON_RECOMPILE = True, False  # diffusers' tests' compile options"},
+         "apply": {"regional": "model.compile_repeated_blocks(fullgraph=FULLGRAPH)  # each class in _repeated_blocks",
+                   "full": "model.compile(fullgraph=FULLGRAPH)  # the whole module, in place"},
+         "call": "torch._dynamo.config.patch(error_on_recompile=ERROR_ON_RECOMPILE)"}
+
+
 class Compiling(Treatment):
     """torch.compile of the denoiser, after the offload; its first call compiles (the record's compile stage).
     Timed beside the same cell uncompiled: what compiling buys."""

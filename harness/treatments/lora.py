@@ -33,6 +33,10 @@ TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 B_SCALE = 2.0  # B ~ N(0, (B_SCALE / sqrt(r))^2), A ~ N(0, 1 / in): the delta's entries ~ B_SCALE / sqrt(in)
 
 
+# Not in standalone repro scripts yet (harness/repro.py reads this as text)
+REPRO = {"axis": "lora", "why_not": "a LoRA (its weights, loading, fusing, SDNQ's merge) is not written into scripts"}
+
+
 class LoraNotApplied(RuntimeError):
     """The cell's output is nearer the float model without the LoRA than with it: the LoRA was lost."""
 

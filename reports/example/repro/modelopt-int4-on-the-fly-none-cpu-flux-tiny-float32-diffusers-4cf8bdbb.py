@@ -1,136 +1,74 @@
-# Standalone reproduction of the quantmatrix cell modelopt-int4/on-the-fly/none/cpu/flux-tiny/float32/diffusers
-# as the harness ran it: engine modelopt int4, load on-the-fly, offload none, device cpu, model flux-tiny
-# (diffusers' FluxTransformer2DModel, seeded random weights), dtype float32, stack diffusers.
-# Recorded (run 20261207-173221-vm, 2026-12-07T17:35:08+00:00, host vm):
-#   verdict:   fail
-#   expected:  works
+# Reproduces the quantmatrix cell modelopt-int4/on-the-fly/none/cpu/flux-tiny/float32/diffusers (diffusers'
+# FluxTransformer2DModel, seeded random weights), recorded in run 20261207-173221-vm (2026-12-07T17:35:08+00:00,
+# host vm):
+#   verdict:   fail (expected: works)
 #   stage:     load (of prepare, load, offload, forward)
 #   error:     TypeError: '<' not supported between instances of 'str' and 'int'
 #   raised in: diffusers.models.modeling_utils
-#              innermost frames first: encoder.py:258 iterencode <- encoder.py:200 encode <- __init__.py:238 dumps
-#              <- modeling_utils.py:1206 from_pretrained
-# Versions: python 3.11.7, torch 2.13.0+cpu, diffusers 0.42.1, accelerate 1.16.0; os Linux-6.18.44-fc-v1300-x86_64-with-glibc2.36
-#   engines: autoround 0.16.1, bnb 0.50.2, gguf 0.19.0, modelopt 0.43.0, nncf 3.4.0, quanto 0.2.7, sdnq 0.2.8, torchao 0.18.0; device cpu: Intel(R) Xeon(R) Processor
-# Run it alone: python this_file.py (needs torch, diffusers, accelerate, safetensors, nvidia-modelopt; its files go
-# to a temporary directory it removes; no network). It runs up to the load step, where it should end with the error
-# above. Seed 0 and batch 1: the harness's default settings (every shipped matrix runs with them; records do not
-# carry them).
-# Written by quantmatrix (`quantmatrix repro`, or its report); it imports nothing of quantmatrix.
-
-
-from __future__ import annotations
-
+# Versions: python 3.11.7, torch 2.13.0+cpu, diffusers 0.42.1, accelerate 1.16.0, nvidia-modelopt 0.43.0; cpu:
+# Intel(R) Xeon(R) Processor
+# Run: python this_file.py (needs torch, diffusers, accelerate, safetensors, nvidia-modelopt; no network; files in a
+# temporary directory). It should end with the error above, in its load step. Seed 0, batch 1: the harness's
+# defaults. Written by quantmatrix, which it does not import.
 import math
 import tempfile
-import types
 from pathlib import Path
 
+import accelerate
+import diffusers
 import torch
 from torch import nn
 
-import accelerate  # noqa: F401 - the model's skeleton and the offload hooks
-import diffusers
-import copy
-
 import modelopt.torch.quantization as mtq
 
-
-CELL = 'modelopt-int4/on-the-fly/none/cpu/flux-tiny/float32/diffusers'
-MODEL = 'flux-tiny'
-QTYPE = 'int4'
-SEED = 0
-BATCH = 1
-WARMUP = 2  # steps the harness runs after the first, before timing
-DTYPE = torch.float32
-DEVICE = torch.device('cpu')
+DTYPE, DEVICE = torch.float32, torch.device('cpu')
+SEED, BATCH, WARMUP = 0, 1, 2  # WARMUP: steps after the first, untimed
 
 
-# ---------------------------------------------------------------- the model (quantmatrix's)
-# Its shape (harness/models/specs.py MODELS) and diffusers constructor arguments (DIFFUSERS_CONFIGS).
-REAL_CLASSES = {'flux': 'FluxTransformer2DModel'}
-MODELS = {'flux-tiny': types.SimpleNamespace(kind='flux', width=128, depth=2, heads=4, latent=16, channels=16,
-                                             context_tokens=16, context_dim=128, levels=2, pooled_dim=128,
-                                             shared_weights=False, pipeline=False)}
-DIFFUSERS_CONFIGS = {'flux-tiny': dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
-                                       attention_head_dim=32, num_attention_heads=4, joint_attention_dim=128,
-                                       pooled_projection_dim=128, guidance_embeds=False, axes_dims_rope=(8, 12, 12))}
-
-# Copied from harness/models/real.py: the skeleton, the seeded weights (drawn parameter by parameter in name
-# order: bit-identical to the harness's for the seed).
-
-def model_class(name: str) -> type[nn.Module]:
-    import diffusers
-
-    return getattr(diffusers, REAL_CLASSES[MODELS[name].kind])
+# diffusers' constructor arguments (harness/models/specs.py DIFFUSERS_CONFIGS['flux-tiny'])
+CONFIG = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=32,
+              num_attention_heads=4, joint_attention_dim=128, pooled_projection_dim=128, guidance_embeds=False,
+              axes_dims_rope=(8, 12, 12))
 
 
-def build_skeleton(name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
-    from accelerate import init_empty_weights
-
-    with init_empty_weights():
-        model = model_class(name)(**DIFFUSERS_CONFIGS[name])
-    return to_dtype(model, dtype).eval()
-
-
+# harness/models/real.py, copied: the weights drawn in name order from the seed
 def seed_weights(module: nn.Module, seed: int) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    drawn: dict[int, nn.Parameter] = {}
+    gen, drawn = torch.Generator().manual_seed(seed), {}
     for pname, p in sorted(module.named_parameters(remove_duplicate=False)):
         if id(p) not in drawn:
-            if pname.endswith("bias"):
-                value = torch.randn(p.shape, generator=gen) * 0.02
-            elif p.dim() == 1:
-                value = 1 + 0.1 * torch.randn(p.shape, generator=gen)
-            else:
-                value = torch.randn(p.shape, generator=gen) / math.sqrt(p[0].numel())
+            z = torch.randn(p.shape, generator=gen)
+            value = z * 0.02 if pname.endswith("bias") else 1 + 0.1 * z if p.dim() == 1 else z / math.sqrt(p[0].numel())
             drawn[id(p)] = nn.Parameter(value.to(p.dtype), requires_grad=False)
         owner, _, leaf = pname.rpartition(".")
         (module.get_submodule(owner) if owner else module)._parameters[leaf] = drawn[id(p)]
     return module
 
 
-def build_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
-    model = seed_weights(build_skeleton(name, torch.float32), seed)
-    return to_dtype(model, dtype).eval()
+def build_model(dtype: torch.dtype = DTYPE) -> nn.Module:  # real.build_model
+    with accelerate.init_empty_weights():
+        model = diffusers.FluxTransformer2DModel(**CONFIG)
+    return seed_weights(model, SEED).eval()
 
 
-def to_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    computed = {(owner, name): buffer for owner in module.modules() for name, buffer in owner._buffers.items()
-                if name in owner._non_persistent_buffers_set and buffer is not None}
-    keep = getattr(type(module), "_keep_in_fp32_modules", None) if type(module).__module__.startswith(
-        "diffusers.") and dtype.is_floating_point else None
-    kept = {p: p.data.to(torch.float32) for name, p in module.named_parameters()
-            if keep and any(part in keep for part in name.split("."))}
-    module = nn.Module.to(module, dtype)
-    for (owner, name), buffer in computed.items():  # made by the constructor, never loaded: as it made them
-        owner._buffers[name] = buffer
-    for param, data in kept.items():
-        param.data = data
-    return module
-
-
-# ---------------------------------------------------------------- the cell's steps
-def prepare(tmp: Path) -> Path | None:
-    """The files the load reads, made as the harness makes them once per run (stage: prepare)."""
-    float_dir = tmp / "float"  # harness/stacks/loading.py make_float_dir: the float32 model, save_pretrained
-    build_model(MODEL, SEED, torch.float32).save_pretrained(str(float_dir))
-    return float_dir
-
-
-def load(source: Path | None, tmp: Path) -> nn.Module:
-    """Load (and quantize) the model (stage: load)."""
-    # harness/stacks/diffusers.py load_on_the_fly: diffusers quantizes while loading
-    return model_class(MODEL).from_pretrained(str(source), torch_dtype=DTYPE, quantization_config=diffusers.NVIDIAModelOptConfig(quant_method="modelopt", quant_type='INT4', block_quantize=128, channel_quantize=-1, modules_to_not_convert=['conv', 'patch_embed']))
+QUANT_CFG = {'quant_cfg': {'*weight_quantizer': {'num_bits': 4, 'block_sizes': {-1: 128}, 'fake_quant': False},
+    '*input_quantizer': {'enable': False}, '*output_quantizer': {'enable': False}, '*conv*': {'enable': False},
+    '*patch_embed*': {'enable': False}, 'default': {'enable': False}},
+    'algorithm': 'max'}  # harness/engines/modelopt_engine.py quant_config('int4')
 
 
 def main() -> None:
-    torch.manual_seed(SEED)  # harness/run/execute.py prepare_cell
+    torch.manual_seed(SEED)  # as the harness seeds a cell
     with tempfile.TemporaryDirectory(prefix="quantmatrix-repro-") as name:
         tmp = Path(name)
-        print("prepare", flush=True)
-        source = prepare(tmp)
-        print("load", flush=True)
-        model = load(source, tmp).eval()
+        # prepare: the files the load reads, made as the harness makes them (harness/stacks/diffusers.py files)
+        float_dir = tmp / "float"  # the float32 model as save_pretrained writes it (loading.make_float_dir)
+        build_model(torch.float32).save_pretrained(str(float_dir))
+        # load (harness/stacks/diffusers.py load)
+        model = diffusers.FluxTransformer2DModel.from_pretrained(
+            str(float_dir), torch_dtype=DTYPE,
+                quantization_config=diffusers.NVIDIAModelOptConfig(quant_method="modelopt", quant_type='INT4',
+                block_quantize=128, channel_quantize=-1, modules_to_not_convert=['conv', 'patch_embed']))
+        model.eval()  # as the harness leaves it (harness/run/execute.py)
     print("ran to the end of the load step without an error")
 
 

@@ -1,0 +1,123 @@
+# Reproduces the quantmatrix cell modelopt-fp8/post-load/none/cpu/flux-tiny/float32/diffusers+float8_e4m3fn
+# (diffusers' FluxTransformer2DModel, seeded random weights), recorded in run 20261207-173221-vm
+# (2026-12-07T17:35:36+00:00, host vm):
+#   verdict:   wrong-output (expected: works)
+#   note:      ran, but its output is not the model's: SQNR 4.3 dB < floor 7 dB (the type's floor: fp8 (about 31 dB
+#              by arithmetic, 19-38 dB measured): SQNR 10 dB, image PSNR 18 dB, with fp8 (about 31 dB by arithmetic, ...
+# Versions: python 3.11.7, torch 2.13.0+cpu, diffusers 0.42.1, accelerate 1.16.0, nvidia-modelopt 0.43.0; cpu:
+# Intel(R) Xeon(R) Processor
+# Run: python this_file.py (needs torch, diffusers, accelerate, safetensors, nvidia-modelopt; no network; files in a
+# temporary directory). It runs the first steps and checks the output against the float model's. Seed 0, batch 1:
+# the harness's defaults. Written by quantmatrix, which it does not import.
+import math
+import tempfile
+import types
+from pathlib import Path
+
+import accelerate
+import diffusers
+import torch
+from torch import nn
+
+import modelopt.torch.quantization as mtq
+
+DTYPE, DEVICE = torch.float32, torch.device('cpu')
+SEED, BATCH, WARMUP = 0, 1, 2  # WARMUP: steps after the first, untimed
+FLOOR_DB = 7.0  # the type's SQNR floor (harness/engines/catalog.py)
+
+
+# diffusers' constructor arguments (harness/models/specs.py DIFFUSERS_CONFIGS['flux-tiny'])
+CONFIG = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=32,
+              num_attention_heads=4, joint_attention_dim=128, pooled_projection_dim=128, guidance_embeds=False,
+              axes_dims_rope=(8, 12, 12))
+SHAPE = types.SimpleNamespace(channels=16, context_dim=128, context_tokens=16, latent=16, pooled_dim=128)
+
+
+# harness/models/real.py, copied: the weights drawn in name order from the seed, a step's inputs
+def seed_weights(module: nn.Module, seed: int) -> nn.Module:
+    gen, drawn = torch.Generator().manual_seed(seed), {}
+    for pname, p in sorted(module.named_parameters(remove_duplicate=False)):
+        if id(p) not in drawn:
+            z = torch.randn(p.shape, generator=gen)
+            value = z * 0.02 if pname.endswith("bias") else 1 + 0.1 * z if p.dim() == 1 else z / math.sqrt(p[0].numel())
+            drawn[id(p)] = nn.Parameter(value.to(p.dtype), requires_grad=False)
+        owner, _, leaf = pname.rpartition(".")
+        (module.get_submodule(owner) if owner else module)._parameters[leaf] = drawn[id(p)]
+    return module
+
+
+def build_model(dtype: torch.dtype = DTYPE) -> nn.Module:  # real.build_model
+    with accelerate.init_empty_weights():
+        model = diffusers.FluxTransformer2DModel(**CONFIG)
+    return seed_weights(model, SEED).eval()
+
+
+def flux_inputs(spec, batch: int, gen: torch.Generator, config: dict) -> dict[str, torch.Tensor]:
+    text, pooled = torch.randn(batch, spec.context_tokens, spec.context_dim, generator=gen), torch.randn(
+        batch, spec.pooled_dim, generator=gen)
+    h, rows = spec.latent // 2, torch.arange(spec.latent // 2, dtype=torch.float32)
+    ids = torch.stack([torch.zeros(h, h), *torch.meshgrid(rows, rows, indexing="ij")], -1).reshape(h * h, 3)
+    return {"hidden_states": torch.randn(batch, h * h, spec.channels * 4, generator=gen),
+            "encoder_hidden_states": text, "pooled_projections": pooled, "timestep": torch.rand(batch, generator=gen),
+            "img_ids": ids, "txt_ids": torch.zeros(spec.context_tokens, 3),
+            **({"guidance": torch.full((batch,), 3.5)} if config.get("guidance_embeds") else {})}
+
+
+def make_inputs(seed: int, batch: int, device) -> dict:  # real.make_inputs
+    inputs = flux_inputs(SHAPE, batch, torch.Generator().manual_seed(seed + 1), CONFIG)
+    return {k: (v if k == "timestep" else v.to(DTYPE)).to(device) for k, v in inputs.items()}
+
+
+QUANT_CFG = {'quant_cfg': {'*weight_quantizer': {'num_bits': (4, 3), 'fake_quant': False},
+    '*input_quantizer': {'enable': False}, '*output_quantizer': {'enable': False}, 'default': {'enable': False}},
+    'algorithm': 'max'}  # harness/engines/modelopt_engine.py quant_config('fp8')
+
+
+class ComponentPipeline(diffusers.DiffusionPipeline):  # the model as the one component (offload.component_pipeline)
+    model_cpu_offload_seq = "transformer"
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.register_modules(transformer=transformer)
+
+
+def check_output(output: torch.Tensor, reference: torch.Tensor) -> None:  # harness/run/measure.py output_error
+    assert bool(torch.isfinite(output).all()), "output not finite: NaN or infinity in the output"
+    out, ref = output.detach().double().cpu().flatten(), reference.detach().double().cpu().flatten()
+    noise, signal = (out - ref).pow(2).sum().item(), ref.pow(2).sum().item()
+    sqnr = None if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else float("-inf")
+    print(f"SQNR against the float model: {'exact' if sqnr is None else f'{sqnr:.1f} dB'} (floor: {FLOOR_DB} dB)")
+    assert sqnr is None or FLOOR_DB is None or sqnr >= FLOOR_DB, \
+        f"output below its type's floor: SQNR {sqnr:.1f} dB < {FLOOR_DB} dB (the output is not the model's)"
+
+
+def main() -> None:
+    torch.manual_seed(SEED)  # as the harness seeds a cell
+    inputs = make_inputs(SEED, BATCH, DEVICE)
+    with torch.no_grad():  # the float model's output, which the cell's is judged against
+        reference = build_model().to(DEVICE)(**inputs, return_dict=False)[0]
+    with tempfile.TemporaryDirectory(prefix="quantmatrix-repro-") as name:
+        tmp = Path(name)
+        # prepare: the files the load reads, made as the harness makes them (harness/stacks/diffusers.py files)
+        float_dir = tmp / "float"  # the float32 model as save_pretrained writes it (loading.make_float_dir)
+        build_model(torch.float32).save_pretrained(str(float_dir))
+        # load (harness/stacks/diffusers.py load)
+        model = diffusers.FluxTransformer2DModel.from_pretrained(str(float_dir), torch_dtype=DTYPE)
+        mtq.quantize(model, QUANT_CFG, forward_loop=None)
+        mtq.compress(model)
+        model.eval()  # as the harness leaves it (harness/run/execute.py)
+        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=DTYPE)
+        # offload (harness/offload.py)
+        pipe = ComponentPipeline(model)
+        pipe.to(DEVICE)
+        # forward: the first step, then the warm-up steps
+        with torch.no_grad():
+            output = model(**inputs, return_dict=False)[0]
+            for _ in range(WARMUP):
+                model(**inputs, return_dict=False)[0]
+        check_output(output, reference)
+    print("ran to the end of the forward step without an error")
+
+
+if __name__ == "__main__":
+    main()
