@@ -133,6 +133,11 @@ def copied_code(module: str, names: tuple[str, ...], bare: bool = True) -> str:
             out.append(_without_docstring(ast.get_source_segment(text, node), node) if bare else
                        ast.get_source_segment(text, node))
             wanted.discard(name)
+    for node in ast.walk(tree):  # a class or function defined inside a function (made on first use there)
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in wanted and node not in tree.body:
+            source = textwrap.dedent(ast.get_source_segment(text, node, padded=True))
+            out.append(_without_docstring(source, node) if bare else source)
+            wanted.discard(node.name)
     if wanted:
         raise RuntimeError(f"{module} has no {sorted(wanted)}: the repro generator copies them")
     return "\n\n\n".join(out)
@@ -314,6 +319,7 @@ def _parts(cell: Cell, settings: Settings | None) -> dict:
                   *((info.package,) if info.package else ()), *engine.get("needs", ())),
         "helpers": _fill(_pick(engine["helpers"], cell.qtype), names, "its helpers") if "helpers" in engine else "",
         "values": _values(_module_of(info.implementation), engine.get("values", {}), cell.qtype),
+        "copies": copied_code(_module_of(info.implementation), tuple(engine["copy"])) if "copy" in engine else "",
         "prepare": _fill(_pick(stack.get("prepare"), load), names, where),
         "load": _fill(stack["load"][load], names, where),
         "treat_load": [_fill(t["load"], names, axis) for axis, t in treatments.items()
@@ -624,6 +630,7 @@ def script(record: dict, settings: Settings | None = None, *, settings_from: str
     note = f"Seed {s.seed}, batch {s.batch}: " + (f"the settings of {settings_from}." if settings_from else
                                                   "the harness's defaults.")
     helpers = [_wrapped(parts["values"].splitlines()) if parts["values"] and reaches("load") else "",
+               parts["copies"] if reaches("load") else "",
                parts["helpers"] if reaches("prepare") else "",
                parts["offload_helpers"] if reaches("offload") else "", CHECK_OUTPUT if check and reaches("forward")
                else ""]

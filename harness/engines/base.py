@@ -17,12 +17,13 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import ClassVar
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, ClassVar
 
 from harness.engines.catalog import CATALOG
+
+if TYPE_CHECKING:  # torch is imported where it runs: an engine module named in QUANTMATRIX_ENGINES is read by the
+    import torch  # catalog, which the report (no torch) imports
+    from torch import nn
 
 
 def safetensors_contents(path: Path) -> tuple[dict[str, str], list[str]] | None:
@@ -42,6 +43,8 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 def replace_linears(model: nn.Module, make: Callable[..., nn.Module], *, with_names: bool = False) -> nn.Module:
     """Replace every plain nn.Linear of `model` by `make(layer)` (or `make(layer, name)`)."""
+    from torch import nn
+
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear:
             set_submodule(model, name, make(module, name) if with_names else make(module))
@@ -96,6 +99,8 @@ class Engine:
 
     def version(self) -> str | None:
         if self.package is None:
+            import torch
+
             return torch.__version__
         try:
             return importlib.metadata.version(self.package)

@@ -3,12 +3,15 @@ of its error attribution, its name in reports and each type's expected bits per 
 No torch and no engine is imported here, so that a matrix file can be validated (and a report read) without
 either; each engine module takes its entry from this table (`Engine.__init_subclass__`), so the two cannot
 disagree. Adding an engine is its entry here and its module: the registry, the reports, the tests, the extras,
-tox's pins and the device wheels read (or are checked against) this table.
+tox's pins and the device wheels read (or are checked against) this table. An engine from outside is one module
+named in QUANTMATRIX_ENGINES that registers its row (`register`; docs/engines.md).
 """
 
 from __future__ import annotations
 
+import importlib
 import math
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -203,6 +206,23 @@ CATALOG: dict[str, EngineInfo] = {e.name: e for e in (
                # the float model otherwise
                floors=dict.fromkeys(("flood", "orphan", "nan", "noise", "slow"), FLOOR_8BIT)),
 )}
+
+
+
+def register(info: EngineInfo) -> EngineInfo:
+    """Add an engine defined outside this table: a module named in QUANTMATRIX_ENGINES calls this with its row
+    before it defines its Engine class (and keeps torch out of its top level: this table is read without torch).
+    Its repro fragment, if any, is its own REPRO (harness/repro.py)."""
+    if info.name in CATALOG:
+        raise ValueError(f"engine {info.name!r} is already in the catalog")
+    CATALOG[info.name] = info
+    return info
+
+
+# Engines from outside the harness: modules (dotted names, comma-separated) imported here, each registering its row
+PLUGINS = "QUANTMATRIX_ENGINES"
+for _module in filter(None, (m.strip() for m in os.environ.get(PLUGINS, "").split(","))):
+    importlib.import_module(_module)
 
 ENGINE_NAMES = tuple(CATALOG)
 
