@@ -1,27 +1,31 @@
-# Reproduces the quantmatrix cell quanto-qint2/post-load/model/cpu/flux-tiny/float32/direct (diffusers'
-# FluxTransformer2DModel, seeded random weights), recorded in run 20261207-173221-vm (2026-12-07T17:39:30+00:00,
-# host vm):
-#   verdict:   wrong-output (expected: works)
-#   note:      ran, but its output is not the model's: SQNR -2.0 dB < floor 0 dB (the type's floor: 2-bit codes
-#              (about 6 dB by arithmetic, -5.5-16 dB measured): SQNR 0 dB, image PSNR 12 dB)
-# Versions: python 3.11.7, torch 2.13.0+cpu, diffusers 0.42.1, accelerate 1.16.0, optimum-quanto 0.2.7; cpu:
-# Intel(R) Xeon(R) Processor
-# Run: python this_file.py (needs torch, diffusers, accelerate, optimum-quanto; no network; files in a temporary
-# directory). It runs the first steps and checks the output against the float model's. Seed 0, batch 1: the
-# harness's defaults. Written by quantmatrix, which it does not import.
+# Reproduces the quantmatrix cell torchao-float8_weight_only/post-load/sequential/cpu/flux-tiny/float32/diffusers
+# (diffusers' FluxTransformer2DModel, seeded random weights), recorded in run 20261202-204800-vm
+# (2026-12-02T20:49:20+00:00, host vm):
+#   verdict:   documented-error (expected: error /TypeError: new\(\) received an invalid combination of arguments - got \(Tensor, requires_grad=bool\)|RuntimeError: No GPU found/)
+#   stage:     forward (of prepare, load, offload, forward)
+#   error:     TypeError: new() received an invalid combination of arguments - got (Tensor, requires_grad=bool), but expected one of:
+#               * (*, torch.device device = None)
+#                    didn't match because some of the keywords were incorrect: requires_grad ...
+#   raised in: accelerate.utils
+# Versions: python 3.11.7, torch 2.13.0+cpu, diffusers 0.42.1, accelerate 1.16.0, torchao 0.18.0; cpu: Intel(R)
+# Xeon(R) Processor
+# Run: python this_file.py (needs torch, diffusers, accelerate, safetensors, torchao; no network; files in a
+# temporary directory). It should end with the error above, in its forward step. Seed 0, batch 1: the harness's
+# defaults. Written by quantmatrix, which it does not import.
 import math
+import tempfile
 import types
+from pathlib import Path
 
 import accelerate
 import diffusers
 import torch
 from torch import nn
 
-import optimum.quanto
+import torchao.quantization as tq
 
 DTYPE, DEVICE = torch.float32, torch.device('cpu')
 SEED, BATCH, WARMUP = 0, 1, 2  # WARMUP: steps after the first, untimed
-FLOOR_DB = 0  # the type's SQNR floor (harness/engines/catalog.py)
 
 
 # diffusers' constructor arguments (harness/models/specs.py DIFFUSERS_CONFIGS['flux-tiny'])
@@ -66,37 +70,34 @@ def make_inputs(seed: int, batch: int, device) -> dict:  # real.make_inputs
     return {k: (v if k == "timestep" else v.to(DTYPE)).to(device) for k, v in inputs.items()}
 
 
-def check_output(output: torch.Tensor, reference: torch.Tensor) -> None:  # harness/run/measure.py output_error
-    assert bool(torch.isfinite(output).all()), "output not finite: NaN or infinity in the output"
-    out, ref = output.detach().double().cpu().flatten(), reference.detach().double().cpu().flatten()
-    noise, signal = (out - ref).pow(2).sum().item(), ref.pow(2).sum().item()
-    sqnr = None if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else float("-inf")
-    print(f"SQNR against the float model: {'exact' if sqnr is None else f'{sqnr:.1f} dB'} (floor: {FLOOR_DB} dB)")
-    assert sqnr is None or FLOOR_DB is None or sqnr >= FLOOR_DB, \
-        f"output below its type's floor: SQNR {sqnr:.1f} dB < {FLOOR_DB} dB (the output is not the model's)"
+class ComponentPipeline(diffusers.DiffusionPipeline):  # the model as the one component (offload.component_pipeline)
+    model_cpu_offload_seq = "transformer"
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.register_modules(transformer=transformer)
 
 
 def main() -> None:
     torch.manual_seed(SEED)  # as the harness seeds a cell
     inputs = make_inputs(SEED, BATCH, DEVICE)
-    with torch.no_grad():  # the float model's output, which the cell's is judged against
-        reference = build_model().to(DEVICE)(**inputs, return_dict=False)[0]
-    # load (harness/stacks/direct.py load)
-    model = build_model()  # drawn from its seed (loading.load_post)
-    optimum.quanto.quantize(model, weights=optimum.quanto.qint2)
-    optimum.quanto.freeze(model)
-    model.eval()  # as the harness leaves it (harness/run/execute.py)
-    # offload (harness/offload.py)
-    model.to("cpu")
-    _, hook = accelerate.cpu_offload_with_hook(model, DEVICE)
-    # forward: the first step, then the warm-up steps
-    with torch.no_grad():
-        output = model(**inputs, return_dict=False)[0]
-        hook.offload()
-        for _ in range(WARMUP):
-            model(**inputs, return_dict=False)[0]
-            hook.offload()
-    check_output(output, reference)
+    with tempfile.TemporaryDirectory(prefix="quantmatrix-repro-") as name:
+        tmp = Path(name)
+        # prepare: the files the load reads, made as the harness makes them (harness/stacks/diffusers.py files)
+        float_dir = tmp / "float"  # the float32 model as save_pretrained writes it (loading.make_float_dir)
+        build_model(torch.float32).save_pretrained(str(float_dir))
+        # load (harness/stacks/diffusers.py load)
+        model = diffusers.FluxTransformer2DModel.from_pretrained(str(float_dir), torch_dtype=DTYPE)
+        tq.quantize_(model, tq.Float8WeightOnlyConfig())
+        model.eval()  # as the harness leaves it (harness/run/execute.py)
+        # offload (harness/offload.py)
+        pipe = ComponentPipeline(model)
+        pipe.enable_sequential_cpu_offload(device=DEVICE)
+        # forward: the first step, then the warm-up steps
+        with torch.no_grad():
+            output = model(**inputs, return_dict=False)[0]
+            for _ in range(WARMUP):
+                model(**inputs, return_dict=False)[0]
     print("ran to the end of the forward step without an error")
 
 

@@ -1,25 +1,24 @@
-# Reproduces the quantmatrix cell none/post-load/sequential/cpu/flux-tiny/float32/diffusers (diffusers'
-# FluxTransformer2DModel, seeded random weights), recorded in run 20261207-173221-vm (2026-12-07T17:33:10+00:00,
+# Reproduces the quantmatrix cell bnb-nf4/post-load/sequential/cpu/flux-tiny/float32/direct (diffusers'
+# FluxTransformer2DModel, seeded random weights), recorded in run 20261202-204800-vm (2026-12-02T20:48:54+00:00,
 # host vm):
-#   verdict:   documented-error (expected: error /TypeError: new\(\) received an invalid combination of arguments - got \(Tensor, requires_grad=bool\)/)
+#   verdict:   fail (expected: works)
 #   stage:     forward (of prepare, load, offload, forward)
-#   error:     TypeError: new() received an invalid combination of arguments - got (Tensor, requires_grad=bool), but expected one of:
-#               * (*, torch.device device = None)
-#                    didn't match because some of the keywords were incorrect: requires_grad ...
-#   raised in: accelerate.utils
-# Versions: python 3.11.7, torch 2.13.0+cpu, diffusers 0.42.1, accelerate 1.16.0; cpu: Intel(R) Xeon(R) Processor
-# Run: python this_file.py (needs torch, diffusers, accelerate, safetensors; no network; files in a temporary
+#   error:     NotImplementedError: Cannot copy out of meta tensor; no data!
+#   raised in: bitsandbytes
+# Versions: python 3.11.7, torch 2.13.0+cpu, diffusers 0.42.1, accelerate 1.16.0, bitsandbytes 0.50.2; cpu: Intel(R)
+# Xeon(R) Processor
+# Run: python this_file.py (needs torch, diffusers, accelerate, bitsandbytes; no network; files in a temporary
 # directory). It should end with the error above, in its forward step. Seed 0, batch 1: the harness's defaults.
 # Written by quantmatrix, which it does not import.
 import math
-import tempfile
 import types
-from pathlib import Path
 
 import accelerate
 import diffusers
 import torch
 from torch import nn
+
+import bitsandbytes as bnb
 
 DTYPE, DEVICE = torch.float32, torch.device('cpu')
 SEED, BATCH, WARMUP = 0, 1, 2  # WARMUP: steps after the first, untimed
@@ -67,33 +66,34 @@ def make_inputs(seed: int, batch: int, device) -> dict:  # real.make_inputs
     return {k: (v if k == "timestep" else v.to(DTYPE)).to(device) for k, v in inputs.items()}
 
 
-class ComponentPipeline(diffusers.DiffusionPipeline):  # the model as the one component (offload.component_pipeline)
-    model_cpu_offload_seq = "transformer"
-
-    def __init__(self, transformer: nn.Module):
-        super().__init__()
-        self.register_modules(transformer=transformer)
+def quantize_layer(layer: nn.Linear) -> nn.Module:  # harness/engines/bnb.py quantize_layer
+    bias = None if layer.bias is None else nn.Parameter(layer.bias.data.to("cpu"), requires_grad=False)
+    q = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=bias is not None, compute_dtype=DTYPE,
+                          quant_type='nf4', compress_statistics=False, device="meta")
+    q.weight = bnb.nn.Params4bit(layer.weight.data.to("cpu"), requires_grad=False, quant_type='nf4',
+                                 compress_statistics=False)
+    q.bias = bias
+    return q.to(DEVICE)  # bitsandbytes quantizes here
 
 
 def main() -> None:
     torch.manual_seed(SEED)  # as the harness seeds a cell
     inputs = make_inputs(SEED, BATCH, DEVICE)
-    with tempfile.TemporaryDirectory(prefix="quantmatrix-repro-") as name:
-        tmp = Path(name)
-        # prepare: the files the load reads, made as the harness makes them (harness/stacks/diffusers.py files)
-        float_dir = tmp / "float"  # the float32 model as save_pretrained writes it (loading.make_float_dir)
-        build_model(torch.float32).save_pretrained(str(float_dir))
-        # load (harness/stacks/diffusers.py load)
-        model = diffusers.FluxTransformer2DModel.from_pretrained(str(float_dir), torch_dtype=DTYPE)
-        model.eval()  # as the harness leaves it (harness/run/execute.py)
-        # offload (harness/offload.py)
-        pipe = ComponentPipeline(model)
-        pipe.enable_sequential_cpu_offload(device=DEVICE)
-        # forward: the first step, then the warm-up steps
-        with torch.no_grad():
-            output = model(**inputs, return_dict=False)[0]
-            for _ in range(WARMUP):
-                model(**inputs, return_dict=False)[0]
+    # load (harness/stacks/direct.py load)
+    model = build_model()  # drawn from its seed (loading.load_post)
+    for name, layer in list(model.named_modules()):  # every plain Linear (harness/engines/base.py replace_linears)
+        if type(layer) is nn.Linear:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, quantize_layer(layer))
+    model.eval()  # as the harness leaves it (harness/run/execute.py)
+    # offload (harness/offload.py)
+    model.to("cpu")
+    accelerate.cpu_offload(model, execution_device=DEVICE, offload_buffers=len(model._parameters) > 0)
+    # forward: the first step, then the warm-up steps
+    with torch.no_grad():
+        output = model(**inputs, return_dict=False)[0]
+        for _ in range(WARMUP):
+            model(**inputs, return_dict=False)[0]
     print("ran to the end of the forward step without an error")
 
 

@@ -1,14 +1,14 @@
-# Reproduces the quantmatrix cell modelopt-int4/on-the-fly/none/cpu/flux-tiny/float32/diffusers (diffusers'
-# FluxTransformer2DModel, seeded random weights), recorded in run 20261207-173221-vm (2026-12-07T17:35:08+00:00,
+# Reproduces the quantmatrix cell bnb-int8/prequantized/sequential/cpu/flux-tiny/float32/diffusers (diffusers'
+# FluxTransformer2DModel, seeded random weights), recorded in run 20261202-204800-vm (2026-12-02T20:48:56+00:00,
 # host vm):
-#   verdict:   fail (expected: works)
-#   stage:     load (of prepare, load, offload, forward)
-#   error:     TypeError: '<' not supported between instances of 'str' and 'int'
-#   raised in: diffusers.models.modeling_utils
-# Versions: python 3.11.7, torch 2.13.0+cpu, diffusers 0.42.1, accelerate 1.16.0, nvidia-modelopt 0.43.0; cpu:
-# Intel(R) Xeon(R) Processor
-# Run: python this_file.py (needs torch, diffusers, accelerate, safetensors, nvidia-modelopt; no network; files in a
-# temporary directory). It should end with the error above, in its load step. Seed 0, batch 1: the harness's
+#   verdict:   documented-error (expected: error /TypeError: new\(\) received an invalid combination of arguments - got \(Tensor, requires_grad=bool\)|RuntimeError: No GPU found/)
+#   stage:     prepare (of prepare, load, offload, forward)
+#   error:     RuntimeError: No GPU found. A GPU is needed for quantization.
+#   raised in: diffusers.quantizers.bitsandbytes
+# Versions: python 3.11.7, torch 2.13.0+cpu, diffusers 0.42.1, accelerate 1.16.0, bitsandbytes 0.50.2; cpu: Intel(R)
+# Xeon(R) Processor
+# Run: python this_file.py (needs torch, diffusers, accelerate, safetensors, bitsandbytes; no network; files in a
+# temporary directory). It should end with the error above, in its prepare step. Seed 0, batch 1: the harness's
 # defaults. Written by quantmatrix, which it does not import.
 import math
 import tempfile
@@ -19,7 +19,7 @@ import diffusers
 import torch
 from torch import nn
 
-import modelopt.torch.quantization as mtq
+import bitsandbytes as bnb
 
 DTYPE, DEVICE = torch.float32, torch.device('cpu')
 SEED, BATCH, WARMUP = 0, 1, 2  # WARMUP: steps after the first, untimed
@@ -50,10 +50,13 @@ def build_model(dtype: torch.dtype = DTYPE) -> nn.Module:  # real.build_model
     return seed_weights(model, SEED).eval()
 
 
-QUANT_CFG = {'quant_cfg': {'*weight_quantizer': {'num_bits': 4, 'block_sizes': {-1: 128}, 'fake_quant': False},
-    '*input_quantizer': {'enable': False}, '*output_quantizer': {'enable': False}, '*conv*': {'enable': False},
-    '*patch_embed*': {'enable': False}, 'default': {'enable': False}},
-    'algorithm': 'max'}  # harness/engines/modelopt_engine.py quant_config('int4')
+def quantize_layer(layer: nn.Linear) -> nn.Module:  # harness/engines/bnb.py quantize_layer
+    bias = None if layer.bias is None else nn.Parameter(layer.bias.data.to("cpu"), requires_grad=False)
+    q = bnb.nn.Linear8bitLt(layer.in_features, layer.out_features, bias=bias is not None, has_fp16_weights=False,
+                            device="meta")
+    q.weight = bnb.nn.Int8Params(layer.weight.data.to("cpu"), requires_grad=False, has_fp16_weights=False)
+    q.bias = bias
+    return q.to(DEVICE)  # bitsandbytes quantizes here
 
 
 def main() -> None:
@@ -63,13 +66,11 @@ def main() -> None:
         # prepare: the files the load reads, made as the harness makes them (harness/stacks/diffusers.py files)
         float_dir = tmp / "float"  # the float32 model as save_pretrained writes it (loading.make_float_dir)
         build_model(torch.float32).save_pretrained(str(float_dir))
-        # load (harness/stacks/diffusers.py load)
-        model = diffusers.FluxTransformer2DModel.from_pretrained(
+        saved = tmp / "prequantized"  # what save_pretrained writes of the model quantized while loading
+        diffusers.FluxTransformer2DModel.from_pretrained(
             str(float_dir), torch_dtype=DTYPE,
-                quantization_config=diffusers.NVIDIAModelOptConfig(quant_method="modelopt", quant_type='INT4',
-                block_quantize=128, channel_quantize=-1, modules_to_not_convert=['conv', 'patch_embed']))
-        model.eval()  # as the harness leaves it (harness/run/execute.py)
-    print("ran to the end of the load step without an error")
+                quantization_config=diffusers.BitsAndBytesConfig(load_in_8bit=True)).save_pretrained(str(saved))
+    print("ran to the end of the prepare step without an error")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,13 @@
-# Reproduces the quantmatrix cell modelopt-fp8/post-load/sequential/cpu/flux-tiny/float32/direct (diffusers'
-# FluxTransformer2DModel, seeded random weights), recorded in run 20261207-173221-vm (2026-12-07T17:35:04+00:00,
+# Reproduces the quantmatrix cell quanto-qfloat8/post-load/sequential/cpu/flux-tiny/float32/direct (diffusers'
+# FluxTransformer2DModel, seeded random weights), recorded in run 20261202-204800-vm (2026-12-02T20:49:00+00:00,
 # host vm):
-#   verdict:   fail (expected: works)
+#   verdict:   documented-error (expected: error /WeightQBytesTensor.__new__\(\) missing 6 required positional arguments/)
 #   stage:     offload (of prepare, load, offload, forward)
-#   error:     RuntimeError: Attempted to call `variable.set_data(tensor)`, but `variable` and `tensor` have incompatible tensor type.
-#   raised in: modelopt.torch.quantization
-# Versions: python 3.11.7, torch 2.13.0+cpu, diffusers 0.42.1, accelerate 1.16.0, nvidia-modelopt 0.43.0; cpu:
+#   error:     TypeError: WeightQBytesTensor.__new__() missing 6 required positional arguments: 'axis', 'size', 'stride', 'data', 'scale', and 'activation_qtype'
+#   raised in: accelerate.utils
+# Versions: python 3.11.7, torch 2.13.0+cpu, diffusers 0.42.1, accelerate 1.16.0, optimum-quanto 0.2.7; cpu:
 # Intel(R) Xeon(R) Processor
-# Run: python this_file.py (needs torch, diffusers, accelerate, nvidia-modelopt; no network; files in a temporary
+# Run: python this_file.py (needs torch, diffusers, accelerate, optimum-quanto; no network; files in a temporary
 # directory). It should end with the error above, in its offload step. Seed 0, batch 1: the harness's defaults.
 # Written by quantmatrix, which it does not import.
 import math
@@ -17,7 +17,7 @@ import diffusers
 import torch
 from torch import nn
 
-import modelopt.torch.quantization as mtq
+import optimum.quanto
 
 DTYPE, DEVICE = torch.float32, torch.device('cpu')
 SEED, BATCH, WARMUP = 0, 1, 2  # WARMUP: steps after the first, untimed
@@ -48,17 +48,12 @@ def build_model(dtype: torch.dtype = DTYPE) -> nn.Module:  # real.build_model
     return seed_weights(model, SEED).eval()
 
 
-QUANT_CFG = {'quant_cfg': {'*weight_quantizer': {'num_bits': (4, 3), 'fake_quant': False},
-    '*input_quantizer': {'enable': False}, '*output_quantizer': {'enable': False}, 'default': {'enable': False}},
-    'algorithm': 'max'}  # harness/engines/modelopt_engine.py quant_config('fp8')
-
-
 def main() -> None:
     torch.manual_seed(SEED)  # as the harness seeds a cell
     # load (harness/stacks/direct.py load)
     model = build_model()  # drawn from its seed (loading.load_post)
-    mtq.quantize(model, QUANT_CFG, forward_loop=None)
-    mtq.compress(model)
+    optimum.quanto.quantize(model, weights=optimum.quanto.qfloat8)
+    optimum.quanto.freeze(model)
     model.eval()  # as the harness leaves it (harness/run/execute.py)
     # offload (harness/offload.py)
     model.to("cpu")
