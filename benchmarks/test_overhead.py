@@ -15,9 +15,9 @@ import time
 import pytest
 
 from harness.cell import Cell
-from harness.matrix import Settings
 from harness.run.execute import CellTask, execute_cell
 from harness.run.isolation import run_isolated
+from harness.settings import Settings
 
 CELLS = {
     "dit-xs-direct": Cell("none", "-", "post-load", "none", "cpu", "dit-xs", "float32"),

@@ -78,6 +78,7 @@ from harness.errors import QuantMatrixError, did_you_mean
 from harness.models import sources
 from harness.models.sources import Source
 from harness.models.specs import MODELS, component_names
+from harness.settings import Settings
 from harness.stacks.catalog import STACK_CATALOG
 
 
@@ -182,31 +183,6 @@ class Rule:
             except InvalidVersion:
                 return False
         return True
-
-
-@dataclass(frozen=True)
-class Settings:
-    """How each cell is run and measured."""
-
-    seed: int = 0
-    batch: int = 1
-    warmup: int = 2
-    min_steps: int = 5
-    max_steps: int = 50
-    min_time_s: float = 0.3
-    cell_timeout_s: float = 300.0
-    memory_limit_mb: int = 0  # per-cell address-space cap on CPU cells; 0: none
-    # [offload.balanced]: fractions of device memory and class-name lists; None: SD.Next's defaults for the
-    # device's memory class (offload.sdnext_balanced_defaults)
-    high_watermark: float | None = None
-    low_watermark: float | None = None
-    offload_always: tuple[str, ...] | None = None
-    offload_never: tuple[str, ...] | None = None
-    group_type: str = "leaf_level"  # [offload.group], SD.Next's defaults: "leaf_level" | "block_level"
-    group_blocks: int = 1  # blocks per group (block_level)
-    group_stream: bool = False  # CUDA streams (accelerators only: a CPU cell runs without)
-    group_low_cpu_mem: bool = False  # diffusers' low_cpu_mem_usage (SD.Next passes False)
-    models: tuple[Source, ...] = ()  # [models.NAME]: models read from disk (registered in each cell's process)
 
 
 @dataclass(frozen=True)

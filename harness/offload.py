@@ -1,22 +1,16 @@
-"""Offload modes (SD.Next's: none, model, sequential, balanced, group), on the real hooks, applied the way each
-stack applies them.
-
-- `diffusers` stack: the model is a component of a minimal `DiffusionPipeline`, and the pipeline's own methods
-  install the hooks: `enable_model_cpu_offload`, `enable_sequential_cpu_offload`, `enable_group_offload` (with
-  SD.Next's options), `.to(device)` for none.
-- `direct` stack (the control): accelerate's functions on the module itself (`cpu_offload_with_hook`, `cpu_offload`:
-  what those pipeline methods call inside), and diffusers' `apply_group_offloading` for group.
-- `balanced`, both stacks: SD.Next's algorithm (BalancedOffload below).
+"""Offload, what both stacks share: SD.Next's balanced offload (BalancedOffload below: its algorithm, on both
+stacks), its options and group offload's (SD.Next's), and what installing a mode leaves (`Installed`). Each
+stack installs the other modes its own way, in its module: the direct stack (the control) with accelerate's
+functions on the module itself (stacks/direct.py offload_module), the diffusers stack with the pipeline's own
+methods, the model a component of a minimal `DiffusionPipeline` (stacks/diffusers.py offload_pipeline).
 
 The harness never works around an engine's incompatibility with an offload mode: whatever is raised is the finding.
-`offload_module` and `offload_pipeline` (the stacks call them) return what they installed (`Installed`): a call to
-make after each generation, notes on what the mode did that is worth recording, and balanced offload's moves.
-A pipeline (models.pipelines.PipelineModel) is offloaded component by component, as its pipeline does.
+`Installed` is a call to make after each generation, notes on what the mode did that is worth recording, and
+balanced offload's moves. A pipeline (models.pipelines.PipelineModel) is offloaded component by component.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import tempfile
 from collections.abc import Callable
@@ -26,7 +20,7 @@ import torch
 from torch import nn
 
 from harness import devices
-from harness.matrix import Settings
+from harness.settings import Settings
 
 
 @dataclass
@@ -41,93 +35,14 @@ class Installed:
     options: str = ""  # the options it ran with (balanced: watermarks and class lists, and where they came from)
 
 
-def _parts(model: nn.Module) -> dict[str, nn.Module] | None:
+def pipeline_parts(model: nn.Module) -> dict[str, nn.Module] | None:
     """A pipeline's module components (models.pipelines.PipelineModel), or None for a model alone."""
     parts = getattr(model, "parts", None)
     return parts() if callable(parts) else None
 
 
-def offload_module(model: nn.Module, mode: str, device: str, *, components: list[nn.Module] | None = None,
-                   settings: Settings | None = None) -> Installed:
-    """The direct stack's offload: accelerate's functions on the module itself (diffusers' apply_group_offloading
-    for group), on each component of a pipeline in turn; SD.Next's balanced offload."""
-    s = settings or Settings()
-    execution = devices.torch_device(device)
-    if mode == "balanced":
-        return _balanced(model, device, components, s)
-    parts = _parts(model)
-    if parts is not None and mode != "none":
-        return _offload_parts(list(parts.values()), mode, execution, s)
-    if mode == "none":
-        model.to(execution)
-    elif mode == "model":
-        return Installed(_model_offload(model, execution))
-    elif mode == "sequential":
-        _sequential_offload(model, execution)
-    elif mode == "group":
-        _group_offload(model, execution, s)
-    else:
-        raise ValueError(f"unknown offload mode {mode!r}")
-    return Installed()
-
-
-def _offload_parts(parts: list[nn.Module], mode: str, execution: torch.device, s: Settings) -> Installed:
-    """A pipeline's components through accelerate's functions, as the pipeline methods call them: model offload
-    chains one hook per component in the pipeline's offload order (each moves the one before off the device),
-    sequential and group offload hook each component."""
-    if mode == "model":
-        from accelerate import cpu_offload_with_hook
-
-        hooks, hook = [], None
-        for part in parts:
-            part.to("cpu")
-            _, hook = cpu_offload_with_hook(part, execution, prev_module_hook=hook)
-            hooks.append(hook)
-        return Installed(lambda: [h.offload() for h in hooks] and None)
-    for part in parts:
-        if mode == "sequential":
-            _sequential_offload(part, execution)
-        elif mode == "group":
-            _group_offload(part, execution, s)
-        else:
-            raise ValueError(f"unknown offload mode {mode!r}")
-    return Installed()
-
-
-def _group_offload(model: nn.Module, execution: torch.device, s: Settings) -> None:
-    from diffusers.hooks import apply_group_offloading
-
-    options = group_options(s, execution)
-    options.pop("exclude_modules", None)  # a pipeline's option (its components), not a module's
-    apply_group_offloading(model, **options)
-
-
-def offload_pipeline(model: nn.Module, mode: str, device: str, *, components: list[nn.Module] | None = None,
-                     settings: Settings | None = None) -> Installed:
-    """The diffusers stack's offload: the pipeline's own methods (a model alone as the one component of a
-    minimal pipeline); SD.Next's balanced offload."""
-    s = settings or Settings()
-    execution = devices.torch_device(device)
-    if mode == "balanced":
-        return _balanced(model, device, components, s)
-    pipe = getattr(model, "pipe", None) or component_pipeline(model)
-    if mode == "none":
-        pipe.to(execution)
-    elif mode == "model":
-        pipe.enable_model_cpu_offload(device=execution)
-        # A real pipeline's call ends with maybe_free_model_hooks itself; the one-component pipeline is not called
-        return Installed() if getattr(model, "pipe", None) else Installed(pipe.maybe_free_model_hooks)
-    elif mode == "sequential":
-        pipe.enable_sequential_cpu_offload(device=execution)
-    elif mode == "group":
-        pipe.enable_group_offload(**group_options(s, execution))
-    else:
-        raise ValueError(f"unknown offload mode {mode!r}")
-    return Installed()
-
-
-def _balanced(model: nn.Module, device: str, components: list[nn.Module] | None, s: Settings) -> Installed:
-    parts = _parts(model)
+def balanced(model: nn.Module, device: str, components: list[nn.Module] | None, s: Settings) -> Installed:
+    parts = pipeline_parts(model)
     offload = BalancedOffload(components or (list(parts.values()) if parts else [model]), device,
                               **balanced_options(s, None if device == "cpu" else devices.total_memory(device)))
     return Installed(offload.next_generation, offload.notes, offload.moves, offload.options)
@@ -173,44 +88,6 @@ def group_options(s: Settings, execution: torch.device) -> dict:
     if s.group_type == "block_level":
         options["exclude_modules"] = ["vae"]
     return options
-
-
-@functools.cache
-def _pipeline_class() -> type:
-    from diffusers import DiffusionPipeline
-
-    class ComponentPipeline(DiffusionPipeline):
-        """The smallest pipeline: one denoiser component, so that diffusers' own offload methods run on it."""
-
-        model_cpu_offload_seq = "transformer"
-
-        def __init__(self, transformer: nn.Module):
-            super().__init__()
-            self.register_modules(transformer=transformer)
-
-    return ComponentPipeline
-
-
-def component_pipeline(model: nn.Module):
-    return _pipeline_class()(model)
-
-
-def _model_offload(model: nn.Module, execution: torch.device) -> Callable[[], None]:
-    """diffusers' enable_model_cpu_offload on the module: the whole model moves to the device for its forward."""
-    from accelerate import cpu_offload_with_hook
-
-    model.to("cpu")
-    _, hook = cpu_offload_with_hook(model, execution)
-    return hook.offload
-
-
-def _sequential_offload(model: nn.Module, execution: torch.device) -> None:
-    """diffusers' enable_sequential_cpu_offload on the module: weights live off-device, each submodule's arrive per
-    forward."""
-    from accelerate import cpu_offload
-
-    model.to("cpu")
-    cpu_offload(model, execution_device=execution, offload_buffers=len(model._parameters) > 0)
 
 
 # SD.Next's no_split_module_classes (modules/sd_offload.py): layers accelerate must not split across devices.

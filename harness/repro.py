@@ -31,9 +31,9 @@ from pathlib import Path
 from harness.cell import AXES, Cell
 from harness.engines.catalog import CATALOG, output_floor
 from harness.errors import QuantMatrixError, printable
-from harness.matrix import Settings
 from harness.models.specs import DIFFUSERS_CONFIGS, MODELS, REAL_CLASSES
 from harness.results import file_lines, validate_record
+from harness.settings import Settings
 from harness.stacks.catalog import STACK_CATALOG
 from harness.stacks.catalog import not_offered as stack_not_offered
 from harness.verdict import Stage
@@ -150,6 +150,8 @@ def _without_docstring(source: str, node: ast.AST) -> str:
         return source
     lines = source.splitlines()
     first, last = body[0].lineno - node.lineno, body[0].end_lineno - node.lineno
+    if last + 1 < len(lines) and not lines[last + 1].strip():  # and the blank line after it
+        last += 1
     return "\n".join(lines[:first] + lines[last + 1:])
 
 
@@ -325,7 +327,8 @@ def _parts(cell: Cell, settings: Settings | None) -> dict:
         "treat_load": [_fill(t["load"], names, axis) for axis, t in treatments.items()
                        if "load" in t and getattr(cell, axis) != AXES[axis].default],
         "offload": tuple(_fill(o, names, f"offload {cell.offload}") for o in offload),
-        "offload_helpers": stack.get("offload_helpers", ""),
+        "offload_helpers": copied_code(_module_of(STACK_CATALOG[cell.stack].implementation),
+                                       tuple(stack["offload_copy"])) if "offload_copy" in stack else "",
         "compile": treatments.get("compile") if cell.compile != AXES["compile"].default else None,
     }
 
@@ -536,7 +539,7 @@ def _main(parts: dict, cell: Cell, check: bool, reaches) -> list[str]:
         body += [line for t in parts["treat_load"] for line in t.splitlines()]
     after = parts["offload"][1]
     if reaches("offload"):
-        body += ["# offload (harness/offload.py)", *parts["offload"][0].splitlines()]
+        body += [f"# offload ({stack} offload)", *parts["offload"][0].splitlines()]
     call = _call(cell)
     step = [f"    output = {call}", *(["    " + after] if after else [])]
     warm = ["    for _ in range(WARMUP):", f"        {call}", *(["        " + after] if after else [])]

@@ -11,8 +11,8 @@ from harness.engines import nunchaku_engine
 from harness.engines.modelopt_engine import SDNEXT, WEIGHTS
 from harness.engines.registry import ENGINES
 from harness.errors import QuantMatrixError
-from harness.matrix import Settings
 from harness.run.execute import CellTask, execute_cell, not_quantized, unavailable
+from harness.settings import Settings
 from harness.stacks import diffusers as diffusers_stack
 from harness.stacks import loading
 from harness.verdict import Absence

@@ -26,7 +26,7 @@ import json, sys, tempfile
 from pathlib import Path
 from harness.run.execute import CellTask
 from harness.cell import Cell
-from harness.matrix import Settings
+from harness.settings import Settings
 from harness.run.isolation import run_isolated
 cell = Cell("none", "-", "post-load", "none", "cpu", "dit-xs", "float32")
 outcome = run_isolated(CellTask(cell, Settings(warmup=0, min_steps=1, min_time_s=0.0), Path(tempfile.mkdtemp())),

@@ -10,9 +10,9 @@ from torch import nn
 
 from harness.cell import Cell
 from harness.errors import QuantMatrixError
-from harness.matrix import Settings
 from harness.models.build import build_skeleton
 from harness.run.execute import CellTask, execute_cell, layer_of
+from harness.settings import Settings
 from harness.stacks import diffusers as diffusers_stack
 from harness.stacks import loading
 
@@ -152,12 +152,14 @@ def test_post_load_on_diffusers_applies_the_engine_to_the_loaded_class(workdir):
 @pytest.mark.parametrize("offload", ["group", "balanced"])
 def test_group_and_sdnext_balanced_offload_keep_the_float_output_bit_identical(offload, stack, workdir,
                                                                                  monkeypatch):
-    from harness import offload as offloads
+    from harness.stacks import diffusers as diffusers_stack
+    from harness.stacks import direct as direct_stack
     from tests.test_offload import assert_offload_installed
 
     plain = run(cell("none", "-", offload="none", stack=stack), workdir)
     installed = []  # (mode, model, after step) of each offload the stack applied: the hooks are checked below
-    function = "offload_module" if stack == "direct" else "offload_pipeline"
+    offloads, function = (direct_stack, "offload_module") if stack == "direct" else (diffusers_stack,
+                                                                                      "offload_pipeline")
     real = getattr(offloads, function)
 
     def recording(model, mode, device, **kwargs):
@@ -168,7 +170,7 @@ def test_group_and_sdnext_balanced_offload_keep_the_float_output_bit_identical(o
     monkeypatch.setattr(offloads, function, recording)
     offloaded = run(cell("none", "-", offload=offload, stack=stack), workdir)
     assert offloaded.status == "ran", offloaded.error
-    # the stack offloaded the cell through harness.offload; then the float model without offload it is timed beside
+    # the stack offloaded the cell through its own module; then the float model without offload it is timed beside
     assert [mode for mode, _, _ in installed] == [offload, "none"]
     assert_offload_installed(*installed[0])  # the mode's hooks were really on the model that ran
     assert offloaded.metrics["max_abs_error"] == 0.0

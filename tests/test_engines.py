@@ -150,9 +150,9 @@ def test_on_the_fly_peak_memory_stays_below_post_load(tmp_path):
     """The float model never sits in memory while loading on the fly (bnb nf4, dit-s: 80 MB of float weights)."""
     need("bnb", "nf4")
     from harness.cell import Cell
-    from harness.matrix import Settings
     from harness.run.execute import CellTask
     from harness.run.isolation import run_isolated
+    from harness.settings import Settings
 
     quick = Settings(warmup=0, min_steps=1, min_time_s=0.0)
     peaks = {}

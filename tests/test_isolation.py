@@ -18,9 +18,9 @@ import pytest
 
 from conftest import sigint_default
 from harness.cell import Cell
-from harness.matrix import Settings
 from harness.run.execute import CellTask
 from harness.run.isolation import OUTPUT_TAIL_BYTES, RAN_TAIL_BYTES, run_isolated
+from harness.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = Settings(warmup=0, min_steps=1, min_time_s=0.0)

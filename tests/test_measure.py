@@ -141,8 +141,8 @@ def test_the_paired_ratio_is_the_cell_over_its_float_model(monkeypatch):
 
 def test_each_cell_is_timed_beside_its_float_reference_unless_it_would_not_fit(tmp_path):
     from harness.cell import Cell
-    from harness.matrix import Settings
     from harness.run.execute import CellTask, _FloatReference, float_reference
+    from harness.settings import Settings
 
     cell = Cell("quanto", "qint8", "post-load", "model", "cpu", "dit-xs", "float32")
     assert float_reference(cell) == cell.baseline  # what quantizing costs, in the same offload mode

@@ -13,10 +13,11 @@ import torch
 
 from harness.cell import Cell
 from harness.errors import QuantMatrixError
-from harness.matrix import Settings, parse_matrix
+from harness.matrix import parse_matrix
 from harness.models import sources, specs
 from harness.models.build import build_model, build_skeleton
 from harness.run.execute import CellTask, execute_cell
+from harness.settings import Settings
 from harness.verdict import Status
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,9 +5,11 @@ import pytest
 import torch
 from torch import nn
 
-from harness.matrix import Settings
 from harness.models.build import build_model, components, make_inputs, run
-from harness.offload import SDNEXT_REVISION, BalancedOffload, offload_module, offload_pipeline
+from harness.offload import SDNEXT_REVISION, BalancedOffload
+from harness.settings import Settings
+from harness.stacks.diffusers import offload_pipeline
+from harness.stacks.direct import offload_module
 
 MODES = ["none", "model", "sequential", "balanced", "group"]
 

@@ -8,10 +8,11 @@ import torch
 from torch import nn
 
 from harness.cell import Cell
-from harness.matrix import Settings, parse_matrix
+from harness.matrix import parse_matrix
 from harness.models.build import build_model, build_skeleton, make_inputs, run
 from harness.models.specs import PIPELINES, component_names
 from harness.run.execute import CellTask, execute_cell
+from harness.settings import Settings
 
 TINY = ("flux-tiny-pipe", "sd3-tiny-pipe", "sdxl-tiny-pipe")
 FAMILIES = ("wan-tiny-pipe", "chroma-tiny-pipe", "qwenimage-tiny-pipe", "zimage-tiny-pipe")

@@ -18,9 +18,9 @@ from conftest import lines_of
 from harness import repro
 from harness.cell import Cell
 from harness.cli import main
-from harness.matrix import Settings
 from harness.report import data as report_data
 from harness.report import upstream as report_upstream
+from harness.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO / "results" / "reference"

@@ -108,8 +108,9 @@ def test_a_record_with_an_impossible_figure_is_a_harness_failure_and_is_not_writ
 def test_a_session_writes_no_record_of_an_impossible_figure(tmp_path, monkeypatch):
     """Through the run's own MatrixRun: a cell whose process reports an impossible figure (bits per weight above its
     dtype's width) fails as a harness failure, and its results file stays empty."""
-    from harness.matrix import Matrix, Settings
+    from harness.matrix import Matrix
     from harness.run.session import HarnessFailure, MatrixRun
+    from harness.settings import Settings
 
     session = object.__new__(MatrixRun)  # the run's own class without pytest's config: its state set here
     session.id, session.results = "run-x", tmp_path / "r.jsonl"

@@ -8,8 +8,8 @@ import pytest
 
 from harness import treatments
 from harness.cell import AXES, Cell
-from harness.matrix import Settings
 from harness.run.execute import CellTask, execute_cell, float_reference
+from harness.settings import Settings
 from harness.verdict import Stage, Status
 
 FAST = Settings(warmup=0, min_steps=1, min_time_s=0.0)

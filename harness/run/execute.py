@@ -23,13 +23,13 @@ from harness.cell import Cell
 from harness.engines.base import NotOffered
 from harness.engines.catalog import CATALOG
 from harness.engines.registry import ENGINES
-from harness.matrix import Settings
 from harness.models.build import build_skeleton, components, make_inputs, run
 from harness.models.pipelines import PipelineModel
 from harness.models.sources import register_all
 from harness.models.specs import MODELS, component_names
 from harness.results import absent_device_reason
 from harness.run import measure
+from harness.settings import Settings
 from harness.stacks import loading
 from harness.stacks.base import SharedFile
 from harness.stacks.catalog import not_offered, packages_needed

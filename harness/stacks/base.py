@@ -16,8 +16,8 @@ if TYPE_CHECKING:
     from torch import nn
 
     from harness.engines.base import Engine
-    from harness.matrix import Settings
     from harness.offload import Installed
+    from harness.settings import Settings
     from harness.stacks.loading import Loaded
 
 

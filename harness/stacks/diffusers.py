@@ -19,6 +19,7 @@ Files are made once per run in the run's work directory (see loading.shared_file
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import time
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from harness import devices, offload
 from harness.engines.base import Engine, NotOffered
@@ -36,6 +38,7 @@ from harness.errors import QuantMatrixError
 from harness.models.pipelines import load_pipeline
 from harness.models.real import model_class
 from harness.models.specs import MODELS, PIPELINES, component_names
+from harness.settings import Settings
 from harness.stacks import loading
 from harness.stacks.base import SharedFile, Stack
 from harness.stacks.loading import Loaded, check_name, detect, float_dir, float_model, shared_file
@@ -202,7 +205,7 @@ INTEGRATIONS: dict[str, Integration] = {
 
 # This stack in a standalone repro script (harness/repro.py reads it as text, without importing this module): per
 # load mode the files it prepares and the statements that load `model` (as `files` and `load` below), per offload
-# mode the statements that install it and the one to run after each step (harness/offload.py offload_pipeline),
+# mode the statements that install it and the one to run after each step (offload_pipeline below),
 # and each engine's quantization config (INTEGRATIONS' `config`); `{cls}` is the model's diffusers class,
 # `{config}` the engine's config, `{quantize}` its statements after load, `{write_file}` its own file's writer.
 _FLOAT_DIR = ('float_dir = tmp / "float"  # the float32 model as save_pretrained writes it (loading.make_float_dir)\n'
@@ -222,13 +225,7 @@ REPRO = {
              "prequantized+file": "model = {cls}.from_single_file(\n"
                                   "    str(saved), config=str(float_dir), torch_dtype=DTYPE,\n"
                                   "    quantization_config={config})"},
-    "offload_helpers": '''\
-class ComponentPipeline(diffusers.DiffusionPipeline):  # the model as the one component (offload.component_pipeline)
-    model_cpu_offload_seq = "transformer"
-
-    def __init__(self, transformer: nn.Module):
-        super().__init__()
-        self.register_modules(transformer=transformer)''',
+    "offload_copy": ("ComponentPipeline",),  # as _pipeline_class below makes it
     "offload": {"none": ("pipe = ComponentPipeline(model)\npipe.to(DEVICE)", ""),
                 "model": ("pipe = ComponentPipeline(model)\npipe.enable_model_cpu_offload(device=DEVICE)",
                           "pipe.maybe_free_model_hooks()"),
@@ -367,7 +364,7 @@ class DiffusersStack(Stack):
                                  float_dir(task.workdir, cell.model, seed, dtype), dtype)
 
     def offload(self, model, mode, device, *, components, settings):
-        return offload.offload_pipeline(model, mode, device, components=components, settings=settings)
+        return offload_pipeline(model, mode, device, components=components, settings=settings)
 
 
 def pipeline_quantization_config(engine: Engine, qtype: str, model: str, components: str, dtype: torch.dtype):
@@ -466,3 +463,47 @@ def load_prequantized(engine: Engine, qtype: str, model: str, path: Path, float_
         loaded = cls.from_pretrained(str(path), torch_dtype=dtype, use_safetensors=True)
     hint, detail = check_name(path, found)
     return Loaded(loaded, time.perf_counter() - t0, 0.0, _size(path), hint, detail)
+
+
+def offload_pipeline(model: nn.Module, mode: str, device: str, *, components: list[nn.Module] | None = None,
+                     settings: Settings | None = None) -> offload.Installed:
+    """The diffusers stack's offload: the pipeline's own methods (a model alone as the one component of a
+    minimal pipeline); SD.Next's balanced offload."""
+    s = settings or Settings()
+    execution = devices.torch_device(device)
+    if mode == "balanced":
+        return offload.balanced(model, device, components, s)
+    pipe = getattr(model, "pipe", None) or component_pipeline(model)
+    if mode == "none":
+        pipe.to(execution)
+    elif mode == "model":
+        pipe.enable_model_cpu_offload(device=execution)
+        # A real pipeline's call ends with maybe_free_model_hooks itself; the one-component pipeline is not called
+        return offload.Installed() if getattr(model, "pipe", None) else offload.Installed(pipe.maybe_free_model_hooks)
+    elif mode == "sequential":
+        pipe.enable_sequential_cpu_offload(device=execution)
+    elif mode == "group":
+        pipe.enable_group_offload(**offload.group_options(s, execution))
+    else:
+        raise ValueError(f"unknown offload mode {mode!r}")
+    return offload.Installed()
+
+
+@functools.cache
+def _pipeline_class() -> type:
+    import diffusers
+
+    class ComponentPipeline(diffusers.DiffusionPipeline):
+        """The smallest pipeline: one denoiser component, so that diffusers' own offload methods run on it."""
+
+        model_cpu_offload_seq = "transformer"
+
+        def __init__(self, transformer: nn.Module):
+            super().__init__()
+            self.register_modules(transformer=transformer)
+
+    return ComponentPipeline
+
+
+def component_pipeline(model: nn.Module):
+    return _pipeline_class()(model)

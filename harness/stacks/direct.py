@@ -5,20 +5,23 @@ A pipeline: the engine's API on each component it quantizes, accelerate's functi
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from harness import devices, offload
 from harness.engines.base import Engine
 from harness.engines.registry import ENGINES
 from harness.models.specs import MODELS
+from harness.settings import Settings
 from harness.stacks import loading
 from harness.stacks.base import SharedFile, Stack
 
 # This stack in a standalone repro script (harness/repro.py reads it as text, without importing this module): the
 # float model drawn in memory and the engine's statements after load (`{quantize}`), then accelerate's functions
-# on the module per offload mode (harness/offload.py offload_module): the statements, and the one after each step.
+# on the module per offload mode (offload_module below): the statements, and the one after each step.
 REPRO = {
     "prepare": {"post-load": ""},
     "load": {"post-load": "model = build_model()  # drawn from its seed (loading.load_post)\n{quantize}"},
@@ -70,10 +73,83 @@ class DirectStack(Stack):
         return loading.load_prequantized(engine, cell.qtype, cell.model, source, dtype, device)
 
     def offload(self, model, mode, device, *, components, settings):
-        return offload.offload_module(model, mode, device, components=components, settings=settings)
+        return offload_module(model, mode, device, components=components, settings=settings)
 
 
 def float_model(task, dtype: torch.dtype):
     """The cell's float model in `dtype`, when called: drawn from its seed, or loaded from the run's float directory
     for a model with shared weights (loading.float_model)."""
     return functools.partial(loading.float_model, task.workdir, task.cell.model, task.settings.seed, dtype)
+
+
+def offload_module(model: nn.Module, mode: str, device: str, *, components: list[nn.Module] | None = None,
+                   settings: Settings | None = None) -> offload.Installed:
+    """The direct stack's offload: accelerate's functions on the module itself (diffusers' apply_group_offloading
+    for group), on each component of a pipeline in turn; SD.Next's balanced offload."""
+    s = settings or Settings()
+    execution = devices.torch_device(device)
+    if mode == "balanced":
+        return offload.balanced(model, device, components, s)
+    parts = offload.pipeline_parts(model)
+    if parts is not None and mode != "none":
+        return _offload_parts(list(parts.values()), mode, execution, s)
+    if mode == "none":
+        model.to(execution)
+    elif mode == "model":
+        return offload.Installed(_model_offload(model, execution))
+    elif mode == "sequential":
+        _sequential_offload(model, execution)
+    elif mode == "group":
+        _group_offload(model, execution, s)
+    else:
+        raise ValueError(f"unknown offload mode {mode!r}")
+    return offload.Installed()
+
+
+def _offload_parts(parts: list[nn.Module], mode: str, execution: torch.device, s: Settings) -> offload.Installed:
+    """A pipeline's components through accelerate's functions, as the pipeline methods call them: model offload
+    chains one hook per component in the pipeline's offload order (each moves the one before off the device),
+    sequential and group offload hook each component."""
+    if mode == "model":
+        from accelerate import cpu_offload_with_hook
+
+        hooks, hook = [], None
+        for part in parts:
+            part.to("cpu")
+            _, hook = cpu_offload_with_hook(part, execution, prev_module_hook=hook)
+            hooks.append(hook)
+        return offload.Installed(lambda: [h.offload() for h in hooks] and None)
+    for part in parts:
+        if mode == "sequential":
+            _sequential_offload(part, execution)
+        elif mode == "group":
+            _group_offload(part, execution, s)
+        else:
+            raise ValueError(f"unknown offload mode {mode!r}")
+    return offload.Installed()
+
+
+def _group_offload(model: nn.Module, execution: torch.device, s: Settings) -> None:
+    from diffusers.hooks import apply_group_offloading
+
+    options = offload.group_options(s, execution)
+    options.pop("exclude_modules", None)  # a pipeline's option (its components), not a module's
+    apply_group_offloading(model, **options)
+
+
+def _model_offload(model: nn.Module, execution: torch.device) -> Callable[[], None]:
+    """diffusers' enable_model_cpu_offload on the module: the whole model moves to the device for its forward."""
+    from accelerate import cpu_offload_with_hook
+
+    model.to("cpu")
+    _, hook = cpu_offload_with_hook(model, execution)
+    return hook.offload
+
+
+def _sequential_offload(model: nn.Module, execution: torch.device) -> None:
+    """diffusers' enable_sequential_cpu_offload on the module: weights live off-device, each submodule's arrive per
+    forward."""
+    from accelerate import cpu_offload
+
+    model.to("cpu")
+    cpu_offload(model, execution_device=execution, offload_buffers=len(model._parameters) > 0)

@@ -79,7 +79,7 @@ def quantize_layer(layer: nn.Linear) -> nn.Module:  # harness/engines/bnb.py qua
     return q.to(DEVICE)  # bitsandbytes quantizes here
 
 
-class ComponentPipeline(diffusers.DiffusionPipeline):  # the model as the one component (offload.component_pipeline)
+class ComponentPipeline(diffusers.DiffusionPipeline):
     model_cpu_offload_seq = "transformer"
 
     def __init__(self, transformer: nn.Module):
@@ -102,7 +102,7 @@ def main() -> None:
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent) if parent else model, child, quantize_layer(layer))
         model.eval()  # as the harness leaves it (harness/run/execute.py)
-        # offload (harness/offload.py)
+        # offload (harness/stacks/diffusers.py offload)
         pipe = ComponentPipeline(model)
         pipe.enable_sequential_cpu_offload(device=DEVICE)
         # forward: the first step, then the warm-up steps

@@ -86,7 +86,7 @@ def main() -> None:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, quantize_layer(layer))
     model.eval()  # as the harness leaves it (harness/run/execute.py)
-    # offload (harness/offload.py)
+    # offload (harness/stacks/direct.py offload)
     model.to("cpu")
     accelerate.cpu_offload(model, execution_device=DEVICE, offload_buffers=len(model._parameters) > 0)
     # forward: the first step, then the warm-up steps

@@ -73,7 +73,7 @@ def write_gguf(model: nn.Module, path: Path) -> Path:  # harness/engines/gguf_en
     return path
 
 
-class ComponentPipeline(diffusers.DiffusionPipeline):  # the model as the one component (offload.component_pipeline)
+class ComponentPipeline(diffusers.DiffusionPipeline):
     model_cpu_offload_seq = "transformer"
 
     def __init__(self, transformer: nn.Module):
@@ -94,7 +94,7 @@ def main() -> None:
             str(saved), config=str(float_dir), torch_dtype=DTYPE,
             quantization_config=diffusers.GGUFQuantizationConfig(compute_dtype=DTYPE))
         model.eval()  # as the harness leaves it (harness/run/execute.py)
-        # offload (harness/offload.py)
+        # offload (harness/stacks/diffusers.py offload)
         pipe = ComponentPipeline(model)
         pipe.enable_sequential_cpu_offload(device=DEVICE)
     print("ran to the end of the offload step without an error")

@@ -55,7 +55,7 @@ def main() -> None:
     optimum.quanto.quantize(model, weights=optimum.quanto.qfloat8)
     optimum.quanto.freeze(model)
     model.eval()  # as the harness leaves it (harness/run/execute.py)
-    # offload (harness/offload.py)
+    # offload (harness/stacks/direct.py offload)
     model.to("cpu")
     accelerate.cpu_offload(model, execution_device=DEVICE, offload_buffers=len(model._parameters) > 0)
     print("ran to the end of the offload step without an error")

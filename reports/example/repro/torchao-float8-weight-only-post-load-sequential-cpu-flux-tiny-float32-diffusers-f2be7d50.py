@@ -70,7 +70,7 @@ def make_inputs(seed: int, batch: int, device) -> dict:  # real.make_inputs
     return {k: (v if k == "timestep" else v.to(DTYPE)).to(device) for k, v in inputs.items()}
 
 
-class ComponentPipeline(diffusers.DiffusionPipeline):  # the model as the one component (offload.component_pipeline)
+class ComponentPipeline(diffusers.DiffusionPipeline):
     model_cpu_offload_seq = "transformer"
 
     def __init__(self, transformer: nn.Module):
@@ -90,7 +90,7 @@ def main() -> None:
         model = diffusers.FluxTransformer2DModel.from_pretrained(str(float_dir), torch_dtype=DTYPE)
         tq.quantize_(model, tq.Float8WeightOnlyConfig())
         model.eval()  # as the harness leaves it (harness/run/execute.py)
-        # offload (harness/offload.py)
+        # offload (harness/stacks/diffusers.py offload)
         pipe = ComponentPipeline(model)
         pipe.enable_sequential_cpu_offload(device=DEVICE)
         # forward: the first step, then the warm-up steps
