@@ -511,7 +511,7 @@ def _settings(doc: _Doc, data: dict) -> Settings:
             raise doc.fail(where, f"expected a finite number, got {value}")
         if key in POSITIVE and value <= 0:
             raise doc.fail(where, f"expected a value > 0, got {value}")
-        if value < 0:
+        if value < 0 and not key.endswith("watermark"):  # a watermark SD.Next corrects (offload.sdnext_watermarks)
             raise doc.fail(where, f"expected a value >= 0, got {value}")
         values[key] = expected(value)
     settings = Settings(**values)
@@ -522,9 +522,7 @@ def _settings(doc: _Doc, data: dict) -> Settings:
     if (low is None) != (high is None):
         raise doc.fail("offload.balanced", "expected both high_watermark and low_watermark, or neither (SD.Next's "
                        "defaults for the device's memory class)")
-    if low is not None and not 0 <= low < high <= 1:
-        raise doc.fail("offload.balanced", f"expected 0 <= low_watermark < high_watermark <= 1, got {low} and {high}")
-    return settings
+    return settings  # watermarks outside 0 <= low <= high <= 1: SD.Next corrects them, so does the run (offload.py)
 
 
 def _document(doc: _Doc, data: dict) -> Document | None:

@@ -67,11 +67,36 @@ def sdnext_balanced_defaults(total_bytes: int | None) -> dict:
     return dict(low=0.2, high=0.6, always=(), never=(), memory_class="13-23 GB")
 
 
+def sdnext_watermarks(low: float, high: float) -> tuple[float, float, list[str]]:
+    """The watermarks as SD.Next corrects them before balanced offload starts (modules/sd_offload.py at
+    SDNEXT_REVISION: OffloadHook.__init__, lines 187-190, a high above 1 becomes 0.75; OffloadHook.validate, lines
+    210-220, a low outside 0-1 becomes 0.2, a high below 0.1 or above 1 becomes 0.7, a low above the high becomes
+    the high), and what was changed, in SD.Next's words."""
+    changed = []
+    if high > 1:
+        high = 0.75
+        changed.append("high above 1 set to 0.75")
+    if low < 0 or low > 1:
+        low = 0.2
+        changed.append("watermark low invalid value, set to 0.2")
+    if high < 0.1 or high > 1:
+        high = 0.7
+        changed.append("watermark high invalid value, set to 0.7")
+    if low > high:
+        low = high
+        changed.append(f"watermark low reset to the high, {high:g}")
+    return low, high, changed
+
+
 def balanced_options(s: Settings, total_bytes: int | None) -> dict:
-    """[offload.balanced] over SD.Next's defaults for the device's memory class (None: no GPU)."""
+    """[offload.balanced] over SD.Next's defaults for the device's memory class (None: no GPU), its watermarks
+    corrected as SD.Next corrects them (sdnext_watermarks: the correction is in the record's options)."""
     options = sdnext_balanced_defaults(total_bytes)
     if s.high_watermark is not None:
-        options.update(high=s.high_watermark, low=s.low_watermark, memory_class="[offload.balanced]")
+        low, high, changed = sdnext_watermarks(s.low_watermark, s.high_watermark)
+        options.update(high=high, low=low, memory_class="[offload.balanced]" + (
+            f" (given low {s.low_watermark:g} high {s.high_watermark:g}; SD.Next: {'; '.join(changed)})"
+            if changed else ""))
     if s.offload_always is not None:
         options["always"] = s.offload_always
     if s.offload_never is not None:

@@ -168,6 +168,33 @@ def test_balanced_offload_takes_sdnext_defaults_by_device_memory_class(gib, low,
     assert (mine["low"], mine["high"], mine["always"], mine["never"]) == (0.0, 0.5, always, ("AutoencoderKL",))
 
 
+@pytest.mark.parametrize(("low", "high", "expected"), [
+    (0.2, 0.6, (0.2, 0.6)),  # valid: as given
+    (0.3, 1.5, (0.3, 0.75)),  # a high above 1: 0.75 (OffloadHook.__init__)
+    (-0.1, 0.5, (0.2, 0.5)),  # a low below 0: 0.2 (validate)
+    (1.2, 0.5, (0.2, 0.5)),  # a low above 1: 0.2
+    (0.0, 0.05, (0.0, 0.7)),  # a high below 0.1: 0.7
+    (0.6, 0.4, (0.4, 0.4)),  # a low above the high: the high
+])
+def test_balanced_watermarks_are_corrected_as_sdnext_corrects_them(tmp_path, low, high, expected):
+    """SD.Next does not refuse a watermark outside 0 <= low <= high <= 1: it corrects it (modules/sd_offload.py
+    OffloadHook.__init__ and validate). A matrix may give what a user's SD.Next settings hold; the cell runs with
+    SD.Next's correction, and its options say what was given and what SD.Next made of it."""
+    from harness.matrix import parse_matrix
+    from harness.offload import balanced_options
+
+    text = ('[matrix]\nname = "w"\n[axes]\nengine = ["none"]\nqtype = ["-"]\nload = ["post-load"]\n'
+            'offload = ["balanced"]\ndevice = ["cpu"]\nmodel = ["dit-xs"]\ndtype = ["float32"]\nstack = ["direct"]\n'
+            f"[offload.balanced]\nlow_watermark = {low}\nhigh_watermark = {high}\n")
+    settings = parse_matrix(text, tmp_path / "w.toml").settings
+    options = balanced_options(settings, 24 * 2**30)
+    assert (options["low"], options["high"]) == expected
+    assert ("SD.Next:" in options["memory_class"]) == (expected != (low, high))
+    model = build_model("dit-xs")
+    installed = offload_module(model, "balanced", "cpu", settings=settings)
+    assert f"low {expected[0]:g} high {expected[1]:g}" in installed.options
+
+
 def test_balanced_offload_over_a_pipeline_moves_its_components_in_turn_and_keeps_its_output(monkeypatch):
     """Watermarks that force moves (low 0: any memory in use is above it): each component that starts sends every
     other one to the CPU first, then is dispatched itself; SD.Next's torch_gc runs after each; the image is the
