@@ -53,7 +53,8 @@ A matrix file (TOML) declares axes, optional models from disk, include/exclude t
     sections = ["Quantization", "BitsAndBytes", "Errors"]   # in the page's order
 
     [settings]                 # run settings, see Settings
-    [offload.balanced]         # high_watermark / low_watermark, fractions of device memory
+    [offload.balanced]         # high_watermark / low_watermark, fractions of device memory; always, never
+                               # (class names), models_not_to_offload (SD.Next's model types: "f1", "sdxl")
     [offload.group]            # type ("leaf_level" | "block_level"), blocks_per_group, use_stream, low_cpu_mem_usage
 """
 
@@ -478,12 +479,14 @@ _GROUP = {"group_type": "type", "group_blocks": "blocks_per_group", "group_strea
 def _settings(doc: _Doc, data: dict) -> Settings:
     raw = dict(doc.table(data.get("settings", {}), "settings"))
     defaults = Settings()
-    allowed = {f.name for f in fields(Settings)} - {"high_watermark", "low_watermark", "models"} - set(_GROUP)
+    allowed = {f.name for f in fields(Settings)} - {"high_watermark", "low_watermark", "models",
+                                                    "models_not_to_offload"} - set(_GROUP)
     doc.check_keys(raw, allowed, "settings")
     offload = doc.table(data.get("offload", {}), "offload")
     doc.check_keys(offload, ["balanced", "group"], "offload")
     balanced = dict(doc.table(offload.get("balanced", {}), "offload.balanced"))
-    doc.check_keys(balanced, ["high_watermark", "low_watermark", "always", "never"], "offload.balanced")
+    doc.check_keys(balanced, ["high_watermark", "low_watermark", "always", "never", "models_not_to_offload"],
+                   "offload.balanced")
     group = doc.table(offload.get("group", {}), "offload.group")
     doc.check_keys(group, list(_GROUP.values()), "offload.group")
     values: dict[str, Any] = {}
@@ -501,6 +504,9 @@ def _settings(doc: _Doc, data: dict) -> Settings:
     for key in ("always", "never"):
         if key in balanced:
             values[f"offload_{key}"] = tuple(doc.strings(balanced.pop(key), f"offload.balanced.{key}"))
+    if "models_not_to_offload" in balanced:
+        values["models_not_to_offload"] = tuple(doc.strings(balanced.pop("models_not_to_offload"),
+                                                            "offload.balanced.models_not_to_offload"))
     for key, value in {**raw, **balanced}.items():
         where = f"offload.balanced.{key}" if key in balanced else f"settings.{key}"
         expected = float if key.endswith("watermark") else type(getattr(defaults, key))

@@ -41,10 +41,29 @@ def pipeline_parts(model: nn.Module) -> dict[str, nn.Module] | None:
     return parts() if callable(parts) else None
 
 
+# SD.Next's model type of a pipeline, from its class name (modules/modeldata.py get_model_type at SDNEXT_REVISION,
+# lines 16-140: the first name part that matches, in its order; the families built here, and the ones before them
+# in that order that would match first)
+SDNEXT_MODEL_TYPES = (("StableDiffusion3", "sd3"), ("StableDiffusionXL", "sdxl"), ("StableDiffusion", "sd"),
+                      ("ZetaChroma", "zetachroma"), ("Chroma", "chroma"), ("Flux2", "f2"), ("UltraFlux", "ultraflux"),
+                      ("Flux", "f1"), ("ZImage", "zimage"), ("Qwen", "qwen"), ("Wan", "wanai"))
+
+
+def sdnext_model_type(model: nn.Module) -> str | None:
+    """SD.Next's `shared.sd_model_type` for a pipeline (models.pipelines.PipelineModel); None for a model alone
+    (the one-component pipeline is the harness's, not a type of SD.Next's)."""
+    pipe = getattr(model, "pipe", None)
+    name = type(pipe).__name__ if pipe is not None else ""
+    return next((kind for part, kind in SDNEXT_MODEL_TYPES if part in name), None)
+
+
 def balanced(model: nn.Module, device: str, components: list[nn.Module] | None, s: Settings) -> Installed:
     parts = pipeline_parts(model)
+    kind = sdnext_model_type(model)
     offload = BalancedOffload(components or (list(parts.values()) if parts else [model]), device,
-                              **balanced_options(s, None if device == "cpu" else devices.total_memory(device)))
+                              **balanced_options(s, None if device == "cpu" else devices.total_memory(device)),
+                              kept=kind is not None and kind in {t.lower() for t in s.models_not_to_offload},
+                              model_type=kind)
     return Installed(offload.next_generation, offload.notes, offload.moves, offload.options)
 
 
@@ -140,7 +159,7 @@ def module_size(module: nn.Module) -> int:
 
 
 def _never_offloads(module: nn.Module) -> bool:
-    """SD.Next's OffloadHook.offload_allowed, but for its model-type list (empty by default)."""
+    """SD.Next's OffloadHook.offload_allowed for the module itself (its model-type list: BalancedOffload.kept)."""
     return hasattr(module, "offload_never") or any(hasattr(n, "offload_never") for n in getattr(module, "nets", ()))
 
 
@@ -170,13 +189,17 @@ class BalancedOffload:
     Between steps (`next_generation`) nothing, as in SD.Next (its apply is skipped while the hook is cached): the
     next generation's text encoder starts, and its pre-forward applies the offload to every other component not
     on the CPU, so each timed step pays SD.Next's onload. Not modelled: `evict_aux` (SD.Next's auxiliary models,
-    which a cell has none of) and the model types not to offload (none by default).
+    which a cell has none of).
+
+    `kept`: the pipeline's model type is in SD.Next's `models_not_to_offload` (offload_allowed, sd_offload.py:235):
+    no component sweeps the others off the device when it starts (the move to the device still happens).
     """
 
     MAX_MOVES = 64  # recorded per cell (each generation repeats them)
 
     def __init__(self, components: list[nn.Module], device: str, high: float, low: float,
-                 always: tuple[str, ...] = (), never: tuple[str, ...] = (), memory_class: str = ""):
+                 always: tuple[str, ...] = (), never: tuple[str, ...] = (), memory_class: str = "",
+                 kept: bool = False, model_type: str | None = None):
         import psutil
         from accelerate.hooks import ModelHook
 
@@ -190,8 +213,10 @@ class BalancedOffload:
         self.offload_dir = tempfile.mkdtemp(prefix="quantmatrix-offload-")
         self.notes: list[str] = []
         self.moves: list[str] = []
+        self.kept = kept
         self.options = (f"balanced: {memory_class} watermarks low {low:g} high {high:g}, always "
-                        f"{sorted(self.always) or '-'}, never {sorted(self.never) or '-'}")
+                        f"{sorted(self.always) or '-'}, never {sorted(self.never) or '-'}"
+                        + (f"; model type {model_type} in models_not_to_offload: no sweep" if kept else ""))
         self.last_pre: int | None = None
         self.last_cls: str | None = None
         owner = self
@@ -261,10 +286,9 @@ class BalancedOffload:
         from accelerate.hooks import add_hook_to_module, remove_hook_from_module
 
         # a new module, or a class other than the last one that offloaded (sd_offload.py:242), unless the module
-        # says never (offload_allowed: an `offload_never` attribute; SD.Next's model types not to offload are none
-        # by default)
+        # says never (offload_allowed: an `offload_never` attribute) or the model type is not to offload (`kept`)
         started = self.last_pre != id(module) or type(module).__name__ != self.last_cls
-        if started and not _never_offloads(module):
+        if started and not _never_offloads(module) and not self.kept:
             self.last_cls = type(module).__name__
             others = [o for o in self.components if o is not module and type(o).__name__ not in self.never]
             away = [o for o in others if _device_of(o).type != "cpu"]

@@ -29,6 +29,9 @@ class Settings:
     low_watermark: float | None = None
     offload_always: tuple[str, ...] | None = None
     offload_never: tuple[str, ...] | None = None
+    # SD.Next's models_not_to_offload: model types (offload.sdnext_model_type) whose components never sweep the
+    # others off the device when they start; empty by default
+    models_not_to_offload: tuple[str, ...] = ()
     group_type: str = "leaf_level"  # [offload.group], SD.Next's defaults: "leaf_level" | "block_level"
     group_blocks: int = 1  # blocks per group (block_level)
     group_stream: bool = False  # CUDA streams (accelerators only: a CPU cell runs without)

@@ -1,6 +1,8 @@
 """Offload modes run on the real hooks (accelerate's, diffusers' pipeline methods and group offload, SD.Next's
 balanced algorithm) and do not change the output."""
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -224,6 +226,28 @@ def test_balanced_offload_over_a_pipeline_moves_its_components_in_turn_and_keeps
     # ... then each component's hook, as it starts in the pipeline's order, applies the offload to the others
     # (on a CPU-only host they are all on the CPU already: a GPU run shows the moves between devices)
     assert starts == ["CLIPTextModel", "T5EncoderModel", "FluxTransformer2DModel", "AutoencoderKL"], offload.moves
+
+
+@pytest.mark.parametrize(("listed", "sweeps"), [((), True), (("F1",), False), (("sdxl", "wanai"), True)])
+def test_a_model_type_not_to_offload_starts_no_sweep(tmp_path, listed, sweeps):
+    """SD.Next's models_not_to_offload (sd_offload.py:235, by the pipeline's model type, modeldata.get_model_type:
+    FluxPipeline is "f1", matched case-blind): listed, no component that starts sends the others off the device;
+    the record's options say so. Through a matrix file and the direct stack's balanced offload of flux-tiny-pipe."""
+    from harness.matrix import parse_matrix
+    from harness.offload import sdnext_model_type
+
+    text = ('[matrix]\nname = "k"\n[axes]\nengine = ["none"]\nqtype = ["-"]\nload = ["post-load"]\n'
+            'offload = ["balanced"]\ndevice = ["cpu"]\nmodel = ["flux-tiny-pipe"]\ndtype = ["bfloat16"]\n'
+            'stack = ["direct"]\n' + ("[offload.balanced]\nmodels_not_to_offload = " + json.dumps(list(listed)) + "\n"
+                                        if listed else ""))
+    settings = parse_matrix(text, tmp_path / "k.toml").settings
+    model, inputs = build_model("flux-tiny-pipe", 0, torch.bfloat16), make_inputs("flux-tiny-pipe")
+    assert sdnext_model_type(model) == "f1" and sdnext_model_type(build_model("flux-tiny")) is None
+    installed = offload_module(model, "balanced", "cpu", settings=settings)
+    with torch.no_grad():
+        run(model, inputs)
+    assert any("starts" in m for m in installed.moves) == sweeps, installed.moves
+    assert ("models_not_to_offload" in installed.options) == (not sweeps), installed.options
 
 
 def test_balanced_offload_goes_on_where_sdnext_swallows_an_error_and_records_it():
