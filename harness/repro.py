@@ -44,7 +44,6 @@ WIDTH = 116  # of the header's prose lines
 # What a record whose cell ran, or whose output was not finite, is checked for at the end (against the float model)
 CHECKED = ("ok", "drift-works", "drift-claim", "wrong-output")
 REAL = "harness.models.real"
-TREATMENT_MODULES = ("harness.treatments.casting", "harness.treatments.compiling", "harness.treatments.lora")
 
 
 class Unsupported(QuantMatrixError):
@@ -527,9 +526,9 @@ def _constants(cell: Cell, s: Settings, check: bool, compiled: dict | None) -> s
     return "\n".join(out)
 
 
-def _main(parts: dict, cell: Cell, check: bool, reaches) -> list[str]:
+def _main(parts: dict, cell: Cell, check: bool, reaches, steps: bool) -> list[str]:
     """main(): inputs, the float model's output where the output is judged, then each stage the cell reached, as
-    the harness runs them (harness/run/execute.py)."""
+    the harness runs them (harness/run/execute.py); `steps`: it calls the model (a forward, or compile's first call)."""
     stack = parts["module"].replace(".", "/") + ".py"
     body = [f"# prepare: the files the load reads, made as the harness makes them ({stack} files)",
             *parts["prepare"].splitlines()] if parts["prepare"] else []
@@ -554,7 +553,7 @@ def _main(parts: dict, cell: Cell, check: bool, reaches) -> list[str]:
         if check:
             body.append("check_output(output, reference)")
     head = ["def main() -> None:", "    torch.manual_seed(SEED)  # as the harness seeds a cell"]
-    if check or reaches("forward") or (compiled and reaches("compile")):
+    if check or steps:
         head.append("    inputs = make_inputs(SEED, BATCH, DEVICE)")
     if check:
         head += ["    with torch.no_grad():  # the float model's output, which the cell's is judged against",
@@ -641,7 +640,7 @@ def script(record: dict, settings: Settings | None = None, *, settings_from: str
             _imports(parts, bool(parts["prepare"]), inputs),
             _constants(cell, s, check, parts["compile"] if reaches("compile") else None),
             _model_code(cell, inputs), *[h for h in helpers if h],
-            _wrapped(_main(parts, cell, check, reaches)
+            _wrapped(_main(parts, cell, check, reaches, steps)
                      + [f'    print("ran to the end of the {stop} step without an error")']),
             'if __name__ == "__main__":\n    main()']
     return text[0] + "\n" + text[1] + "\n\n" + "\n\n\n".join(t.strip("\n") for t in text[2:]) + "\n"

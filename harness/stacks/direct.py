@@ -5,7 +5,6 @@ A pipeline: the engine's API on each component it quantizes, accelerate's functi
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -90,26 +89,17 @@ def offload_module(model: nn.Module, mode: str, device: str, *, components: list
     execution = devices.torch_device(device)
     if mode == "balanced":
         return offload.balanced(model, device, components, s)
-    parts = offload.pipeline_parts(model)
-    if parts is not None and mode != "none":
-        return _offload_parts(list(parts.values()), mode, execution, s)
     if mode == "none":
         model.to(execution)
-    elif mode == "model":
-        return offload.Installed(_model_offload(model, execution))
-    elif mode == "sequential":
-        _sequential_offload(model, execution)
-    elif mode == "group":
-        _group_offload(model, execution, s)
-    else:
-        raise ValueError(f"unknown offload mode {mode!r}")
-    return offload.Installed()
+        return offload.Installed()
+    parts = offload.pipeline_parts(model)  # a model alone is its one part
+    return _offload_parts(list(parts.values()) if parts is not None else [model], mode, execution, s)
 
 
 def _offload_parts(parts: list[nn.Module], mode: str, execution: torch.device, s: Settings) -> offload.Installed:
-    """A pipeline's components through accelerate's functions, as the pipeline methods call them: model offload
-    chains one hook per component in the pipeline's offload order (each moves the one before off the device),
-    sequential and group offload hook each component."""
+    """A pipeline's components (or a model alone) through accelerate's functions, as the pipeline methods call
+    them: model offload chains one hook per component in the pipeline's offload order (each moves the one before
+    off the device: diffusers' enable_model_cpu_offload), sequential and group offload hook each component."""
     if mode == "model":
         from accelerate import cpu_offload_with_hook
 
@@ -135,15 +125,6 @@ def _group_offload(model: nn.Module, execution: torch.device, s: Settings) -> No
     options = offload.group_options(s, execution)
     options.pop("exclude_modules", None)  # a pipeline's option (its components), not a module's
     apply_group_offloading(model, **options)
-
-
-def _model_offload(model: nn.Module, execution: torch.device) -> Callable[[], None]:
-    """diffusers' enable_model_cpu_offload on the module: the whole model moves to the device for its forward."""
-    from accelerate import cpu_offload_with_hook
-
-    model.to("cpu")
-    _, hook = cpu_offload_with_hook(model, execution)
-    return hook.offload
 
 
 def _sequential_offload(model: nn.Module, execution: torch.device) -> None:
