@@ -16,7 +16,7 @@ from harness.engines.registry import ENGINES
 from harness.errors import QuantMatrixError
 from harness.models.imitation import build_model, build_skeleton, make_inputs
 from harness.run.measure import bits_per_weight, float_layout, output_error, quantized_layers
-from harness.stacks import loading
+from harness.stacks import direct, loading
 
 CPU = torch.device("cpu")
 
@@ -104,19 +104,19 @@ def workdir(tmp_path_factory):
 @pytest.mark.parametrize("engine, qtype", list(written_files()))
 def test_every_file_the_harness_writes_is_detected_as_what_wrote_it(engine, qtype, workdir):
     need(engine, qtype)
-    path = loading.prequantized_file(workdir, ENGINES[engine], qtype, "dit-xs", torch.float32, 0)
+    path = direct.prequantized_file(workdir, ENGINES[engine], qtype, "dit-xs", torch.float32, 0)
     assert loading.detect(path) == (engine, qtype)
 
 
 @pytest.fixture(scope="module")
 def sample_files(workdir):
-    files = [loading.prequantized_file(workdir, ENGINES["none"], "-", "dit-xs", torch.float32, 0)]
+    files = [direct.prequantized_file(workdir, ENGINES["none"], "-", "dit-xs", torch.float32, 0)]
     for engine, qtype in (("bnb", "nf4"), ("gguf", "Q4_0")):
         reason = unavailable(engine, qtype)
         if reason is not None and require_engines():  # not silently fuzzing fewer formats in CI
             pytest.fail(f"{engine} {qtype}: {reason}, but QUANTMATRIX_REQUIRE_ENGINES is set")
         if reason is None:
-            files.append(loading.prequantized_file(workdir, ENGINES[engine], qtype, "dit-xs", torch.float32, 0))
+            files.append(direct.prequantized_file(workdir, ENGINES[engine], qtype, "dit-xs", torch.float32, 0))
     return [(p.suffix, p.read_bytes(), loading.detect(p)) for p in files]
 
 

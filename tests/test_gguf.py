@@ -61,7 +61,7 @@ def test_k_quant_file_made_elsewhere_is_read_and_run(tmp_path):
 def test_all_in_one_gguf_file_is_refused_with_the_documented_error(tmp_path):
     """The seed: only the UNet/transformer can be loaded from GGUF, not an all-in-one single file."""
     from harness.engines.gguf_engine import GGUFContentsError
-    from harness.stacks.loading import load_prequantized, prequantized_file
+    from harness.stacks.direct import load_prequantized, prequantized_file
 
     engine = GGUFEngine()
     path = prequantized_file(tmp_path, engine, "Q8_0", "pipe-xs", torch.float32, 0)

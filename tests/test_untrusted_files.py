@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from harness.engines.containers import check_container
 from harness.engines.registry import ENGINES
 from harness.errors import QuantMatrixError
-from harness.stacks.loading import detect, load_prequantized, prequantized_file
+from harness.stacks.direct import load_prequantized, prequantized_file
+from harness.stacks.loading import detect
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = [("none", "-"), ("bnb", "nf4"), ("quanto", "qint8"), ("sdnq", "int8"), ("gguf", "Q8_0"), ("gguf", "Q4_0")]

@@ -1,10 +1,6 @@
-"""The three load modes, the files they need, and detecting a pre-quantized file's engine from its contents.
-
-- post-load: build the float model (or load it from the run's file, for a model with shared weights), then the
-  engine quantizes it.
-- on-the-fly: the model is created empty (meta device) and filled layer by layer from a float safetensors
-  checkpoint, each Linear quantized as it arrives, so the whole float model never sits in memory.
-- prequantized: a file the engine wrote earlier in its own format; engine and type are detected from the file.
+"""What both stacks' loads share: the float model (drawn from its seed, or read from the run's float directory for
+a model with shared weights), a whole pipeline quantized after loading, the run's shared files, and detecting a
+pre-quantized file's engine from its contents (never from its name). Each stack's own load modes are in its module.
 
 Files are written once per run into the run's work directory and shared by every cell that needs them.
 """
@@ -12,11 +8,8 @@ Files are written once per run into the run's work directory and shared by every
 from __future__ import annotations
 
 import fcntl
-import json
 import os
-import struct
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +17,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from harness.devices import is_oom
-from harness.engines.base import Engine, set_submodule
+from harness.engines.base import Engine
 from harness.engines.containers import check_container
 from harness.engines.registry import ENGINES
 from harness.errors import QuantMatrixError
-from harness.models.build import build_model, build_skeleton
+from harness.models.build import build_model
 from harness.models.specs import MODELS
 
 
@@ -103,49 +95,6 @@ def float_model(workdir: Path, model: str, seed: int, dtype: torch.dtype) -> nn.
     return loaded
 
 
-def float_checkpoint_path(workdir: Path, model: str, seed: int, dtype: torch.dtype = torch.float32) -> Path:
-    stored = "" if dtype == torch.float32 else "-" + str(dtype).removeprefix("torch.")
-    return workdir / "checkpoints" / f"{model}-seed{seed}{stored}.safetensors"
-
-
-def make_float_checkpoint(float_model: Callable[[], nn.Module]) -> Callable[[Path], object]:
-    """The float weights as one safetensors file, stored in `dtype` (what `float_model()` gives): one file per
-    dtype (float_checkpoint_path), so cells of two dtypes in one run never read each other's."""
-    return lambda tmp: ENGINES["none"].save(float_model(), "-", tmp)
-
-
-def prequantized_path(workdir: Path, engine: Engine, qtype: str, model: str, dtype: torch.dtype, seed: int) -> Path:
-    dname = str(dtype).removeprefix("torch.")
-    stem = f"{model}-{dname}-seed{seed}-{engine.name}" + ("" if qtype == "-" else f"-{qtype}")
-    return workdir / "prequantized" / (stem + engine.file_suffix)
-
-
-def make_prequantized(engine: Engine, qtype: str, model: str, dtype: torch.dtype, seed: int,
-                      float_model: Callable[[], nn.Module] | None = None) -> Callable[[Path], object]:
-    def make(tmp: Path) -> None:
-        source = float_model() if float_model else build_model(model, seed, dtype)
-        quantized = engine.quantize(source, qtype, dtype=dtype, device=torch.device("cpu"))
-        engine.save(quantized, qtype, tmp)
-
-    return make
-
-
-def prequantized_file(workdir: Path, engine: Engine, qtype: str, model: str, dtype: torch.dtype,
-                      seed: int, float_model: Callable[[], nn.Module] | None = None) -> Path:
-    return shared_file(prequantized_path(workdir, engine, qtype, model, dtype, seed),
-                       make_prequantized(engine, qtype, model, dtype, seed, float_model))
-
-
-def load_post(engine: Engine, qtype: str, float_model: Callable[[], nn.Module], dtype: torch.dtype,
-              device: torch.device) -> Loaded:
-    """`float_model()` (drawn from its seed, or loaded from the run's shared file), then the engine quantizes it."""
-    t0 = time.perf_counter()
-    float_model = float_model()
-    t1 = time.perf_counter()
-    quantized = engine.quantize(float_model, qtype, dtype=dtype, device=device)
-    return Loaded(quantized, t1 - t0, time.perf_counter() - t1)
-
-
 def load_post_pipeline(engine: Engine, qtype: str, model: str, components: str,
                        float_model: Callable[[], nn.Module], dtype: torch.dtype, device: torch.device,
                        seed: int = 0) -> Loaded:
@@ -168,96 +117,6 @@ def load_post_pipeline(engine: Engine, qtype: str, model: str, components: str,
 
     quantize_components(pipe, model, components, quantize)
     return Loaded(PipelineModel(pipe, model), t1 - t0, time.perf_counter() - t1)
-
-
-def load_on_the_fly(engine: Engine, qtype: str, model: str, checkpoint: Path, dtype: torch.dtype,
-                    device: torch.device) -> Loaded:
-    """Fill an empty model module by module from `checkpoint`; each Linear goes through the engine on arrival."""
-    t0 = time.perf_counter()
-    quantize_s = 0.0
-    skeleton = build_skeleton(model, dtype)
-    with StreamingReader(checkpoint) as reader:
-        # Names, not modules: a list of modules would keep every float layer alive after it was replaced.
-        for module_name in [name for name, _ in skeleton.named_modules()]:
-            module = skeleton.get_submodule(module_name)
-            own = [n for n, t in [*module._parameters.items(), *module._buffers.items()] if t is not None]
-            if not own:
-                continue
-            prefix = f"{module_name}." if module_name else ""
-            for n in own:
-                value = reader.tensor(prefix + n).to(dtype)
-                if n in module._parameters:
-                    module._parameters[n] = nn.Parameter(value, requires_grad=False)
-                else:
-                    module._buffers[n] = value
-            if isinstance(module, nn.Linear):
-                t = time.perf_counter()
-                replacement = engine.quantize_layer(module, qtype, dtype=dtype, device=device)
-                quantize_s += time.perf_counter() - t
-                if replacement is not module:
-                    set_submodule(skeleton, module_name, replacement)
-            del module
-    return Loaded(skeleton, time.perf_counter() - t0 - quantize_s, quantize_s, checkpoint.stat().st_size)
-
-
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
-
-
-class StreamingReader:
-    """Reads one tensor of a safetensors file at a time with plain reads. safetensors' own reader maps the whole
-    file, and mapped pages count in the process's RSS: on-the-fly loading would look as if the float model sat in
-    memory."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        check_container(path)
-        self.file = open(path, "rb")
-        (n,) = struct.unpack("<Q", self.file.read(8))
-        self.header = json.loads(self.file.read(n))
-        self.data_start = 8 + n
-
-    def tensor(self, key: str) -> torch.Tensor:
-        entry = self.header.get(key)
-        if not isinstance(entry, dict) or entry.get("dtype") not in _DTYPES:
-            raise QuantMatrixError(f"tensor {key!r} missing or of an unknown type; expected a float checkpoint of "
-                                   "the model", path=self.path)
-        start, end = entry["data_offsets"]
-        self.file.seek(self.data_start + start)
-        raw = bytearray(self.file.read(end - start))
-        if len(raw) != end - start:
-            raise QuantMatrixError(f"tensor {key!r} is cut short (truncated file)", path=self.path)
-        return torch.frombuffer(raw, dtype=_DTYPES[entry["dtype"]]).reshape(entry["shape"]) if raw else \
-            torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
-
-    def __enter__(self) -> StreamingReader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.file.close()
-
-
-def load_prequantized(engine: Engine, qtype: str, model: str, path: Path, dtype: torch.dtype,
-                      device: torch.device) -> Loaded:
-    t0 = time.perf_counter()
-    found = detect(path)
-    if found != (engine.name, qtype):
-        raise QuantMatrixError(f"contents say engine {found[0]!r} type {found[1]!r}; expected {engine.name!r} "
-                               f"type {qtype!r}", path=path)
-    try:
-        loaded = engine.load(path, build_skeleton(model, dtype), dtype=dtype, device=device)
-    except Exception as exc:
-        if str(path) in str(exc) or is_oom(exc):  # already names the file, or out of memory
-            raise
-        # A library's bare assert or KeyError on a corrupt file becomes an error that says which file and where
-        frame = traceback.extract_tb(exc.__traceback__)[-1]
-        raise QuantMatrixError(f"{engine.name} could not load it as {qtype}: {type(exc).__name__}: "
-                               f"{exc or '(no message)'} (in {Path(frame.filename).name}:{frame.lineno} "
-                               f"{frame.name}); the file is corrupt or not what its contents claim",
-                               path=path) from exc
-    hint, detail = check_name(path, found)
-    return Loaded(loaded, time.perf_counter() - t0, 0.0, path.stat().st_size, hint, detail)
 
 
 # ------------------------------------------------------------------------------------------ detection
