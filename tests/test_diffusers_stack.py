@@ -246,3 +246,28 @@ def test_cells_of_two_dtypes_in_one_run_never_read_each_others_float_checkpoint(
     (checkpoint,) = (tmp_path / "checkpoints").glob("*.safetensors")
     with safe_open(str(checkpoint), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+
+
+def _config_pairs():
+    from harness.engines.registry import ENGINES
+
+    return [(e, q) for e, integration in diffusers_stack.INTEGRATIONS.items() if e != "none"
+            and integration.writer == "diffusers" for q in sorted(ENGINES[e].qtypes)]
+
+
+@pytest.mark.parametrize(("engine", "qtype"), _config_pairs())
+def test_a_repro_scripts_config_is_the_one_the_stack_builds(engine, qtype):
+    """Each engine's diffusers config is written twice, as the builder the stack calls (INTEGRATIONS) and as the
+    text a repro script holds (REPRO["configs"]): the text, run, must give the same config."""
+    from harness import repro
+
+    load = "prequantized" if diffusers_stack.INTEGRATIONS[engine].single_file else "on-the-fly"
+    c = Cell(engine, qtype, load, "none", "cpu", "flux-tiny", "bfloat16", "diffusers")
+    fragment_engine, fragment_stack, _, _ = repro._fragments(c, None)
+    text = repro._names(c, None, fragment_engine, fragment_stack)["config"]
+    namespace = {"DTYPE": torch.bfloat16}
+    exec("import diffusers\nimport torch\n" + fragment_engine.get("imports", ""), namespace)  # noqa: S102
+    written = eval(text, namespace)  # noqa: S307 (the harness's own fragment)
+    built = diffusers_stack.INTEGRATIONS[engine].config(qtype, torch.bfloat16)
+    assert type(written) is type(built)
+    assert written.to_dict() == built.to_dict(), text

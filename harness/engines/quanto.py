@@ -20,7 +20,7 @@ DIFFUSERS_WEIGHTS = {"qint8": "int8", "qint4": "int4", "qint2": "int2", "qfloat8
 
 
 # This engine in a standalone repro script: its fragment (harness/repro.py says how it is read and filled)
-REPRO = {"imports": "import optimum.quanto",
+REPRO = {"imports": "import optimum.quanto", "tables": ("DIFFUSERS_WEIGHTS",),
          "quantize": "optimum.quanto.quantize(model, weights=optimum.quanto.{qtype})\noptimum.quanto.freeze(model)"}
 
 
