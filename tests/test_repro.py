@@ -282,6 +282,8 @@ def test_the_report_writes_and_links_a_script_for_each_failing_cell(tmp_path):
     failing = {json.loads(line)["id"] for line in some if json.loads(line)["verdict"] not in ("ok", "unavailable")}
     assert 1 < len(scripts) < len(failing)
     assert 'key === "reproduce"' in (tmp_path / "site" / "grids.html").read_text()  # the panel makes it a link
+    manifest = (tmp_path / "site" / "repro" / report_upstream.MANIFEST).read_text().split()
+    assert manifest == [p.name for p in scripts]  # each script it wrote, once (however many cells link it)
     # a second build into the same directory leaves no stale script of its own behind, and never touches a file
     # it did not write (its manifest names what it wrote)
     folder = tmp_path / "site" / "repro"

@@ -161,7 +161,7 @@ def write_scripts(latest: pd.DataFrame, out_dir: Path, files: Iterable[str],
     for first, *others in same.values():  # each cell of a failure links the script of its first cell
         for key in others:
             out[key] = out[first]
-    written = sorted(s.path.split("/", 1)[1] for s in out.values() if s.path)
+    written = sorted({s.path.split("/", 1)[1] for s in out.values() if s.path})  # once, however many cells link it
     if written:
         manifest.write_text("\n".join(written) + "\n", encoding="utf-8")
     return out
