@@ -10,7 +10,7 @@ from torch import nn
 from harness.cell import Cell
 from harness.matrix import parse_matrix
 from harness.models.build import build_model, build_skeleton, make_inputs, run
-from harness.models.specs import PIPELINES, component_names
+from harness.models.specs import MODELS, PIPELINES, component_names
 from harness.run.execute import CellTask, execute_cell
 from harness.settings import Settings
 
@@ -59,6 +59,29 @@ def test_the_real_configurations_have_the_published_sizes():
     assert flux["transformer"] == 11_901_408_320
     assert sdxl["unet"] == 2_567_463_684 and sdxl["text_encoder_2"] == 694_659_840
     assert sdxl["vae"] == 83_653_863
+
+
+# The newer families' releases, in the precision their sizes are published: (component, unit, count in units)
+PUBLISHED = {
+    "wan-14b-pipe": [("transformer", 1e9, 14),  # Wan 2.1: "1.3B and 14B" (diffusers docs, api/pipelines/wan.md)
+                     ("text_encoder", 1e8, 57),  # UMT5-XXL's encoder: 11.4 GB in bf16
+                     ("vae", 1e6, 127)],  # Wan-VAE: 127 M (the Wan report)
+    "chroma-hd-pipe": [("transformer", 1e8, 89),  # "12B -> 8.9B" (the Chroma model card)
+                       ("text_encoder", 1, 4_762_310_656)],  # T5-XXL's encoder, as flux-dev-pipe's
+    "qwenimage-pipe": [("transformer", 1e9, 20),  # Qwen-Image: a 20B MMDiT
+                       ("text_encoder", 1e7, 829)],  # Qwen2.5-VL-7B-Instruct: 8.29 B
+    "zimage-turbo-pipe": [("transformer", 1e7, 615),  # Z-Image: 6B (diffusers docs), 6.15 B
+                          ("text_encoder", 1e8, 40)],  # Qwen3-4B: 4.0 B
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_the_newer_families_released_shapes_have_the_published_sizes(name):
+    """Wan 2.1 14B, Chroma1-HD, Qwen-Image and Z-Image-Turbo on the meta device (for GPU boxes; never run here):
+    each component's parameters, rounded as its size is published."""
+    sizes = {a: sum(p.numel() for p in m.parameters()) for a, m in build_skeleton(name).parts().items()}
+    assert {(attr, unit, round(sizes[attr] / unit)) for attr, unit, _ in PUBLISHED[name]} == set(PUBLISHED[name])
+    assert MODELS[name].shared_weights and MODELS[name].kind == MODELS[name.split("-")[0] + "-tiny-pipe"].kind
 
 
 def test_the_text_encoders_quantized_are_those_sdnext_te_option_quantizes():

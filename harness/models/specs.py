@@ -80,6 +80,15 @@ MODELS: dict[str, ModelSpec] = {
                                shared_weights=True),
     "sdxl-pipe": ModelSpec("sdxl", width=320, depth=2, heads=10, latent=128, channels=4, pipeline=True,
                            shared_weights=True),
+    # The newer families' releases (RELEASED below), for GPU boxes
+    "wan-14b-pipe": ModelSpec("wan", width=5120, depth=40, heads=40, latent=60, channels=16, pipeline=True,
+                              shared_weights=True),
+    "chroma-hd-pipe": ModelSpec("chroma", width=3072, depth=19, heads=24, latent=128, channels=16, pipeline=True,
+                                shared_weights=True),
+    "qwenimage-pipe": ModelSpec("qwenimage", width=3072, depth=60, heads=24, latent=166, channels=16,
+                                pipeline=True, shared_weights=True),
+    "zimage-turbo-pipe": ModelSpec("zimage", width=3840, depth=30, heads=30, latent=128, channels=16,
+                                   pipeline=True, shared_weights=True),
 }
 
 REAL_CLASSES = {"flux": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel", "sdxl": "UNet2DConditionModel",
@@ -157,23 +166,28 @@ def _t5(d_model: int, *, layers: int = 2, heads: int = 4, d_kv: int = 32, d_ff: 
         decoder_start_token_id=0)
 
 
-def _qwen(hidden: int, *, layers: int = 2, heads: int = 2, vocab: int = 1000,
-          vl: bool = False) -> tuple[str, dict]:
-    """Qwen3's language model (Z-Image's text encoder), or Qwen2.5-VL with a tiny vision tower (Qwen-Image's: the
+def _qwen(hidden: int, *, layers: int = 2, heads: int = 2, vocab: int = 1000, vl: bool = False,
+          intermediate: int | None = None, kv_heads: int | None = None, head_dim: int | None = None,
+          vision: dict | None = None, tied: bool = False) -> tuple[str, dict]:
+    """Qwen3's language model (Z-Image's text encoder), or Qwen2.5-VL with a vision tower (Qwen-Image's: the
     pipeline runs its language model on the prompt; the ids of its vision tokens are in the vocabulary, never in a
-    prompt)."""
-    text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=256,
-                bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    prompt). Tiny by default; the released configurations name every size."""
+    head_dim = head_dim or hidden // heads
+    text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
+                max_position_embeddings=256, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+                tie_word_embeddings=tied)
     if not vl:
-        return "Qwen3Model", {**text, "head_dim": hidden // heads}
-    unit = hidden // heads // 16  # mrope's three sections split half of a head's dimensions: 2 : 3 : 3
+        return "Qwen3Model", {**text, "head_dim": head_dim}
+    unit = head_dim // 16  # mrope's three sections split half of a head's dimensions: 2 : 3 : 3
     return "Qwen2_5_VLForConditionalGeneration", dict(
         text_config={**text, "rope_scaling": {"mrope_section": [2 * unit, 3 * unit, 3 * unit],
                                               "rope_type": "default", "type": "default"}},
-        vision_config=dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=hidden),
+        vision_config=vision or dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2,
+                                     out_hidden_size=hidden),
         vocab_size=vocab, hidden_size=hidden, image_token_id=vocab - 5, video_token_id=vocab - 4,
-        vision_start_token_id=vocab - 3, vision_end_token_id=vocab - 2, vision_token_id=vocab - 1)
+        vision_start_token_id=vocab - 3, vision_end_token_id=vocab - 2, vision_token_id=vocab - 1,
+        tie_word_embeddings=tied)
 
 
 def _vae(latent_channels: int, blocks: tuple[int, ...] = (32, 64), **extra) -> dict:
@@ -267,6 +281,56 @@ FAMILIES: dict[str, PipelineSpec] = {
         "FlowMatchEulerDiscreteScheduler", ("text_encoder",), {**_TINY_CALL, "max_sequence_length": 16}, chat=True),
 }
 PIPELINES.update(FAMILIES)
+
+# The same families at their released shapes, for GPU boxes (never drawn here: their parameter counts are checked
+# on the meta device against the published sizes). Configurations as the diffusers repositories hold them:
+# Wan2.1-T2V-14B (diffusers scripts/convert_wan_to_diffusers.py; UMT5-XXL's encoder; AutoencoderKLWan's defaults),
+# Chroma1-HD (Flux's VAE, T5-XXL), Qwen-Image (Qwen2.5-VL-7B-Instruct; AutoencoderKLQwenImage's defaults) and
+# Z-Image-Turbo (Qwen3-4B; Flux's VAE; axes_lens as released, not the class default).
+_T5_XXL = _t5(4096, layers=24, heads=64, d_kv=64, d_ff=10240, vocab=32128)
+_FLUX_VAE = _vae(16, (128, 256, 512, 512), shift_factor=0.1159, scaling_factor=0.3611) | {"layers_per_block": 2,
+                                                                                         "sample_size": 1024}
+_VIDEO_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                  temperal_downsample=[False, True, True])
+_RELEASED_CALL = dict(height=1024, width=1024, num_inference_steps=4, max_sequence_length=512)
+RELEASED: dict[str, PipelineSpec] = {
+    "wan-14b-pipe": PipelineSpec(
+        "WanPipeline", "transformer",
+        dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+             text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+             qk_norm="rms_norm_across_heads", eps=1e-6),
+        {"text_encoder": _t5(4096, layers=24, heads=64, d_kv=64, d_ff=10240, vocab=256384, umt5=True)},
+        {"tokenizer": 512}, _VIDEO_VAE, "UniPCMultistepScheduler", ("text_encoder",),
+        dict(height=480, width=832, num_frames=81, num_inference_steps=4, max_sequence_length=512),
+        vae_class="AutoencoderKLWan",
+        scheduler_config=dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)),
+    "chroma-hd-pipe": PipelineSpec(
+        "ChromaPipeline", "transformer",
+        dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+             num_attention_heads=24, joint_attention_dim=4096, axes_dims_rope=(16, 56, 56),
+             approximator_num_channels=64, approximator_hidden_dim=5120, approximator_layers=5),
+        {"text_encoder": _T5_XXL}, {"tokenizer": 512}, _FLUX_VAE, "FlowMatchEulerDiscreteScheduler",
+        ("text_encoder",), _RELEASED_CALL),
+    "qwenimage-pipe": PipelineSpec(
+        "QwenImagePipeline", "transformer",
+        dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+             num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56)),
+        {"text_encoder": _qwen(3584, layers=28, heads=28, kv_heads=4, intermediate=18944, vocab=152064, vl=True,
+                               vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                                           out_hidden_size=3584))},
+        {"tokenizer": 1024}, _VIDEO_VAE, "FlowMatchEulerDiscreteScheduler", ("text_encoder",),
+        {**_RELEASED_CALL, "height": 1328, "width": 1328}, vae_class="AutoencoderKLQwenImage", chat=True),
+    "zimage-turbo-pipe": PipelineSpec(
+        "ZImagePipeline", "transformer",
+        dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
+             n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560, rope_theta=256.0,
+             t_scale=1000.0, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512]),
+        {"text_encoder": _qwen(2560, layers=36, heads=32, kv_heads=8, head_dim=128, intermediate=9728,
+                               vocab=151936, tied=True)},
+        {"tokenizer": 512}, _FLUX_VAE, "FlowMatchEulerDiscreteScheduler", ("text_encoder",), _RELEASED_CALL,
+        chat=True),
+}
+PIPELINES.update(RELEASED)
 
 # The `components` axis: which of a model's components a cell quantizes.
 COMPONENT_VALUES = ("denoiser", "denoiser+te", "te")
