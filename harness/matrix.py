@@ -6,6 +6,9 @@ A matrix file (TOML) declares axes, optional models from disk, include/exclude t
     path = "/data/FLUX.1-dev"  # pipeline dir (model_index.json), model dir (config.json), or a .safetensors file
     config = "..."             # the single file's architecture (a directory with config.json)
     call = { height = 512 }    # pipelines: the call's arguments over the defaults (2 steps, 32 latent pixels)
+    [models.my-shape]          # or a diffusers class at a shape of one's own, with seeded weights
+    class = "FluxTransformer2DModel"
+    config = { num_layers = 2 }   # its arguments over the class's defaults, or a directory with config.json
 
     [axes]
     engine  = ["*"]            # "*": every registered engine

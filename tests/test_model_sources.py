@@ -202,3 +202,63 @@ def test_a_video_pipeline_from_disk_generates_frames(tmp_path, registry):
     with torch.no_grad():
         out = run(build_model("my-wan"), make_inputs("my-wan"))
     assert out["image"].dim() == 5 and out["image"].shape[1] == 5  # batch x frames x channels x height x width
+
+
+def _inline(config: dict) -> str:
+    """A config as a TOML inline table."""
+    def value(v):
+        return json.dumps(list(v)) if isinstance(v, (list, tuple)) else json.dumps(v)
+
+    return "{ " + ", ".join(f"{k} = {value(v)}" for k, v in config.items()) + " }"
+
+
+def test_a_class_at_a_shape_of_ones_own_is_drawn_from_the_seed(disk, registry, tmp_path):
+    """`class` + `config` (inline, or a directory's config.json): seeded weights, no checkpoint. At flux-tiny's
+    arguments it is flux-tiny, bit for bit; its cells run and are judged, their records saying `weights: seeded`."""
+    tiny = specs.DIFFUSERS_CONFIGS["flux-tiny"]
+    m = matrix(disk, f'[models.my-shape]\nclass = "FluxTransformer2DModel"\nconfig = {_inline(tiny)}\n'
+                     '[models.my-dir-shape]\nclass = "FluxTransformer2DModel"\nconfig = "den"\n',
+               AXES.replace('"my-pipe", "my-den", "my-file"', '"my-shape", "my-dir-shape"'))
+    want = build_model("flux-tiny", seed=3).state_dict()
+    for name in ("my-shape", "my-dir-shape"):
+        assert specs.MODELS[name].real and not specs.MODELS[name].source and specs.MODELS[name].shared_weights
+        got = build_model(name, seed=3).state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), name
+    settings = replace(FAST, models=m.settings.models)
+    for stack in ("direct", "diffusers"):
+        outcome = execute_cell(CellTask(Cell("sdnq", "int8", "post-load", "none", "cpu", "my-shape", "float32",
+                                             stack), settings, tmp_path))
+        assert outcome.status is Status.RAN, outcome.error
+        assert outcome.metrics["weights"] == "seeded" and outcome.metrics["sqnr_db"] > 30
+
+
+def test_a_class_names_only_what_it_changes_from_the_class_defaults():
+    """The arguments a denoiser's input shapes come from, where a `class` config leaves them out: diffusers'
+    own defaults (read here from the signatures; matrix validation imports no diffusers)."""
+    import inspect
+
+    import diffusers
+
+    for cls, defaults in sources.CLASS_DEFAULTS.items():
+        signature = inspect.signature(getattr(diffusers, cls).__init__).parameters
+        assert {k: signature[k].default for k in defaults} == {k: tuple(v) if isinstance(v, list) else v
+                                                               for k, v in defaults.items()}, cls
+
+
+@pytest.mark.parametrize("table, said", [
+    ('class = "FluxTransformer2DModel"\npath = "den"', "(one of the two)"),
+    ('class = "FluxTransformer2DModel"', "a class needs config = "),
+    ('class = "FluxTransformer2DModel"\nconfig = 3', "config: expected a directory holding config.json, or a table"),
+    ('class = "SD3Transformer2DModel"\nconfig = "den"', "config names class 'FluxTransformer2DModel'; expected "
+                                                         "'SD3Transformer2DModel'"),
+    ('class = "WanTransformer3DModel"\nconfig = { num_layers = 1 }', "a model of class 'WanTransformer3DModel': "
+                                                                     "alone, only"),
+    ('class = "UNet2DConditionModel"\nconfig = { layers_per_block = 1 }', "'projection_class_embeddings_input_dim'"
+                                                                           " missing"),
+])
+def test_a_class_that_cannot_be_drawn_is_one_line_naming_it(disk, registry, table, said):
+    with pytest.raises(QuantMatrixError) as raised:
+        matrix(disk, f"[models.mine]\n{table}\n", '[axes]\nengine = "none"\nqtype = "-"\nload = "post-load"\n'
+                     'offload = "none"\ndevice = "cpu"\nmodel = "dit-xs"\ndtype = "float32"\n')
+    message = str(raised.value)
+    assert said in message and "\n" not in message and "models.mine" in message and "m.toml" in message

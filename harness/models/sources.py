@@ -11,6 +11,11 @@
     path = "flux1-dev.safetensors"      # one file, original or diffusers keys ...
     config = "FLUX.1-dev/transformer"   # ... and the directory of its architecture's config.json
 
+    [models.my-shape]
+    class = "FluxTransformer2DModel"    # a diffusers class at a shape of one's own, seeded random weights ...
+    config = { num_layers = 2, num_single_layers = 4, attention_head_dim = 64 }   # ... its arguments, or a
+                                        # directory with its config.json
+
 Relative paths are read from the matrix file's folder. What kind of model it is (pipeline or denoiser), its
 classes and components are read from the files' JSON configs when the matrix is loaded (no torch, no weights):
 a missing or unreadable file is one line naming it. The weights are read when a cell needs them, with
@@ -18,14 +23,17 @@ a missing or unreadable file is one line naming it. The weights are read when a 
 
 Such a model joins the built-in ones (`specs.MODELS`) under its name and runs on every axis as they do: its float
 model is the checkpoint itself in the cell's dtype, loaded by the stacks as a model with shared weights (a
-directory is read where it lies; a single file is converted once per run into the run's directory).
+directory is read where it lies; a single file is converted once per run into the run's directory). A `class`
+model has no checkpoint: its weights are drawn from the run's seed as the built-in models' are, once per run into
+the run's directory (its records say `weights: seeded`); alone, a denoiser runs only where its inputs are made here
+(Flux's, SD3's and SDXL's classes).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from harness.cell import AXES
@@ -34,10 +42,21 @@ from harness.models import specs
 
 # A user model's name becomes part of cell ids, file names and pages: letters, digits, ".", "_" and "-" only
 NAME = AXES["model"].named
-KEYS = ("path", "config", "call")
+KEYS = ("path", "class", "config", "call")
 CONFIG_BYTES = 4 << 20  # a model's JSON config is kilobytes; anything bigger is not one
 ALONE = ("flux", "sd3", "sdxl")  # the kinds a denoiser alone may be: real.make_inputs makes their inputs
-SMALL_CALL = dict(num_inference_steps=2)  # a cell's generation: two steps, at 32 latent pixels a side
+SMALL_CALL = dict(num_inference_steps=2)
+# The arguments a denoiser's input shapes are read from, as each class defaults them (a `class` model's config names
+# only what it changes; tests check these against diffusers' signatures). SDXL's UNet has no default added
+# embedding: a UNet alone needs projection_class_embeddings_input_dim and addition_time_embed_dim given.
+CLASS_DEFAULTS = {
+    "FluxTransformer2DModel": dict(in_channels=64, num_layers=19, attention_head_dim=128, num_attention_heads=24,
+                                   joint_attention_dim=4096, pooled_projection_dim=768),
+    "SD3Transformer2DModel": dict(in_channels=16, num_layers=18, attention_head_dim=64, num_attention_heads=18,
+                                  joint_attention_dim=4096, pooled_projection_dim=2048),
+    "UNet2DConditionModel": dict(in_channels=4, block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
+                                 cross_attention_dim=1280, attention_head_dim=8),
+}  # a cell's generation: two steps, at 32 latent pixels a side
 
 
 @dataclass(frozen=True)
@@ -45,8 +64,10 @@ class Source:
     """A `[models.NAME]` table, resolved: where its files are (plain data: it travels to each cell's process)."""
 
     name: str
-    path: str  # a pipeline or model directory, or a single .safetensors file
-    config: str = ""  # the single file's architecture: a directory with config.json
+    path: str  # a pipeline or model directory, or a single .safetensors file ("" for a class)
+    config: str = ""  # the single file's or the class's architecture: a directory with config.json
+    cls: str = ""  # a diffusers class drawn with seeded weights, not read from disk
+    arguments: str = ""  # the class's arguments given inline, as JSON (the record stays plain, hashable data)
     call: tuple[tuple[str, object], ...] = ()  # the pipeline call's arguments, over the defaults
     matrix: str = ""  # the matrix file that names it (for messages)
 
@@ -81,8 +102,10 @@ def from_table(name: str, table: object, matrix: Path) -> Source:
         raise _fail(where, f"name {name!r}: expected lowercase letters, digits, '.', '_' and '-' (at most 48)")
     if name in specs.MODELS and not specs.MODELS[name].source:
         raise _fail(where, f"{name!r} is a built-in model; expected a name of your own")
-    if not isinstance(table, dict) or not isinstance(table.get("path"), str):
-        raise _fail(where, "expected a table with path = \"a pipeline or model directory, or a .safetensors file\"")
+    if not isinstance(table, dict) or not isinstance(table.get("path", table.get("class")), str) or (
+            "path" in table and "class" in table):
+        raise _fail(where, "expected a table with path = \"a pipeline or model directory, or a .safetensors file\" "
+                           "or class = \"a diffusers model class\" (one of the two)")
     unknown = sorted(set(table) - set(KEYS))
     if unknown:
         raise _fail(where, f"unknown key {unknown[0]!r}; expected one of {list(KEYS)}")
@@ -90,13 +113,19 @@ def from_table(name: str, table: object, matrix: Path) -> Source:
     if not isinstance(call, dict) or not all(isinstance(v, (int, float, str)) for v in call.values()):
         raise _fail(where, "call: expected a table of numbers and strings (the pipeline call's arguments)")
     config = table.get("config", "")
-    if not isinstance(config, str):
-        raise _fail(where, "config: expected a directory holding config.json")
+    inline = "class" in table and isinstance(config, dict)
+    if not isinstance(config, str) and not inline:
+        raise _fail(where, "config: expected a directory holding config.json" + (
+            ", or a table of the class's arguments" if "class" in table else ""))
+    if "class" in table and not config:
+        raise _fail(where, "a class needs config = { its arguments } or \"a directory with its config.json\"")
 
     def resolve(p: str) -> str:
         return str((matrix.parent / Path(p).expanduser()).resolve()) if p else ""
 
-    return Source(name, resolve(table["path"]), resolve(config), tuple(sorted(call.items())), str(matrix))
+    return Source(name, resolve(table.get("path", "")), config="" if inline else resolve(config),
+                  cls=table.get("class", ""), arguments=json.dumps(config, sort_keys=True) if inline else "",
+                  call=tuple(sorted(call.items())), matrix=str(matrix))
 
 
 def register(source: Source) -> specs.ModelSpec:
@@ -109,7 +138,9 @@ def register(source: Source) -> specs.ModelSpec:
             raise _fail(source, f"named twice, as {known.path} and {source.path}; expected one model per name")
         return specs.MODELS[source.name]
     path = Path(source.path)
-    if path.is_dir() and (path / "model_index.json").exists():
+    if source.cls:
+        spec = _register_class(source)
+    elif path.is_dir() and (path / "model_index.json").exists():
         spec = _register_pipeline(source, path)
     elif path.is_dir():
         config = read_json(source, path / "config.json", "a diffusers pipeline directory (model_index.json) or "
@@ -165,6 +196,18 @@ def _kind(denoiser_class: str) -> str:
     return kind
 
 
+def _register_class(source: Source) -> specs.ModelSpec:
+    """A diffusers class at the shape its arguments give, seeded weights (no checkpoint): a denoiser alone."""
+    config = json.loads(source.arguments) if source.arguments else read_json(
+        source, Path(source.config) / "config.json", "the class's config (config.json)")
+    named = config.get("_class_name", source.cls)
+    if named != source.cls:
+        raise _fail(source, f"config names class {named!r}; expected {source.cls!r}, the table's class")
+    spec = _register_denoiser(source, {**CLASS_DEFAULTS.get(source.cls, {}), **config, "_class_name": source.cls})
+    specs.MODELS[source.name] = spec = replace(spec, source="")  # drawn from the seed, once per run
+    return spec
+
+
 def _register_denoiser(source: Source, config: dict) -> specs.ModelSpec:
     """A denoiser alone: its inputs are made as the built-in classes' are (real.make_inputs), so the class must be
     Flux's, SD3's or SDXL's; the input shapes are read from its config."""
@@ -177,8 +220,11 @@ def _register_denoiser(source: Source, config: dict) -> specs.ModelSpec:
     arguments = {k: v for k, v in config.items() if not k.startswith("_")}
     try:
         spec = _denoiser_spec(kind, arguments, source.path)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise _fail(source, f"config of class {cls}: {exc!r} missing or not a number; expected diffusers' "
+    except KeyError as exc:
+        raise _fail(source, f"config of class {cls}: {exc.args[0]!r} missing; expected diffusers' config of the "
+                            "class") from None
+    except (TypeError, ValueError) as exc:
+        raise _fail(source, f"config of class {cls}: a shape that is not a number ({exc}); expected diffusers' "
                             "config of the class") from None
     specs.DIFFUSERS_CONFIGS[source.name] = arguments
     specs.MODELS[source.name] = spec
