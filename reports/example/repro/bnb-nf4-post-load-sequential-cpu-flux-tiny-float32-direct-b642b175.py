@@ -80,7 +80,7 @@ def main() -> None:
     torch.manual_seed(SEED)  # as the harness seeds a cell
     inputs = make_inputs(SEED, BATCH, DEVICE)
     # load (harness/stacks/direct.py load)
-    model = build_model()  # drawn from its seed (loading.load_post)
+    model = build_model()  # drawn from its seed (stacks/direct.py load_post)
     for name, layer in list(model.named_modules()):  # every plain Linear (harness/engines/base.py replace_linears)
         if type(layer) is nn.Linear:
             parent, _, child = name.rpartition(".")

@@ -51,7 +51,7 @@ def build_model(dtype: torch.dtype = DTYPE) -> nn.Module:  # real.build_model
 def main() -> None:
     torch.manual_seed(SEED)  # as the harness seeds a cell
     # load (harness/stacks/direct.py load)
-    model = build_model()  # drawn from its seed (loading.load_post)
+    model = build_model()  # drawn from its seed (stacks/direct.py load_post)
     optimum.quanto.quantize(model, weights=optimum.quanto.qfloat8)
     optimum.quanto.freeze(model)
     model.eval()  # as the harness leaves it (harness/run/execute.py)
