@@ -53,22 +53,43 @@ def build_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) ->
 
 def to_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     """`module` in `dtype` as from_pretrained leaves it, so a model built here stores and computes what the same
-    model loaded does: the buffers its constructor computes and no file holds (a rotary embedding's inv_freq) keep
-    their dtype, and the parameters of a diffusers class's `_keep_in_fp32_modules` (Wan's time embedder and norms)
-    stay in float32 (model_loading_utils load_model_dict_into_meta). nn.Module.to casts: ModelMixin.to would warn
-    about those modules."""
-    computed = {(owner, name): buffer for owner in module.modules() for name, buffer in owner._buffers.items()
+    model loaded does: the buffers its constructor computes and no file holds keep the dtype the constructor gives
+    them (_constructed_dtypes: a rotary embedding's inv_freq float32, Gemma's embed_scale the model's), and the
+    parameters of a diffusers class's `_keep_in_fp32_modules` (Wan's time embedder and norms) stay in float32
+    (model_loading_utils load_model_dict_into_meta). nn.Module.to casts: ModelMixin.to would warn about those
+    modules."""
+    computed = {(f"{prefix}.{name}".lstrip("."), owner, name): buffer for prefix, owner in module.named_modules()
+                for name, buffer in owner._buffers.items()
                 if name in owner._non_persistent_buffers_set and buffer is not None}
     keep = getattr(type(module), "_keep_in_fp32_modules", None) if type(module).__module__.startswith(
         "diffusers.") and dtype.is_floating_point else None
     kept = {p: p.data.to(torch.float32) for name, p in module.named_parameters()
             if keep and any(part in keep for part in name.split("."))}
+    made = _constructed_dtypes(module, dtype) if computed else {}
     module = nn.Module.to(module, dtype)
-    for (owner, name), buffer in computed.items():  # made by the constructor, never loaded: as it made them
-        owner._buffers[name] = buffer
+    for (qualified, owner, name), buffer in computed.items():  # made by the constructor, never loaded
+        owner._buffers[name] = buffer.to(made[qualified]) if qualified in made else buffer
     for param, data in kept.items():
         param.data = data
     return module
+
+
+def _constructed_dtypes(module: nn.Module, dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The dtypes a transformers model's constructor gives its buffers when from_pretrained makes it in `dtype`:
+    it constructs under torch's default dtype set to `dtype`, so a buffer made from a Python number takes it and one
+    made in float32 on purpose keeps float32. Read from a twin constructed so on the meta device; {} for another
+    kind of module (diffusers constructs in float32 and loads into it)."""
+    if not type(module).__module__.startswith("transformers.") or not hasattr(module, "config") or not (
+            dtype.is_floating_point):
+        return {}
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            twin = type(module)(module.config)
+    finally:
+        torch.set_default_dtype(previous)
+    return {name: b.dtype for name, b in twin.named_buffers() if b.is_floating_point()}
 
 
 def make_inputs(name: str, seed: int = 0, batch: int = 1, dtype: torch.dtype = torch.float32,
