@@ -15,7 +15,8 @@ from harness.run.execute import CellTask, execute_cell
 from harness.settings import Settings
 
 TINY = ("flux-tiny-pipe", "sd3-tiny-pipe", "sdxl-tiny-pipe")
-FAMILIES = ("wan-tiny-pipe", "chroma-tiny-pipe", "qwenimage-tiny-pipe", "zimage-tiny-pipe")
+FAMILIES = ("wan-tiny-pipe", "chroma-tiny-pipe", "qwenimage-tiny-pipe", "zimage-tiny-pipe", "lumina2-tiny-pipe",
+            "sana-tiny-pipe")
 FAST = Settings(warmup=0, min_steps=1, max_steps=1, min_time_s=0.0)
 # Z-Image in bf16 on this CPU: the first generation of a process differs from every later one with the same seed
 # (later ones agree, a second model's too); each cell and its reference run in fresh processes, so they agree
@@ -209,7 +210,7 @@ def test_an_int8_matmul_pipelines_text_encoder_gets_no_quantized_matmul_as_in_sd
     assert matmul(pipe.transformer) == {True} and matmul(pipe.text_encoder_2) == {False}
 
 
-@pytest.mark.parametrize("name", ["wan-tiny-pipe", "zimage-tiny-pipe"])
+@pytest.mark.parametrize("name", ["wan-tiny-pipe", "zimage-tiny-pipe", "lumina2-tiny-pipe", "sana-tiny-pipe"])
 def test_a_pipeline_built_here_is_the_same_pipeline_loaded_from_its_files(name, tmp_path):
     """The float reference a cell is judged against is built, the cell's model loaded by from_pretrained: they must
     agree to the bit, dtypes too (Wan keeps its `_keep_in_fp32_modules` in float32 in a bf16 model; Qwen3's rotary

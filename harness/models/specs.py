@@ -68,12 +68,15 @@ MODELS: dict[str, ModelSpec] = {
     "flux-tiny-pipe": ModelSpec("flux", width=128, depth=2, heads=4, latent=16, channels=16, pipeline=True),
     "sd3-tiny-pipe": ModelSpec("sd3", width=128, depth=2, heads=4, latent=16, channels=16, pipeline=True),
     "sdxl-tiny-pipe": ModelSpec("sdxl", width=64, depth=1, heads=2, latent=16, channels=4, pipeline=True),
-    # The families people run now (FAMILIES below): Wan 2.x text-to-video, Chroma, Qwen-Image, Z-Image
+    # The families people run now (FAMILIES below): Wan 2.x text-to-video, Chroma, Qwen-Image, Z-Image,
+    # Lumina 2, Sana
     "wan-tiny-pipe": ModelSpec("wan", width=128, depth=2, heads=4, latent=4, channels=16, pipeline=True),
     "chroma-tiny-pipe": ModelSpec("chroma", width=128, depth=2, heads=4, latent=16, channels=16, pipeline=True),
     "qwenimage-tiny-pipe": ModelSpec("qwenimage", width=128, depth=2, heads=4, latent=8, channels=16,
                                      pipeline=True),
     "zimage-tiny-pipe": ModelSpec("zimage", width=192, depth=2, heads=6, latent=16, channels=16, pipeline=True),
+    "lumina2-tiny-pipe": ModelSpec("lumina2", width=128, depth=2, heads=4, latent=16, channels=16, pipeline=True),
+    "sana-tiny-pipe": ModelSpec("sana", width=128, depth=2, heads=4, latent=16, channels=16, pipeline=True),
     # Real configurations (Flux-dev with CLIP-L and T5-XXL; SDXL-base with CLIP-L and OpenCLIP bigG), for GPU
     # boxes: their float pipeline is written once per run and loaded by every cell.
     "flux-dev-pipe": ModelSpec("flux", width=3072, depth=19, heads=24, latent=128, channels=16, pipeline=True,
@@ -94,7 +97,8 @@ MODELS: dict[str, ModelSpec] = {
 REAL_CLASSES = {"flux": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel", "sdxl": "UNet2DConditionModel",
                 # the newer families, as whole pipelines only (their denoisers' inputs are not made alone)
                 "wan": "WanTransformer3DModel", "chroma": "ChromaTransformer2DModel",
-                "qwenimage": "QwenImageTransformer2DModel", "zimage": "ZImageTransformer2DModel"}
+                "qwenimage": "QwenImageTransformer2DModel", "zimage": "ZImageTransformer2DModel",
+                "lumina2": "Lumina2Transformer2DModel", "sana": "SanaTransformer2DModel"}
 
 # Constructor arguments of the real classes. flux-dev: the class defaults are Flux's (19 double, 38 single blocks,
 # 24 heads of 128), plus Flux-dev's guidance embedding; sdxl: SDXL-base's UNet config.
@@ -190,6 +194,14 @@ def _qwen(hidden: int, *, layers: int = 2, heads: int = 2, vocab: int = 1000, vl
         tie_word_embeddings=tied)
 
 
+def _gemma(hidden: int, *, layers: int = 2, heads: int = 2, vocab: int = 1000) -> tuple[str, dict]:
+    """Gemma 2's language model: Lumina 2's and Sana's text encoder (transformers' Gemma2Model)."""
+    return "Gemma2Model", dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                               num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                               head_dim=hidden // heads, query_pre_attn_scalar=hidden // heads, sliding_window=64,
+                               max_position_embeddings=256, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+
+
 def _vae(latent_channels: int, blocks: tuple[int, ...] = (32, 64), **extra) -> dict:
     n = len(blocks)
     return dict(in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=blocks,
@@ -241,9 +253,10 @@ PIPELINES: dict[str, PipelineSpec] = {
 # SDNQ leaves layers under 16,384 elements unquantized, sdnq quantizer.py minimum_allowed_numel), each with the
 # text encoder its release uses, which SD.Next quantizes with "TE" (vladmandic/sdnext@d11a619: model_wanai.py:11
 # get_dit_args(module='TE'); model_chroma.py:19, model_qwen.py:70 and model_z_image.py:49 through
-# generic.load_text_encoder; Z-Image's is Qwen3ForCausalLM there, diffusers' Qwen3Model here). Wan: UMT5, its causal
-# video VAE, the UniPC flow scheduler its release ships (diffusers#13488 lives there), 5 frames; Qwen-Image:
-# Qwen2.5-VL's language model and its own VAE; Z-Image: Qwen3 and a chat-template prompt.
+# generic.load_text_encoder; Z-Image's is Qwen3ForCausalLM there, diffusers' Qwen3Model here; model_lumina.py:47
+# load_lumina2 likewise, model_sana.py:21 init_quants with check_quant('TE')). Wan: UMT5, its causal video VAE, the
+# UniPC flow scheduler its release ships (diffusers#13488 lives there), 5 frames; Qwen-Image: Qwen2.5-VL's language
+# model and its own VAE; Z-Image: Qwen3 and a chat-template prompt; Lumina 2 and Sana: Gemma 2.
 _WAN_VAE = dict(base_dim=16, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                 temperal_downsample=[False, True, True])
 FAMILIES: dict[str, PipelineSpec] = {
@@ -279,6 +292,32 @@ FAMILIES: dict[str, PipelineSpec] = {
              t_scale=1000.0, axes_dims=[16, 8, 8], axes_lens=[256, 32, 32]),
         {"text_encoder": _qwen(64)}, {"tokenizer": 16}, _vae(16, shift_factor=0.1159, scaling_factor=0.3611),
         "FlowMatchEulerDiscreteScheduler", ("text_encoder",), {**_TINY_CALL, "max_sequence_length": 16}, chat=True),
+    # Lumina 2: Gemma 2, Flux's kind of VAE; its pipeline fixes the latent scale at 8 (128 pixels: 16 latent ones,
+    # which this two-level VAE decodes to 32)
+    "lumina2-tiny-pipe": PipelineSpec(
+        "Lumina2Pipeline", "transformer",
+        dict(sample_size=16, patch_size=2, in_channels=16, hidden_size=128, num_layers=2, num_refiner_layers=1,
+             num_attention_heads=4, num_kv_heads=2, multiple_of=16, norm_eps=1e-5, axes_dim_rope=(8, 12, 12),
+             axes_lens=(300, 64, 64), cap_feat_dim=64),
+        {"text_encoder": _gemma(64)}, {"tokenizer": 16}, _vae(16, shift_factor=0.1159, scaling_factor=0.3611),
+        "FlowMatchEulerDiscreteScheduler", ("text_encoder",),
+        {**_TINY_CALL, "height": 128, "width": 128, "max_sequence_length": 16}),
+    # Sana: Gemma 2, its deep-compression autoencoder (AutoencoderDC); the call's size as given, not binned to
+    # Sana's aspect-ratio table
+    "sana-tiny-pipe": PipelineSpec(
+        "SanaPipeline", "transformer",
+        dict(in_channels=16, out_channels=16, num_attention_heads=4, attention_head_dim=32, num_layers=2,
+             num_cross_attention_heads=4, cross_attention_head_dim=32, cross_attention_dim=128, caption_channels=64,
+             mlp_ratio=2.5, sample_size=16, patch_size=1, norm_elementwise_affine=False, norm_eps=1e-6),
+        {"text_encoder": _gemma(64)}, {"tokenizer": 16},
+        dict(in_channels=3, latent_channels=16, attention_head_dim=8, encoder_block_types=("ResBlock",
+             "EfficientViTBlock"), decoder_block_types=("ResBlock", "EfficientViTBlock"),
+             encoder_block_out_channels=(32, 64), decoder_block_out_channels=(32, 64),
+             encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1), encoder_qkv_multiscales=((), (5,)),
+             decoder_qkv_multiscales=((), (5,)), upsample_block_type="interpolate", downsample_block_type="Conv",
+             decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407),
+        "FlowMatchEulerDiscreteScheduler", ("text_encoder",),
+        {**_TINY_CALL, "max_sequence_length": 16, "use_resolution_binning": False}, vae_class="AutoencoderDC"),
 }
 PIPELINES.update(FAMILIES)
 
