@@ -295,6 +295,7 @@ def impossible_figures(metrics: dict[str, Any]) -> list[str]:
         need(f"latency_ms.{key}", (metrics.get("latency_ms") or {}).get(key))
     need("cosine", metrics.get("cosine"), -1, 1)
     need("ssim", metrics.get("ssim"), -1, 1)
+    need("ms_ssim", metrics.get("ms_ssim"), -1, 1)  # 2026-12: where an image has MS-SSIM's five scales
     for key in ("sqnr_db", "psnr_db"):
         need(key, metrics.get(key), None)
     for name in ("latency_vs_float", "latency_vs_uncompiled"):

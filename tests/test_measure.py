@@ -11,6 +11,7 @@ from harness.run.measure import (
     digest,
     float_layout,
     median_interval,
+    ms_ssim,
     output_error,
     output_figures,
     psnr_db,
@@ -87,6 +88,22 @@ def test_ssim_sees_structure_where_psnr_sees_only_pixel_error():
     assert psnr_db(image, brighter) < 25  # PSNR: every pixel 0.08 off
     figures = output_figures({"latents": image, "image": brighter}, {"latents": image, "image": image})
     assert figures["ssim"] == pytest.approx(ssim(image, brighter)) and "download" in figures["lpips_not_measured"]
+
+
+def test_ms_ssim_where_an_image_has_five_scales_and_why_not_where_it_has_not():
+    """MS-SSIM (pytorch-msssim) on a 192 px image: 1 for the same image, lower for a blurred one (structure lost at
+    the fine scales) than for a brightened one; a 32 px image has no five scales: its figures say so instead."""
+    y, x = torch.meshgrid(torch.linspace(0, 1, 192), torch.linspace(0, 1, 192), indexing="ij")
+    image = (torch.stack([x, y, (x + y) / 2]) * 0.5 + 0.25 + 0.1 * torch.sin(40 * x) * torch.cos(40 * y))[None]
+    blurred = torch.nn.functional.avg_pool2d(image, 5, stride=1, padding=2, count_include_pad=False)
+    brighter = (image + 0.05).clamp(0, 1)
+    assert ms_ssim(image, image) == pytest.approx(1.0)
+    assert ms_ssim(image, blurred) < ms_ssim(image, brighter) < 1
+    figures = output_figures({"latents": image, "image": blurred}, {"latents": image, "image": image})
+    assert figures["ms_ssim"] == pytest.approx(ms_ssim(image, blurred)) and "ms_ssim_not_measured" not in figures
+    small = image[..., :32, :32]
+    figures = output_figures({"latents": small, "image": small}, {"latents": small, "image": small})
+    assert "ms_ssim" not in figures and figures["ms_ssim_not_measured"].endswith("this one has 32")
 
 
 def test_latency_does_warmup_then_enough_timed_steps():

@@ -77,7 +77,7 @@ def _row(record: dict) -> dict:
         "latency_ms": lat.get("median"), "latency_p10_ms": lat.get("p10"), "latency_p90_ms": lat.get("p90"),
         **_paired(m), **_compiled(m), **_lora(m),
         "sqnr_db": m.get("sqnr_db"), "cosine": m.get("cosine"), "max_abs_error": m.get("max_abs_error"),
-        "psnr_db": m.get("psnr_db"), "ssim": m.get("ssim"),
+        "psnr_db": m.get("psnr_db"), "ssim": m.get("ssim"), "ms_ssim": m.get("ms_ssim"),
         "frames_min_psnr_db": m.get("frames_min_psnr_db"), "temporal_psnr_db": m.get("temporal_psnr_db"),
         "phases": "; ".join(f"{k} {v.get('latency_ms', 0):.1f} ms" for k, v in (m.get("phases") or {}).items()),
         "quantized_layers": ", ".join(f"{k} {v}" for k, v in (m.get("quantized_layers") or {}).items()),

@@ -103,6 +103,7 @@ def _measured(row) -> list[tuple[str, str]]:
                          + (f", image PSNR {_num(row['psnr_db'], '.1f') or 'exact'} dB"
                             if report_data.finite(row["psnr_db"]) or row["phases"] else "")
                          + (f", SSIM {_num(row['ssim'], '.4f')}" if report_data.finite(row["ssim"]) else "")
+                         + (f", MS-SSIM {_num(row['ms_ssim'], '.4f')}" if report_data.finite(row["ms_ssim"]) else "")
                          + (f"; video: worst frame {_num(row['frames_min_psnr_db'], '.1f')} dB, motion (frame "
                             f"differences) {_num(row['temporal_psnr_db'], '.1f')} dB"
                             if report_data.finite(row["frames_min_psnr_db"]) else "")),
@@ -301,7 +302,7 @@ CSV_FIGURES = ["verdict", "note", "reason", "error_type", "error_message",
                "claims", "param_bytes", "disk_bytes", "bits_per_weight", "peak_mem_bytes", "own_mem_bytes",
                "run_mem_bytes", "resident_mem_bytes",
                "mem_kind", "weights", "latency_ms", "latency_p10_ms", "latency_p90_ms", "sqnr_db", "cosine", "psnr_db",
-               "ssim", "frames_min_psnr_db", "temporal_psnr_db", "quantize_s",
+               "ssim", "ms_ssim", "frames_min_psnr_db", "temporal_psnr_db", "quantize_s",
                "load_s", "bytes_ratio", "mem_ratio", "latency_ratio", "mem_vs_none", "latency_vs_none",
                "integration_broke", "host", "device_name", "versions", "started", "duration_s"]
 

@@ -290,15 +290,32 @@ def psnr_db(image: torch.Tensor, reference: torch.Tensor) -> float | None:
 
 def ssim(image: torch.Tensor, reference: torch.Tensor) -> float:
     """Structural similarity of an image in [0, 1] with the reference image (pytorch-msssim's SSIM: a Gaussian
-    window of 11, or the largest odd one the image fits; 1 for identical images). MS-SSIM needs images of at
-    least 160 px per side (five scales of that window): the tiny pipelines' 32 px images have none."""
+    window of 11, or the largest odd one the image fits; 1 for identical images)."""
     from pytorch_msssim import ssim as structural
 
-    image, reference = (t.detach().float().cpu() for t in (image, reference))
-    if image.dim() == 3:
-        image, reference = image[None], reference[None]
+    image, reference = _batched(image, reference)
     window = min(11, min(image.shape[-2:]) - (1 - min(image.shape[-2:]) % 2))
     return float(structural(image, reference, data_range=1.0, size_average=True, win_size=window))
+
+
+MS_SSIM_MIN_SIDE = 161  # five scales of an 11-pixel window: pytorch-msssim asks for more than (11 - 1) * 2**4 px
+
+
+def ms_ssim(image: torch.Tensor, reference: torch.Tensor) -> float | str:
+    """Multi-scale SSIM (pytorch-msssim's, its five scales and weights), or why it is not measured: an image under
+    MS_SSIM_MIN_SIDE pixels a side has no five scales (the tiny pipelines' 32 px images)."""
+    from pytorch_msssim import ms_ssim as multiscale
+
+    image, reference = _batched(image, reference)
+    side = min(image.shape[-2:])
+    if side < MS_SSIM_MIN_SIDE:
+        return f"MS-SSIM needs images of at least {MS_SSIM_MIN_SIDE} px a side (five scales); this one has {side}"
+    return float(multiscale(image, reference, data_range=1.0, size_average=True, win_size=11))
+
+
+def _batched(image: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    image, reference = (t.detach().float().cpu() for t in (image, reference))
+    return (image[None], reference[None]) if image.dim() == 3 else (image, reference)
 
 
 # LPIPS compares images through a trained network's features; its weights are a download (AlexNet/VGG), which the
@@ -310,14 +327,17 @@ LPIPS_NOT_MEASURED = ("LPIPS needs a trained network's weights, which the harnes
 def output_figures(output: torch.Tensor | dict[str, torch.Tensor],
                    reference: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, float | str | None]:
     """The output's error against the float model's: SQNR, cosine and max error of the output (a pipeline's
-    final latents), and for a pipeline the decoded image's PSNR and SSIM (LPIPS: why it is not measured)."""
+    final latents), and for a pipeline the decoded image's PSNR, SSIM and MS-SSIM (where an image has its five
+    scales; else why not, as for LPIPS)."""
     if not isinstance(output, dict):
         return output_error(output, reference).as_dict()
     image, ref = output["image"], reference["image"]
     video = image.dim() == 5  # B x F x C x H x W: the frames as images, then the motion between them
+    images = (image.flatten(0, 1), ref.flatten(0, 1)) if video else (image, ref)
+    multiscale = ms_ssim(*images)
     figures = {**output_error(output["latents"], reference["latents"]).as_dict(), "psnr_db": psnr_db(image, ref),
-               "ssim": ssim(image.flatten(0, 1), ref.flatten(0, 1)) if video else ssim(image, ref),
-               "lpips_not_measured": LPIPS_NOT_MEASURED}
+               "ssim": ssim(*images), "lpips_not_measured": LPIPS_NOT_MEASURED,
+               **({"ms_ssim_not_measured": multiscale} if isinstance(multiscale, str) else {"ms_ssim": multiscale})}
     return figures | (video_figures(image, ref) if video else {})
 
 
