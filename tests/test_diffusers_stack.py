@@ -271,3 +271,26 @@ def test_a_repro_scripts_config_is_the_one_the_stack_builds(engine, qtype):
     built = diffusers_stack.INTEGRATIONS[engine].config(qtype, torch.bfloat16)
     assert type(written) is type(built)
     assert written.to_dict() == built.to_dict(), text
+
+
+@pytest.mark.parametrize(("offload", "returned"), [("none", "cuda"), ("model", "cuda"), ("sequential", "cpu"),
+                                                   ("balanced", "cpu"), ("group", "cpu")])
+def test_sdnq_quantizes_on_the_device_and_returns_where_sdnext_leaves_it(offload, returned, workdir):
+    """SD.Next's SDNQ devices by offload mode (model_quant.py get_sdnq_devices, its defaults): quantized on the
+    execution device, left there without offload or with model offload, else returned to the CPU. Through
+    diffusers (a pipeline's config for a CUDA cell, built here without a GPU) and after loading on the CPU (the
+    model's SDNQConfig says where it was placed)."""
+    from harness.engines.registry import ENGINES
+
+    config = diffusers_stack.pipeline_quantization_config(ENGINES["sdnq"], "int8", "flux-tiny-pipe", "denoiser+te",
+                                                          torch.bfloat16, offload, torch.device("cuda"))
+    for attr in ("transformer", "text_encoder_2"):
+        placed = config.quant_mapping[attr]
+        assert (placed.quantization_device, placed.return_device) == (torch.device("cuda"), torch.device(returned))
+    unplaced = diffusers_stack.quantization_config(ENGINES["sdnq"], "int8", torch.bfloat16)  # a file's, no cell's
+    assert (unplaced.quantization_device, unplaced.return_device) == (None, None)
+    source = loading.float_dir(workdir, "flux-tiny", 0, torch.float32)
+    model = diffusers_stack.load_post(ENGINES["sdnq"], "int8", "flux-tiny", source, torch.float32,
+                                      torch.device("cpu"), offload).model
+    placed = model.quantization_config
+    assert placed.return_device == torch.device("cpu") == placed.quantization_device

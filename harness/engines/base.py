@@ -130,6 +130,12 @@ class Engine:
     def quantize(self, model: nn.Module, qtype: str, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
         raise NotOffered(f"{self.name} does not quantize after loading")
 
+    def quantize_for(self, model: nn.Module, qtype: str, *, dtype: torch.dtype, device: torch.device,
+                     offload: str) -> nn.Module:
+        """quantize() for a cell that runs with `offload`: what the stacks call after loading. An engine whose
+        placement depends on the offload mode (SDNQ, as SD.Next places it) overrides it."""
+        return self.quantize(model, qtype, dtype=dtype, device=device)
+
     # -- on-the-fly: quantize one float layer as it arrives from the checkpoint.
     def quantize_layer(self, layer: nn.Linear, qtype: str, *, dtype: torch.dtype,
                        device: torch.device) -> nn.Module:

@@ -73,6 +73,20 @@ def qtype_of(config: dict) -> str | None:
     return next((q for q, options in OPTIONS.items() if signature(options) == found), None)
 
 
+# Where SD.Next has SDNQ quantize each layer and leave it, by offload mode (vladmandic/sdnext@d11a619
+# modules/model_quant.py:77-94 get_sdnq_devices, for both its "pre" and "post" modes, with its defaults: device_map
+# "default", sdnq_quantize_with_gpu True, diffusers_to_gpu False, sdnq_quantize_shuffle_weights False, in
+# modules/ui_definitions.py:105, 110, 194, 196): on the execution device; left there without offload or with model
+# offload, else returned to the CPU, where the offload keeps it.
+KEPT_ON_DEVICE = ("none", "model")
+
+
+def sdnext_devices(offload: str, device: torch.device) -> dict[str, torch.device]:
+    """SDNQ's quantization_device and return_device as SD.Next passes them for a cell's offload mode."""
+    return {"quantization_device": device,
+            "return_device": device if offload in KEPT_ON_DEVICE else torch.device("cpu")}
+
+
 # This engine in a standalone repro script: its fragment (harness/repro.py says how it is read and filled)
 REPRO = {"imports": "import sdnq  # also registers SDNQ's quantizer with diffusers", "tables": ("OPTIONS",),
          "quantize": "model = sdnq.sdnq_post_load_quant(model, torch_dtype=DTYPE, {OPTIONS:kw})"}
@@ -85,6 +99,12 @@ class SDNQEngine(Engine):
         from sdnq import sdnq_post_load_quant
 
         return sdnq_post_load_quant(model, torch_dtype=dtype, **OPTIONS[qtype])
+
+    def quantize_for(self, model: nn.Module, qtype: str, *, dtype: torch.dtype, device: torch.device,
+                     offload: str) -> nn.Module:
+        from sdnq import sdnq_post_load_quant
+
+        return sdnq_post_load_quant(model, torch_dtype=dtype, **OPTIONS[qtype], **sdnext_devices(offload, device))
 
     def quantize_layer(self, layer: nn.Linear, qtype: str, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
         holder = nn.Sequential(layer)  # the post-load entry point replaces children of the module it is given

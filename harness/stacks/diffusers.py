@@ -112,6 +112,15 @@ def _sdnq_config(qtype: str, dtype: torch.dtype) -> object:
     return SDNQConfig(**OPTIONS[qtype])
 
 
+def _sdnq_placed(config, offload: str, device: torch.device):
+    """SDNQ's quantization and return devices by offload mode, as SD.Next sets them in its "pre" mode too."""
+    from harness.engines.sdnq import sdnext_devices
+
+    for key, value in sdnext_devices(offload, device).items():
+        setattr(config, key, value)
+    return config
+
+
 def _sdnq_type(config: dict) -> str | None:
     from harness.engines.sdnq import qtype_of
 
@@ -188,13 +197,15 @@ class Integration:
     # Who writes the pre-quantized form: "diffusers" (save_pretrained after quantizing while loading) or "engine"
     # (the engine's own API: engine.save, or save_pipeline for a whole pipeline), for a backend diffusers only loads
     writer: str = "diffusers"
+    # (config, offload mode, device) -> the config placed for a cell's run; None: where the model lies
+    placed: Callable[[object, str, torch.device], object] | None = None
 
 
 INTEGRATIONS: dict[str, Integration] = {
     "none": Integration(lambda qtype, dtype: None, te_config=lambda qtype, dtype: None),  # the float model
     "bnb": Integration(_bnb_config, "bitsandbytes", _bnb_type, te_config=_bnb_te_config),
     "quanto": Integration(_quanto_config, "quanto", _quanto_type, te_config=_quanto_te_config),
-    "sdnq": Integration(_sdnq_config, "sdnq", _sdnq_type, te_config=_sdnq_config),
+    "sdnq": Integration(_sdnq_config, "sdnq", _sdnq_type, te_config=_sdnq_config, placed=_sdnq_placed),
     "torchao": Integration(_torchao_config, "torchao", _torchao_type, te_config=_torchao_te_config),
     "gguf": Integration(_gguf_config, single_file=True),
     "modelopt": Integration(_modelopt_config, "modelopt", _modelopt_type),
@@ -246,8 +257,13 @@ REPRO = {
 }
 
 
-def quantization_config(engine: Engine, qtype: str, dtype: torch.dtype) -> object:
-    return INTEGRATIONS[engine.name].config(qtype, dtype)
+def quantization_config(engine: Engine, qtype: str, dtype: torch.dtype, offload: str | None = None,
+                        device: torch.device | None = None) -> object:
+    """The engine's diffusers config for the type; for a cell (its offload mode and device given), placed as the
+    integration places it (SDNQ's devices, as SD.Next sets them)."""
+    config = INTEGRATIONS[engine.name].config(qtype, dtype)
+    placed = INTEGRATIONS[engine.name].placed
+    return placed(config, offload, device) if placed and offload is not None and config is not None else config
 
 
 def prequantized_path(workdir: Path, engine: Engine, qtype: str, model: str, dtype: torch.dtype, seed: int) -> Path:
@@ -357,9 +373,9 @@ class DiffusersStack(Stack):
         if MODELS[cell.model].pipeline:
             return load_pipeline_cell(engine, cell, source, dtype, device, seed)
         if cell.load == "post-load":
-            return load_post(engine, cell.qtype, cell.model, source, dtype, device)
+            return load_post(engine, cell.qtype, cell.model, source, dtype, device, cell.offload)
         if cell.load == "on-the-fly":
-            return load_on_the_fly(engine, cell.qtype, cell.model, source, dtype)
+            return load_on_the_fly(engine, cell.qtype, cell.model, source, dtype, cell.offload, device)
         return load_prequantized(engine, cell.qtype, cell.model, source,
                                  float_dir(task.workdir, cell.model, seed, dtype), dtype)
 
@@ -367,9 +383,11 @@ class DiffusersStack(Stack):
         return offload_pipeline(model, mode, device, components=components, settings=settings)
 
 
-def pipeline_quantization_config(engine: Engine, qtype: str, model: str, components: str, dtype: torch.dtype):
+def pipeline_quantization_config(engine: Engine, qtype: str, model: str, components: str, dtype: torch.dtype,
+                                 offload: str | None = None, device: torch.device | None = None):
     """diffusers' PipelineQuantizationConfig(quant_mapping=...): the denoiser's diffusers config, each text
-    encoder's transformers config (None for the unquantized pipeline)."""
+    encoder's transformers config (None for the unquantized pipeline); for a cell, each placed as the integration
+    places it."""
     from diffusers.quantizers import PipelineQuantizationConfig
 
     integration = INTEGRATIONS[engine.name]
@@ -377,7 +395,8 @@ def pipeline_quantization_config(engine: Engine, qtype: str, model: str, compone
     te_qtype = text_encoder_type(engine.name, qtype)  # as SD.Next's defaults give a text encoder
     mapping = {attr: integration.config(qtype, dtype) if attr == denoiser else integration.te_config(te_qtype, dtype)
                for attr in component_names(model)[components]}
-    mapping = {k: v for k, v in mapping.items() if v is not None}
+    placed = integration.placed if offload is not None else None
+    mapping = {k: placed(v, offload, device) if placed else v for k, v in mapping.items() if v is not None}
     return PipelineQuantizationConfig(quant_mapping=mapping) if mapping else None
 
 
@@ -388,13 +407,15 @@ def load_pipeline_cell(engine: Engine, cell, source: Path, dtype: torch.dtype, d
     PipelineQuantizationConfig: quantized inside the load call)."""
     if cell.load == "post-load":
         return loading.load_post_pipeline(engine, cell.qtype, cell.model, cell.components,
-                                          lambda: load_pipeline(cell.model, source, dtype), dtype, device, seed)
+                                          lambda: load_pipeline(cell.model, source, dtype), dtype, device, seed,
+                                          cell.offload)
     if cell.load == "prequantized":  # the pipeline's from_pretrained reads each component's quantization_config
         check_saved_pipeline(source, engine, cell.qtype, cell.model, cell.components)
         t0 = time.perf_counter()
         loaded = load_pipeline(cell.model, source, dtype)
         return Loaded(loaded, time.perf_counter() - t0, 0.0, _size(source))
-    config = pipeline_quantization_config(engine, cell.qtype, cell.model, cell.components, dtype)
+    config = pipeline_quantization_config(engine, cell.qtype, cell.model, cell.components, dtype, cell.offload,
+                                          device)
     t0 = time.perf_counter()
     loaded = load_pipeline(cell.model, source, dtype, **({"quantization_config": config} if config else {}))
     return Loaded(loaded, time.perf_counter() - t0, None, _size(source))
@@ -404,9 +425,10 @@ def _size(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def load_on_the_fly(engine: Engine, qtype: str, model: str, source: Path, dtype: torch.dtype) -> Loaded:
+def load_on_the_fly(engine: Engine, qtype: str, model: str, source: Path, dtype: torch.dtype,
+                    offload: str = "none", device: torch.device | None = None) -> Loaded:
     """Quantized by diffusers while loading: load and quantize are one call, so its time is all `load_s`."""
-    config = quantization_config(engine, qtype, dtype)
+    config = quantization_config(engine, qtype, dtype, offload, device)
     t0 = time.perf_counter()
     loaded = model_class(model).from_pretrained(str(source), torch_dtype=dtype, quantization_config=config,
                                                 use_safetensors=True)
@@ -414,12 +436,12 @@ def load_on_the_fly(engine: Engine, qtype: str, model: str, source: Path, dtype:
 
 
 def load_post(engine: Engine, qtype: str, model: str, source: Path, dtype: torch.dtype,
-              device: torch.device) -> Loaded:
+              device: torch.device, offload: str = "none") -> Loaded:
     t0 = time.perf_counter()
     loaded = model_class(model).from_pretrained(str(source), torch_dtype=dtype, use_safetensors=True)
     loaded._quantmatrix_name = model  # for engines that trace it with the model's example input (NNCF)
     t1 = time.perf_counter()
-    quantized = engine.quantize(loaded, qtype, dtype=dtype, device=device)
+    quantized = engine.quantize_for(loaded, qtype, dtype=dtype, device=device, offload=offload)
     return Loaded(quantized, t1 - t0, time.perf_counter() - t1)
 
 

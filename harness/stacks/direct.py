@@ -80,9 +80,10 @@ class DirectStack(Stack):
         dtype, device = getattr(torch, cell.dtype), devices.torch_device(cell.device)
         if cell.load == "post-load" and MODELS[cell.model].pipeline:
             return loading.load_post_pipeline(engine, cell.qtype, cell.model, cell.components,
-                                              float_model(task, dtype), dtype, device, task.settings.seed)
+                                              float_model(task, dtype), dtype, device, task.settings.seed,
+                                              cell.offload)
         if cell.load == "post-load":
-            return load_post(engine, cell.qtype, float_model(task, dtype), dtype, device)
+            return load_post(engine, cell.qtype, float_model(task, dtype), dtype, device, cell.offload)
         if cell.load == "on-the-fly":
             return load_on_the_fly(engine, cell.qtype, cell.model, source, dtype, device)
         return load_prequantized(engine, cell.qtype, cell.model, source, dtype, device)
@@ -188,12 +189,12 @@ def prequantized_file(workdir: Path, engine: Engine, qtype: str, model: str, dty
 
 
 def load_post(engine: Engine, qtype: str, float_model: Callable[[], nn.Module], dtype: torch.dtype,
-              device: torch.device) -> Loaded:
+              device: torch.device, offload: str = "none") -> Loaded:
     """`float_model()` (drawn from its seed, or loaded from the run's shared file), then the engine quantizes it."""
     t0 = time.perf_counter()
     float_model = float_model()
     t1 = time.perf_counter()
-    quantized = engine.quantize(float_model, qtype, dtype=dtype, device=device)
+    quantized = engine.quantize_for(float_model, qtype, dtype=dtype, device=device, offload=offload)
     return Loaded(quantized, t1 - t0, time.perf_counter() - t1)
 
 

@@ -97,7 +97,7 @@ def float_model(workdir: Path, model: str, seed: int, dtype: torch.dtype) -> nn.
 
 def load_post_pipeline(engine: Engine, qtype: str, model: str, components: str,
                        float_model: Callable[[], nn.Module], dtype: torch.dtype, device: torch.device,
-                       seed: int = 0) -> Loaded:
+                       seed: int = 0, offload: str = "none") -> Loaded:
     """The float pipeline (`float_model()`, a PipelineModel), then the engine's own API on each component the
     `components` value names; for an engine that traces (NNCF), each with the inputs it got in a real call."""
     from harness.engines.catalog import CATALOG, text_encoder_type
@@ -113,7 +113,7 @@ def load_post_pipeline(engine: Engine, qtype: str, model: str, components: str,
         if attr in examples:
             module._quantmatrix_example = examples[attr]
         own = qtype if attr == PIPELINES[model].denoiser else text_encoder_type(engine.name, qtype)
-        return engine.quantize(module, own, dtype=dtype, device=device)
+        return engine.quantize_for(module, own, dtype=dtype, device=device, offload=offload)
 
     quantize_components(pipe, model, components, quantize)
     return Loaded(PipelineModel(pipe, model), t1 - t0, time.perf_counter() - t1)
