@@ -248,7 +248,10 @@ class BalancedOffload:
             self.moves.append("generation ends: apply_balanced_offload skips (hook cached, offload during pre-forward)")
 
     def apply_to(self, module: nn.Module) -> None:
-        """apply_balanced_offload_to_module: hooks off, to the CPU by the move rule, offload hook on, torch_gc."""
+        """apply_balanced_offload_to_module: hooks off, to the CPU by the move rule, offload hook on, torch_gc.
+        SD.Next then re-applies layerwise casting (sd_offload.py:492-493, apply_layerwise(module)), which walks the
+        component's own constructor parameters, none of them a component: nothing is re-applied, and nothing needs
+        to be (diffusers' casting hooks are on the leaf layers; accelerate removes only its own: tested)."""
         from accelerate.hooks import add_hook_to_module, remove_hook_from_module
 
         name = type(module).__name__

@@ -288,3 +288,31 @@ def test_between_generations_balanced_offload_applies_nothing_and_a_start_spares
     offload.last_pre = None
     offload.pre_forward(text)  # SD.Next's offload_allowed: a module that says never offloads none of the others
     assert applied == ["Conv1d", "Sequential"]
+
+
+def test_layerwise_casting_survives_balanced_offload_rehooking_each_component():
+    """SD.Next's apply_balanced_offload_to_module removes a component's hooks (recurse=True), re-hooks it, then
+    calls apply_layerwise(module) "since hooks were removed" (sd_offload.py:492-493): that function walks the
+    component's own constructor parameters, none of them a component, so it re-applies nothing. The casting holds
+    anyway: diffusers' layerwise hooks sit on the leaf layers and accelerate removes only its own. Here, with
+    watermarks that force every move: after two generations the transformer's Linear weights are still stored in
+    fp8 behind diffusers' hook, and the image is the one the cast pipeline gives without offload."""
+    model, inputs = build_model("flux-tiny-pipe", 0, torch.bfloat16), make_inputs("flux-tiny-pipe")
+    transformer = model.pipe.transformer
+    transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+
+    def cast() -> set[str]:  # the Linear layers stored in fp8 behind diffusers' casting hook (norms are skipped)
+        return {n for n, m in transformer.named_modules() if isinstance(m, nn.Linear) and m.weight.dtype ==
+                torch.float8_e4m3fn and "layerwise_casting" in getattr(m, "_diffusers_hook", None).hooks}
+
+    before = cast()
+    with torch.no_grad():
+        expected = run(model, inputs)
+    offload = BalancedOffload(list(model.parts().values()), "cpu", high=0.6, low=0.0, always=(), never=())
+    with torch.no_grad():
+        run(model, inputs)
+        offload.next_generation()
+        output = run(model, inputs)
+    assert len(before) > 10 and cast() == before
+    assert sum("memory in use" in m for m in offload.moves) >= 2  # it did re-hook and move components
+    assert torch.equal(output["image"], expected["image"])
