@@ -279,7 +279,7 @@ def memory_in_use(device: str) -> int:
 
 
 def torch_gc(device: str) -> None:
-    """SD.Next's devices.torch_gc(fast=True, force=True) (modules/devices.py:203-260 at sdnext@058a7f0): no
+    """SD.Next's devices.torch_gc(fast=True, force=True) (modules/devices.py:203-260 at sdnext@d11a619): no
     Python gc (fast), the accelerator synchronized and its cache emptied."""
     if device in ("cuda", "rocm"):
         torch.cuda.synchronize()

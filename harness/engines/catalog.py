@@ -68,7 +68,7 @@ class EngineInfo:
     floors: dict[str, Floor] = field(default_factory=dict)  # per type (FLOORS by bits where not given)
     # the type a text encoder gets where it differs from the model's, as SD.Next's defaults give it
     text_encoder_types: dict[str, str] = field(default_factory=dict)
-    # SD.Next today (vladmandic/sdnext@058a7f0): "ships", "removed" (its 2026-04-01 release, commit 53839e464) or
+    # SD.Next today (vladmandic/sdnext@d11a619): "ships", "removed" (its 2026-04-01 release, commit 53839e464) or
     # "not offered"; what the report's engine table says
     sdnext: str = "not offered"
 
@@ -108,8 +108,8 @@ _BNB4 = Bits(4 + 32 / 64)  # 4-bit codes, one fp32 absmax per block of 64
 _BNB4_DQ = Bits(4 + 8 / 64 + 32 / (64 * 256))  # absmax as uint8, one fp32 per 256 absmax
 _PER_ROW8 = Bits(8, 32)  # int8 codes, one fp32 scale per output row
 
-# SDNQ's plain weight types: SD.Next's 18 (vladmandic/sdnext@058a7f0 modules/shared_items.py:182, the same at dev
-# d11a619) and int4, the package's own (not an SD.Next choice); harness/engines/sdnq.py OPTIONS.
+# SDNQ's plain weight types: SD.Next's 18 (vladmandic/sdnext@d11a619 modules/shared_items.py:184) and int4, the
+# package's own (not an SD.Next choice); harness/engines/sdnq.py OPTIONS.
 SDNQ_PLAIN = ("int8", "uint8", "int6", "uint6", "uint5", "uint4", "uint3", "uint2", "float8_e4m3fn", "float8_e3m4fn",
               "float6_e3m2fn", "float5_e2m2fn", "float4_e2m1fn", "float3_e1m1fn", "float2_e1m0fn", "int16", "uint16",
               "float16", "int4")
@@ -158,7 +158,7 @@ CATALOG: dict[str, EngineInfo] = {e.name: e for e in (
                      "int8_asym": Bits(8, 16 + 8)},  # and a uint8 zero point
                floors={"int8_sym": FLOOR_8BIT, "int8_asym": FLOOR_8BIT, **dict.fromkeys(
                    ("int4_sym", "int4_asym", "int4_sym-g128", "int4_asym-g128"), FLOOR_4BIT)}),
-    # The plain weight types, then SD.Next's options (vladmandic/sdnext@058a7f0 modules/model_quant.py:148-169,
+    # The plain weight types, then SD.Next's options (vladmandic/sdnext@d11a619 modules/model_quant.py:148-169,
     # defaults modules/ui_definitions.py:176-195) as its reference models name them ("uint4-svd-r32"):
     # harness/engines/sdnq.py OPTIONS. Bits in float32 (scales, zero points and SVD factors in the compute dtype);
     # the group is sdnq's automatic one for a Linear, 2 ** (2 + code bits (+1 with SVD)) inputs, unless set.
@@ -183,7 +183,7 @@ CATALOG: dict[str, EngineInfo] = {e.name: e for e in (
                title="torchao", sdnext="removed",
                floors={"int8_weight_only": FLOOR_8BIT, "int8_dynamic": FLOOR_8BIT, "float8_weight_only": FLOOR_FP8,
                        "int4_weight_only": FLOOR_4BIT}),
-    # SD.Next's "TensorRT" quantization, its five types as it names them (vladmandic/sdnext@058a7f0
+    # SD.Next's "TensorRT" quantization, its five types as it names them (vladmandic/sdnext@d11a619
     # modules/model_quant.py:55-61): int8 and fp8 with one scale per tensor, int4 with a scale (float32 here) per
     # block of 128 inputs; nf4 and nvfp4 (block 128 too, as SD.Next sets them) are measured, not stated
     EngineInfo("modelopt", ("int8", "fp8", "int4", "nf4", "nvfp4"), "harness.engines.modelopt_engine:ModelOptEngine",

@@ -17,7 +17,7 @@ from torch import nn
 
 from harness.engines.base import Engine
 
-# SD.Next's configs, per `trt_quantization_type` (vladmandic/sdnext@058a7f0 modules/model_quant.py:55-61; default
+# SD.Next's configs, per `trt_quantization_type` (vladmandic/sdnext@d11a619 modules/model_quant.py:55-61; default
 # "int8", ui_definitions.py:209), passed as NVIDIAModelOptConfig(**config) (model_quant.py:67).
 SDNEXT = {
     "int8": {"quant_type": "INT8", "modules_to_not_convert": []},

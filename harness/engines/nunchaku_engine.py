@@ -7,7 +7,7 @@ Nunchaku's own quantizer (deepcompressor, CUDA), which is not on PyPI: the harne
 passes every check above still has no file to load, and says so.
 
 SD.Next loads Nunchaku models through MIT Han Lab's `nunchaku` package instead (modules/mit_nunchaku.py at
-vladmandic/sdnext@058a7f0), which is not on PyPI either: PyPI's `nunchaku` is an unrelated project (piece-wise
+vladmandic/sdnext@d11a619), which is not on PyPI either: PyPI's `nunchaku` is an unrelated project (piece-wise
 linear segmentation). `real_nunchaku` tells them apart by the package's contents, without importing it.
 """
 

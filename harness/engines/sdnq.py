@@ -19,13 +19,13 @@ from harness.engines.base import Engine, safetensors_contents
 
 CONFIG_KEY = "sdnq.quantization_config"
 
-# Each type's SDNQConfig options beyond sdnq's defaults, as SD.Next sets them (vladmandic/sdnext@058a7f0
+# Each type's SDNQConfig options beyond sdnq's defaults, as SD.Next sets them (vladmandic/sdnext@d11a619
 # modules/model_quant.py:148-169: sdnq_use_svd, sdnq_svd_rank (default 32), sdnq_svd_steps (8), sdnq_group_size,
 # sdnq_use_dynamic_quantization, sdnq_use_hadamard, sdnq_quantize_matmul_mode; modules/ui_definitions.py:176-195).
-# The plain weight types are SD.Next's 18 (modules/shared_items.py:182 sdnq_quant_modes, unchanged at dev d11a619,
-# line 184) and int4, the package's own (not an SD.Next choice). A quantized matmul's type is a second choice
-# (shared_items.py:183 sdnq_matmul_modes: disabled, enabled, int8, uint8, float8_e4m3fn, float16): `-matmul` is
-# "enabled" (sdnq picks int8 for integer weights), `-matmul-fp8` an override.
+# The plain weight types are SD.Next's 18 (modules/shared_items.py:184 sdnq_quant_modes) and int4, the package's
+# own (not an SD.Next choice). A quantized matmul's type is a second choice (shared_items.py:185 sdnq_matmul_modes:
+# disabled, enabled, int8, uint8, float8_e4m3fn, float16): `-matmul` is "enabled" (sdnq picks int8 for integer
+# weights), `-matmul-fp8` an override.
 SDNEXT_WEIGHTS = ("int8", "uint8", "int6", "uint6", "uint5", "uint4", "uint3", "uint2", "float8_e4m3fn",
                   "float8_e3m4fn", "float6_e3m2fn", "float5_e2m2fn", "float4_e2m1fn", "float3_e1m1fn",
                   "float2_e1m0fn", "int16", "uint16", "float16")

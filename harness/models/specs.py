@@ -139,10 +139,10 @@ class PipelineSpec:
     tokenizers: dict  # attribute -> max length (made in code with `tokenizers`: a word-level vocabulary)
     vae: dict  # AutoencoderKL arguments
     scheduler: str  # diffusers class, default arguments
-    # What SD.Next quantizes with "TE" in its quantization module list (vladmandic/sdnext@058a7f0,
+    # What SD.Next quantizes with "TE" in its quantization module list (vladmandic/sdnext@d11a619,
     # pipelines/model_flux.py:53 and model_sd3.py:23: only T5 goes through generic.load_text_encoder, whose
     # get_dit_args(module='TE') creates the SDNQConfig (modules/model_quant.py:99), the CLIPs load with
-    # allow_quant=False; SDXL loads through the generic loader with allow_post_quant (sd_models.py:886) and
+    # allow_quant=False; SDXL loads through the generic loader with allow_post_quant (sd_models.py:890) and
     # post-quantizes text_encoder and text_encoder_2 (sd_models_utils.py:251-266)).
     quantized_te: tuple[str, ...]
     call: dict  # the pipeline call's arguments besides prompt and generator

@@ -50,7 +50,7 @@ def render(records: report_data.Records) -> str:
                 lines.append(f"| {line['engine']} | {line['qtype']} | {report_data.how_run(line)} | "
                              + " | ".join(_cell(by.get(o)) for o in offloads) + " |")
             lines.append("")
-    lines += ["## Engines", "", "SD.Next today: vladmandic/sdnext@058a7f0 (its 2026-04-01 release removed its "
+    lines += ["## Engines", "", "SD.Next today: vladmandic/sdnext@d11a619 (its 2026-04-01 release removed its "
               "bitsandbytes, optimum-quanto, torchao and NNCF loaders).", "",
               "| engine | SD.Next today | ran to a right output | unavailable, and why |", "|---|---|---|---|"]
     for e in report_overview.engines(latest):

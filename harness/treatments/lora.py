@@ -9,7 +9,7 @@ before offload and compile, as users load one.
 - `unfused`: diffusers' `load_lora_adapter` on the model (what `pipe.load_lora_weights` calls for the denoiser);
   peft wraps each target layer, whatever the engine made of it. `fused`: then `fuse_lora` and `unload_lora`, as
   diffusers' docs fuse (peft merges the delta into the base layer's weight). `merged`: SD.Next's path for SDNQ
-  (vladmandic/sdnext@058a7f0 modules/lora/lora_apply.py:150-206, network_add_weights): dequantize the layer's
+  (vladmandic/sdnext@d11a619 modules/lora/lora_apply.py:150-206, network_add_weights): dequantize the layer's
   weight in float32, add the delta, requantize with the layer's own SDNQ options (sdnq_quantize_layer).
 - The float reference is the float model with the same LoRA, unfused. A cell whose output is nearer the float model
   without the LoRA than with it has lost the LoRA: `LoraNotApplied` fails it.
