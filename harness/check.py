@@ -42,7 +42,7 @@ def model_source(model: str) -> tuple[str, str]:
     if model in MODELS or not path.exists():
         return model, ""
     name = re.sub(r"[^a-z0-9_-]+", "-", path.stem.lower()).strip("-_")[:40] or "model"
-    name = f"{name}-local" if name in MODELS and not MODELS[name].source else name
+    name = f"{name}-local" if name in MODELS and name not in sources.SOURCES else name
     table = f"[models.{name}]\npath = {json.dumps(str(path.resolve()))}\n\n"
     sources.register(sources.from_table(name, {"path": str(path.resolve())}, Path.cwd() / "check.toml"))
     return name, table

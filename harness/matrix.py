@@ -8,7 +8,9 @@ A matrix file (TOML) declares axes, optional models from disk, include/exclude t
     call = { height = 512 }    # pipelines: the call's arguments over the defaults (2 steps, 32 latent pixels)
     [models.my-shape]          # or a diffusers class at a shape of one's own, with seeded weights
     class = "FluxTransformer2DModel"
-    config = { num_layers = 2 }   # its arguments over the class's defaults, or a directory with config.json
+    config = { num_layers = 1, num_single_layers = 2, attention_head_dim = 32, num_attention_heads = 4,
+               joint_attention_dim = 128, pooled_projection_dim = 128, axes_dims_rope = [8, 12, 12] }
+                               # over the class's defaults, or a directory with config.json
 
     [axes]
     engine  = ["*"]            # "*": every registered engine

@@ -246,13 +246,15 @@ def _treatments() -> dict[str, dict]:
 def _model_reason(cell: Cell) -> str | None:
     spec = MODELS.get(cell.model)
     if spec is None:
-        return f"model {cell.model!r} is unknown here"
+        return (f"model {cell.model!r} is unknown here (a model of a matrix's [models] table: pass that matrix with "
+                "--matrix)")
     if spec.pipeline:
         return "whole pipelines (text encoders, tokenizers, VAE) are not written yet; only a model class"
     if not spec.real:
         return f"{cell.model} is one of the harness's own imitation models, not a diffusers class"
     if spec.shared_weights:
-        return f"{cell.model} is built once per run into a shared directory; only the tiny classes are written"
+        return (f"{cell.model} is built once per run into a shared directory (a released shape, or a [models] "
+                "class); only the built-in tiny classes are written")
     if cell.engine not in CATALOG or cell.stack not in STACK_CATALOG:
         return f"engine {cell.engine!r} or stack {cell.stack!r} is unknown here"
     reason = stack_not_offered(cell) or (None if STACK_CATALOG[cell.stack].accepts(cell.model, cell.cast) else

@@ -216,9 +216,11 @@ def test_a_class_at_a_shape_of_ones_own_is_drawn_from_the_seed(disk, registry, t
     """`class` + `config` (inline, or a directory's config.json): seeded weights, no checkpoint. At flux-tiny's
     arguments it is flux-tiny, bit for bit; its cells run and are judged, their records saying `weights: seeded`."""
     tiny = specs.DIFFUSERS_CONFIGS["flux-tiny"]
-    m = matrix(disk, f'[models.my-shape]\nclass = "FluxTransformer2DModel"\nconfig = {_inline(tiny)}\n'
-                     '[models.my-dir-shape]\nclass = "FluxTransformer2DModel"\nconfig = "den"\n',
-               AXES.replace('"my-pipe", "my-den", "my-file"', '"my-shape", "my-dir-shape"'))
+    tables = (f'[models.my-shape]\nclass = "FluxTransformer2DModel"\nconfig = {_inline(tiny)}\n'
+              '[models.my-dir-shape]\nclass = "FluxTransformer2DModel"\nconfig = "den"\n')
+    axes = AXES.replace('"my-pipe", "my-den", "my-file"', '"my-shape", "my-dir-shape"')
+    m = matrix(disk, tables, axes)
+    assert len(matrix(disk, tables, axes).cells) == len(m.cells)  # the same file loaded again: the same models
     want = build_model("flux-tiny", seed=3).state_dict()
     for name in ("my-shape", "my-dir-shape"):
         assert specs.MODELS[name].real and not specs.MODELS[name].source and specs.MODELS[name].shared_weights
@@ -243,6 +245,9 @@ def test_a_class_names_only_what_it_changes_from_the_class_defaults():
         signature = inspect.signature(getattr(diffusers, cls).__init__).parameters
         assert {k: signature[k].default for k in defaults} == {k: tuple(v) if isinstance(v, list) else v
                                                                for k, v in defaults.items()}, cls
+        assert sources.CLASS_PARAMETERS[cls] == tuple(k for k in signature if k != "self"), cls
+    flux = inspect.signature(diffusers.FluxTransformer2DModel.__init__).parameters
+    assert flux["axes_dims_rope"].default == sources.FLUX_ROPE
 
 
 @pytest.mark.parametrize("table, said", [
@@ -255,8 +260,24 @@ def test_a_class_names_only_what_it_changes_from_the_class_defaults():
                                                                      "alone, only"),
     ('class = "UNet2DConditionModel"\nconfig = { layers_per_block = 1 }', "'projection_class_embeddings_input_dim'"
                                                                            " missing"),
+    ('class = "FluxTransformer2DModel"\nconfig = { num_layer = 1 }', "takes no argument 'num_layer'; did you mean "
+                                                                     "'num_layers'?"),
+    ('class = "FluxTransformer2DModel"\nconfig = { num_layers = 1.5 }', "num_layers is 1.5; expected a whole number"),
+    ('class = "FluxTransformer2DModel"\nconfig = { num_layers = -1 }', "num_layers is -1; expected a whole number"),
+    ('class = "FluxTransformer2DModel"\nconfig = { attention_head_dim = 64 }', "axes_dims_rope [16, 56, 56] sums to "
+                                                                               "128; expected attention_head_dim (64)"),
+    ('class = "FluxTransformer2DModel"\nconfig = { num_layers = 1, when = 1979-05-27 }', "config: Object of type "
+                                                                                         "date is not JSON"),
+    ('class = "FluxTransformer2DModel"\nconfig = "quantized"', "quantized/config.json: pre-quantized (sdnq)"),
+    ('class = "FluxTransformer2DModl"\nconfig = "den"', "did you mean 'FluxTransformer2DModel'?"),
+    ('class = "FluxTransformer2DModel"\nconfig = "den"\ncall = { height = 64 }', "call: a class model is a "
+                                                                                  "denoiser alone"),
 ])
 def test_a_class_that_cannot_be_drawn_is_one_line_naming_it(disk, registry, table, said):
+    (disk / "quantized").mkdir(exist_ok=True)
+    config = json.loads((disk / "den" / "config.json").read_text())
+    (disk / "quantized" / "config.json").write_text(json.dumps({**config, "quantization_config": {
+        "quant_method": "sdnq", "weights_dtype": "uint4"}}))
     with pytest.raises(QuantMatrixError) as raised:
         matrix(disk, f"[models.mine]\n{table}\n", '[axes]\nengine = "none"\nqtype = "-"\nload = "post-load"\n'
                      'offload = "none"\ndevice = "cpu"\nmodel = "dit-xs"\ndtype = "float32"\n')

@@ -13,8 +13,10 @@
 
     [models.my-shape]
     class = "FluxTransformer2DModel"    # a diffusers class at a shape of one's own, seeded random weights ...
-    config = { num_layers = 2, num_single_layers = 4, attention_head_dim = 64 }   # ... its arguments, or a
-                                        # directory with its config.json
+    config = { num_layers = 1, num_single_layers = 2, attention_head_dim = 32, num_attention_heads = 4,
+               joint_attention_dim = 128, pooled_projection_dim = 128, axes_dims_rope = [8, 12, 12] }
+                                        # ... its arguments over the class's defaults, or a directory with
+                                        # its config.json
 
 Relative paths are read from the matrix file's folder. What kind of model it is (pipeline or denoiser), its
 classes and components are read from the files' JSON configs when the matrix is loaded (no torch, no weights):
@@ -31,6 +33,7 @@ the run's directory (its records say `weights: seeded`); alone, a denoiser runs 
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from dataclasses import dataclass, replace
@@ -45,7 +48,7 @@ NAME = AXES["model"].named
 KEYS = ("path", "class", "config", "call")
 CONFIG_BYTES = 4 << 20  # a model's JSON config is kilobytes; anything bigger is not one
 ALONE = ("flux", "sd3", "sdxl")  # the kinds a denoiser alone may be: real.make_inputs makes their inputs
-SMALL_CALL = dict(num_inference_steps=2)
+SMALL_CALL = dict(num_inference_steps=2)  # a cell's generation: two steps, at 32 latent pixels a side
 # The arguments a denoiser's input shapes are read from, as each class defaults them (a `class` model's config names
 # only what it changes; tests check these against diffusers' signatures). SDXL's UNet has no default added
 # embedding: a UNet alone needs projection_class_embeddings_input_dim and addition_time_embed_dim given.
@@ -56,7 +59,31 @@ CLASS_DEFAULTS = {
                                   joint_attention_dim=4096, pooled_projection_dim=2048),
     "UNet2DConditionModel": dict(in_channels=4, block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
                                  cross_attention_dim=1280, attention_head_dim=8),
-}  # a cell's generation: two steps, at 32 latent pixels a side
+}
+# Each class's constructor arguments, all of them (a `class` config naming another is a typo; tested against the
+# signatures like CLASS_DEFAULTS)
+CLASS_PARAMETERS = {
+    "FluxTransformer2DModel": (
+        "patch_size", "in_channels", "out_channels", "num_layers", "num_single_layers", "attention_head_dim",
+        "num_attention_heads", "joint_attention_dim", "pooled_projection_dim", "guidance_embeds", "axes_dims_rope"),
+    "SD3Transformer2DModel": (
+        "sample_size", "patch_size", "in_channels", "num_layers", "attention_head_dim", "num_attention_heads",
+        "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim", "out_channels",
+        "pos_embed_max_size", "dual_attention_layers", "qk_norm"),
+    "UNet2DConditionModel": (
+        "sample_size", "in_channels", "out_channels", "center_input_sample", "flip_sin_to_cos", "freq_shift",
+        "down_block_types", "mid_block_type", "up_block_types", "only_cross_attention", "block_out_channels",
+        "layers_per_block", "downsample_padding", "mid_block_scale_factor", "dropout", "act_fn", "norm_num_groups",
+        "norm_eps", "cross_attention_dim", "transformer_layers_per_block", "reverse_transformer_layers_per_block",
+        "encoder_hid_dim", "encoder_hid_dim_type", "attention_head_dim", "num_attention_heads",
+        "dual_cross_attention", "use_linear_projection", "class_embed_type", "addition_embed_type",
+        "addition_time_embed_dim", "num_class_embeds", "upcast_attention", "resnet_time_scale_shift",
+        "resnet_skip_time_act", "resnet_out_scale_factor", "time_embedding_type", "time_embedding_dim",
+        "time_embedding_act_fn", "timestep_post_act", "time_cond_proj_dim", "conv_in_kernel", "conv_out_kernel",
+        "projection_class_embeddings_input_dim", "attention_type", "class_embeddings_concat",
+        "mid_block_only_cross_attention", "cross_attention_norm", "addition_embed_type_num_heads"),
+}
+FLUX_ROPE = (16, 56, 56)  # FluxTransformer2DModel's default axes_dims_rope: they split a head's dimensions
 
 
 @dataclass(frozen=True)
@@ -100,7 +127,7 @@ def from_table(name: str, table: object, matrix: Path) -> Source:
     where = Source(name, "", matrix=str(matrix))
     if not re.fullmatch(NAME, name):
         raise _fail(where, f"name {name!r}: expected lowercase letters, digits, '.', '_' and '-' (at most 48)")
-    if name in specs.MODELS and not specs.MODELS[name].source:
+    if name in specs.MODELS and name not in SOURCES:
         raise _fail(where, f"{name!r} is a built-in model; expected a name of your own")
     if not isinstance(table, dict) or not isinstance(table.get("path", table.get("class")), str) or (
             "path" in table and "class" in table):
@@ -119,12 +146,18 @@ def from_table(name: str, table: object, matrix: Path) -> Source:
             ", or a table of the class's arguments" if "class" in table else ""))
     if "class" in table and not config:
         raise _fail(where, "a class needs config = { its arguments } or \"a directory with its config.json\"")
+    if "class" in table and "call" in table:
+        raise _fail(where, "call: a class model is a denoiser alone, run one step at a time; a call is a pipeline's")
+    try:
+        arguments = json.dumps(config, sort_keys=True, allow_nan=False) if inline else ""
+    except (TypeError, ValueError) as exc:
+        raise _fail(where, f"config: {exc}; expected numbers, strings, booleans and lists") from None
 
     def resolve(p: str) -> str:
         return str((matrix.parent / Path(p).expanduser()).resolve()) if p else ""
 
     return Source(name, resolve(table.get("path", "")), config="" if inline else resolve(config),
-                  cls=table.get("class", ""), arguments=json.dumps(config, sort_keys=True) if inline else "",
+                  cls=table.get("class", ""), arguments=arguments,
                   call=tuple(sorted(call.items())), matrix=str(matrix))
 
 
@@ -135,7 +168,8 @@ def register(source: Source) -> specs.ModelSpec:
     known = SOURCES.get(source.name)
     if known is not None:
         if known != source:
-            raise _fail(source, f"named twice, as {known.path} and {source.path}; expected one model per name")
+            raise _fail(source, f"named twice, as {known.path or known.cls} and {source.path or source.cls}; "
+                                "expected one model per name")
         return specs.MODELS[source.name]
     path = Path(source.path)
     if source.cls:
@@ -198,14 +232,43 @@ def _kind(denoiser_class: str) -> str:
 
 def _register_class(source: Source) -> specs.ModelSpec:
     """A diffusers class at the shape its arguments give, seeded weights (no checkpoint): a denoiser alone."""
+    if source.cls not in CLASS_PARAMETERS:
+        close = difflib.get_close_matches(source.cls, CLASS_PARAMETERS, 1)
+        raise _fail(source, f"a model of class {source.cls!r}: alone, only {', '.join(CLASS_PARAMETERS)} run (their "
+                            "inputs are made here)" + (f"; did you mean {close[0]!r}?" if close else ""))
+    path = Path(source.config) / "config.json"
     config = json.loads(source.arguments) if source.arguments else read_json(
-        source, Path(source.config) / "config.json", "the class's config (config.json)")
+        source, path, "the class's config (config.json)")
     named = config.get("_class_name", source.cls)
     if named != source.cls:
         raise _fail(source, f"config names class {named!r}; expected {source.cls!r}, the table's class")
-    spec = _register_denoiser(source, {**CLASS_DEFAULTS.get(source.cls, {}), **config, "_class_name": source.cls})
+    if not source.arguments:
+        _float_only(source, path, config)
+    _check_arguments(source, {k: v for k, v in config.items() if not k.startswith("_")})
+    spec = _register_denoiser(source, {**CLASS_DEFAULTS[source.cls], **config, "_class_name": source.cls})
     specs.MODELS[source.name] = spec = replace(spec, source="")  # drawn from the seed, once per run
     return spec
+
+
+def _check_arguments(source: Source, arguments: dict) -> None:
+    """A class's arguments as the class takes them: known names, whole shapes, Flux's rotary axes summing to a
+    head's dimensions (else the first step fails in apply_rotary_emb, the float model's too)."""
+    known = CLASS_PARAMETERS[source.cls]
+    for key, value in arguments.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, known, 1)
+            raise _fail(source, f"config: {source.cls} takes no argument {key!r}" + (
+                f"; did you mean {close[0]!r}?" if close else f"; expected one of {list(known)}"))
+        whole = all(type(v) is int and v >= 1 for v in (value if isinstance(value, list) else [value]))
+        if key in CLASS_DEFAULTS[source.cls] and not whole:
+            raise _fail(source, f"config: {key} is {value!r}; expected a whole number of at least 1"
+                                + (" (or a list of them)" if isinstance(value, list) else ""))
+    if source.cls == "FluxTransformer2DModel":
+        head = arguments.get("attention_head_dim", CLASS_DEFAULTS[source.cls]["attention_head_dim"])
+        axes = arguments.get("axes_dims_rope", FLUX_ROPE)
+        if isinstance(axes, (list, tuple)) and all(type(a) is int for a in axes) and sum(axes) != head:
+            raise _fail(source, f"config: axes_dims_rope {list(axes)} sums to {sum(axes)}; expected attention_head_dim "
+                                f"({head}): Flux's rotary embedding splits each head's dimensions among its axes")
 
 
 def _register_denoiser(source: Source, config: dict) -> specs.ModelSpec:
