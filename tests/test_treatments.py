@@ -73,3 +73,17 @@ def test_a_new_treatment_runs_in_its_stage_with_its_figures_in_the_record(tmp_pa
     assert figures["calls"] == 1 + FAST.warmup + outcome.metrics["latency_ms"]["n"]  # every call of the model
     # judged once, against the float model (the output's figures in the record) and its plain output
     assert len(probe.seen) == 1 and probe.seen[0][0]["cosine"] == outcome.metrics["cosine"]
+
+
+def test_casting_reaches_no_text_encoder_as_in_sdnext():
+    """SD.Next's layerwise "TE" option casts a non-CLIP text encoder only where its class has diffusers'
+    enable_layerwise_casting (vladmandic/sdnext@d11a619 modules/model_quant.py:338-340, a hasattr guard); no
+    transformers text encoder of the built-in pipelines has it, so SD.Next casts the denoiser alone, as the cast
+    axis does. Should transformers add the method, this fails: the axis would then have to cast them too."""
+    import transformers
+
+    from harness.models.specs import PIPELINES
+
+    classes = {cls for spec in PIPELINES.values() for cls, _ in spec.text_encoders.values()}
+    assert {"T5EncoderModel", "UMT5EncoderModel", "Qwen3Model", "Gemma2Model"} <= classes
+    assert [c for c in sorted(classes) if hasattr(getattr(transformers, c), "enable_layerwise_casting")] == []
