@@ -298,7 +298,7 @@ def _names(cell: Cell, settings: Settings | None, engine: dict, stack: dict) -> 
     module = _module_of(CATALOG[cell.engine].implementation)
     tables = {n: _Value(module_constant(module, n).get(cell.qtype)) for n in engine.get("tables", ())}
     example = "make_inputs(0, 1, 'cpu')"  # harness/models/build.py example_inputs: seed 0, batch 1, the CPU
-    names = {"qtype": cell.qtype, "cast": cell.cast, "example": _kwargs(cell, example),
+    names = {"qtype": cell.qtype, "cast": cell.cast, "offload": cell.offload, "example": _kwargs(cell, example),
              "cls": f"diffusers.{REAL_CLASSES[MODELS[cell.model].kind]}", **tables, **_group_names(cell, settings)}
     config = _pick(stack.get("configs", {}).get(cell.engine), cell.qtype)
     if config is not None:

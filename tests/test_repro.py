@@ -177,6 +177,22 @@ def test_the_compile_fragment_states_the_options_the_harness_compiles_with():
             compiling.options(offload), offload
 
 
+@pytest.mark.parametrize("offload", ["none", "model", "sequential", "group"])
+def test_the_sdnq_fragment_places_the_model_as_the_harness_does(offload):
+    """SDNQ after loading, as SD.Next places it: the script's return device is the harness's for the offload mode
+    (sdnq.sdnext_devices), evaluated from the script's own expression."""
+    import torch
+
+    from harness.engines import sdnq
+
+    text = repro.script(_record(Cell("sdnq", "int8", "post-load", offload, "cpu", "flux-tiny", "float32",
+                                     "diffusers")), Settings())
+    expression = re.search(r"return_device=(DEVICE if .*? else torch\.device\('cpu'\))\)", text).group(1)
+    cuda = torch.device("cuda")
+    assert eval(expression, {"DEVICE": cuda, "torch": torch}) == sdnq.sdnext_devices(offload, cuda)["return_device"]
+    assert "quantization_device=DEVICE" in text
+
+
 def test_what_the_generator_cannot_express_it_says_before_writing_anything():
     said = {cell_id: repro.unsupported(Cell.from_id(cell_id)) for cell_id in (
         "none/post-load/none/cpu/dit-s/float32/direct",

@@ -89,7 +89,9 @@ def sdnext_devices(offload: str, device: torch.device) -> dict[str, torch.device
 
 # This engine in a standalone repro script: its fragment (harness/repro.py says how it is read and filled)
 REPRO = {"imports": "import sdnq  # also registers SDNQ's quantizer with diffusers", "tables": ("OPTIONS",),
-         "quantize": "model = sdnq.sdnq_post_load_quant(model, torch_dtype=DTYPE, {OPTIONS:kw})"}
+         "quantize": "model = sdnq.sdnq_post_load_quant(  # placed as SD.Next places it (sdnext_devices)\n"
+                     "    model, torch_dtype=DTYPE, {OPTIONS:kw}, quantization_device=DEVICE,\n"
+                     "    return_device=DEVICE if {offload!r} in ('none', 'model') else torch.device('cpu'))"}
 
 
 class SDNQEngine(Engine):

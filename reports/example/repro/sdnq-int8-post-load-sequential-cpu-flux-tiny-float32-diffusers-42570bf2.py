@@ -88,7 +88,9 @@ def main() -> None:
         build_model(torch.float32).save_pretrained(str(float_dir))
         # load (harness/stacks/diffusers.py load)
         model = diffusers.FluxTransformer2DModel.from_pretrained(str(float_dir), torch_dtype=DTYPE)
-        model = sdnq.sdnq_post_load_quant(model, torch_dtype=DTYPE, weights_dtype='int8')
+        model = sdnq.sdnq_post_load_quant(  # placed as SD.Next places it (sdnext_devices)
+            model, torch_dtype=DTYPE, weights_dtype='int8', quantization_device=DEVICE,
+            return_device=DEVICE if 'sequential' in ('none', 'model') else torch.device('cpu'))
         model.eval()  # as the harness leaves it (harness/run/execute.py)
         # offload (harness/stacks/diffusers.py offload)
         pipe = ComponentPipeline(model)
