@@ -90,3 +90,48 @@ def test_gguf_file_that_does_not_fit_the_model_is_refused(tmp_path):
         with pytest.raises(GGUFContentsError, match="does not fit the model") as exc:
             engine.load(tmp_path / name, build_skeleton("dit-xs"), dtype=torch.float32, device=torch.device("cpu"))
         assert name in str(exc.value)
+
+
+def test_a_gguf_text_encoder_loads_dequantized_as_sdnext_loads_it(tmp_path):
+    """SD.Next reads a GGUF T5 with transformers (vladmandic/sdnext@d11a619 modules/model_te.py:28-33:
+    T5EncoderModel.from_pretrained(None, gguf_file=..., config=...)), which dequantizes every tensor while loading:
+    a GGUF text encoder saves disk, not memory. A tiny T5 written as Q8_0 (its Linear weights; llama.cpp's tensor
+    names from gguf's own map), loaded so: 8.5 bits per Linear weight on disk, float32 parameters in memory, the
+    output close to the float encoder's."""
+    import transformers
+
+    from harness.models.real import seed_weights
+    from harness.models.specs import _t5
+
+    config = transformers.T5Config(**_t5(128)[1])
+    model = seed_weights(transformers.T5EncoderModel(config), 0).eval()
+    arch = gguf.MODEL_ARCH.T5ENCODER
+    names = gguf.get_tensor_name_map(arch, config.num_layers)
+    writer = gguf.GGUFWriter(str(tmp_path / "t5.gguf"), gguf.MODEL_ARCH_NAMES[arch])
+    quantized = 0
+    for key, value in model.state_dict().items():
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is None:  # the encoder's copy of the shared embedding
+            assert key == "encoder.embed_tokens.weight"
+            continue
+        array = value.float().numpy()
+        if value.dim() == 2 and not name.startswith(("token_embd", "enc.blk.0.attn_rel_b")):
+            writer.add_tensor(name, gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0),
+                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            quantized += value.numel()
+        else:
+            writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    reader = gguf.GGUFReader(str(tmp_path / "t5.gguf"))
+    q8 = [t for t in reader.tensors if t.tensor_type == gguf.GGMLQuantizationType.Q8_0]
+    assert 8 * sum(int(t.n_bytes) for t in q8) / quantized == 8.5 and quantized > 0.5 * model.num_parameters()
+    loaded = transformers.T5EncoderModel.from_pretrained(str(tmp_path), gguf_file="t5.gguf", config=config,
+                                                        torch_dtype=torch.float32)  # SD.Next's dtype on a CPU
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}  # dequantized: float in memory
+    ids = torch.tensor([[4, 5, 6, 7, 1]])
+    with torch.no_grad():
+        want, got = model(ids).last_hidden_state, loaded(ids).last_hidden_state
+    assert 10 * torch.log10(want.pow(2).mean() / (want - got).pow(2).mean()) > 20  # Q8_0's error only: 27 dB
