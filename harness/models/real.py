@@ -80,7 +80,7 @@ def _constructed_dtypes(module: nn.Module, dtype: torch.dtype) -> dict[str, torc
     made in float32 on purpose keeps float32. Read from a twin constructed so on the meta device; {} for another
     kind of module (diffusers constructs in float32 and loads into it)."""
     if not type(module).__module__.startswith("transformers.") or not hasattr(module, "config") or not (
-            dtype.is_floating_point):
+            dtype.is_floating_point) or dtype == torch.get_default_dtype():  # built so already: nothing to read
         return {}
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
