@@ -300,6 +300,7 @@ def _names(cell: Cell, settings: Settings | None, engine: dict, stack: dict) -> 
     example = "make_inputs(0, 1, 'cpu')"  # harness/models/build.py example_inputs: seed 0, batch 1, the CPU
     names = {"qtype": cell.qtype, "cast": cell.cast, "offload": cell.offload, "example": _kwargs(cell, example),
              "cls": f"diffusers.{REAL_CLASSES[MODELS[cell.model].kind]}", **tables, **_group_names(cell, settings)}
+    names |= {name: _pick(by_mode, cell.offload) for name, by_mode in engine.get("by_offload", {}).items()}
     config = _pick(stack.get("configs", {}).get(cell.engine), cell.qtype)
     if config is not None:
         names["config"] = _fill(config, names, f"engine {cell.engine}'s config on the {cell.stack} stack")
@@ -408,21 +409,19 @@ def _comments(lines: list[str]) -> str:
     return "\n".join(lines)
 
 
-def header(record: dict, cell: Cell, stop: str, settings_note: str, needs: tuple[str, ...]) -> str:
+def header(record: dict, cell: Cell, stop: str, settings_note: str, needs: tuple[str, ...], seeded: bool) -> str:
     env, err, expect = record.get("env") or {}, record.get("error") or {}, record.get("expect") or {}
     expected = expect.get("kind", "works") + (f" /{expect['pattern']}/" if expect.get("pattern") else "")
+    weights = "the harness's seeded random weights" if seeded else "its own initial weights"
     out = [_lines(f"Reproduces the quantmatrix cell {cell.id} (diffusers' {REAL_CLASSES[MODELS[cell.model].kind]}, "
-                  f"seeded random weights), recorded in run {record.get('run')} ({record.get('started')}, host "
+                  f"{weights}), recorded in run {record.get('run')} ({record.get('started')}, host "
                   f"{env.get('host')}):", "# ", WIDTH),
            _lines(f"{record.get('verdict')} (expected: {expected})", "#   verdict:   ")]
     if err.get("type"):
-        first, *rest = (err.get("message") or "").split("\n", 1)
+        first, *rest = (err.get("message") or "").split("\n", 1)  # its first line: the record holds the rest
         out += [_lines(f"{err.get('stage') or '?'} (of {', '.join(stages(cell))})", "#   stage:     "),
-                _lines(f"{err['type']}: {first}", "#   error:     ")]
-        more = [line for line in (rest[0] if rest else "").splitlines() if line.strip()]
-        if more:  # two more lines at most: the record and the report hold the rest
-            out.append(_lines("\n".join(more[:2]) + (" ..." if len(more) > 2 else ""), "#              "))
-        out.append(_lines(err.get("layer") or "?", "#   raised in: "))
+                _lines(f"{err['type']}: {first}" + (" ..." if rest and rest[0].strip() else ""), "#   error:     "),
+                _lines(err.get("layer") or "?", "#   raised in: ")]
     elif record.get("note"):  # its first two lines: the report holds the rest
         note = _lines(record["note"], "#   note:      ", WIDTH).split("\n")
         out.append("\n".join(note[:2]) + (" ..." if len(note) > 2 else ""))
@@ -434,8 +433,8 @@ def header(record: dict, cell: Cell, stop: str, settings_note: str, needs: tuple
         _lines(f"Versions: python {env.get('python')}, torch {env.get('torch')}, diffusers {env.get('diffusers')}, "
                f"accelerate {env.get('accelerate')}{engine}; {cell.device}: {env.get('device_name') or '?'}"
                + (f", driver {env['driver']}" if env.get("driver") else ""), "# ", WIDTH),
-        _lines(f"Run: python this_file.py (needs {', '.join(dict.fromkeys(needs))}; no network; files in a temporary "
-               f"directory). {ending} {settings_note} Written by quantmatrix, which it does not import.", "# ", WIDTH),
+        _lines(f"Run: python this_file.py (needs {', '.join(dict.fromkeys(needs))}; no network; temporary files). "
+               f"{ending} {settings_note}", "# ", WIDTH),
     ]
     return _comments(out)
 
@@ -450,9 +449,11 @@ def _stop_stage(record: dict) -> str:
     return stage if stage in STAGES else "forward"
 
 
-def _model_code(cell: Cell, inputs: bool) -> str:
+def _model_code(cell: Cell, inputs: bool, seeded: bool) -> str:
     """The model: its constructor arguments and the code of models/real.py that draws its weights (and makes a
-    step's inputs, with the model kind's function only) for the seed, copied so both are the harness's to the bit."""
+    step's inputs, with the model kind's function only) for the seed, copied so both are the harness's to the bit.
+    Not `seeded` (a script that ends in an error and judges no output): the class's own initialization under the
+    seed, as a minimal report has it; the slow tests run each such script to its recorded error."""
     spec = MODELS[cell.model]
     config = ", ".join(f"{k}={v!r}" for k, v in DIFFUSERS_CONFIGS[cell.model].items())
     code = [f"# diffusers' constructor arguments (harness/models/specs.py DIFFUSERS_CONFIGS[{cell.model!r}])",
@@ -463,17 +464,22 @@ def _model_code(cell: Cell, inputs: bool) -> str:
         used = sorted(set(re.findall(r"\bspec\.(\w+)", function)))
         code.append("SHAPE = types.SimpleNamespace(" + ", ".join(f"{k}={getattr(spec, k)!r}" for k in used) + ")")
     cast = cell.dtype != "float32"
-    code += ["", "", "# harness/models/real.py, copied: the weights drawn in name order from the seed"
-             + (", a step's inputs" if inputs else ""),
-             copied_code(REAL, ("seed_weights",) + (("to_dtype",) if cast else ())), "", "",
-             "def build_model(dtype: torch.dtype = DTYPE) -> nn.Module:  # real.build_model",
-             "    with accelerate.init_empty_weights():",
-             f"        model = diffusers.{REAL_CLASSES[spec.kind]}(**CONFIG)",
-             "    return " + ("to_dtype(seed_weights(model, SEED), dtype)" if cast else "seed_weights(model, SEED)")
-             + ".eval()"]
+    copied = (("seed_weights",) if seeded else ()) + (("to_dtype", "_constructed_dtypes") if cast else ())
+    comment = "# harness/models/real.py, copied: " + ", ".join(
+        (["the weights drawn in name order from the seed"] if seeded else [])
+        + (["the dtype as from_pretrained leaves it"] if cast else []) + (["a step's inputs"] if inputs else []))
+    if copied:
+        code += ["", "", comment, copied_code(REAL, copied)]
+    cls = f"diffusers.{REAL_CLASSES[spec.kind]}(**CONFIG)"
+    made = "seed_weights(model, SEED)" if seeded else cls
+    made = f"to_dtype({made}, dtype)" if cast else made if seeded else f"{cls}.to(dtype)"
+    code += ["", "", "def build_model(dtype: torch.dtype = DTYPE) -> nn.Module:  # real.build_model"
+             + ("" if seeded else "; the class's own weights"),
+             *(["    with accelerate.init_empty_weights():", f"        model = {cls}"] if seeded else []),
+             f"    return {made}.eval()"]
     if not inputs:
         return "\n".join(code)
-    code += ["", "", function, "", "",
+    code += ["", "", *([] if copied else [comment]), function, "", "",
              "def make_inputs(seed: int, batch: int, device) -> dict:  # real.make_inputs",
              f"    inputs = {spec.kind}_inputs(SHAPE, batch, torch.Generator().manual_seed(seed + 1), CONFIG)",
              '    return {k: (v if k == "timestep" else v.to(DTYPE)).to(device) for k, v in inputs.items()}', "", ""]
@@ -509,11 +515,19 @@ def check_output(output: torch.Tensor, reference: torch.Tensor) -> None:  # harn
         f"output below its type's floor: SQNR {sqnr:.1f} dB < {FLOOR_DB} dB (the output is not the model's)"'''
 
 
-def _imports(parts: dict, files: bool, inputs: bool) -> str:
-    std = ["import math", *(["import tempfile"] if files else []),
-           *(["import types"] if inputs else []), *(["from pathlib import Path"] if files else [])]
-    return "\n".join([*std, *([""] if std else []), "import accelerate", "import diffusers", "import torch",
-                      "from torch import nn", *([""] + parts["imports"].splitlines() if parts["imports"] else [])])
+def _imports(parts: dict, code: str) -> str:
+    """The import lines the code uses: a line whose names `code` never reads is left out (the standard library's
+    group first, then torch's and diffusers', then the engine's)."""
+    used = {n.id for n in ast.walk(ast.parse(code)) if isinstance(n, ast.Name)}
+
+    def wanted(line: str) -> bool:
+        bound = re.fullmatch(r"(?:from \S+ )?import (?:\S+ as )?([\w.]+)", line.strip())
+        return bound is None or bound.group(1).split(".")[0] in used
+
+    groups = [["import math", "import tempfile", "import types", "from pathlib import Path"],
+              ["import accelerate", "import diffusers", "import torch", "from torch import nn"],
+              parts["imports"].splitlines() if parts["imports"] else []]
+    return "\n\n".join("\n".join(kept) for group in groups if (kept := [line for line in group if wanted(line)]))
 
 
 def _constants(cell: Cell, s: Settings, check: bool, compiled: dict | None) -> str:
@@ -550,6 +564,8 @@ def _main(parts: dict, cell: Cell, check: bool, reaches, steps: bool) -> list[st
         body += ["# compile (harness/treatments/compiling.py), after the offload: its first call compiles",
                  _pick(compiled["apply"], cell.compile), f"with {guard}torch.no_grad():", *step]
     if reaches("forward"):
+        if not (compiled or check):  # no output is judged: the first step and the warm-up steps alike
+            step, warm = [], [warm[0].replace("range(WARMUP)", "range(1 + WARMUP)"), *warm[1:]]
         body += ["# forward: the first step, then the warm-up steps", f"with {guard}torch.no_grad():",
                  *([] if compiled else step), *warm]
         if check:
@@ -638,14 +654,14 @@ def script(record: dict, settings: Settings | None = None, *, settings_from: str
                parts["helpers"] if reaches("prepare") else "",
                parts["offload_helpers"] if reaches("offload") else "", CHECK_OUTPUT if check and reaches("forward")
                else ""]
-    text = [header(record, cell, stop, note, ("torch", "diffusers", "accelerate", *parts["needs"])),
-            _imports(parts, bool(parts["prepare"]), inputs),
-            _constants(cell, s, check, parts["compile"] if reaches("compile") else None),
-            _model_code(cell, inputs), *[h for h in helpers if h],
+    code = [_constants(cell, s, check, parts["compile"] if reaches("compile") else None),
+            _model_code(cell, inputs, seeded=check), *[h for h in helpers if h],
             _wrapped(_main(parts, cell, check, reaches, steps)
                      + [f'    print("ran to the end of the {stop} step without an error")']),
             'if __name__ == "__main__":\n    main()']
-    return text[0] + "\n" + text[1] + "\n\n" + "\n\n\n".join(t.strip("\n") for t in text[2:]) + "\n"
+    body = "\n\n\n".join(t.strip("\n") for t in code) + "\n"
+    return (header(record, cell, stop, note, ("torch", "diffusers", "accelerate", *parts["needs"]), check) + "\n"
+            + _imports(parts, body) + "\n\n" + body)
 
 
 def settings_of(matrix: Path | str | None) -> Settings | None:

@@ -91,7 +91,9 @@ def sdnext_devices(offload: str, device: torch.device) -> dict[str, torch.device
 REPRO = {"imports": "import sdnq  # also registers SDNQ's quantizer with diffusers", "tables": ("OPTIONS",),
          "quantize": "model = sdnq.sdnq_post_load_quant(  # placed as SD.Next places it (sdnext_devices)\n"
                      "    model, torch_dtype=DTYPE, {OPTIONS:kw}, quantization_device=DEVICE,\n"
-                     "    return_device=DEVICE if {offload!r} in ('none', 'model') else torch.device('cpu'))"}
+                     "    return_device={return_device})",
+         # by the cell's offload mode, as sdnext_devices gives it (KEPT_ON_DEVICE)
+         "by_offload": {"return_device": {"none": "DEVICE", "model": "DEVICE", "*": "torch.device('cpu')"}}}
 
 
 class SDNQEngine(Engine):

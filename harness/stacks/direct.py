@@ -39,7 +39,7 @@ from harness.stacks.loading import Loaded, _dtype_name, check_name, detect, shar
 # on the module per offload mode (offload_module below): the statements, and the one after each step.
 REPRO = {
     "prepare": {"post-load": ""},
-    "load": {"post-load": "model = build_model()  # drawn from its seed (stacks/direct.py load_post)\n{quantize}"},
+    "load": {"post-load": "model = build_model()  # the float model (stacks/direct.py load_post)\n{quantize}"},
     "why_not": "the direct stack's on-the-fly and pre-quantized loads are the harness's own loader and file layout; "
                "only post-load is written for it",
     "offload": {"none": ("model.to(DEVICE)", ""),
