@@ -13,7 +13,7 @@ from harness.results import read_records
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ("wan-tiny-pipe", "chroma-tiny-pipe", "qwenimage-tiny-pipe", "zimage-tiny-pipe", "lumina2-tiny-pipe",
-            "sana-tiny-pipe")
+            "sana-tiny-pipe", "hunyuanvideo-tiny-pipe")
 
 
 def run_matrix(results: Path, *args: str) -> subprocess.CompletedProcess:

@@ -3,6 +3,8 @@ output judged; SD.Next's balanced offload over their components; the `components
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from torch import nn
@@ -16,7 +18,7 @@ from harness.settings import Settings
 
 TINY = ("flux-tiny-pipe", "sd3-tiny-pipe", "sdxl-tiny-pipe")
 FAMILIES = ("wan-tiny-pipe", "chroma-tiny-pipe", "qwenimage-tiny-pipe", "zimage-tiny-pipe", "lumina2-tiny-pipe",
-            "sana-tiny-pipe")
+            "sana-tiny-pipe", "hunyuanvideo-tiny-pipe")
 FAST = Settings(warmup=0, min_steps=1, max_steps=1, min_time_s=0.0)
 # Z-Image in bf16 on this CPU: the first generation of a process differs from every later one with the same seed
 # (later ones agree, a second model's too); each cell and its reference run in fresh processes, so they agree
@@ -210,7 +212,8 @@ def test_an_int8_matmul_pipelines_text_encoder_gets_no_quantized_matmul_as_in_sd
     assert matmul(pipe.transformer) == {True} and matmul(pipe.text_encoder_2) == {False}
 
 
-@pytest.mark.parametrize("name", ["wan-tiny-pipe", "zimage-tiny-pipe", "lumina2-tiny-pipe", "sana-tiny-pipe"])
+@pytest.mark.parametrize("name", ["wan-tiny-pipe", "zimage-tiny-pipe", "lumina2-tiny-pipe", "sana-tiny-pipe",
+                                  "hunyuanvideo-tiny-pipe"])
 def test_a_pipeline_built_here_is_the_same_pipeline_loaded_from_its_files(name, tmp_path):
     """The float reference a cell is judged against is built, the cell's model loaded by from_pretrained: they must
     agree to the bit, dtypes too (Wan keeps its `_keep_in_fp32_modules` in float32 in a bf16 model; Qwen3's rotary
@@ -227,3 +230,18 @@ def test_a_pipeline_built_here_is_the_same_pipeline_loaded_from_its_files(name, 
             n: b.dtype for n, b in loaded.parts()[attr].named_buffers()}, attr
     assert {p.dtype for p in built.pipe.transformer.parameters()} >= {torch.bfloat16} and (
         name != "wan-tiny-pipe" or torch.float32 in {p.dtype for p in built.pipe.transformer.parameters()})
+
+
+def test_hunyuanvideo_crops_its_prompt_template_where_the_tokenizer_made_here_ends_its_system_part():
+    """HunyuanVideo's pipeline crops a fixed count of tokens (95, Llama 3's count) off the template's system part;
+    with the word-level tokenizer made here that part is 57 tokens, so the spec passes the template with 57: the
+    prompt's own tokens reach the transformer (with 95 only padding would, and its token refiner gives NaN)."""
+    import diffusers
+
+    from harness.models.pipelines import tokenizer
+    from harness.models.specs import HUNYUAN_CROP, HUNYUAN_TEMPLATE
+
+    default = inspect.signature(diffusers.HunyuanVideoPipeline.__call__).parameters["prompt_template"].default
+    assert HUNYUAN_TEMPLATE == default["template"] and default["crop_start"] == 95
+    made = tokenizer(PIPELINES["hunyuanvideo-tiny-pipe"].tokenizers["tokenizer"])
+    assert len(made(HUNYUAN_TEMPLATE.split("{}")[0])["input_ids"]) == HUNYUAN_CROP

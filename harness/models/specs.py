@@ -69,7 +69,7 @@ MODELS: dict[str, ModelSpec] = {
     "sd3-tiny-pipe": ModelSpec("sd3", width=128, depth=2, heads=4, latent=16, channels=16, pipeline=True),
     "sdxl-tiny-pipe": ModelSpec("sdxl", width=64, depth=1, heads=2, latent=16, channels=4, pipeline=True),
     # The families people run now (FAMILIES below): Wan 2.x text-to-video, Chroma, Qwen-Image, Z-Image,
-    # Lumina 2, Sana
+    # Lumina 2, Sana, HunyuanVideo
     "wan-tiny-pipe": ModelSpec("wan", width=128, depth=2, heads=4, latent=4, channels=16, pipeline=True),
     "chroma-tiny-pipe": ModelSpec("chroma", width=128, depth=2, heads=4, latent=16, channels=16, pipeline=True),
     "qwenimage-tiny-pipe": ModelSpec("qwenimage", width=128, depth=2, heads=4, latent=8, channels=16,
@@ -77,6 +77,8 @@ MODELS: dict[str, ModelSpec] = {
     "zimage-tiny-pipe": ModelSpec("zimage", width=192, depth=2, heads=6, latent=16, channels=16, pipeline=True),
     "lumina2-tiny-pipe": ModelSpec("lumina2", width=128, depth=2, heads=4, latent=16, channels=16, pipeline=True),
     "sana-tiny-pipe": ModelSpec("sana", width=128, depth=2, heads=4, latent=16, channels=16, pipeline=True),
+    "hunyuanvideo-tiny-pipe": ModelSpec("hunyuanvideo", width=128, depth=2, heads=4, latent=8, channels=16,
+                                        pipeline=True),
     # Real configurations (Flux-dev with CLIP-L and T5-XXL; SDXL-base with CLIP-L and OpenCLIP bigG), for GPU
     # boxes: their float pipeline is written once per run and loaded by every cell.
     "flux-dev-pipe": ModelSpec("flux", width=3072, depth=19, heads=24, latent=128, channels=16, pipeline=True,
@@ -98,7 +100,8 @@ REAL_CLASSES = {"flux": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel"
                 # the newer families, as whole pipelines only (their denoisers' inputs are not made alone)
                 "wan": "WanTransformer3DModel", "chroma": "ChromaTransformer2DModel",
                 "qwenimage": "QwenImageTransformer2DModel", "zimage": "ZImageTransformer2DModel",
-                "lumina2": "Lumina2Transformer2DModel", "sana": "SanaTransformer2DModel"}
+                "lumina2": "Lumina2Transformer2DModel", "sana": "SanaTransformer2DModel",
+                "hunyuanvideo": "HunyuanVideoTransformer3DModel"}
 
 # Constructor arguments of the real classes. flux-dev: the class defaults are Flux's (19 double, 38 single blocks,
 # 24 heads of 128), plus Flux-dev's guidance embedding; sdxl: SDXL-base's UNet config.
@@ -202,6 +205,14 @@ def _gemma(hidden: int, *, layers: int = 2, heads: int = 2, vocab: int = 1000) -
                                max_position_embeddings=256, bos_token_id=0, eos_token_id=2, pad_token_id=1)
 
 
+def _llama(hidden: int, *, layers: int = 3, heads: int = 2, vocab: int = 1000) -> tuple[str, dict]:
+    """Llama's language model: HunyuanVideo's text encoder (transformers' LlamaModel; its pipeline reads the hidden
+    states two layers before the last, so three layers at least)."""
+    return "LlamaModel", dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                              num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                              max_position_embeddings=256, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+
+
 def _vae(latent_channels: int, blocks: tuple[int, ...] = (32, 64), **extra) -> dict:
     n = len(blocks)
     return dict(in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=blocks,
@@ -254,9 +265,20 @@ PIPELINES: dict[str, PipelineSpec] = {
 # text encoder its release uses, which SD.Next quantizes with "TE" (vladmandic/sdnext@d11a619: model_wanai.py:11
 # get_dit_args(module='TE'); model_chroma.py:19, model_qwen.py:70 and model_z_image.py:49 through
 # generic.load_text_encoder; Z-Image's is Qwen3ForCausalLM there, diffusers' Qwen3Model here; model_lumina.py:47
-# load_lumina2 likewise, model_sana.py:21 init_quants with check_quant('TE')). Wan: UMT5, its causal video VAE, the
-# UniPC flow scheduler its release ships (diffusers#13488 lives there), 5 frames; Qwen-Image: Qwen2.5-VL's language
-# model and its own VAE; Z-Image: Qwen3 and a chat-template prompt; Lumina 2 and Sana: Gemma 2.
+# load_lumina2 likewise, model_sana.py:21 init_quants with check_quant('TE'); HunyuanVideo 1.0 T2V's LlamaModel
+# through modules/video_models/video_load.py:75-77 get_dit_args(module='TE'), models_def.py:105-111, its CLIP not).
+# Wan: UMT5, its causal video VAE, the UniPC flow scheduler its release ships (diffusers#13488 lives there), 5
+# frames; Qwen-Image: Qwen2.5-VL's language model and its own VAE; Z-Image: Qwen3 and a chat-template prompt;
+# Lumina 2 and Sana: Gemma 2; HunyuanVideo: Llama and CLIP, its causal 3D VAE, 5 frames.
+# HunyuanVideo's prompt template (its pipeline's default) and where its system part ends: the pipeline crops that
+# many tokens off the Llama states, 95 with Llama 3's tokenizer; 57 with the word-level one made here (tested)
+HUNYUAN_TEMPLATE = (
+    "<|start_header_id|>system<|end_header_id|>\n\nDescribe the video by detailing the following aspects: 1. The "
+    "main content and theme of the video.2. The color, shape, size, texture, quantity, text, and spatial "
+    "relationships of the objects.3. Actions, events, behaviors temporal relationships, physical movement changes "
+    "of the objects.4. background environment, light, style and atmosphere.5. camera angles, movements, and "
+    "transitions used in the video:<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>")
+HUNYUAN_CROP = 57
 _WAN_VAE = dict(base_dim=16, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                 temperal_downsample=[False, True, True])
 FAMILIES: dict[str, PipelineSpec] = {
@@ -318,6 +340,22 @@ FAMILIES: dict[str, PipelineSpec] = {
              decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407),
         "FlowMatchEulerDiscreteScheduler", ("text_encoder",),
         {**_TINY_CALL, "max_sequence_length": 16, "use_resolution_binning": False}, vae_class="AutoencoderDC"),
+    # HunyuanVideo 1.0: Llama (the template above) and CLIP (77 tokens, the pipeline's fixed length), guidance
+    # embedded as released; its VAE at three levels (4x in space and time: 5 frames are 2 latent ones)
+    "hunyuanvideo-tiny-pipe": PipelineSpec(
+        "HunyuanVideoPipeline", "transformer",
+        dict(in_channels=16, out_channels=16, num_attention_heads=4, attention_head_dim=32, num_layers=1,
+             num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1,
+             text_embed_dim=64, pooled_projection_dim=64, rope_axes_dim=(8, 12, 12)),
+        {"text_encoder": _llama(64), "text_encoder_2": _clip(64, heads=2, positions=77)},
+        {"tokenizer": 128, "tokenizer_2": 77},
+        dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 32, 64), layers_per_block=1,
+             down_block_types=("HunyuanVideoDownBlock3D",) * 3, up_block_types=("HunyuanVideoUpBlock3D",) * 3,
+             norm_num_groups=32, spatial_compression_ratio=4, temporal_compression_ratio=4),
+        "FlowMatchEulerDiscreteScheduler", ("text_encoder",),
+        dict(height=32, width=32, num_frames=5, num_inference_steps=2, max_sequence_length=16,
+             prompt_template={"template": HUNYUAN_TEMPLATE, "crop_start": HUNYUAN_CROP}),
+        vae_class="AutoencoderKLHunyuanVideo"),
 }
 PIPELINES.update(FAMILIES)
 
