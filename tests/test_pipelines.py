@@ -75,13 +75,16 @@ PUBLISHED = {
                        ("text_encoder", 1e7, 829)],  # Qwen2.5-VL-7B-Instruct: 8.29 B
     "zimage-turbo-pipe": [("transformer", 1e7, 615),  # Z-Image: 6B (diffusers docs), 6.15 B
                           ("text_encoder", 1e8, 40)],  # Qwen3-4B: 4.0 B
+    "hunyuanvideo-13b-pipe": [("transformer", 1e9, 13),  # HunyuanVideo: 13B (its report, arXiv 2412.03603)
+                              ("text_encoder", 1e9, 8),  # llava-llama-3-8b: 8B (7.51 B without its lm head)
+                              ("text_encoder_2", 1, 123_060_480)],  # CLIP-L's text model, as flux-dev-pipe's
 }
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_the_newer_families_released_shapes_have_the_published_sizes(name):
-    """Wan 2.1 14B, Chroma1-HD, Qwen-Image and Z-Image-Turbo on the meta device (for GPU boxes; never run here):
-    each component's parameters, rounded as its size is published."""
+    """Wan 2.1 14B, Chroma1-HD, Qwen-Image, Z-Image-Turbo and HunyuanVideo on the meta device (for GPU boxes;
+    never run here): each component's parameters, rounded as its size is published."""
     sizes = {a: sum(p.numel() for p in m.parameters()) for a, m in build_skeleton(name).parts().items()}
     assert {(attr, unit, round(sizes[attr] / unit)) for attr, unit, _ in PUBLISHED[name]} == set(PUBLISHED[name])
     assert MODELS[name].shared_weights and MODELS[name].kind == MODELS[name.split("-")[0] + "-tiny-pipe"].kind

@@ -94,6 +94,8 @@ MODELS: dict[str, ModelSpec] = {
                                 pipeline=True, shared_weights=True),
     "zimage-turbo-pipe": ModelSpec("zimage", width=3840, depth=30, heads=30, latent=128, channels=16,
                                    pipeline=True, shared_weights=True),
+    "hunyuanvideo-13b-pipe": ModelSpec("hunyuanvideo", width=3072, depth=60, heads=24, latent=90, channels=16,
+                                       pipeline=True, shared_weights=True),
 }
 
 REAL_CLASSES = {"flux": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel", "sdxl": "UNet2DConditionModel",
@@ -205,12 +207,14 @@ def _gemma(hidden: int, *, layers: int = 2, heads: int = 2, vocab: int = 1000) -
                                max_position_embeddings=256, bos_token_id=0, eos_token_id=2, pad_token_id=1)
 
 
-def _llama(hidden: int, *, layers: int = 3, heads: int = 2, vocab: int = 1000) -> tuple[str, dict]:
+def _llama(hidden: int, *, layers: int = 3, heads: int = 2, vocab: int = 1000, intermediate: int | None = None,
+           kv_heads: int | None = None, positions: int = 256) -> tuple[str, dict]:
     """Llama's language model: HunyuanVideo's text encoder (transformers' LlamaModel; its pipeline reads the hidden
     states two layers before the last, so three layers at least)."""
-    return "LlamaModel", dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-                              num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                              max_position_embeddings=256, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    return "LlamaModel", dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+                              num_hidden_layers=layers, num_attention_heads=heads,
+                              num_key_value_heads=kv_heads or heads, max_position_embeddings=positions,
+                              bos_token_id=0, eos_token_id=2, pad_token_id=1)
 
 
 def _vae(latent_channels: int, blocks: tuple[int, ...] = (32, 64), **extra) -> dict:
@@ -363,7 +367,9 @@ PIPELINES.update(FAMILIES)
 # on the meta device against the published sizes). Configurations as the diffusers repositories hold them:
 # Wan2.1-T2V-14B (diffusers scripts/convert_wan_to_diffusers.py; UMT5-XXL's encoder; AutoencoderKLWan's defaults),
 # Chroma1-HD (Flux's VAE, T5-XXL), Qwen-Image (Qwen2.5-VL-7B-Instruct; AutoencoderKLQwenImage's defaults) and
-# Z-Image-Turbo (Qwen3-4B; Flux's VAE; axes_lens as released, not the class default).
+# Z-Image-Turbo (Qwen3-4B; Flux's VAE; axes_lens as released, not the class default); HunyuanVideo 1.0 (the
+# transformer's and AutoencoderKLHunyuanVideo's defaults; llava-llama-3-8b's language model, CLIP-L; the prompt
+# template cropped for the tokenizer made here, as the tiny pipeline's).
 _T5_XXL = _t5(4096, layers=24, heads=64, d_kv=64, d_ff=10240, vocab=32128)
 _FLUX_VAE = _vae(16, (128, 256, 512, 512), shift_factor=0.1159, scaling_factor=0.3611) | {"layers_per_block": 2,
                                                                                          "sample_size": 1024}
@@ -406,6 +412,16 @@ RELEASED: dict[str, PipelineSpec] = {
                                vocab=151936, tied=True)},
         {"tokenizer": 512}, _FLUX_VAE, "FlowMatchEulerDiscreteScheduler", ("text_encoder",), _RELEASED_CALL,
         chat=True),
+    "hunyuanvideo-13b-pipe": PipelineSpec(
+        "HunyuanVideoPipeline", "transformer", {},
+        {"text_encoder": _llama(4096, layers=32, heads=32, kv_heads=8, intermediate=14336, vocab=128320,
+                                         positions=8192),
+         "text_encoder_2": _clip(
+            768, layers=12, heads=12, vocab=49408, positions=77, intermediate=3072)},
+        {"tokenizer": 256 + HUNYUAN_CROP, "tokenizer_2": 77}, {}, "FlowMatchEulerDiscreteScheduler", ("text_encoder",),
+        dict(height=720, width=1280, num_frames=129, num_inference_steps=4, max_sequence_length=256,
+             prompt_template={"template": HUNYUAN_TEMPLATE, "crop_start": HUNYUAN_CROP}),
+        vae_class="AutoencoderKLHunyuanVideo"),
 }
 PIPELINES.update(RELEASED)
 
