@@ -32,7 +32,7 @@ from harness.cell import AXES, Cell
 from harness.engines.catalog import CATALOG, output_floor
 from harness.errors import QuantMatrixError, printable
 from harness.models.specs import DIFFUSERS_CONFIGS, MODELS, REAL_CLASSES
-from harness.results import file_lines, validate_record
+from harness.results import file_lines, parse_record, validate_record
 from harness.settings import Settings
 from harness.stacks.catalog import STACK_CATALOG
 from harness.stacks.catalog import not_offered as stack_not_offered
@@ -89,11 +89,10 @@ def raw_records(path: Path, ids: set[str] | None = None) -> tuple[list[dict], li
             if match is None or match.group(1) not in ids:
                 continue
         try:
-            record = json.loads(line)
+            record, problems = parse_record(line)
         except json.JSONDecodeError as exc:
             refused.append(f"{path}:{number}: not a JSON record ({exc.msg})")
             continue
-        problems = validate_record(record)
         if problems:
             refused.append(f"{path}:{number}: {'; '.join(problems)}")
         else:

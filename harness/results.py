@@ -350,16 +350,49 @@ def _mend_torn_line(fd: int) -> None:
         os.write(fd, b"\n")
 
 
+INT_LIMIT = 1 << 63  # a record's integers are counts and bytes: 64 bits hold them; beyond, no float holds them either
+
+
+class _Integers:
+    """json's parse_int: Python's own int, noting one beyond INT_LIMIT (which no figure is, and which overflows
+    every float conversion the report makes)."""
+
+    def __init__(self) -> None:
+        self.huge = False
+
+    def __call__(self, text: str) -> int:
+        value = int(text)
+        self.huge = self.huge or not -INT_LIMIT <= value < INT_LIMIT
+        return value
+
+
+def parse_record(line: str) -> tuple[Any, list[str]]:
+    """A results line as JSON (raises json.JSONDecodeError), and its problems: the schema's (validate_record), or
+    each field holding an integer beyond 64 bits."""
+    integers = _Integers()
+    record = json.loads(line, parse_int=integers)
+    return record, (_huge_integers(record) if integers.huge else validate_record(record))
+
+
+def _huge_integers(value: Any, where: str = "") -> list[str]:
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _huge_integers(v, f"{where}.{k}".lstrip("."))]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _huge_integers(v, f"{where}[{i}]")]
+    if isinstance(value, int) and not -INT_LIMIT <= value < INT_LIMIT:
+        return [f"{where or 'record'}: an integer of {len(str(abs(value)))} digits; expected one within 64 bits"]
+    return []
+
+
 def read_records(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """Valid records of a results file, and a description of each line skipped (torn, not JSON, bad schema)."""
     records, skipped = [], []
     for number, line in file_lines(Path(path)):
         try:
-            record = json.loads(line)
+            record, problems = parse_record(line)
         except json.JSONDecodeError as exc:
             skipped.append(f"{path}:{number}: not a JSON record ({exc.msg})")
             continue
-        problems = validate_record(record)
         if problems:
             skipped.append(f"{path}:{number}: {'; '.join(problems)}")
             continue

@@ -52,6 +52,29 @@ def test_a_wrongly_typed_record_is_a_named_line_and_the_rest_are_reported(field,
     assert one_line(err) and "does not validate" in err and f"r.jsonl:1: {field}" in err
 
 
+def test_numbers_no_figure_can_be_are_each_a_named_line_and_nothing_overflows(tmp_path, capsys):
+    """An integer of 401 digits overflowed every float conversion of the report and compare (a traceback): such a
+    record is skipped, naming the field, as one with an infinite or NaN figure (JSON's 1e999, NaN) is."""
+    good = [json.loads(line) for line in FEW.read_text().splitlines()[:3]]
+    huge, odd = json.loads(json.dumps(good[0])), json.loads(json.dumps(good[1]))
+    huge["metrics"]["peak_mem_bytes"] = 10 ** 400
+    text = json.dumps(odd).replace('"sqnr_db": ', '"sqnr_db": 1e999, "was": ', 1)
+    odd_line = text.replace('"bits_per_weight": ', '"bits_per_weight": NaN, "was_bits": ', 1)
+    results = tmp_path / "r.jsonl"
+    results.write_text(json.dumps(huge) + "\n" + odd_line + "\n" + json.dumps(good[2]) + "\n")
+    records, skipped = read_records(results)
+    assert len(records) == 1 and skipped == [
+        f"{results}:1: metrics.peak_mem_bytes: an integer of 401 digits; expected one within 64 bits",
+        f"{results}:2: metrics.bits_per_weight is nan, expected a finite number; metrics.sqnr_db is inf, expected a "
+        "finite number"]
+    assert main(["report", str(results), "-o", str(tmp_path / "site"), "--rules", ""]) == 0
+    assert main(["report", str(results), "--markdown"]) == 0
+    assert main(["compare", str(results), str(results)]) == 0
+    assert main(["repro", huge["id"], "--results", str(results)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "metrics.peak_mem_bytes: an integer of 401 digits" in err
+
+
 def test_a_file_of_one_torn_line_gives_a_report_that_says_so(tmp_path, capsys):
     """What a run killed in its first cell leaves: no valid record."""
     results = tmp_path / "torn.jsonl"
