@@ -464,11 +464,10 @@ def _model_code(cell: Cell, inputs: bool, seeded: bool) -> str:
         code.append("SHAPE = types.SimpleNamespace(" + ", ".join(f"{k}={getattr(spec, k)!r}" for k in used) + ")")
     cast = cell.dtype != "float32"
     copied = (("seed_weights",) if seeded else ()) + (("to_dtype", "_constructed_dtypes") if cast else ())
-    comment = "# harness/models/real.py, copied: " + ", ".join(
-        (["the weights drawn in name order from the seed"] if seeded else [])
-        + (["the dtype as from_pretrained leaves it"] if cast else []) + (["a step's inputs"] if inputs else []))
     if copied:
-        code += ["", "", comment, copied_code(REAL, copied)]
+        code += ["", "", "# harness/models/real.py, copied: " + " and ".join(
+            (["the weights drawn in name order from the seed"] if seeded else [])
+            + (["the dtype as from_pretrained leaves it"] if cast else [])), copied_code(REAL, copied)]
     cls = f"diffusers.{REAL_CLASSES[spec.kind]}(**CONFIG)"
     made = "seed_weights(model, SEED)" if seeded else cls
     made = f"to_dtype({made}, dtype)" if cast else made if seeded else f"{cls}.to(dtype)"
@@ -478,7 +477,7 @@ def _model_code(cell: Cell, inputs: bool, seeded: bool) -> str:
              f"    return {made}.eval()"]
     if not inputs:
         return "\n".join(code)
-    code += ["", "", *([] if copied else [comment]), function, "", "",
+    code += ["", "", "# harness/models/real.py, copied: a step's inputs", function, "", "",
              "def make_inputs(seed: int, batch: int, device) -> dict:  # real.make_inputs",
              f"    inputs = {spec.kind}_inputs(SHAPE, batch, torch.Generator().manual_seed(seed + 1), CONFIG)",
              '    return {k: (v if k == "timestep" else v.to(DTYPE)).to(device) for k, v in inputs.items()}', "", ""]

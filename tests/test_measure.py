@@ -174,3 +174,38 @@ def test_a_repeated_line_is_said_once_with_its_count():
 
     assert runs_counted(["a", "a", "a", "b", "a"]) == ["a (x3)", "b", "a"]
     assert runs_counted([]) == []
+
+
+def test_host_load_says_how_long_the_steps_threads_waited_for_a_cpu():
+    """cpu_wait, the run-queue wait of this process's threads per wall second: about 0 alone on a CPU, about half
+    with a busy loop sharing that CPU (both pinned to one CPU, so on any host the two take turns)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from harness.run.measure import HostLoad
+
+    def spin(seconds: float) -> dict:
+        with HostLoad() as load:
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                pass
+        return load.figures
+
+    cpu = min(os.sched_getaffinity(0))
+    mask = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        alone = spin(0.5)
+        pinned = f"import os; os.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"
+        hog = subprocess.Popen([sys.executable, "-c", pinned])
+        try:
+            time.sleep(0.3)
+            shared = spin(1.0)
+        finally:
+            hog.kill()
+            hog.wait()
+    finally:
+        os.sched_setaffinity(0, mask)
+    assert alone["cpu_wait"] < 0.1 and shared["cpu_wait"] > 0.3, (alone, shared)

@@ -243,11 +243,11 @@ def test_compare_of_two_real_runs_flags_exactly_the_cells_made_3x_slower_with_a_
     """Two runs of the same cells; in the second, the fault engine's `slow` cells really compute every step three
     times (QUANTMATRIX_FAULT_SLOWDOWN=3) and a busy loop holds one of the host's cores (here it makes every step
     about 12x slower: torch's two threads wait for each other). Paired timings cancel most of the hog, not all (it
-    moved quanto's ratio 1.29x on CI), so the records say the hog's CPU was busy and compare asks 2x of a cell timed
-    beside it; it flags the slowed cell and nothing else. dit-s, not dit-xs: under the hog a 7 ms step's pairs spread
-    too wide to tell (their interval is then inconclusive, not a regression)."""
+    moved quanto's ratio 1.29x on CI), so the records say how long the steps' threads waited for a CPU and compare
+    asks 2x of a cell timed so; it flags the slowed cell and nothing else. dit-s, not dit-xs: under the hog a 7 ms
+    step's pairs spread too wide to tell (their interval is then inconclusive, not a regression)."""
     from harness.report import data as report_data
-    from harness.report.compare import compare
+    from harness.report.compare import BUSY_WAIT, compare
 
     matrix = tmp_path / "slowdown.toml"
     matrix.write_text(SLOWDOWN_MATRIX)
@@ -269,4 +269,4 @@ def test_compare_of_two_real_runs_flags_exactly_the_cells_made_3x_slower_with_a_
     assert {c.id for c in changes.regressed} == slowed, [(c.kind, c.id, c.old, c.new) for c in changes.items]
     loads = [r["metrics"]["host_load"] for r in records(new)]
     assert all(h["cpus"] >= 1 and h["wall_s"] > 0 for h in loads)
-    assert all(h["others_cpu"] >= 0.5 for h in loads), loads  # the hog, measured where each cell was timed
+    assert all(h["cpu_wait"] >= BUSY_WAIT for h in loads), loads  # the hog, measured where each cell was timed

@@ -325,29 +325,30 @@ def test_compare_flags_exactly_the_cell_made_slower(cpu_results, tmp_path, capsy
     assert "Changes since the previous runs (1, 1 regressions)" in html and target["id"] in html
 
 
-def test_compare_asks_more_of_a_latency_change_timed_beside_other_load(cpu_results, tmp_path):
-    """A cell 1.5x slower is flagged where both runs timed it on a quiet host, and not where other processes kept a
-    CPU busy while one run timed it (load alone moved a ratio 1.29x); 2.5x is flagged either way, saying so."""
-    from harness.report.compare import BUSY_FACTOR
-
+def test_compare_asks_more_of_a_latency_change_timed_while_its_threads_waited_for_a_cpu(cpu_results, tmp_path):
+    """A cell 1.5x slower is flagged where both runs timed it with threads that did not wait for a CPU, and not where
+    they waited a third of the time in one run (load alone moved a ratio 1.29x); 2.5x is flagged either way, saying
+    which run waited and the factor asked (the threshold's where that is higher)."""
     old = records_of(cpu_results)
     for r in old:
         if r.get("metrics"):
-            r["metrics"]["host_load"]["others_cpu"] = 0.0
+            r["metrics"]["host_load"]["cpu_wait"] = 0.01
     target = next(r for r in old if r["verdict"] == "ok" and "ratio" in (r["metrics"].get("latency_vs_float") or {})
                   and r["metrics"]["latency_vs_float"]["lo"] * 1.5 > 1.3 * r["metrics"]["latency_vs_float"]["hi"])
     flagged = {}
-    for factor, others in ((1.5, 0.0), (1.5, 1.0), (2.5, 1.0)):
+    for factor, wait, threshold in ((1.5, 0.01, 0.25), (1.5, 0.33, 0.25), (2.5, 0.33, 0.25), (3.5, 0.33, 1.5)):
         new = copy.deepcopy(old)
         mine = next(r for r in new if r["id"] == target["id"])
         slow_down(mine, factor)
-        mine["metrics"]["host_load"]["others_cpu"] = others
-        a, b = write(tmp_path / "old.jsonl", old), write(tmp_path / f"new-{factor}-{others}.jsonl", new)
-        flagged[factor, others] = [(c.id, c.new) for c in compare(report_data.load([a]), report_data.load([b])).items]
-    assert [i for i, _ in flagged[1.5, 0.0]] == [target["id"]] and "beside other load" not in flagged[1.5, 0.0][0][1]
-    assert flagged[1.5, 1.0] == []
-    assert [i for i, _ in flagged[2.5, 1.0]] == [target["id"]], flagged
-    assert f"timed beside other load: flagged beyond {BUSY_FACTOR:g}x" in flagged[2.5, 1.0][0][1]
+        mine["metrics"]["host_load"]["cpu_wait"] = wait
+        a, b = write(tmp_path / "old.jsonl", old), write(tmp_path / f"new-{factor}-{wait}.jsonl", new)
+        changes = compare(report_data.load([a]), report_data.load([b]), threshold=threshold)
+        flagged[factor, wait] = [(c.id, c.new) for c in changes.items]
+    assert [i for i, _ in flagged[1.5, 0.01]] == [target["id"]] and "waited" not in flagged[1.5, 0.01][0][1]
+    assert flagged[1.5, 0.33] == []
+    assert [i for i, _ in flagged[2.5, 0.33]] == [target["id"]], flagged
+    assert "its threads waited for a CPU in the new run: flagged beyond 2x" in flagged[2.5, 0.33][0][1]
+    assert "flagged beyond 2.5x" in flagged[3.5, 0.33][0][1]
 
 
 def test_compare_lists_broken_fixed_and_drifted_cells(cpu_results, tmp_path):

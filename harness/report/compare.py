@@ -8,8 +8,9 @@ alike) with its 90% interval: a cell is slower only when tonight's whole interva
 than the threshold (new lo > old hi x (1 + threshold)); records without paired timings are not compared on
 latency, and the count says so. Pairing cancels most of a busy machine, not all: a busy loop beside a run (one of two
 cores) moved a quanto cell's ratio 1.29x on CI, where its kernels and the float model's wait differently. So where
-other processes kept half a CPU or more busy while either run timed the cell (`host_load.others_cpu`), a cell is
-slower only beyond BUSY_FACTOR (2x), and the line says so.
+the cell's threads waited for a CPU a fifth of the time or more while either run timed it (`host_load.cpu_wait`;
+another worker on its own core makes them wait about none), a cell is slower only beyond BUSY_FACTOR (2x), and the
+line says which run waited.
 Peak memory is compared as a ratio to each run's own unquantized baseline with no
 offload (same device, model, dtype, load and stack), or in the cell's own offload mode where a run has no
 no-offload baseline. Exits 1 when something regressed (newly broken, slower or bigger beyond the threshold), so
@@ -27,7 +28,7 @@ from harness.errors import printable
 from harness.report import data as report_data
 from harness.verdict import Verdict
 
-BUSY_CPU = 0.5  # other processes' busy CPUs per wall second at which a timing counts as taken beside load
+BUSY_WAIT = 0.2  # a timing's threads waited for a CPU this share of the wall time or more: taken beside load
 BUSY_FACTOR = 2.0  # what a latency change timed beside load must exceed (load alone moved a ratio 1.29x)
 
 
@@ -94,7 +95,9 @@ def compare(old: report_data.Records, new: report_data.Records, threshold: float
             changes.latency_compared += 1
             if slower:
                 above = r["latency_lo_new"] / r["latency_hi_old"]
-                busy = f" (timed beside other load: flagged beyond {BUSY_FACTOR:g}x)" if _busy(r) else ""
+                waited = _busy(r)
+                busy = (f" (its threads waited for a CPU in the {' and '.join(waited)} run: flagged beyond "
+                        f"{max(1 + threshold, BUSY_FACTOR):g}x)") if waited else ""
                 changes.items.append(Change(**where, kind=ChangeKind.SLOWER, old=_interval(r, "old"),
                                             new=f"{_interval(r, 'new')} ({above:.2f}x above the old interval){busy}"))
         ratio = _ratios(r, "mem")
@@ -120,10 +123,10 @@ def _slower(row: pd.Series, threshold: float) -> bool | None:
     return lo / hi > max(1 + threshold, BUSY_FACTOR if _busy(row) else 0.0)
 
 
-def _busy(row: pd.Series) -> bool:
-    """Whether other processes kept BUSY_CPU or more busy while either run timed the cell."""
-    return any(report_data.finite(row[f"others_cpu_{side}"]) and row[f"others_cpu_{side}"] >= BUSY_CPU
-               for side in ("old", "new"))
+def _busy(row: pd.Series) -> list[str]:
+    """The runs ("old", "new") whose timing of the cell left its threads waiting for a CPU BUSY_WAIT or more."""
+    return [side for side in ("old", "new")
+            if report_data.finite(row[f"cpu_wait_{side}"]) and row[f"cpu_wait_{side}"] >= BUSY_WAIT]
 
 
 def _interval(row: pd.Series, side: str) -> str:

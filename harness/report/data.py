@@ -106,7 +106,7 @@ def _paired(m: dict) -> dict:
     out = {"latency_pairing": "", "latency_paired": None, "latency_lo": None, "latency_hi": None,
            "latency_pairs": None, "latency_against": "", "latency_unpaired": "",
            "loadavg": load.get("loadavg_after"), "cpu_per_wall": load.get("cpu_per_wall"),
-           "others_cpu": load.get("others_cpu")}
+           "cpu_wait": load.get("cpu_wait")}
     if isinstance(paired, dict) and "ratio" in paired:
         out.update(latency_pairing="paired", latency_paired=paired["ratio"], latency_lo=paired.get("lo"),
                    latency_hi=paired.get("hi"), latency_pairs=paired.get("n"),

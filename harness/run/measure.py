@@ -227,44 +227,52 @@ def _latency(times: list[float], warmup: int) -> Latency:
 
 class HostLoad:
     """The machine's load around the timed steps: the 1-minute load average before and after, the CPUs this
-    process may use, the CPU time it got against the wall time (a step that waits for a CPU gets less), and
-    `others_cpu`: the CPUs' busy time that other processes took, per second of wall time (1.0: another process kept
-    one of this process's CPUs busy throughout; `compare` asks more of a latency change timed beside such load)."""
+    process may use, the CPU time it got against the wall time, and `cpu_wait`: the time its threads waited on a
+    run queue for a CPU, per second of wall time (Linux's schedstat; None where the kernel keeps none). A busy loop
+    on one of two cores beside a step's two threads makes them wait about 0.7; another worker on its own core, about
+    0. `compare` asks more of a latency change timed while the threads waited."""
 
     def __enter__(self) -> HostLoad:
         import psutil
 
         self._process = psutil.Process()
-        self._cpus = sorted(os.sched_getaffinity(0))
         self._load = os.getloadavg()[0]
         self._cpu = sum(self._process.cpu_times()[:2])
-        self._busy = _busy(psutil, self._cpus)
+        self._waited = thread_waits()
         self._wall = time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
-        import psutil
-
         wall = time.perf_counter() - self._wall
         cpu = sum(self._process.cpu_times()[:2]) - self._cpu
-        busy = _busy(psutil, self._cpus)
-        others = None if busy is None or self._busy is None or wall <= 0 else max(0.0, (busy - self._busy - cpu) / wall)
+        waited, before = thread_waits(), self._waited
+        wait = None if waited is None or before is None or wall <= 0 else sum(
+            max(0, ns - before.get(tid, 0)) for tid, ns in waited.items()) / 1e9 / wall
         self.figures = {"loadavg_before": round(self._load, 2), "loadavg_after": round(os.getloadavg()[0], 2),
-                        "cpus": len(self._cpus), "threads": torch.get_num_threads(),
+                        "cpus": len(os.sched_getaffinity(0)), "threads": torch.get_num_threads(),
                         "wall_s": round(wall, 4), "cpu_s": round(cpu, 4),
                         "cpu_per_wall": round(cpu / wall, 3) if wall > 0 else None,
-                        "others_cpu": None if others is None else round(others, 3)}
+                        "cpu_wait": None if wait is None else round(wait, 3)}
 
 
-def _busy(psutil, cpus: list[int]) -> float | None:
-    """Seconds the given CPUs have spent busy since boot (user, system, interrupts, and time a hypervisor gave to
-    other machines); None where the system's per-CPU times do not list them (a container that sees other CPUs than
-    it may use)."""
-    times = psutil.cpu_times(percpu=True)
-    if not times or max(cpus) >= len(times):
+def thread_waits() -> dict[str, int] | None:
+    """Nanoseconds each of this process's threads has waited on a run queue since it started (the second field of
+    /proc/self/task/TID/schedstat); None where the kernel keeps no such statistics. A thread that ends between two
+    readings is left out."""
+    waits = {}
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
         return None
-    fields = ("user", "nice", "system", "irq", "softirq", "steal")
-    return sum(getattr(times[i], f, 0.0) for i in cpus for f in fields)
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat", encoding="ascii") as f:
+                waits[tid] = int(f.read().split()[1])
+        except FileNotFoundError:  # the thread ended
+            continue
+        except (OSError, ValueError, IndexError):
+            return None
+    return waits or None
 
 
 @dataclass(frozen=True)
