@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from harness.engines.gguf_engine import BLOCK, GGUFEngine, GGUFLinear, dequantize
+from harness.engines.gguf_engine import BLOCK, GGUFEngine, GGUFLinear, dequantize, write_file
 
 WRITABLE = GGUFEngine.qtypes
 
@@ -105,26 +105,25 @@ def test_a_gguf_text_encoder_loads_dequantized_as_sdnext_loads_it(tmp_path):
 
     config = transformers.T5Config(**_t5(128)[1])
     model = seed_weights(transformers.T5EncoderModel(config), 0).eval()
-    arch = gguf.MODEL_ARCH.T5ENCODER
+    arch, kind = gguf.MODEL_ARCH.T5ENCODER, gguf.GGMLQuantizationType.Q8_0
     names = gguf.get_tensor_name_map(arch, config.num_layers)
-    writer = gguf.GGUFWriter(str(tmp_path / "t5.gguf"), gguf.MODEL_ARCH_NAMES[arch])
     quantized = 0
-    for key, value in model.state_dict().items():
-        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
-        if name is None:  # the encoder's copy of the shared embedding
-            assert key == "encoder.embed_tokens.weight"
-            continue
-        array = value.float().numpy()
-        if value.dim() == 2 and not name.startswith(("token_embd", "enc.blk.0.attn_rel_b")):
-            writer.add_tensor(name, gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0),
-                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-            quantized += value.numel()
-        else:
-            writer.add_tensor(name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+
+    def tensors():
+        nonlocal quantized
+        for key, value in model.state_dict().items():
+            name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+            if name is None:  # the encoder's copy of the shared embedding
+                assert key == "encoder.embed_tokens.weight"
+                continue
+            array = value.float().numpy()
+            if value.dim() == 2 and not name.startswith(("token_embd", "enc.blk.0.attn_rel_b")):
+                quantized += value.numel()
+                yield name, gguf.quants.quantize(array, kind), kind
+            else:
+                yield name, array, None
+
+    write_file(tmp_path / "t5.gguf", gguf.MODEL_ARCH_NAMES[arch], tensors())
     reader = gguf.GGUFReader(str(tmp_path / "t5.gguf"))
     q8 = [t for t in reader.tensors if t.tensor_type == gguf.GGMLQuantizationType.Q8_0]
     assert 8 * sum(int(t.n_bytes) for t in q8) / quantized == 8.5 and quantized > 0.5 * model.num_parameters()

@@ -8,6 +8,7 @@ exactly (tests/test_gguf.py).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +167,20 @@ def write_gguf(model: nn.Module, path: Path) -> Path:  # harness/engines/gguf_en
 }
 
 
+def write_file(path: Path, arch: str, tensors: Iterable[tuple[str, np.ndarray, object]]) -> Path:
+    """A .gguf file of (name, array, GGML type or None for a plain array) tensors under an architecture name."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    for name, array, raw_dtype in tensors:
+        writer.add_tensor(name, array, raw_dtype=raw_dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 class GGUFEngine(Engine):
     name = "gguf"
 
@@ -184,18 +199,15 @@ class GGUFEngine(Engine):
     def save(self, model: nn.Module, qtype: str, path: Path) -> Path:
         import gguf
 
-        writer = gguf.GGUFWriter(str(path), "quantmatrix")
-        for name, tensor in model.state_dict().items():
-            module = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-            if isinstance(module, GGUFLinear) and name.endswith(".weight"):
-                writer.add_tensor(name, tensor.numpy(), raw_dtype=gguf.GGMLQuantizationType[module.qtype])
-            else:
-                writer.add_tensor(name, tensor.detach().float().cpu().numpy())
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        return path
+        def tensors():
+            for name, tensor in model.state_dict().items():
+                module = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+                if isinstance(module, GGUFLinear) and name.endswith(".weight"):
+                    yield name, tensor.numpy(), gguf.GGMLQuantizationType[module.qtype]
+                else:
+                    yield name, tensor.detach().float().cpu().numpy(), None
+
+        return write_file(path, "quantmatrix", tensors())
 
     def load(self, path: Path, skeleton: nn.Module, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
         import gguf

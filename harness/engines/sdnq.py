@@ -99,16 +99,17 @@ REPRO = {"imports": "import sdnq  # also registers SDNQ's quantizer with diffuse
 class SDNQEngine(Engine):
     name = "sdnq"
 
-    def quantize(self, model: nn.Module, qtype: str, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    def quantize(self, model: nn.Module, qtype: str, *, dtype: torch.dtype, device: torch.device,
+                 **placement: torch.device) -> nn.Module:
+        """sdnq's post-load entry point with the type's options; `placement`: its quantization and return devices
+        (where the model lies, unless given)."""
         from sdnq import sdnq_post_load_quant
 
-        return sdnq_post_load_quant(model, torch_dtype=dtype, **OPTIONS[qtype])
+        return sdnq_post_load_quant(model, torch_dtype=dtype, **OPTIONS[qtype], **placement)
 
     def quantize_for(self, model: nn.Module, qtype: str, *, dtype: torch.dtype, device: torch.device,
                      offload: str) -> nn.Module:
-        from sdnq import sdnq_post_load_quant
-
-        return sdnq_post_load_quant(model, torch_dtype=dtype, **OPTIONS[qtype], **sdnext_devices(offload, device))
+        return self.quantize(model, qtype, dtype=dtype, device=device, **sdnext_devices(offload, device))
 
     def quantize_layer(self, layer: nn.Linear, qtype: str, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
         holder = nn.Sequential(layer)  # the post-load entry point replaces children of the module it is given

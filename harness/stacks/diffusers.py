@@ -267,7 +267,7 @@ def quantization_config(engine: Engine, qtype: str, dtype: torch.dtype, offload:
 
 
 def prequantized_path(workdir: Path, engine: Engine, qtype: str, model: str, dtype: torch.dtype, seed: int) -> Path:
-    stem = f"{model}-{loading._dtype_name(dtype)}-seed{seed}-{engine.name}" + ("" if qtype == "-" else f"-{qtype}")
+    stem = loading.prequantized_stem(engine, qtype, model, dtype, seed)
     single = INTEGRATIONS[engine.name].single_file
     return workdir / "diffusers-prequantized" / (stem + (engine.file_suffix if single else ""))
 

@@ -32,7 +32,7 @@ from harness.models.specs import MODELS
 from harness.settings import Settings
 from harness.stacks import loading
 from harness.stacks.base import SharedFile, Stack
-from harness.stacks.loading import Loaded, _dtype_name, check_name, detect, shared_file
+from harness.stacks.loading import Loaded, check_name, detect, prequantized_stem, shared_file
 
 # This stack in a standalone repro script (harness/repro.py reads it as text, without importing this module): the
 # float model drawn in memory and the engine's statements after load (`{quantize}`), then accelerate's functions
@@ -167,8 +167,7 @@ def make_float_checkpoint(float_model: Callable[[], nn.Module]) -> Callable[[Pat
 
 
 def prequantized_path(workdir: Path, engine: Engine, qtype: str, model: str, dtype: torch.dtype, seed: int) -> Path:
-    stem = f"{model}-{_dtype_name(dtype)}-seed{seed}-{engine.name}" + ("" if qtype == "-" else f"-{qtype}")
-    return workdir / "prequantized" / (stem + engine.file_suffix)
+    return workdir / "prequantized" / (prequantized_stem(engine, qtype, model, dtype, seed) + engine.file_suffix)
 
 
 def make_prequantized(engine: Engine, qtype: str, model: str, dtype: torch.dtype, seed: int,

@@ -53,6 +53,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def prequantized_stem(engine: Engine, qtype: str, model: str, dtype: torch.dtype, seed: int) -> str:
+    """The name both stacks give a pre-quantized file or directory of the model in `dtype` for the engine's type."""
+    return f"{model}-{_dtype_name(dtype)}-seed{seed}-{engine.name}" + ("" if qtype == "-" else f"-{qtype}")
+
+
 def stored_dtype(model: str, dtype: torch.dtype) -> torch.dtype:
     """The dtype of a model's float directory and checkpoint: float32, or the cell's own for a model with shared
     weights (flux-dev in float32 would be 48 GB on disk)."""
